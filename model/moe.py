@@ -1,0 +1,101 @@
+"""Mixture-of-Experts feed-forward block: router, stacked SwiGLU experts, auxiliary losses.
+
+Shape legend (suffixes on tensor names):
+    N  tokens in the batch (B*T flattened)      D  hidden size
+    E  experts                                   F  expert intermediate size
+    K  experts per token (top_k)                 S  routed token slots, N*K
+
+Routing is softmax -> top-k -> renormalise the k weights to sum to one (the Mixtral
+order). With that order, k identical experts reproduce the dense FFN exactly, which is
+what makes upcycling lossless (model/upcycle.py).
+
+`active_E` (bool, E) restricts routing to the experts a swarm worker holds: the others
+get a router logit of -inf, so they are never chosen and receive no gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+
+
+@dataclass
+class RouterStats:
+    """What one MoE layer reports besides its output. Losses are differentiable scalars."""
+
+    balance_loss: Tensor  # load-balancing loss, 1.0 when routing is perfectly uniform
+    z_loss: Tensor  # mean squared log-sum-exp of the router logits
+    tokens_per_expert_E: Tensor  # token slots routed to each expert (detached, int64)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        assert cfg.moe is not None
+        E, F_, D = cfg.moe.num_experts, cfg.intermediate_size, cfg.hidden_size
+        self.num_experts, self.top_k = E, cfg.moe.top_k
+        self.router = nn.Linear(D, E, bias=False)  # weight (E, D): row e belongs to expert e
+        # Experts as stacked tensors: one parameter per projection, sliced per expert. The names
+        # follow the legacy Mixtral keys (w1 gate, w3 up, w2 down), so export is a renaming.
+        self.w1_EFD = nn.Parameter(torch.empty(E, F_, D))
+        self.w3_EFD = nn.Parameter(torch.empty(E, F_, D))
+        self.w2_EDF = nn.Parameter(torch.empty(E, D, F_))
+
+    def route(self, x_ND: Tensor, active_E: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Return (weights_NK, experts_NK, logits_NE). Softmax runs in fp32 as in Mixtral."""
+        logits_NE = self.router(x_ND)
+        if active_E is not None:
+            logits_NE = logits_NE.masked_fill(~active_E, float("-inf"))
+        probs_NE = logits_NE.float().softmax(dim=-1)
+        weights_NK, experts_NK = probs_NE.topk(self.top_k, dim=-1)
+        weights_NK = weights_NK / weights_NK.sum(dim=-1, keepdim=True)
+        return weights_NK, experts_NK, logits_NE
+
+    def forward(self, x_ND: Tensor, active_E: Tensor | None = None) -> tuple[Tensor, RouterStats]:
+        N, D = x_ND.shape
+        E, K = self.num_experts, self.top_k
+        weights_NK, experts_NK, logits_NE = self.route(x_ND, active_E)
+
+        # Group the N*K token slots by expert so each expert runs one dense matmul on its tokens.
+        experts_S = experts_NK.reshape(-1)
+        order_S = experts_S.argsort(stable=True)  # slots sorted by expert
+        token_S = order_S // K  # which token each sorted slot came from
+        tokens_per_expert_E = torch.bincount(experts_S, minlength=E)
+        counts = tokens_per_expert_E.tolist()  # host sync: split sizes must be Python ints
+
+        x_SD = x_ND[token_S]
+        outs = []
+        for e, x_eD in enumerate(torch.split(x_SD, counts)):
+            if counts[e] == 0:
+                continue
+            h_eF = F.silu(x_eD @ self.w1_EFD[e].T) * (x_eD @ self.w3_EFD[e].T)
+            outs.append(h_eF @ self.w2_EDF[e].T)
+        y_SD = torch.cat(outs) * weights_NK.reshape(-1)[order_S, None].to(x_ND.dtype)
+        y_ND = torch.zeros_like(x_ND).index_add_(0, token_S, y_SD)
+
+        # Auxiliary losses in fp32. Balance (Switch / Mixtral): E_active * sum_e f_e * P_e, where f_e is
+        # the share of slots routed to e and P_e its mean router probability; 1.0 when uniform.
+        probs_NE = logits_NE.float().softmax(dim=-1)
+        n_active = E if active_E is None else active_E.sum()
+        f_E = tokens_per_expert_E.float() / (N * K)
+        balance = n_active * (f_E * probs_NE.mean(dim=0)).sum()
+        z = torch.logsumexp(logits_NE.float(), dim=-1).pow(2).mean()
+        return y_ND, RouterStats(balance, z, tokens_per_expert_E.detach())
+
+
+def reference_moe(moe: MoE, x_ND: Tensor, active_E: Tensor | None = None) -> Tensor:
+    """Token-by-token loop with no grouping tricks: the reference the fast path is tested against."""
+    weights_NK, experts_NK, _ = moe.route(x_ND, active_E)
+    rows = []
+    for n in range(x_ND.shape[0]):
+        y = torch.zeros_like(x_ND[n])
+        for w, e in zip(weights_NK[n].tolist(), experts_NK[n].tolist(), strict=True):
+            h = F.silu(moe.w1_EFD[e] @ x_ND[n]) * (moe.w3_EFD[e] @ x_ND[n])
+            y = y + w * (moe.w2_EDF[e] @ h)
+        rows.append(y)
+    return torch.stack(rows)
