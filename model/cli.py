@@ -1,0 +1,166 @@
+"""`mujina-model`: inspect, create, upcycle and convert checkpoints.
+
+    mujina-model info tanuki-8x8b --json
+    mujina-model init --preset debug --seed 0 --out ckpt/dense
+    mujina-model upcycle --checkpoint ckpt/dense --experts 8 --top-k 2 --out ckpt/moe
+    mujina-model export --checkpoint ckpt/moe --out hf/moe        # -> MixtralForCausalLM
+    mujina-model import --hf hf/moe --out ckpt/moe-again
+    mujina-model sample --hf hf/moe --prompt-ids 1,10,13,16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+import torch
+
+from .checkpoint import load_checkpoint, load_state_dict, save_checkpoint
+from .config import PRESETS, ModelConfig
+from .transformer import Transformer
+
+log = logging.getLogger("model.cli")
+
+
+def _human(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def cmd_info(a: argparse.Namespace) -> None:
+    cfg = ModelConfig.load(a.spec)
+    info = {"total_params": cfg.num_params(), "active_params": cfg.num_active_params(), "config": cfg.to_dict()}
+    if a.json:
+        print(json.dumps(info, indent=2))
+        return
+    kind = f"MoE {cfg.moe.num_experts} experts, top-{cfg.moe.top_k}" if cfg.moe else "dense"
+    print(f"{a.spec}: {kind}, {cfg.num_layers} layers, hidden {cfg.hidden_size}, FFN {cfg.intermediate_size}, "
+          f"{cfg.num_heads} heads / {cfg.num_kv_heads} kv heads, vocab {cfg.vocab_size}")
+    print(f"  total parameters:  {info['total_params']:>16,}  ({_human(info['total_params'])})")
+    print(f"  active parameters: {info['active_params']:>16,}  ({_human(info['active_params'])})")
+
+
+def cmd_init(a: argparse.Namespace) -> None:
+    cfg = ModelConfig.load(a.preset)
+    if cfg.num_params() > 2e9 and not a.force:
+        raise ValueError(f"{a.preset} has {_human(cfg.num_params())} parameters ({cfg.num_params() * 4 / 2**30:.0f} GiB "
+                         "in fp32); pass --force if you really want a random checkpoint that large")
+    torch.manual_seed(a.seed)
+    out = save_checkpoint(a.out, Transformer(cfg))
+    print(f"initialised {a.preset} ({_human(cfg.num_params())} parameters, seed {a.seed}) in {out}")
+
+
+def cmd_upcycle(a: argparse.Namespace) -> None:
+    from .upcycle import upcycle
+
+    dense = load_checkpoint(a.checkpoint)
+    moe = upcycle(dense, a.experts, a.top_k, noise_std=a.noise_std, drop_ratio=a.drop_ratio, seed=a.seed)
+    tok = a.checkpoint.rstrip("/") + "/tokenizer"
+    out = save_checkpoint(a.out, moe, tokenizer_dir=tok if _isdir(tok) else None)
+    exact = a.noise_std == 0 and a.drop_ratio == 0
+    print(f"upcycled {a.checkpoint} into {a.experts} experts (top-{a.top_k}): "
+          f"{_human(moe.cfg.num_params())} total, {_human(moe.cfg.num_active_params())} active -> {out}"
+          + ("; logits equal the dense model's" if exact else ""))
+
+
+def cmd_export(a: argparse.Namespace) -> None:
+    from .hf import export_hf
+
+    out = export_hf(a.checkpoint, a.out, dtype=a.dtype, max_shard_size=a.max_shard_size)
+    arch = json.loads((out / "config.json").read_text())["architectures"][0]
+    print(f"exported {a.checkpoint} as {arch} to {out}")
+
+
+def cmd_import(a: argparse.Namespace) -> None:
+    from .hf import import_hf
+
+    out = import_hf(a.hf, a.out)
+    print(f"imported {a.hf} into {out}")
+    load_state_dict(out)  # read back once: a broken write fails here, not in the next program
+
+
+def cmd_sample(a: argparse.Namespace) -> None:
+    from .hf import sample
+
+    if (a.prompt is None) == (a.prompt_ids is None):
+        raise ValueError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
+    prompt = a.prompt if a.prompt is not None else [int(x) for x in a.prompt_ids.split(",")]
+    ids, text = sample(a.hf, prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed)
+    print(json.dumps({"prompt": prompt, "generated_ids": ids, "text": text}, ensure_ascii=False))
+
+
+def _isdir(p: str) -> bool:
+    from pathlib import Path
+
+    return Path(p).is_dir()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mujina-model", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("info", help="parameter counts of a preset, config file or checkpoint (no weights allocated)")
+    s.add_argument("spec", help=f"a preset ({', '.join(PRESETS)}), a config file (YAML/JSON) or a checkpoint dir")
+    s.add_argument("--json", action="store_true", help="print JSON with total_params and active_params")
+    s.set_defaults(fn=cmd_info)
+
+    s = sub.add_parser("init", help="write a randomly initialised checkpoint")
+    s.add_argument("--preset", required=True, help="preset name or config file")
+    s.add_argument("--seed", type=int, default=0, help="random seed [0]")
+    s.add_argument("--out", required=True, help="checkpoint directory to write")
+    s.add_argument("--force", action="store_true", help="allow models above 2B parameters")
+    s.set_defaults(fn=cmd_init)
+
+    s = sub.add_parser("upcycle", help="turn a dense checkpoint into a Mixture-of-Experts")
+    s.add_argument("--checkpoint", required=True, help="dense checkpoint directory")
+    s.add_argument("--experts", type=int, required=True, help="experts per layer, e.g. 8")
+    s.add_argument("--top-k", type=int, required=True, help="experts per token, e.g. 2")
+    s.add_argument("--noise-std", type=float, default=0.0,
+                   help="std of Gaussian noise added to expert weights [0: exact upcycling]")
+    s.add_argument("--drop-ratio", type=float, default=0.0,
+                   help="share of each expert's FFN neurons re-initialised (Drop-Upcycling) [0]")
+    s.add_argument("--seed", type=int, default=0, help="seed for router init, noise and drop [0]")
+    s.add_argument("--out", required=True, help="MoE checkpoint directory to write")
+    s.set_defaults(fn=cmd_upcycle)
+
+    s = sub.add_parser("export", help="write a Hugging Face LlamaForCausalLM / MixtralForCausalLM directory")
+    s.add_argument("--checkpoint", required=True, help="mujina checkpoint directory")
+    s.add_argument("--out", required=True, help="Hugging Face directory to write")
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast weights [as stored]")
+    s.add_argument("--max-shard-size", default="5GB", help="split safetensors above this size [5GB]")
+    s.set_defaults(fn=cmd_export)
+
+    s = sub.add_parser("import", help="convert a Hugging Face Llama or Mixtral directory to a checkpoint")
+    s.add_argument("--hf", required=True, help="Hugging Face model directory (safetensors weights)")
+    s.add_argument("--out", required=True, help="checkpoint directory to write")
+    s.set_defaults(fn=cmd_import)
+
+    s = sub.add_parser("sample", help="generate with transformers from an exported directory")
+    s.add_argument("--hf", required=True, help="Hugging Face directory written by `export`")
+    s.add_argument("--prompt", help="prompt text (needs tokenizer files)")
+    s.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,10,13,16")
+    s.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate [16]")
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy [0]")
+    s.add_argument("--seed", type=int, default=0, help="sampling seed [0]")
+    s.set_defaults(fn=cmd_sample)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        args.fn(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"mujina-model {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

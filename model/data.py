@@ -1,0 +1,122 @@
+"""Training data for the reference trainer until data_shards' loader takes over.
+
+Two sources, both *stateless*: sequence `i` of step `s` is a pure function of
+(seed, split, s, i). That makes resumption exact (the loader's state is the step number)
+and lets a distributed run give rank r the global indices it owns and still see exactly
+the batch a single process would.
+
+* `synthetic`: packed documents of arithmetic progressions, `BOS, a, a+d, a+2d, ...`
+  (mod the vocabulary). A model can only predict them by inferring d from context, so the
+  loss falls visibly within a few hundred steps and a trained model continues a prompt
+  like `BOS 10 13 16` with `19 22 25`: a built-in check that training works end to end.
+* `tokens`: a flat little-endian uint16/uint32 file of token ids (e.g. `np.tofile`),
+  sampled in random windows; the last `eval_fraction` of the file is held out. With
+  `doc_sep_id`, attention and positions restart after each separator token.
+
+A batch is (input_ids, labels, doc_ids), each (B, T) int64. labels are -100 where no loss
+is taken: at the last position of each document (the next token belongs to another one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+IGNORE = -100
+BOS, FIRST_CONTENT = 1, 2  # token 0 is left for padding
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, T) int64
+    labels: torch.Tensor  # (B, T) int64, IGNORE where no loss
+    doc_ids: torch.Tensor  # (B, T) int64, document index inside each row
+
+    @property
+    def num_targets(self) -> int:
+        return int((self.labels != IGNORE).sum())
+
+
+def _rng(*key: object) -> np.random.Generator:
+    """A generator seeded by the key's hash: independent streams per (seed, split, step, index)."""
+    digest = hashlib.sha256(repr(key).encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def _to_batch(rows: list[np.ndarray], docs: list[np.ndarray]) -> Batch:
+    """rows: token arrays of length T+1; docs: document id per token (T+1)."""
+    x = torch.from_numpy(np.stack(rows)).long()  # (B, T+1)
+    d = torch.from_numpy(np.stack(docs)).long()  # (B, T+1)
+    labels = x[:, 1:].clone()
+    labels[d[:, 1:] != d[:, :-1]] = IGNORE  # never predict across a document boundary
+    return Batch(x[:, :-1].contiguous(), labels, d[:, :-1].contiguous())
+
+
+class SyntheticSource:
+    def __init__(self, vocab_size: int, seq_len: int, seed: int, min_doc: int = 8, max_doc: int = 64):
+        if vocab_size < 16:
+            raise ValueError(f"the synthetic source needs vocab_size >= 16, got {vocab_size}")
+        self.vocab, self.seq_len, self.seed = vocab_size, seq_len, seed
+        self.min_doc, self.max_doc = min_doc, max_doc
+        self.modulus = vocab_size - FIRST_CONTENT
+
+    def progression(self, start: int, step: int, length: int) -> list[int]:
+        """BOS followed by `length` terms of start, start+step, ... (mod the content vocabulary)."""
+        return [BOS] + [FIRST_CONTENT + (start + k * step) % self.modulus for k in range(length)]
+
+    def _row(self, split: str, step: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = _rng(self.seed, "synthetic", split, step, index)
+        toks: list[int] = []
+        docs: list[int] = []
+        doc = 0
+        while len(toks) < self.seq_len + 1:
+            n = int(rng.integers(self.min_doc, self.max_doc + 1))
+            terms = self.progression(int(rng.integers(0, self.modulus)), int(rng.integers(1, 8)), n)
+            toks += terms
+            docs += [doc] * len(terms)
+            doc += 1
+        return np.array(toks[: self.seq_len + 1]), np.array(docs[: self.seq_len + 1])
+
+    def batch(self, split: str, step: int, indices: range) -> Batch:
+        rows, docs = zip(*(self._row(split, step, i) for i in indices), strict=True)
+        return _to_batch(list(rows), list(docs))
+
+
+class TokenFileSource:
+    def __init__(self, path: str | Path, dtype: str, seq_len: int, seed: int,
+                 eval_fraction: float, doc_sep_id: int | None, vocab_size: int):
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"data.path {path} does not exist: write token ids with "
+                                    "numpy's tofile() or use data.source: synthetic")
+        if dtype not in ("uint16", "uint32"):
+            raise ValueError(f"data.dtype must be uint16 or uint32, got {dtype!r}")
+        self.tokens = np.memmap(path, dtype=np.dtype(dtype).newbyteorder("<"), mode="r")
+        n = len(self.tokens)
+        n_eval = int(n * eval_fraction)
+        if n - n_eval < seq_len + 1 or (eval_fraction > 0 and n_eval < seq_len + 1):
+            raise ValueError(f"{path} holds {n} tokens: too few for seq_len={seq_len} with "
+                             f"eval_fraction={eval_fraction}; add data or shorten data.seq_len")
+        top = int(self.tokens.max())  # one pass over the file, once, to catch a wrong dtype early
+        if top >= vocab_size:
+            raise ValueError(f"{path} contains token id {top} >= model vocab_size {vocab_size}: "
+                             "wrong data.dtype, or a tokenizer that does not match the model")
+        self.ranges = {"train": (0, n - n_eval), "eval": (n - n_eval, n)}
+        self.seq_len, self.seed, self.sep = seq_len, seed, doc_sep_id
+
+    def batch(self, split: str, step: int, indices: range) -> Batch:
+        lo, hi = self.ranges[split]
+        rows, docs = [], []
+        for i in indices:
+            start = int(_rng(self.seed, "tokens", split, step, i).integers(lo, hi - self.seq_len))
+            row = np.asarray(self.tokens[start: start + self.seq_len + 1], dtype=np.int64)
+            rows.append(row)
+            if self.sep is None:
+                docs.append(np.zeros_like(row))
+            else:  # a new document begins after each separator
+                docs.append(np.concatenate([[0], np.cumsum(row[:-1] == self.sep)]))
+        return _to_batch(rows, docs)

@@ -1,0 +1,435 @@
+"""The one training program: `python -m model.train --config FILE` (also `mujina-train`).
+
+On one process this is the reference loop every distributed mode is compared against:
+AdamW, linear warmup + cosine decay, gradient clipping, gradient accumulation, bf16
+autocast on CUDA, MoE auxiliary losses, periodic eval, checkpoints with exact resumption,
+a progress line with tokens/s and a JSON-lines metrics log (OUT/metrics.jsonl).
+
+Output directory layout:
+    OUT/config.yaml                       the resolved config of the run
+    OUT/metrics.jsonl                     one object per logged step
+    OUT/checkpoints/step_000100/          model + optimizer + trainer state (exact resume)
+    OUT/final/                            the trained model (model/checkpoint.py format)
+
+Running the same command again resumes from the newest checkpoint in OUT (or does nothing
+if the run is complete): a killed run is continued by simply starting it again.
+
+Loss normalisation: each step's loss is the mean over every target token of the global
+batch (summed per micro-batch, divided by the step's total), so the result does not depend
+on how the batch is split into micro-batches or, later, over processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from .checkpoint import (
+    TRAINER_STATE,
+    load_checkpoint,
+    load_config,
+    load_optimizer_state,
+    save_checkpoint,
+)
+from .config import ModelConfig, _checked_keys, _help, read_config_file
+from .data import IGNORE, Batch, SyntheticSource, TokenFileSource
+from .transformer import Transformer
+
+log = logging.getLogger("model.train")
+
+
+# ---- configuration -------------------------------------------------------------------------------
+
+@dataclass
+class DataConfig:
+    source: str = _help("synthetic (built-in arithmetic progressions) or tokens (a flat token file).",
+                        default="synthetic")
+    path: str | None = _help("Token file for source=tokens (little-endian ids, see data.dtype).",
+                             default=None)
+    dtype: str = _help("Integer type of the token file: uint16 or uint32.", default="uint16")
+    seq_len: int = _help("Tokens per training sequence.", default=128)
+    eval_fraction: float = _help("Share of the token file held out for eval (source=tokens).",
+                                 default=0.01)
+    doc_sep_id: int | None = _help("Token that ends a document in the token file; attention and "
+                                   "positions restart after it. null: no boundaries.", default=None)
+
+    def __post_init__(self) -> None:
+        if self.source not in ("synthetic", "tokens"):
+            raise ValueError(f"data.source must be synthetic or tokens, got {self.source!r}")
+        if self.source == "tokens" and not self.path:
+            raise ValueError("data.source is tokens but data.path is not set: point it at a token file")
+        if self.seq_len < 2:
+            raise ValueError(f"data.seq_len must be >= 2, got {self.seq_len}")
+        if not 0 <= self.eval_fraction < 1:
+            raise ValueError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _help("Peak learning rate (reached after warmup).", default=3e-4)
+    min_lr: float = _help("Learning rate at the end of the cosine decay.", default=3e-5)
+    warmup_steps: int = _help("Linear warmup steps from 0 to lr.", default=100)
+    weight_decay: float = _help("AdamW decoupled weight decay (not applied to norms).", default=0.1)
+    beta1: float = _help("AdamW beta1.", default=0.9)
+    beta2: float = _help("AdamW beta2.", default=0.95)
+    eps: float = _help("AdamW epsilon.", default=1e-8)
+    grad_clip: float = _help("Clip the global gradient norm to this; 0 disables.", default=1.0)
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"optim: need 0 <= min_lr <= lr and lr > 0 (lr={self.lr}, min_lr={self.min_lr})")
+        if self.warmup_steps < 0:
+            raise ValueError("optim.warmup_steps must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _help("Optimizer steps in the run.", default=300)
+    batch_size: int = _help("Sequences per optimizer step (global batch).", default=16)
+    micro_batch_size: int = _help("Sequences per forward/backward; batch_size / micro_batch_size "
+                                  "steps are accumulated.", default=16)
+    seed: int = _help("Seed for initialisation and data order.", default=0)
+    device: str = _help("auto (cuda if available, else cpu), cpu, cuda or cuda:N.", default="auto")
+    dtype: str = _help("auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32.", default="auto")
+    log_every: int = _help("Log a progress line and a metrics record every N steps.", default=10)
+    eval_every: int = _help("Evaluate every N steps (and at the end); 0 disables.", default=100)
+    eval_batches: int = _help("Micro-batches per evaluation.", default=4)
+    save_every: int = _help("Write a resumable checkpoint every N steps (and at the end); 0: only at "
+                            "the end.", default=100)
+    keep_checkpoints: int = _help("Resumable checkpoints to keep (oldest deleted).", default=2)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "micro_batch_size", "log_every", "eval_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(f"train.batch_size={self.batch_size} is not divisible by "
+                             f"train.micro_batch_size={self.micro_batch_size}: make it a multiple")
+        if self.dtype not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"train.dtype must be auto, bf16 or fp32, got {self.dtype!r}")
+
+
+@dataclass
+class RunConfig:
+    """The whole config file: model, data, optim and train sections plus where to write."""
+
+    model: dict[str, Any] | None = _help("Model config: `preset: NAME` plus overrides, or every "
+                                         "field (see `mujina-model info`).", default=None)
+    init_from: str | None = _help("Start from this checkpoint's weights (e.g. an upcycled MoE); "
+                                  "its config is the model config.", default=None)
+    out: str = _help("Output directory (relative paths resolve against the current directory).",
+                     default="runs/default")
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.model is None and self.init_from is None:
+            raise ValueError("the config needs a `model:` section (e.g. `preset: debug`) or `init_from:`")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        d = dict(_checked_keys(cls, d, "the config's top level"))
+        sections = {"data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
+        for name, sec in sections.items():
+            d[name] = sec(**_checked_keys(sec, d.get(name) or {}, name))
+        return cls(**d)
+
+    def model_config(self) -> ModelConfig:
+        if self.init_from is not None:
+            cfg = load_config(self.init_from)
+            if self.model is not None and ModelConfig.from_dict(self.model) != cfg:
+                raise ValueError(f"model section differs from the config of init_from={self.init_from}; "
+                                 "remove the model section to use the checkpoint's")
+            return cfg
+        return ModelConfig.from_dict(self.model)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`train.steps=10` style overrides; values are parsed as YAML (numbers, null, true...)."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.steps=10")
+        node = d
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {item!r}: {p} is not a section")
+        node[leaf] = yaml.safe_load(value)
+    return d
+
+
+# ---- the loop ------------------------------------------------------------------------------------
+
+def lr_at(step: int, o: OptimConfig, total: int) -> float:
+    """Linear warmup to o.lr, then cosine decay to o.min_lr at `total` steps."""
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    progress = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
+    return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_optimizer(model: torch.nn.Module, o: OptimConfig) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.dim() < 2 or name.endswith("norm.weight") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name} but CUDA is not available: use auto or cpu")
+    return dev
+
+
+class Trainer:
+    """Single-process trainer. `run()` trains to cfg.train.steps, resuming from OUT if it can."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.out).resolve()
+        self.mcfg = cfg.model_config()
+        t = cfg.train
+        self.device = resolve_device(t.device)
+        use_bf16 = t.dtype == "bf16" or (t.dtype == "auto" and self.device.type == "cuda")
+        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+        self.accum = t.batch_size // t.micro_batch_size
+        d = cfg.data
+        if d.seq_len > self.mcfg.max_seq_len:
+            raise ValueError(f"data.seq_len={d.seq_len} exceeds the model's max_seq_len={self.mcfg.max_seq_len}")
+        if d.source == "synthetic":
+            self.source = SyntheticSource(self.mcfg.vocab_size, d.seq_len, t.seed)
+        else:
+            self.source = TokenFileSource(d.path, d.dtype, d.seq_len, t.seed, d.eval_fraction,
+                                          d.doc_sep_id, self.mcfg.vocab_size)
+        if cfg.train.eval_every and d.source == "tokens" and d.eval_fraction == 0:
+            raise ValueError("train.eval_every > 0 but data.eval_fraction is 0: hold out data or disable eval")
+
+        torch.manual_seed(t.seed)
+        if cfg.init_from:
+            self.model = load_checkpoint(cfg.init_from, device=self.device, dtype=torch.float32)
+        else:
+            self.model = Transformer(self.mcfg).to(self.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.step = 0
+        self.tokens_seen = 0
+
+    # -- checkpoints --
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.out / "checkpoints"
+
+    def latest_checkpoint(self) -> Path | None:
+        done = sorted(p for p in self.ckpt_root.glob("step_*") if (p / TRAINER_STATE).exists()
+                      and (p / "config.json").exists())
+        return done[-1] if done else None
+
+    def save(self) -> Path:
+        final = self.ckpt_root / f"step_{self.step:06d}"
+        tmp = self.ckpt_root / f".tmp_step_{self.step:06d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        state = {"step": self.step, "tokens_seen": self.tokens_seen, "run_config": self.cfg.to_dict()}
+        save_checkpoint(tmp, self.model, optimizer=self.optimizer, trainer_state=state)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)  # a checkpoint appears whole or not at all
+        for old in sorted(self.ckpt_root.glob("step_*"))[: -self.cfg.train.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def resume(self, ckpt: Path) -> None:
+        state = json.loads((ckpt / TRAINER_STATE).read_text())
+        if load_config(ckpt) != self.mcfg:
+            raise ValueError(f"{ckpt} holds a different model than this config: use another --out "
+                             "or restore the original model section")
+        self.model.load_state_dict(load_checkpoint(ckpt).state_dict())
+        load_optimizer_state(self.optimizer, self.model, ckpt)
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+
+    # -- steps --
+
+    def _micro_batches(self, split: str, step: int, count: int) -> list[Batch]:
+        mb = self.cfg.train.micro_batch_size
+        return [self.source.batch(split, step, range(i * mb, (i + 1) * mb)) for i in range(count)]
+
+    def _forward(self, b: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Summed token loss (fp32) and the MoE auxiliary loss (None for dense)."""
+        ids, labels, docs = (t.to(self.device, non_blocking=True) for t in (b.input_ids, b.labels, b.doc_ids))
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            logits, aux = self.model(ids, doc_ids=docs, return_aux=True)
+        loss_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
+                                   reduction="sum")
+        return loss_sum, (aux.loss(self.mcfg) if aux is not None else None)
+
+    def train_step(self) -> dict[str, float]:
+        lr = lr_at(self.step, self.cfg.optim, self.cfg.train.steps)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        batches = self._micro_batches("train", self.step, self.accum)
+        n_targets = sum(b.num_targets for b in batches)
+        lm_total, aux_total = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        for b in batches:
+            loss_sum, aux = self._forward(b)
+            loss = loss_sum / n_targets
+            if aux is not None:
+                loss = loss + aux / self.accum
+                aux_total += aux.detach() / self.accum
+            loss.backward()
+            lm_total += loss_sum.detach() / n_targets
+        clip = self.cfg.optim.grad_clip
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        # One host sync per step: a non-finite loss or gradient must never reach the weights.
+        lm, gn = lm_total.item(), grad_norm.item()
+        if not (math.isfinite(lm) and math.isfinite(gn)):
+            last = self.latest_checkpoint()
+            raise FloatingPointError(
+                f"non-finite {'loss' if not math.isfinite(lm) else 'gradient norm'} at step {self.step} "
+                f"(loss={lm}, grad_norm={gn}); weights were not updated. Lower optim.lr or raise "
+                f"optim.warmup_steps, then rerun to resume from {last or 'the start'}"
+            )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += sum(b.input_ids.numel() for b in batches)
+        return {"loss": lm, "aux_loss": aux_total.item(), "grad_norm": gn, "lr": lr}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        batches = self._micro_batches("eval", 0, self.cfg.train.eval_batches)
+        total = sum(self._forward(b)[0].item() for b in batches)
+        self.model.train()
+        return total / sum(b.num_targets for b in batches)
+
+    # -- the run --
+
+    def run(self) -> Path:
+        t = self.cfg.train
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        ckpt = self.latest_checkpoint()
+        if ckpt is not None:
+            self.resume(ckpt)
+            log.info("resumed from %s at step %d", ckpt, self.step)
+        metrics_path = self.out / "metrics.jsonl"
+        _truncate_metrics(metrics_path, self.step)
+        n = self.mcfg.num_params()
+        log.info("model: %s parameters (%s active), %s on %s%s; %d steps of %d x %d tokens",
+                 f"{n:,}", f"{self.mcfg.num_active_params():,}", "MoE" if self.mcfg.is_moe else "dense",
+                 self.device, " (bf16 autocast)" if self.autocast_dtype else "", t.steps, t.batch_size,
+                 self.cfg.data.seq_len)
+        self.model.train()
+        t_last, tok_last, t_start, step_start = time.perf_counter(), self.tokens_seen, time.perf_counter(), self.step
+        with metrics_path.open("a") as mf:
+            while self.step < t.steps:
+                m = self.train_step()
+                last = self.step == t.steps
+                do_eval = t.eval_every and (self.step % t.eval_every == 0 or last)
+                if self.step % t.log_every == 0 or last or do_eval:
+                    now = time.perf_counter()
+                    m["tokens_per_s"] = (self.tokens_seen - tok_last) / max(now - t_last, 1e-9)
+                    t_last, tok_last = now, self.tokens_seen
+                    if do_eval:
+                        m["eval_loss"] = self.evaluate()
+                    record = {"step": self.step, "tokens": self.tokens_seen, **m}
+                    mf.write(json.dumps(record) + "\n")
+                    mf.flush()
+                    eta = (now - t_start) / (self.step - step_start) * (t.steps - self.step)
+                    log.info("step %d/%d | loss %.4f%s | lr %.2e | grad %.3f | %.0f tok/s | eta %s",
+                             self.step, t.steps, m["loss"],
+                             f" | eval {m['eval_loss']:.4f}" if do_eval else "", m["lr"], m["grad_norm"],
+                             m["tokens_per_s"], _fmt_eta(eta))
+                if (t.save_every and self.step % t.save_every == 0) or last:
+                    self.save()
+        final = save_checkpoint(self.out / "final", self.model)
+        log.info("done: %d steps, %s tokens; model in %s", self.step, f"{self.tokens_seen:,}", final)
+        return final
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop records written after the checkpoint, so each step appears once."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def _fmt_eta(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+# ---- command line --------------------------------------------------------------------------------
+
+def _config_help() -> str:
+    lines = ["config file sections and fields (override any with --set SECTION.FIELD=VALUE):"]
+    for f in fields(RunConfig):
+        if f.name in ("data", "optim", "train"):
+            continue
+        lines.append(f"  {f.name:28s} {f.metadata.get('help', '')}")
+    for name, sec in (("data", DataConfig), ("optim", OptimConfig), ("train", TrainConfig)):
+        for f in fields(sec):
+            lines.append(f"  {name + '.' + f.name:28s} {f.metadata['help']} [default: {f.default}]")
+    return "\n".join(lines)
+
+
+def load_run_config(path: str | None, overrides: list[str], out: str | None) -> RunConfig:
+    d = read_config_file(Path(path)) if path else {}
+    d = apply_overrides(d, overrides)
+    if out is not None:
+        d["out"] = out
+    return RunConfig.from_dict(d)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="mujina-train",
+        description="Train a mujina model on one process (the reference trainer). Running the same "
+                    "command again resumes from the newest checkpoint in the output directory.",
+        epilog=_config_help(), formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", help="YAML/JSON run config (see configs/debug.yaml)")
+    p.add_argument("--out", help="output directory; overrides `out:` in the config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config field, e.g. --set train.steps=50 (repeatable)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr)
+    try:
+        cfg = load_run_config(args.config, args.overrides, args.out)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError("multi-process training (torchrun) is not implemented yet: run one process")
+        Trainer(cfg).run()
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        log.error("error: %s", e)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
