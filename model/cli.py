@@ -47,8 +47,9 @@ def cmd_info(a: argparse.Namespace) -> None:
 def cmd_init(a: argparse.Namespace) -> None:
     cfg = ModelConfig.load(a.preset)
     if cfg.num_params() > 2e9 and not a.force:
-        raise ValueError(f"{a.preset} has {_human(cfg.num_params())} parameters ({cfg.num_params() * 4 / 2**30:.0f} GiB "
-                         "in fp32); pass --force if you really want a random checkpoint that large")
+        gib = cfg.num_params() * 4 / 2**30
+        raise ValueError(f"{a.preset} has {_human(cfg.num_params())} parameters ({gib:.0f} GiB in fp32); "
+                         "pass --force if you really want a random checkpoint that large")
     torch.manual_seed(a.seed)
     out = save_checkpoint(a.out, Transformer(cfg))
     print(f"initialised {a.preset} ({_human(cfg.num_params())} parameters, seed {a.seed}) in {out}")

@@ -100,7 +100,7 @@ class ModelConfig:
         if self.rope_theta <= 0 or self.rms_norm_eps <= 0 or self.init_std <= 0:
             raise ValueError("rope_theta, rms_norm_eps and init_std must be positive")
         if isinstance(self.moe, dict):  # accept plain dicts from YAML/JSON
-            object.__setattr__(self, "moe", MoEConfig(**_checked_keys(MoEConfig, self.moe, "moe")))
+            object.__setattr__(self, "moe", MoEConfig(**_checked_keys(MoEConfig, self.moe, "model.moe")))
 
     # ---- derived sizes -------------------------------------------------------------------------
 
@@ -191,20 +191,53 @@ def read_config_file(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise ValueError(f"{path}: not valid {'JSON' if str(path).endswith('.json') else 'YAML'}: {e}")
+        raise ValueError(f"{path}: not valid {'JSON' if str(path).endswith('.json') else 'YAML'}: {e}") from e
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of settings at the top level")
     return data
 
 
 def _checked_keys(cls: type, d: dict[str, Any], where: str) -> dict[str, Any]:
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - known)
+    """Refuse unknown keys and coerce/check values against the dataclass field types.
+
+    YAML reads `3e-4` as a string (it wants `3.0e-4`), so float fields accept numeric strings.
+    """
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(d) - set(known))
     if unknown:
         raise ValueError(
             f"unknown key(s) in {where}: {', '.join(unknown)}; valid keys are: {', '.join(sorted(known))}"
         )
-    return d
+    return {k: _coerce(v, str(known[k].type), f"{where}.{k}") for k, v in d.items()}
+
+
+def _coerce(value: Any, type_str: str, name: str) -> Any:
+    optional = "None" in type_str
+    base = type_str.replace("| None", "").replace("None |", "").strip()
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{name} must be set (got null)")
+    ok = True
+    if base == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif base == "float":
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                ok = False
+        elif isinstance(value, bool) or not isinstance(value, int | float):
+            ok = False
+        else:
+            value = float(value)
+    elif base == "bool":
+        ok = isinstance(value, bool)
+    elif base == "str":
+        ok = isinstance(value, str)
+    if not ok:
+        raise ValueError(f"{name} must be {'an' if base == 'int' else 'a'} {base}, got {value!r}")
+    return value
 
 
 def _divisor_hint(n: int) -> str:

@@ -140,6 +140,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.model is None and self.init_from is None:
             raise ValueError("the config needs a `model:` section (e.g. `preset: debug`) or `init_from:`")
+        if self.model is not None and self.init_from is None:
+            ModelConfig.from_dict(self.model)  # validate now, before any output is written
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:

@@ -1,0 +1,46 @@
+"""Shared test helpers. Tests drive the public commands as subprocesses where the issue names a
+command, so what is tested is what a user runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Two cores: one intra-op thread per process keeps subprocess-heavy tests from oversubscribing.
+torch.set_num_threads(1)
+
+
+def run_cli(*args: str, check: bool = True, timeout: float = 300, env: dict | None = None,
+            cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m MODULE args...` (MODULE = model.cli or model.train) and return the result."""
+    proc = subprocess.run(
+        [sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout,
+        cwd=cwd or REPO, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\n"
+                             f"stderr:\n{proc.stderr}")
+    return proc
+
+
+def mujina_model(*args: str, **kw) -> subprocess.CompletedProcess:
+    return run_cli("model.cli", *args, **kw)
+
+
+def mujina_train(*args: str, **kw) -> subprocess.CompletedProcess:
+    return run_cli("model.train", *args, **kw)
+
+
+@pytest.fixture
+def tiny_moe_cfg():
+    from model import ModelConfig
+
+    return ModelConfig.from_dict({"preset": "debug", "num_kv_heads": 2, "rope_theta": 5000.0,
+                                  "moe": {"num_experts": 4, "top_k": 2}})
