@@ -120,17 +120,16 @@ def load_checkpoint(
         model = Transformer(cfg)
     if cfg.tie_word_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
     if missing or unexpected:
         raise ValueError(
             f"{directory}: weights do not match config.json (missing {missing[:5]}, unexpected "
             f"{unexpected[:5]}); was the checkpoint written by a different model version?"
         )
     for k, v in state.items():
-        want = tuple(model.state_dict()[k].shape)
-        if tuple(v.shape) != want:
-            raise ValueError(f"{directory}: {k} has shape {tuple(v.shape)}, config.json implies {want}")
+        if tuple(v.shape) != expected[k]:
+            raise ValueError(f"{directory}: {k} has shape {tuple(v.shape)}, config.json implies {expected[k]}")
     model.load_state_dict(state, assign=True)
     if cfg.tie_word_embeddings:
         model.output.weight = model.tok_embeddings.weight

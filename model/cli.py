@@ -14,10 +14,11 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 import torch
 
-from .checkpoint import load_checkpoint, load_state_dict, save_checkpoint
+from .checkpoint import TOKENIZER, load_checkpoint, load_state_dict, save_checkpoint
 from .config import PRESETS, ModelConfig
 from .transformer import Transformer
 
@@ -60,8 +61,8 @@ def cmd_upcycle(a: argparse.Namespace) -> None:
 
     dense = load_checkpoint(a.checkpoint)
     moe = upcycle(dense, a.experts, a.top_k, noise_std=a.noise_std, drop_ratio=a.drop_ratio, seed=a.seed)
-    tok = a.checkpoint.rstrip("/") + "/tokenizer"
-    out = save_checkpoint(a.out, moe, tokenizer_dir=tok if _isdir(tok) else None)
+    tok = Path(a.checkpoint) / TOKENIZER
+    out = save_checkpoint(a.out, moe, tokenizer_dir=tok if tok.is_dir() else None)
     exact = a.noise_std == 0 and a.drop_ratio == 0
     print(f"upcycled {a.checkpoint} into {a.experts} experts (top-{a.top_k}): "
           f"{_human(moe.cfg.num_params())} total, {_human(moe.cfg.num_active_params())} active -> {out}"
@@ -92,12 +93,6 @@ def cmd_sample(a: argparse.Namespace) -> None:
     prompt = a.prompt if a.prompt is not None else [int(x) for x in a.prompt_ids.split(",")]
     ids, text = sample(a.hf, prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed)
     print(json.dumps({"prompt": prompt, "generated_ids": ids, "text": text}, ensure_ascii=False))
-
-
-def _isdir(p: str) -> bool:
-    from pathlib import Path
-
-    return Path(p).is_dir()
 
 
 def build_parser() -> argparse.ArgumentParser:

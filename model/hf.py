@@ -87,7 +87,7 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype, special_ids: dict[str, int |
             "router_jitter_noise": 0.0, "sliding_window": None, **common}
 
 
-def iter_hf_tensors(ckpt_dir: Path, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_hf_tensors(ckpt_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (hf_name, tensor) for every weight, reading one tensor at a time."""
     with safe_open(str(ckpt_dir / WEIGHTS), framework="pt") as f:
         for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
@@ -111,8 +111,7 @@ def iter_hf_tensors(ckpt_dir: Path, cfg: ModelConfig) -> Iterator[tuple[str, tor
                     yield prefix + f"block_sparse_moe.experts.{j}.{_EXPERT[rest]}.weight", sl[j]
             else:
                 raise ValueError(f"unexpected weight {key!r} in {ckpt_dir / WEIGHTS}")
-    if cfg.tie_word_embeddings:
-        return  # lm_head is the embedding; transformers re-ties it from config
+    # Tied models store no output.weight (see save_checkpoint): transformers re-ties from config.
 
 
 def parse_size(text: str | int) -> int:
@@ -157,7 +156,7 @@ def export_hf(
         written.append(name)
 
     weight_map: dict[str, int] = {}
-    for name, t in iter_hf_tensors(ckpt_dir, cfg):
+    for name, t in iter_hf_tensors(ckpt_dir):
         stored_dtype = stored_dtype or t.dtype
         t = t.to(out_dtype).contiguous() if out_dtype else t.contiguous()
         nbytes = t.numel() * t.element_size()
@@ -204,7 +203,7 @@ def _copy_tokenizer(src: Path, out: Path) -> dict[str, int | None]:
 
 # ---- import --------------------------------------------------------------------------------------
 
-def _read_hf_config(hf_dir: Path) -> tuple[ModelConfig, str]:
+def _read_hf_config(hf_dir: Path) -> ModelConfig:
     path = hf_dir / CONFIG
     if not path.exists():
         raise FileNotFoundError(f"{hf_dir} has no config.json: is it a Hugging Face model directory?")
@@ -232,7 +231,7 @@ def _read_hf_config(hf_dir: Path) -> tuple[ModelConfig, str]:
     if kind == "mixtral":
         moe = MoEConfig(num_experts=c["num_local_experts"], top_k=c["num_experts_per_tok"],
                         aux_loss_coef=c.get("router_aux_loss_coef", 0.02))
-    cfg = ModelConfig(
+    return ModelConfig(
         vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
         num_layers=c["num_hidden_layers"], num_heads=heads,
         num_kv_heads=c.get("num_key_value_heads") or heads,
@@ -240,7 +239,6 @@ def _read_hf_config(hf_dir: Path) -> tuple[ModelConfig, str]:
         rms_norm_eps=c.get("rms_norm_eps", 1e-5), tie_word_embeddings=c.get("tie_word_embeddings", False),
         init_std=c.get("initializer_range", 0.02), moe=moe,
     )
-    return cfg, kind
 
 
 def _read_hf_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
@@ -263,7 +261,7 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     from .transformer import Transformer
 
     hf_dir = Path(hf_dir)
-    cfg, _ = _read_hf_config(hf_dir)
+    cfg = _read_hf_config(hf_dir)
     hf = _read_hf_tensors(hf_dir)
     inv_top = {v: k for k, v in _TOP.items()}
     inv_layer = {v: k for k, v in {**_LAYER, **_DENSE_FFN}.items()}

@@ -27,12 +27,15 @@ def _logits(ckpt, seed=0):
 
 @pytest.mark.parametrize("experts, top_k", [(4, 2), (8, 2), (3, 1)])
 def test_upcycled_logits_equal_dense(tmp_path, dense, experts, top_k):
+    (dense / "tokenizer").mkdir()
+    (dense / "tokenizer" / "tokenizer_config.json").write_text("{}")
     out = mujina_model("upcycle", "--checkpoint", str(dense), "--experts", str(experts), "--top-k", str(top_k),
                        "--out", str(tmp_path / "moe"))
     assert "logits equal" in out.stdout
     moe = load_checkpoint(tmp_path / "moe")
     assert (moe.cfg.moe.num_experts, moe.cfg.moe.top_k) == (experts, top_k)
     assert (_logits(tmp_path / "moe") - _logits(dense)).abs().max().item() <= 1e-5
+    assert (tmp_path / "moe" / "tokenizer" / "tokenizer_config.json").exists()  # the tokenizer comes along
 
 
 def test_drop_upcycling_reinitialises_the_requested_share(tmp_path, dense):
