@@ -362,10 +362,11 @@ class Trainer:
                     mf.write(json.dumps(record) + "\n")
                     mf.flush()
                     eta = (now - t_start) / (self.step - step_start) * (t.steps - self.step)
-                    log.info("step %d/%d | loss %.4f%s | lr %.2e | grad %.3f | %.0f tok/s | eta %s",
+                    log.info("step %d/%d | loss %.4f%s%s | lr %.2e | grad %.3f | %.0f tok/s | eta %s",
                              self.step, t.steps, m["loss"],
-                             f" | eval {m['eval_loss']:.4f}" if do_eval else "", m["lr"], m["grad_norm"],
-                             m["tokens_per_s"], _fmt_eta(eta))
+                             f" | eval {m['eval_loss']:.4f}" if do_eval else "",
+                             f" | aux {m['aux_loss']:.4f}" if self.mcfg.is_moe else "",
+                             m["lr"], m["grad_norm"], m["tokens_per_s"], _fmt_eta(eta))
                 if (t.save_every and self.step % t.save_every == 0) or last:
                     self.save()
         final = save_checkpoint(self.out / "final", self.model)
