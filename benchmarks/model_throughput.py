@@ -116,13 +116,13 @@ def build_pair(cfg: ModelConfig) -> tuple[Transformer, nn.Module]:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = save_checkpoint(Path(tmp) / "mujina", net)
         hf_dir = export_hf(ckpt, Path(tmp) / "hf")
-        twin = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+        twin = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)  # float32, as exported
     return net.train(), twin.train()  # from_pretrained returns eval mode
 
 
 @torch.no_grad()
-def check_same_logits(net: Transformer, twin: nn.Module, ids_BT: Tensor) -> None:
-    """Refuse to time two models that do not compute the same function."""
+def check_same_logits(net: Transformer, twin: nn.Module, ids_BT: Tensor) -> float:
+    """Largest logit difference; refuses to time two models that do not compute the same function."""
     ours, theirs = net(ids_BT), twin(input_ids=ids_BT, use_cache=False).logits
     err = (ours - theirs).abs().max().item()
     if err > 1e-3:
@@ -130,6 +130,7 @@ def check_same_logits(net: Transformer, twin: nn.Module, ids_BT: Tensor) -> None
             f"mujina and transformers logits differ by {err:.2e}: the comparison would be meaningless; "
             "check model/hf.py's export against this transformers version"
         )
+    return err
 
 
 # ---- timing ----------------------------------------------------------------------------------------
@@ -154,7 +155,7 @@ def run_case(case: Case, warmup: int) -> dict[str, Any]:
     cfg = case.config()
     net, twin = build_pair(cfg)
     ids_BT = torch.randint(cfg.vocab_size, (case.batch, case.seq), generator=torch.Generator().manual_seed(SEED))
-    check_same_logits(net, twin, ids_BT)
+    logits_diff = check_same_logits(net, twin, ids_BT)
 
     seconds = time_interleaved(
         {"mujina": lambda: mujina_step(net, ids_BT), "transformers": lambda: transformers_step(twin, ids_BT)},
@@ -172,6 +173,7 @@ def run_case(case: Case, warmup: int) -> dict[str, Any]:
         "steps": case.steps,
         "params": cfg.num_params(),
         "active_params": cfg.num_active_params(),
+        "logits_max_abs_diff": logits_diff,
         "transformers_class": type(twin).__name__,
         "transformers_attention": twin.config._attn_implementation,
         "transformers_experts": getattr(twin.config, "_experts_implementation", None) if case.moe else None,
@@ -218,19 +220,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Forward+backward training throughput (tokens/s) on CPU of mujina's model against "
         "Hugging Face transformers' model of the same shape and weights. ratio = mujina / transformers; "
-        ">= 1.0 means mujina is at least as fast.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        ">= 1.0 means mujina trains at least as fast.",
+        epilog="cases (batch x seq, timed steps): " + "; ".join(
+            f"{c.name} ({c.batch}x{c.seq}, {c.steps})" for c in CASES.values()
+        ),
     )
     p.add_argument("--cases", default=",".join(CASES),
-                   help=f"comma-separated cases to run, from: {', '.join(CASES)}")
-    p.add_argument("--steps", type=int, help="timed steps per implementation (default: per case, "
-                   + ", ".join(f"{c.name} {c.steps}" for c in CASES.values()) + ")")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per implementation before timing")
-    p.add_argument("--batch", type=int, help="sequences per step for every case (default: debug 8, small 4)")
-    p.add_argument("--seq", type=int, help="tokens per sequence for every case (default 256; at most the "
-                   "preset's max_seq_len)")
+                   help="comma-separated cases to run (default: all four)")
+    p.add_argument("--steps", type=int, help="timed steps per implementation (default: per case, see below)")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed steps per implementation before timing (default: 2)")
+    p.add_argument("--batch", type=int, help="sequences per step, for every case (default: per case)")
+    p.add_argument("--seq", type=int,
+                   help="tokens per sequence, for every case; at most the preset's max_seq_len (default: 256)")
     p.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "model_throughput.json",
-                   help="where to write the results as JSON (its directory is created)")
+                   help="where to write the results; the directory is created "
+                   "(default: benchmarks/results/model_throughput.json in the repository)")
     args = p.parse_args(argv)
 
     names = [n.strip() for n in args.cases.split(",") if n.strip()]
@@ -263,6 +268,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(run_case(case, args.warmup))
 
     print(format_table(rows))
+    print("ratio = mujina tok/s / transformers tok/s (>= 1.0: mujina trains at least as fast)")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"machine": machine_info(), "rows": rows}, indent=2) + "\n")
     print(f"\nwrote {args.json}")

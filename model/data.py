@@ -13,6 +13,9 @@ the batch a single process would.
   sampled in random windows; the last `eval_fraction` of the file is held out. With
   `doc_sep_id`, attention and positions restart after each separator token.
 
+* `shards`: packed sequences from data_shards' mixture loader (`ShardData` below): stateful,
+  with its position saved in every checkpoint.
+
 A batch is (input_ids, labels, doc_ids), each (B, T) int64. labels are -100 where no loss
 is taken: at the last position of each document (the next token belongs to another one).
 """
@@ -120,3 +123,64 @@ class TokenFileSource:
             else:  # a new document begins after each separator
                 docs.append(np.concatenate([[0], np.cumsum(row[:-1] == self.sep)]))
         return _to_batch(rows, docs)
+
+
+class StatelessData:
+    """synthetic / tokens sources: the batch of a step is a function of the step number."""
+
+    def __init__(self, source: SyntheticSource | TokenFileSource):
+        self.source = source
+
+    def micro_batches(self, split: str, step: int, count: int, micro: int) -> list[Batch]:
+        return [self.source.batch(split, step, range(i * micro, (i + 1) * micro)) for i in range(count)]
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    @property
+    def tokenizer_dir(self) -> Path | None:
+        return None
+
+
+class ShardData:
+    """data_shards' MixtureLoader behind the trainer's interface; eval reads a fixed set of batches."""
+
+    def __init__(self, mixture: list[dict], eval_mixture: list[dict] | None, seq_len: int, seed: int,
+                 vocab_size: int, verify: bool):
+        from data_shards.loader import MixtureLoader, specs_from_config
+
+        self.specs = specs_from_config(mixture)
+        self.eval_specs = specs_from_config(eval_mixture) if eval_mixture else None
+        self.seq_len, self.seed, self.verify = seq_len, seed, verify
+        self.train = MixtureLoader(self.specs, seq_len, seed, verify=verify)
+        if self.train.vocab_size > vocab_size:
+            raise ValueError(f"the shards use a {self.train.vocab_size}-piece tokenizer but the model's vocab_size is "
+                             f"{vocab_size}: set model.vocab_size >= {self.train.vocab_size}")
+
+    def micro_batches(self, split: str, step: int, count: int, micro: int) -> list[Batch]:
+        from data_shards.loader import MixtureLoader
+
+        if split == "train":
+            loader = self.train
+        else:  # a fresh loader each time: every evaluation sees the same sequences
+            if self.eval_specs is None:
+                raise ValueError("evaluation needs data.eval_mixture (held-out shard directories) "
+                                 "or train.eval_every: 0")
+            loader = MixtureLoader(self.eval_specs, self.seq_len, self.seed, verify=self.verify)
+        b = loader.next_batch(count * micro)
+        return [Batch(b.input_ids[i * micro:(i + 1) * micro], b.labels[i * micro:(i + 1) * micro],
+                      b.doc_ids[i * micro:(i + 1) * micro]) for i in range(count)]
+
+    def state_dict(self) -> dict:
+        return self.train.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.train.load_state_dict(state)
+
+    @property
+    def tokenizer_dir(self) -> Path | None:
+        tok = Path(self.specs[0].path) / "tokenizer"
+        return tok if tok.is_dir() else None

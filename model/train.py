@@ -46,7 +46,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import ModelConfig, _checked_keys, _help, read_config_file
-from .data import IGNORE, Batch, SyntheticSource, TokenFileSource
+from .data import IGNORE, Batch, ShardData, StatelessData, SyntheticSource, TokenFileSource
 from .transformer import Transformer
 
 log = logging.getLogger("model.train")
@@ -56,8 +56,13 @@ log = logging.getLogger("model.train")
 
 @dataclass
 class DataConfig:
-    source: str = _help("synthetic (built-in arithmetic progressions) or tokens (a flat token file).",
-                        default="synthetic")
+    source: str = _help("synthetic (built-in arithmetic progressions), tokens (a flat token file) or shards "
+                        "(data_shards directories mixed by weight, see data.mixture).", default="synthetic")
+    mixture: list[dict[str, Any]] | None = _help("source=shards: [{path: DIR, weight: W, name: optional}, ...] "
+                                                 "shard directories and their sampling weights.", default=None)
+    eval_mixture: list[dict[str, Any]] | None = _help("source=shards: held-out shard directories for eval, "
+                                                      "same form as mixture.", default=None)
+    verify: bool = _help("source=shards: check every shard's SHA-256 when opening it.", default=False)
     path: str | None = _help("Token file for source=tokens (little-endian ids, see data.dtype).",
                              default=None)
     dtype: str = _help("Integer type of the token file: uint16 or uint32.", default="uint16")
@@ -68,10 +73,13 @@ class DataConfig:
                                    "positions restart after it. null: no boundaries.", default=None)
 
     def __post_init__(self) -> None:
-        if self.source not in ("synthetic", "tokens"):
-            raise ValueError(f"data.source must be synthetic or tokens, got {self.source!r}")
+        if self.source not in ("synthetic", "tokens", "shards"):
+            raise ValueError(f"data.source must be synthetic, tokens or shards, got {self.source!r}")
         if self.source == "tokens" and not self.path:
             raise ValueError("data.source is tokens but data.path is not set: point it at a token file")
+        if self.source == "shards" and not self.mixture:
+            raise ValueError("data.source is shards but data.mixture is empty: list shard directories with weights, "
+                             "e.g. mixture: [{path: shards/ja, weight: 0.6}, {path: shards/en, weight: 0.4}]")
         if self.seq_len < 2:
             raise ValueError(f"data.seq_len must be >= 2, got {self.seq_len}")
         if not 0 <= self.eval_fraction < 1:
@@ -223,12 +231,17 @@ class Trainer:
         if d.seq_len > self.mcfg.max_seq_len:
             raise ValueError(f"data.seq_len={d.seq_len} exceeds the model's max_seq_len={self.mcfg.max_seq_len}")
         if d.source == "synthetic":
-            self.source = SyntheticSource(self.mcfg.vocab_size, d.seq_len, t.seed)
+            self.data = StatelessData(SyntheticSource(self.mcfg.vocab_size, d.seq_len, t.seed))
+        elif d.source == "tokens":
+            self.data = StatelessData(TokenFileSource(d.path, d.dtype, d.seq_len, t.seed, d.eval_fraction,
+                                                      d.doc_sep_id, self.mcfg.vocab_size))
         else:
-            self.source = TokenFileSource(d.path, d.dtype, d.seq_len, t.seed, d.eval_fraction,
-                                          d.doc_sep_id, self.mcfg.vocab_size)
+            self.data = ShardData(d.mixture, d.eval_mixture, d.seq_len, t.seed, self.mcfg.vocab_size, d.verify)
         if cfg.train.eval_every and d.source == "tokens" and d.eval_fraction == 0:
             raise ValueError("train.eval_every > 0 but data.eval_fraction is 0: hold out data or disable eval")
+        if cfg.train.eval_every and d.source == "shards" and not d.eval_mixture:
+            raise ValueError("train.eval_every > 0 but data.eval_mixture is not set: list held-out shard "
+                             "directories, or set train.eval_every: 0")
 
         torch.manual_seed(t.seed)
         if cfg.init_from:
@@ -254,7 +267,8 @@ class Trainer:
         final = self.ckpt_root / f"step_{self.step:06d}"
         tmp = self.ckpt_root / f".tmp_step_{self.step:06d}"
         shutil.rmtree(tmp, ignore_errors=True)
-        state = {"step": self.step, "tokens_seen": self.tokens_seen, "run_config": self.cfg.to_dict()}
+        state = {"step": self.step, "tokens_seen": self.tokens_seen, "run_config": self.cfg.to_dict(),
+                 "data_state": self.data.state_dict()}
         save_checkpoint(tmp, self.model, optimizer=self.optimizer, trainer_state=state)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)  # a checkpoint appears whole or not at all
@@ -270,12 +284,12 @@ class Trainer:
         self.model.load_state_dict(load_checkpoint(ckpt).state_dict())
         load_optimizer_state(self.optimizer, self.model, ckpt)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.data.load_state_dict(state.get("data_state", {}))
 
     # -- steps --
 
     def _micro_batches(self, split: str, step: int, count: int) -> list[Batch]:
-        mb = self.cfg.train.micro_batch_size
-        return [self.source.batch(split, step, range(i * mb, (i + 1) * mb)) for i in range(count)]
+        return self.data.micro_batches(split, step, count, self.cfg.train.micro_batch_size)
 
     def _forward(self, b: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Summed token loss (fp32) and the MoE auxiliary loss (None for dense)."""
@@ -369,7 +383,7 @@ class Trainer:
                              m["lr"], m["grad_norm"], m["tokens_per_s"], _fmt_eta(eta))
                 if (t.save_every and self.step % t.save_every == 0) or last:
                     self.save()
-        final = save_checkpoint(self.out / "final", self.model)
+        final = save_checkpoint(self.out / "final", self.model, tokenizer_dir=self.data.tokenizer_dir)
         log.info("done: %d steps, %s tokens; model in %s", self.step, f"{self.tokens_seen:,}", final)
         return final
 

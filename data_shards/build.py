@@ -1,0 +1,201 @@
+"""`mujina-data shard`: text files in, content-addressed token shards + manifest.json out.
+
+    read (ingest.py) -> normalise -> language -> quality filters (filters.py)
+         -> exact + near-duplicate removal across all inputs (dedup.py)
+         -> tokenise in batches on all cores -> one shard stream per (source, language)
+
+Each kept document is stored as [BOS] tokens [EOS], so packed sequences stay self-delimited.
+Chat records ({"messages": [...]}) are rendered with the chat template and stored in their own
+shards with a loss mask (assistant turns only).
+
+Determinism: documents are processed in input order and shards are cut at fixed token counts,
+so the same input gives byte-identical shards (and therefore the same SHA-256 names).
+
+Resumption: every finished shard is appended to OUT/.journal.jsonl. A rerun reads and filters
+the input again (cheap, deterministic) but skips tokenising and writing every document that
+belongs to a journaled shard. Every dropped document is counted by reason in the manifest's
+report (and in OUT/report.json).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .chat import render_chat
+from .dedup import Deduplicator
+from .filters import FilterConfig, detect_language, normalize, quality_reason
+from .ingest import DropCounter, read_documents
+from .shards import Manifest, ShardInfo, write_shard
+from .tokenizer import Tokenizer, copy_tokenizer
+
+log = logging.getLogger(__name__)
+JOURNAL = ".journal.jsonl"
+
+
+@dataclass
+class ShardConfig:
+    text_field: str = "text"
+    source: str | None = None  # default: each input file's stem
+    lang: str = "auto"  # auto: detect per document, keep ja and en; ja / en: keep only that language
+    shard_tokens: int = 1 << 24  # a shard is closed once it holds at least this many tokens
+    batch_docs: int = 2048  # documents tokenised per call (SentencePiece spreads them over all cores)
+    threads: int | None = None
+    dedup: bool = True
+    filters: FilterConfig = field(default_factory=FilterConfig)
+
+    def __post_init__(self) -> None:
+        if self.lang not in ("auto", "ja", "en"):
+            raise ValueError(f"--lang must be auto, ja or en, got {self.lang!r}")
+        if self.shard_tokens < 1:
+            raise ValueError("--shard-tokens must be >= 1")
+
+
+class _Bucket:
+    """Documents of one (source, language, kind) waiting to become a shard."""
+
+    def __init__(self, key: tuple[str, str, str], done_docs: int, next_index: int):
+        self.key, self.done_docs, self.index = key, done_docs, next_index
+        self.seen = 0  # kept documents of this bucket met so far in this run
+        self.docs: list[np.ndarray] = []
+        self.masks: list[np.ndarray] = []
+        self.tokens = 0
+        self.chars = 0  # characters of the normalised text in the open shard
+
+    @property
+    def chat(self) -> bool:
+        return self.key[2] == "chat"
+
+
+def build_shards(inputs: list[str | os.PathLike], tokenizer_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                 cfg: ShardConfig) -> Manifest:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(tokenizer_dir)
+    copy_tokenizer(tokenizer_dir, out / "tokenizer")  # a shard directory is self-describing
+    journal = _read_journal(out, tok.sha256)
+    finished = [ShardInfo(**r["shard"]) for r in journal]
+    buckets: dict[tuple[str, str, str], _Bucket] = {}
+    for r in journal:  # resume: documents already in journaled shards are skipped
+        key = tuple(r["bucket"])
+        b = buckets.setdefault(key, _Bucket(key, 0, 0))
+        b.done_docs, b.index = r["docs_through"], r["index"] + 1
+    if journal:
+        log.info("resuming: %d shards already written", len(journal))
+
+    drops = DropCounter()
+    dedup = Deduplicator() if cfg.dedup else None
+    kept = Counter()
+    pending: list[tuple[_Bucket, str | None, np.ndarray | None, np.ndarray | None, int]] = []
+    t0, n_read, last_log = time.perf_counter(), 0, 0.0
+
+    def flush_pending() -> None:
+        texts = [text for _, text, _, _, _ in pending if text is not None]
+        encoded = iter(tok.encode_batch(texts, cfg.threads)) if texts else iter(())
+        for bucket, text, ids, mask, n_chars in pending:
+            if text is not None:
+                ids = np.array([tok.bos_id, *next(encoded), tok.eos_id], dtype=np.int64)
+            bucket.docs.append(ids)
+            if bucket.chat:
+                bucket.masks.append(mask)
+            bucket.tokens += len(ids)
+            bucket.chars += n_chars
+            if bucket.tokens >= cfg.shard_tokens:
+                finished.append(_close(out, bucket, tok))
+        pending.clear()
+
+    for doc in read_documents(inputs, text_field=cfg.text_field, source=cfg.source, drops=drops):
+        n_read += 1
+        if "messages" in doc.meta:
+            try:
+                ids, mask = render_chat({"messages": doc.meta["messages"]}, tok.encode, tok.marker_ids,
+                                        tok.bos_id, tok.eos_id)
+            except ValueError:
+                drops.add("invalid_chat")
+                continue
+            text = "\n".join(str(m.get("content", "")) for m in doc.meta["messages"])
+            kind = "chat"
+        else:
+            text, ids, mask, kind = normalize(doc.text), None, None, "text"
+        lang = detect_language(text)
+        if lang not in ("ja", "en") or (cfg.lang != "auto" and lang != cfg.lang):
+            drops.add("language" if cfg.lang == "auto" else "language_mismatch")
+            continue
+        if kind == "text" and (reason := quality_reason(text, lang, cfg.filters)) is not None:
+            drops.add(reason)
+            continue
+        if dedup is not None and (dup := dedup.check(text)) is not None:
+            drops.add(dup)
+            continue
+        key = (doc.source, lang, kind)
+        bucket = buckets.setdefault(key, _Bucket(key, 0, 0))
+        bucket.seen += 1
+        kept[f"{doc.source}/{lang}"] += 1
+        if bucket.seen <= bucket.done_docs:
+            continue  # already in a journaled shard
+        pending.append((bucket, text if kind == "text" else None, ids, mask, len(text)))
+        if len(pending) >= cfg.batch_docs:
+            flush_pending()
+        now = time.perf_counter()
+        if now - last_log > 10:
+            last_log = now
+            log.info("read %s documents (%s kept, %s dropped), %d shards, %.0f docs/s", f"{n_read:,}",
+                     f"{sum(kept.values()):,}", f"{drops.total():,}", len(finished), n_read / (now - t0))
+    flush_pending()
+    for bucket in buckets.values():
+        if bucket.docs:
+            finished.append(_close(out, bucket, tok))
+
+    report = {"documents_read": n_read, "documents_kept": dict(sorted(kept.items())),
+              "dropped": drops.as_dict(), "seconds": round(time.perf_counter() - t0, 3)}
+    manifest = Manifest(tokenizer_sha256=tok.sha256, vocab_size=tok.vocab_size,
+                        shards=sorted(finished, key=lambda s: (s.source, s.language, s.file)), report=report)
+    manifest.save(out)
+    (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    log.info("done: %d shards, %s documents, %s tokens; dropped %s (%s)", len(manifest.shards),
+             f"{manifest.documents:,}", f"{manifest.tokens:,}", f"{drops.total():,}",
+             ", ".join(f"{k} {v}" for k, v in drops.as_dict().items()) or "none")
+    return manifest
+
+
+def _close(out: Path, bucket: _Bucket, tok: Tokenizer) -> ShardInfo:
+    name, tokens, documents = write_shard(out, bucket.docs, tok.vocab_size, bucket.masks if bucket.chat else None)
+    source, lang, kind = bucket.key
+    info = ShardInfo(file=name, sha256=name.removesuffix(".bin"), tokens=tokens, documents=documents,
+                     source=source if kind == "text" else f"{source}:chat", language=lang,
+                     characters=bucket.chars)
+    bucket.done_docs += documents
+    record = {"bucket": list(bucket.key), "index": bucket.index, "docs_through": bucket.done_docs,
+              "tokenizer_sha256": tok.sha256, "shard": asdict(info)}
+    with open(out / JOURNAL, "a") as f:  # appended only after the shard file is complete and renamed
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    bucket.index += 1
+    bucket.docs, bucket.masks, bucket.tokens, bucket.chars = [], [], 0, 0
+    return info
+
+
+def _read_journal(out: Path, tokenizer_sha256: str) -> list[dict]:
+    path = out / JOURNAL
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            break  # a torn last line from a crash: everything before it is complete
+        if r["tokenizer_sha256"] != tokenizer_sha256:
+            raise ValueError(f"{out} holds shards from another tokenizer: use a new --out directory")
+        if not (out / r["shard"]["file"]).exists():
+            break  # journal ahead of the files (should not happen: files are renamed first)
+        records.append(r)
+    return records

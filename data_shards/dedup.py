@@ -1,0 +1,221 @@
+"""Exact and near-duplicate removal across all inputs, keeping the first occurrence in input order.
+
+Exact: SHA-256 of the normalised text (its first 8 bytes as the key, confirmed by an equal MinHash signature).
+Near: MinHash over character 5-gram shingles (characters, not words, because Japanese has no spaces; 5
+characters is about two Japanese words or one English word), LSH banding to find candidates, and a check of
+the estimated Jaccard similarity >= `threshold` before anything is dropped.
+
+Why one-permutation hashing. The textbook signature takes, for each of 128 hash functions, the minimum of
+(a*h + b) mod p over all shingles: 128 x 2,000 multiplications for a 2 KB English document, 6 ms with numpy's
+64-bit arithmetic here, 3x short of the 2,000 documents/s target. One-permutation hashing (Li, Owen & Zhang
+2012) hashes every shingle once with a 64-bit hash, splits the hash range into `num_perm` bins and keeps the
+smallest hash of each bin: one sort per document. Two documents agree on a bin with probability equal to their
+Jaccard similarity, as for classic MinHash. Empty bins (documents with fewer shingles than about 3x
+`num_perm`) are filled by optimal densification (Shrivastava 2017): bin i copies the first non-empty bin of a
+fixed pseudo-random sequence of bins, the same sequence for every document.
+
+Memory per kept document, independent of its length: the signature (num_perm uint32 = 512 bytes) plus one
+slot per band and one for the exact key in numpy open-addressing tables (12 bytes a slot, kept at most half
+full): about 1.1 KB with the defaults, against ~2 KB with Python dicts. Texts are never stored. A band key
+maps to the first document that had it only; a later document sharing that band with a different earlier one
+is still found through its other bands.
+
+Example:
+    dedup = Deduplicator()
+    kept = [t for t in texts if dedup.check(t) is None]   # reasons: "exact_duplicate", "near_duplicate"
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from data_shards.filters import normalize
+
+SHINGLE_CHARS = 5
+_DENSIFY_TRIES = 32
+_MASK32 = np.uint64(0xFFFFFFFF)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a bijection on uint64 that spreads every input bit over the output."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+class _Index:
+    """uint64 key -> int32 value, open addressing with linear probing in two numpy arrays. Key 0 marks an empty
+    slot, so callers pass odd keys. Grows (doubling, vectorised rehash) to stay at most half full."""
+
+    def __init__(self, capacity: int = 1 << 12):
+        self.keys = np.zeros(capacity, dtype=np.uint64)  # (capacity,) power of two
+        self.vals = np.zeros(capacity, dtype=np.int32)
+        self.size = 0
+
+    def get(self, key: int) -> int:
+        """The value stored for `key`, or -1."""
+        keys, mask = self.keys, len(self.keys) - 1
+        i = key & mask
+        while True:
+            k = int(keys[i])
+            if k == key:
+                return int(self.vals[i])
+            if k == 0:
+                return -1
+            i = (i + 1) & mask
+
+    def setdefault(self, key: int, value: int) -> None:
+        """Stores `value` under `key` unless the key is already there (the first value wins)."""
+        if 2 * (self.size + 1) > len(self.keys):
+            self._grow()
+        keys, mask = self.keys, len(self.keys) - 1
+        i = key & mask
+        while True:
+            k = int(keys[i])
+            if k == key:
+                return
+            if k == 0:
+                keys[i] = key
+                self.vals[i] = value
+                self.size += 1
+                return
+            i = (i + 1) & mask
+
+    def _grow(self) -> None:
+        used = self.keys != 0
+        keys, vals = self.keys[used], self.vals[used]
+        self.keys = np.zeros(2 * len(self.keys), dtype=np.uint64)
+        self.vals = np.zeros(len(self.keys), dtype=np.int32)
+        mask = np.uint64(len(self.keys) - 1)
+        slot = keys & mask
+        while len(keys):
+            # Place, per free slot, the first key that wants it; the others probe on (keys are distinct).
+            free = np.flatnonzero(self.keys[slot] == 0)
+            _, first = np.unique(slot[free], return_index=True)
+            chosen = free[first]
+            self.keys[slot[chosen]] = keys[chosen]
+            self.vals[slot[chosen]] = vals[chosen]
+            rest = np.ones(len(keys), dtype=bool)
+            rest[chosen] = False
+            keys, vals, slot = keys[rest], vals[rest], (slot[rest] + np.uint64(1)) & mask
+
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.vals.nbytes
+
+
+class Deduplicator:
+    """Remembers the documents it has kept; `check` says whether a new one duplicates any of them.
+
+    num_perm: signature length (bins); bands: LSH bands, must divide num_perm (rows per band = num_perm/bands).
+    With 128/16 (8 rows) a pair with Jaccard 0.8 becomes a candidate with probability 1-(1-0.8^8)^16 = 0.95,
+    at 0.9 with 0.9999, at 0.5 with 0.06 (then rejected by the Jaccard check).
+    threshold: estimated Jaccard similarity of shingle sets at or above which a candidate is a near duplicate.
+    seed: fixes the hash functions; the same seed gives the same decisions in every process.
+    """
+
+    def __init__(self, num_perm: int = 128, bands: int = 16, threshold: float = 0.8, seed: int = 0):
+        if num_perm < 2 or bands < 1 or num_perm % bands:
+            raise ValueError(f"Deduplicator: bands ({bands}) must divide num_perm ({num_perm}), e.g. 128 and 16")
+        if not 0.0 < threshold <= 1.0:
+            raise ValueError(f"Deduplicator: threshold must be in (0, 1], got {threshold}")
+        self.num_perm, self.bands, self.rows, self.threshold = num_perm, bands, num_perm // bands, threshold
+        rng = np.random.default_rng(seed)
+        # Odd multipliers of the rolling shingle hash and of the band hash; a salt per band so that equal rows
+        # in different bands give different keys.
+        self._shingle_mult = rng.integers(1, 2**63, SHINGLE_CHARS, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+        self._seed_salt = rng.integers(0, 2**63, dtype=np.uint64)
+        self._row_mult = rng.integers(1, 2**63, self.rows, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+        self._band_salt = rng.integers(0, 2**63, bands, dtype=np.uint64)
+        self._densify = rng.integers(0, num_perm, (num_perm, _DENSIFY_TRIES))  # (K, T) candidate source bins
+        # Bin b holds hashes h with floor((h >> 32) * K / 2^32) == b: bins are contiguous ranges of h, so after a
+        # sort the first element at or above a bin's lower bound is that bin's minimum.
+        lower = (np.arange(num_perm, dtype=np.uint64) * np.uint64(2**32) + np.uint64(num_perm - 1)) // np.uint64(
+            num_perm)
+        self._bin_lower = lower << np.uint64(32)  # (K,)
+        self._sigs = np.zeros((1024, num_perm), dtype=np.uint32)  # (capacity, K), grows by doubling
+        self._kept = 0
+        self._exact = _Index()  # first 8 bytes of SHA-256 -> document
+        self._band_index = _Index()  # band key -> first document with that band
+
+    def __len__(self) -> int:
+        """Documents kept so far."""
+        return self._kept
+
+    def signature(self, text: str) -> np.ndarray:
+        """(num_perm,) uint32 MinHash signature of the normalised text's character 5-gram shingles."""
+        compact = " ".join(text.split())  # whitespace runs count as one space
+        cps = np.frombuffer(compact.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)  # (n,) code points
+        with np.errstate(over="ignore"):
+            if len(cps) < SHINGLE_CHARS:
+                h = np.array([(cps * self._shingle_mult[: len(cps)]).sum()], dtype=np.uint64)
+            else:
+                m = len(cps) - SHINGLE_CHARS + 1
+                h = cps[:m] * self._shingle_mult[0]
+                for j in range(1, SHINGLE_CHARS):
+                    h += cps[j: j + m] * self._shingle_mult[j]  # (m,) one hash per shingle
+            h = np.sort(_mix64(h ^ self._seed_salt))
+        start = np.searchsorted(h, self._bin_lower)  # (K,) index of each bin's smallest hash
+        end = np.append(start[1:], len(h))
+        filled = start < end
+        sig = np.full(self.num_perm, 0xFFFFFFFF, dtype=np.uint32)
+        sig[filled] = (h[start[filled]] & _MASK32).astype(np.uint32)
+        empty = np.flatnonzero(~filled)
+        if len(empty) and filled.any():
+            cand = self._densify[empty]  # (E, T)
+            ok = filled[cand]
+            src = cand[np.arange(len(empty)), ok.argmax(axis=1)]
+            missed = ~ok.any(axis=1)
+            if missed.any():  # rare: fall back to the next filled bin to the right
+                nxt = np.flatnonzero(filled)
+                src[missed] = nxt[np.searchsorted(nxt, empty[missed]) % len(nxt)]
+            sig[empty] = sig[src]
+        return sig
+
+    def _band_keys(self, sig: np.ndarray) -> list[int]:
+        rows = sig.astype(np.uint64).reshape(self.bands, self.rows)  # (bands, rows)
+        with np.errstate(over="ignore"):
+            keys = _mix64((rows * self._row_mult).sum(axis=1, dtype=np.uint64) + self._band_salt)  # (bands,)
+        return (keys | np.uint64(1)).tolist()  # odd: 0 marks an empty slot of _Index
+
+    def check(self, text: str) -> str | None:
+        """None if `text` is new (it is then remembered), else "exact_duplicate" or "near_duplicate".
+
+        The text is normalised here (idempotent, so passing normalize()d text is fine); decisions depend only on
+        the order of calls, never on timing or process.
+        """
+        text = normalize(text)
+        exact_key = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little") | 1
+        sig = self.signature(text)
+        first = self._exact.get(exact_key)
+        if first >= 0 and np.array_equal(self._sigs[first], sig):
+            return "exact_duplicate"
+        keys = self._band_keys(sig)
+        cands = {c for c in map(self._band_index.get, keys) if c >= 0}
+        if cands:
+            same = (self._sigs[np.fromiter(cands, dtype=np.int64, count=len(cands))] == sig).mean(axis=1)
+            if same.max() >= self.threshold:
+                return "near_duplicate"
+        self._remember(exact_key, sig, keys)
+        return None
+
+    def _remember(self, exact_key: int, sig: np.ndarray, keys: list[int]) -> None:
+        doc = self._kept
+        if doc == len(self._sigs):
+            self._sigs = np.concatenate([self._sigs, np.zeros_like(self._sigs)])
+        self._sigs[doc] = sig
+        self._kept += 1
+        self._exact.setdefault(exact_key, doc)
+        for k in keys:
+            self._band_index.setdefault(k, doc)
+
+    def nbytes(self) -> int:
+        """Bytes held for the kept documents (signatures and both indexes, including spare capacity)."""
+        return self._sigs.nbytes + self._exact.nbytes() + self._band_index.nbytes()
+
+    @staticmethod
+    def estimated_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> float:
+        """Fraction of equal signature entries: an unbiased estimate of the shingle sets' Jaccard similarity."""
+        return float(np.mean(sig_a == sig_b))

@@ -1,0 +1,324 @@
+"""Normalisation, language identification and quality filters that work for Japanese as well as English.
+
+The filters follow Gopher (Rae et al. 2021, appendix A) with one change for Japanese, which has no spaces
+between words: repetition is measured on *character* n-grams for Japanese and on *word* n-grams for English.
+A Japanese word (morpheme) is about two characters long, so Japanese n-gram sizes are the English word sizes
+times `ja_chars_per_word` (2): top n-grams of 4/6/8 characters, duplicated n-grams of 10..20 characters.
+The thresholds are Gopher's, which Swallow and llm-jp also start from for Japanese web text.
+
+Use, after `ingest.read_documents`:
+
+    text = normalize(doc.text)
+    lang = detect_language(text)              # or the --lang the user forced
+    reason = quality_reason(text, lang, cfg)  # None: keep; else a drop reason for the DropCounter
+
+Reasons, in the order they are checked (cheap checks first; a document reports the first it fails):
+too_short, too_long, language, symbol_ratio, letter_ratio, duplicate_lines, bullet_lines, ellipsis_lines,
+ngram_repetition.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+
+import numpy as np
+
+# ---------------------------------------------------------------------------------------------- normalize
+
+# Characters that normalize() removes or turns into \n: C0/C1 controls except \t and \n, BOM and zero-width
+# space (invisible, and they split n-grams), and the other line separators. One character class, so the common
+# case (none present) costs a single scan.
+_ODD = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ufeff\u200b\u2028\u2029]")
+_ODD_TABLE = {cp: None for cp in [*range(0x09), *range(0x0E, 0x20), *range(0x7F, 0xA0), 0xFEFF, 0x200B]}
+_ODD_TABLE.update({cp: "\n" for cp in (0x0B, 0x0C, 0x0D, 0x85, 0x2028, 0x2029)})
+_TRAILING = re.compile(r"[ \t]+\n")
+_BLANKS = re.compile(r"\n{4,}")  # 3+ blank lines
+
+
+def normalize(text: str) -> str:
+    """NFKC (full-width ASCII -> ASCII, half-width katakana -> full-width, "…" -> "..."), newlines unified to
+    \\n, control characters removed (except \\n and \\t), trailing spaces per line removed, runs of 3+ blank
+    lines collapsed to 2, leading/trailing whitespace stripped. Idempotent: normalize(normalize(x)) ==
+    normalize(x). Controls go before NFKC, so removing them cannot leave a combining mark that a second NFKC
+    would compose. Each step is skipped when a cheap test shows it has nothing to do (~10 us for 2 KB).
+    """
+    if _ODD.search(text):
+        text = text.replace("\r\n", "\n").translate(_ODD_TABLE)
+    text = unicodedata.normalize("NFKC", text)
+    if " \n" in text or "\t\n" in text:
+        text = _TRAILING.sub("\n", text)
+    if "\n\n\n\n" in text:
+        text = _BLANKS.sub("\n\n\n", text)
+    return text.strip()
+
+
+# ------------------------------------------------------------------------------------ character classes
+
+# One class per code point, looked up with numpy: a single pass gives every count the filters need.
+OTHER, SPACE, DIGIT, SYMBOL, LATIN, KANA, KANJI, OTHER_LETTER = range(8)
+_TABLE_SIZE = 0x30000  # through CJK extension G; code points above count as OTHER
+_KANA_RANGES = ((0x3041, 0x309F), (0x30A0, 0x30FF), (0x31F0, 0x31FF), (0xFF66, 0xFF9F))
+_KANJI_RANGES = ((0x3005, 0x3005), (0x3007, 0x3007), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF),
+                 (0x20000, 0x2FA1F))
+_LATIN_RANGES = ((0x41, 0x5A), (0x61, 0x7A), (0xC0, 0x24F), (0x1E00, 0x1EFF))
+_EXTRA_SYMBOLS = "#*@_\\"  # ASCII marks that spam and markup use; the rest of ASCII punctuation is sentence punctuation
+
+
+def _build_classes() -> np.ndarray:
+    """Symbols are Unicode categories Sm, Sc, Sk, So (★■♪→=+ and emoji) plus #*@_\\; sentence punctuation
+    (、。「」,.!?) is OTHER: Japanese prose is ~10% punctuation and that is fine."""
+    table = np.full(_TABLE_SIZE, OTHER, dtype=np.uint8)
+    for cp in range(_TABLE_SIZE):
+        c = chr(cp)
+        if c.isspace():
+            table[cp] = SPACE
+        elif c.isalpha():
+            table[cp] = OTHER_LETTER
+        elif unicodedata.category(c) == "Nd":
+            table[cp] = DIGIT
+        elif unicodedata.category(c)[0] == "S" or c in _EXTRA_SYMBOLS:
+            table[cp] = SYMBOL
+    for ranges, cls in ((_LATIN_RANGES, LATIN), (_KANA_RANGES, KANA)):
+        for a, b in ranges:
+            block = table[a: b + 1]
+            block[block == OTHER_LETTER] = cls
+    for a, b in _KANJI_RANGES:
+        table[a: b + 1] = KANJI
+    return table
+
+
+_CLASSES = _build_classes()
+
+
+def char_class_counts(text: str) -> np.ndarray:
+    """(8,) counts of OTHER, SPACE, DIGIT, SYMBOL, LATIN, KANA, KANJI, OTHER_LETTER characters in `text`."""
+    cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)  # (n,) code points
+    return np.bincount(_CLASSES[np.minimum(cps, _TABLE_SIZE - 1)], minlength=8)
+
+
+# ----------------------------------------------------------------------------------------------- language
+
+JA_MIN_CJK_SHARE = 0.3
+"""Kana+kanji over all letters for "ja". Low because one Japanese character carries about as much as a whole
+Latin word: "PythonでWebアプリを作る" is 9 Latin letters to 8 Japanese characters, and is Japanese."""
+JA_MIN_KANA_SHARE = 0.05
+"""Kana over kana+kanji for "ja". Japanese prose is over half kana and even headlines carry some, while Chinese
+has none: kanji without kana is "other"."""
+EN_MIN_LATIN_SHARE = 0.6
+"""Latin letters over all letters for "en". Any Latin-script language passes; a stop-word test could tell
+English from French, but the corpus this project reads is Japanese and English."""
+
+
+def detect_language(text: str) -> str:
+    """"ja", "en" or "other", from script statistics over letters (kana, kanji, Latin, other alphabets):
+
+        ja    : (kana + kanji) / letters >= 0.3  and  kana / (kana + kanji) >= 0.05
+        en    : Latin / letters >= 0.6
+        other : everything else, including text without letters.
+    """
+    counts = char_class_counts(text)
+    return _language(counts)
+
+
+def _language(counts: np.ndarray) -> str:
+    kana, kanji, latin = int(counts[KANA]), int(counts[KANJI]), int(counts[LATIN])
+    letters = latin + kana + kanji + int(counts[OTHER_LETTER])
+    if letters == 0:
+        return "other"
+    cjk = kana + kanji
+    if kana > 0 and cjk >= JA_MIN_CJK_SHARE * letters and kana >= JA_MIN_KANA_SHARE * cjk:
+        return "ja"
+    if latin >= EN_MIN_LATIN_SHARE * letters:
+        return "en"
+    return "other"
+
+
+# ------------------------------------------------------------------------------------------------ quality
+
+_WORD = re.compile(r"\w+")
+_BULLET = ("-", "*", "•", "●", "・", "■", "□", "◆", "◇", "★", "☆", "→", "+")
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    """Quality thresholds; the defaults are Gopher's, chosen to keep ordinary Japanese and English prose."""
+
+    min_chars: int = 100
+    """Fewer characters (after normalisation) -> too_short. 100 characters is ~50 Japanese morphemes or ~20
+    English words: a short paragraph; less is usually a menu item, a caption or a title."""
+    max_chars: int = 500_000
+    """More characters -> too_long: dumps, logs and concatenated pages; also bounds filter time per document."""
+    languages: tuple[str, ...] = ("ja", "en")
+    """Languages to keep; a document whose language is not listed -> language."""
+    max_symbol_ratio: float = 0.1
+    """Symbols (★■♪=+#*@ and emoji; not 、。,.!?) over non-space characters above this -> symbol_ratio."""
+    min_letter_ratio: float = 0.6
+    """Letters (incl. kana and kanji) over non-space characters below this -> letter_ratio: number tables,
+    code, base64. Prose of either language is 80-90% letters."""
+    max_duplicate_line_fraction: float = 0.3
+    """Fraction of non-blank lines that repeat an earlier line above this -> duplicate_lines (Gopher 0.30)."""
+    max_duplicate_line_char_fraction: float = 0.2
+    """Fraction of characters in repeated lines above this -> duplicate_lines (Gopher 0.20)."""
+    max_bullet_line_fraction: float = 0.9
+    """Fraction of lines starting with a bullet (-, *, ・, ■ ...) above this -> bullet_lines (Gopher 0.90)."""
+    max_ellipsis_line_fraction: float = 0.3
+    """Fraction of lines ending in "..." above this -> ellipsis_lines (Gopher 0.30): truncated snippets."""
+    max_top_ngram_fraction: float = 0.2
+    """Characters covered by the most frequent 2-gram above this -> ngram_repetition; 0.02 less for 3-grams and
+    again for 4-grams (Gopher 0.20/0.18/0.16). Words for English, characters x ja_chars_per_word for Japanese."""
+    max_duplicate_ngram_fraction: float = 0.15
+    """Characters covered by 5-grams that occur more than once above this -> ngram_repetition; 0.01 less per
+    step up to 10-grams (Gopher 0.15..0.10)."""
+    ja_chars_per_word: int = 2
+    """Japanese n-gram sizes are word sizes times this (a morpheme is ~2 characters): 4/6/8 and 10..20."""
+
+    def __post_init__(self):
+        if self.min_chars < 0 or self.max_chars <= self.min_chars:
+            raise ValueError(f"FilterConfig: need 0 <= min_chars < max_chars, got {self.min_chars}, {self.max_chars}")
+        for name in ("max_symbol_ratio", "min_letter_ratio", "max_duplicate_line_fraction",
+                     "max_duplicate_line_char_fraction", "max_bullet_line_fraction", "max_ellipsis_line_fraction",
+                     "max_top_ngram_fraction", "max_duplicate_ngram_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"FilterConfig.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.max_top_ngram_fraction < 0.04 or self.max_duplicate_ngram_fraction < 0.05:
+            raise ValueError("FilterConfig: max_top_ngram_fraction must be >= 0.04 and max_duplicate_ngram_fraction "
+                             ">= 0.05 (the per-n steps are subtracted from them)")
+        if self.ja_chars_per_word < 1:
+            raise ValueError(f"FilterConfig.ja_chars_per_word must be >= 1, got {self.ja_chars_per_word}")
+        bad = [lang for lang in self.languages if lang not in ("ja", "en", "other")]
+        if bad:
+            raise ValueError(f"FilterConfig.languages: unknown {bad}; use 'ja', 'en' or 'other'")
+
+
+_DEFAULT = FilterConfig()
+
+# Odd 64-bit multipliers for rolling n-gram hashes (uint64 arithmetic wraps: that is the modulus).
+_MULT = np.array([0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0xD6E8FEB86659FD93,
+                  0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0x27D4EB2F165667C5, 0xFF51AFD7ED558CCD,
+                  0xC4CEB9FE1A85EC53, 0x8CB92BA72F3D8DD7, 0xA0761D6478BD642F, 0xE7037ED1A0B428DB,
+                  0x8EBC6AF09C88C6E3, 0x589965CC75374CC3, 0x1D8E4E27C47D124F, 0xEB44ACCAB455D165,
+                  0x9FB21C651E98DF25, 0xF1357AEA2E62A9C5, 0x2545F4914F6CDD1D, 0xD1B54A32D192ED03],
+                 dtype=np.uint64)
+
+
+def _runs(h: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sorts n-gram hashes: (order, run_starts, run_counts); run k holds order[run_starts[k]:...+run_counts[k]]."""
+    order = np.argsort(h, kind="stable")
+    sh = h[order]
+    starts = np.flatnonzero(np.concatenate([[True], sh[1:] != sh[:-1]]))
+    return order, starts, np.diff(np.append(starts, len(h)))
+
+
+def _ngram_repetition(units: np.ndarray, weights: np.ndarray, sizes_top: tuple[int, ...],
+                      sizes_dup: tuple[int, ...], cfg: FilterConfig) -> bool:
+    """Gopher's repetition tests on a sequence of units (word ids or code points) weighted by their length in
+    characters. True if the document repeats too much. n-gram i is units[i:i+n], hashed by a rolling
+    polynomial (uint64, wrapping); a collision could only over-count repetition, with probability ~n^2/2^64.
+
+    Coverage by duplicated n-grams can only shrink as n grows, so when the smallest n is already under the
+    smallest limit (ordinary prose) the larger sizes are skipped.
+    """
+    total = float(weights.sum())
+    length = len(units)
+    if total == 0:
+        return False
+    limits_top = {n: cfg.max_top_ngram_fraction - 0.02 * i for i, n in enumerate(sizes_top)}
+    limits_dup = {n: cfg.max_duplicate_ngram_fraction - 0.01 * i for i, n in enumerate(sizes_dup)}
+    lowest_dup_limit = min(limits_dup.values())
+    cum_w = np.concatenate([[0.0], np.cumsum(weights, dtype=np.float64)])
+    h = np.zeros(length, dtype=np.uint64)
+    check_dup = True
+    with np.errstate(over="ignore"):
+        for n in range(1, max(*sizes_top, *sizes_dup) + 1):
+            if n > length:
+                break
+            h = h[: length - n + 1] + units[n - 1:] * _MULT[(n - 1) % len(_MULT)]  # (length-n+1,) n-gram hashes
+            top, dup = n in limits_top, n in limits_dup and check_dup
+            if not (top or dup):
+                continue
+            order, starts, counts = _runs(h)
+            if top:
+                k = int(counts.argmax())
+                i = int(order[starts[k]])
+                if counts[k] > 1 and counts[k] * (cum_w[i + n] - cum_w[i]) / total > limits_top[n]:
+                    return True
+            if dup:
+                repeated = np.repeat(counts > 1, counts)  # (length-n+1,) in sorted order
+                first = np.sort(order[repeated])  # start positions of n-grams that occur more than once
+                if len(first):
+                    # Units covered by a duplicated n-gram: +1 at each start, -1 n units later.
+                    delta = np.zeros(length + 1, dtype=np.int32)
+                    delta[first] += 1
+                    delta[first + n] -= 1
+                    fraction = float(weights[np.cumsum(delta[:length]) > 0].sum()) / total
+                else:
+                    fraction = 0.0
+                if fraction > limits_dup[n]:
+                    return True
+                check_dup = fraction > lowest_dup_limit
+    return False
+
+
+def quality_reason(text: str, lang: str, cfg: FilterConfig | None = None) -> str | None:
+    """None if the normalised `text` of language `lang` ("ja", "en", "other") passes, else the drop reason.
+
+    Ratios are over non-space characters; repetition is Gopher's (see the module docstring). Cost is linear in
+    the text plus a sort per n-gram size: well under a millisecond for a 2 KB document. cfg: default
+    FilterConfig().
+    """
+    cfg = cfg or _DEFAULT
+    n_chars = len(text)
+    if n_chars < cfg.min_chars:
+        return "too_short"
+    if n_chars > cfg.max_chars:
+        return "too_long"
+    if lang not in cfg.languages:
+        return "language"
+    counts = char_class_counts(text)
+    nonspace = n_chars - int(counts[SPACE])
+    letters = int(counts[LATIN] + counts[KANA] + counts[KANJI] + counts[OTHER_LETTER])
+    if nonspace == 0:
+        return "letter_ratio"
+    if counts[SYMBOL] > cfg.max_symbol_ratio * nonspace:
+        return "symbol_ratio"
+    if letters < cfg.min_letter_ratio * nonspace:
+        return "letter_ratio"
+
+    lines = [line.strip() for line in text.split("\n")]
+    lines = [line for line in lines if line]
+    seen: set[str] = set()
+    dup_lines = dup_chars = 0
+    for line in lines:
+        if line in seen:
+            dup_lines += 1
+            dup_chars += len(line)
+        seen.add(line)
+    line_chars = sum(map(len, lines))
+    if (dup_lines > cfg.max_duplicate_line_fraction * len(lines)
+            or dup_chars > cfg.max_duplicate_line_char_fraction * line_chars):
+        return "duplicate_lines"
+    if len(lines) > 1:
+        if sum(line.startswith(_BULLET) for line in lines) > cfg.max_bullet_line_fraction * len(lines):
+            return "bullet_lines"
+        if sum(line.endswith("...") for line in lines) > cfg.max_ellipsis_line_fraction * len(lines):
+            return "ellipsis_lines"
+
+    if lang == "ja":
+        # Whitespace is not part of Japanese n-grams: line breaks would split otherwise equal runs.
+        compact = "".join(text.split())
+        units = np.frombuffer(compact.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+        weights = np.ones(len(units), dtype=np.float64)
+        k = cfg.ja_chars_per_word
+        sizes_top, sizes_dup = (2 * k, 3 * k, 4 * k), tuple(n * k for n in range(5, 11))
+    else:
+        words = _WORD.findall(text.lower())
+        # Python's str hash is salted per process, but only equality between words of this one document
+        # matters here, so the result is the same in every process.
+        units = np.fromiter(map(hash, words), dtype=np.int64, count=len(words)).view(np.uint64)
+        weights = np.fromiter(map(len, words), dtype=np.float64, count=len(words))
+        sizes_top, sizes_dup = (2, 3, 4), tuple(range(5, 11))
+    if _ngram_repetition(units, weights, sizes_top, sizes_dup, cfg):
+        return "ngram_repetition"
+    return None

@@ -1,0 +1,194 @@
+"""The shard format: token ids + document offsets in one content-addressed file.
+
+Every trainer (single process, torchrun, volunteer swarm) reads these, and volunteers download
+them, so the format is exact and verifiable:
+
+    offset  size            field
+    0       8               magic b"MJSHARD1"
+    8       4               format version (uint32, 1)
+    12      4               bytes per token id (uint32: 2 for uint16, 4 for uint32)
+    16      4               flags (uint32; bit 0: a per-token loss mask follows the tokens)
+    20      4               reserved (0)
+    24      8               documents n (uint64)
+    32      8               tokens t (uint64)
+    40      8 * (n + 1)     document offsets into the token array (uint64, first 0, last t)
+    ...     w * t           token ids (uint16/uint32)
+    ...     t               loss mask (uint8 0/1), only when flags bit 0 is set (chat records)
+
+All integers are little-endian. The file is named `{sha256 of its bytes}.bin`, so a shard is its own
+checksum: `ShardReader(path, verify=True)` recomputes the hash and refuses a corrupted download.
+Reads are memory-mapped; a document is a zero-copy view.
+
+A directory of shards is described by `manifest.json` (see `Manifest`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MAGIC = b"MJSHARD1"
+VERSION = 1
+HEADER = struct.Struct("<8sIIIIQQ")  # magic, version, width, flags, reserved, n_docs, n_tokens
+FLAG_MASK = 1
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "mujina-shards/1"
+
+
+class ShardError(ValueError):
+    """A shard that cannot be trusted: truncated, corrupted, or from another tokenizer."""
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+
+
+def write_shard(directory: Path, docs: list[np.ndarray], vocab_size: int,
+                masks: list[np.ndarray] | None = None) -> tuple[str, int, int]:
+    """Write one shard of documents; returns (file name, tokens, documents). Atomic: tmp + rename."""
+    dtype = token_dtype(vocab_size)
+    lengths = np.fromiter((len(d) for d in docs), dtype=np.uint64, count=len(docs))
+    offsets = np.zeros(len(docs) + 1, dtype="<u8")
+    np.cumsum(lengths, out=offsets[1:])
+    tokens = np.concatenate(docs).astype(dtype, copy=False) if docs else np.zeros(0, dtype)
+    flags = FLAG_MASK if masks is not None else 0
+    parts = [HEADER.pack(MAGIC, VERSION, dtype.itemsize, flags, 0, len(docs), int(offsets[-1])),
+             offsets.tobytes(), tokens.astype(dtype).tobytes()]
+    if masks is not None:
+        parts.append(np.concatenate(masks).astype(np.uint8).tobytes() if masks else b"")
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p)
+    name = f"{h.hexdigest()}.bin"
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".shard.", suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        for p in parts:
+            f.write(p)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, directory / name)
+    return name, int(offsets[-1]), len(docs)
+
+
+class ShardReader:
+    """Memory-mapped read access to one shard.
+
+        >>> r = ShardReader(path, verify=True)      # verify: recompute SHA-256 against the file name
+        >>> r.num_documents, r.num_tokens, r.document(0)[:5]
+    """
+
+    def __init__(self, path: str | os.PathLike, *, verify: bool = False, expected_sha256: str | None = None):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"shard {self.path} is missing")
+        size = self.path.stat().st_size
+        if size < HEADER.size:
+            raise ShardError(f"{self.path}: truncated ({size} bytes, smaller than the header)")
+        with open(self.path, "rb") as f:
+            magic, version, width, flags, _, n_docs, n_tokens = HEADER.unpack(f.read(HEADER.size))
+        if magic != MAGIC:
+            raise ShardError(f"{self.path}: not a mujina shard (bad magic {magic!r})")
+        if version != VERSION or width not in (2, 4):
+            raise ShardError(f"{self.path}: unsupported shard version {version} / token width {width}")
+        self.has_mask = bool(flags & FLAG_MASK)
+        want = HEADER.size + 8 * (n_docs + 1) + width * n_tokens + (n_tokens if self.has_mask else 0)
+        if size != want:
+            raise ShardError(f"{self.path}: {size} bytes but its header implies {want}: truncated or corrupted; "
+                             "delete it and fetch or rebuild it")
+        if verify or expected_sha256:
+            digest = _sha256_file(self.path)
+            name_hash = self.path.stem
+            for label, want_hash in (("file name", name_hash if verify else None), ("manifest", expected_sha256)):
+                if want_hash is not None and digest != want_hash:
+                    raise ShardError(f"{self.path}: SHA-256 {digest[:12]}... does not match its {label} "
+                                     f"({want_hash[:12]}...): the shard is corrupted; delete it and fetch it again")
+        mm = np.memmap(self.path, dtype=np.uint8, mode="r")
+        start = HEADER.size
+        self.offsets = mm[start: start + 8 * (n_docs + 1)].view("<u8")
+        start += 8 * (n_docs + 1)
+        self.tokens = mm[start: start + width * n_tokens].view("<u2" if width == 2 else "<u4")
+        start += width * n_tokens
+        self.mask = mm[start: start + n_tokens] if self.has_mask else None
+        offsets_ok = self.offsets[0] == 0 and self.offsets[-1] == n_tokens and np.all(
+            np.diff(self.offsets.astype(np.int64)) >= 0)
+        if not offsets_ok:
+            raise ShardError(f"{self.path}: document offsets are inconsistent: the shard is corrupted")
+        self.num_documents, self.num_tokens = int(n_docs), int(n_tokens)
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets.astype(np.int64))
+
+    def document(self, i: int) -> np.ndarray:
+        return self.tokens[int(self.offsets[i]): int(self.offsets[i + 1])]
+
+    def document_mask(self, i: int) -> np.ndarray | None:
+        return None if self.mask is None else self.mask[int(self.offsets[i]): int(self.offsets[i + 1])]
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class ShardInfo:
+    file: str
+    sha256: str
+    tokens: int
+    documents: int
+    source: str
+    language: str
+    characters: int = 0  # of the normalised text (tokens per character = (tokens - 2 * documents) / characters)
+
+
+@dataclass
+class Manifest:
+    """manifest.json of a shard directory."""
+
+    tokenizer_sha256: str
+    vocab_size: int
+    shards: list[ShardInfo] = field(default_factory=list)
+    report: dict[str, Any] = field(default_factory=dict)
+    format: str = MANIFEST_FORMAT
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.tokens for s in self.shards)
+
+    @property
+    def documents(self) -> int:
+        return sum(s.documents for s in self.shards)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        path = Path(directory) / MANIFEST
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> Manifest:
+        path = Path(directory) / MANIFEST
+        if not path.exists():
+            raise FileNotFoundError(f"{directory} has no {MANIFEST}: build shards with `mujina-data shard`")
+        d = json.loads(path.read_text())
+        if d.get("format") != MANIFEST_FORMAT:
+            raise ShardError(f"{path}: format {d.get('format')!r} is not {MANIFEST_FORMAT!r}")
+        d["shards"] = [ShardInfo(**s) for s in d["shards"]]
+        return cls(**d)
+
+    def check_tokenizer(self, tokenizer_sha256: str, where: str) -> None:
+        if tokenizer_sha256 != self.tokenizer_sha256:
+            raise ShardError(f"{where} was tokenized with tokenizer {self.tokenizer_sha256[:12]}... but this run uses "
+                             f"{tokenizer_sha256[:12]}...: re-shard the data with this tokenizer, or use the one "
+                             "the shards were made with")
