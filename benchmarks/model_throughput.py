@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import sys
@@ -152,6 +153,7 @@ def time_interleaved(
 
 
 def run_case(case: Case, warmup: int) -> dict[str, Any]:
+    load_before = os.getloadavg()[0]
     cfg = case.config()
     net, twin = build_pair(cfg)
     ids_BT = torch.randint(cfg.vocab_size, (case.batch, case.seq), generator=torch.Generator().manual_seed(SEED))
@@ -180,6 +182,7 @@ def run_case(case: Case, warmup: int) -> dict[str, Any]:
         "mujina_tok_s": tok_s["mujina"],
         "transformers_tok_s": tok_s["transformers"],
         "ratio": tok_s["mujina"] / tok_s["transformers"],
+        "load_avg_1m": [load_before, os.getloadavg()[0]],  # > threads: others competed for the CPU
         "mujina_step_s": seconds["mujina"],
         "transformers_step_s": seconds["transformers"],
     }
@@ -195,6 +198,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "dtype": "float32",
         "device": "cpu",
@@ -269,6 +273,10 @@ def main(argv: list[str] | None = None) -> None:
 
     print(format_table(rows))
     print("ratio = mujina tok/s / transformers tok/s (>= 1.0: mujina trains at least as fast)")
+    busiest = max(load for r in rows for load in r["load_avg_1m"])
+    if busiest > torch.get_num_threads() + 1:  # this benchmark alone keeps `threads` cores busy
+        print(f"warning: load average reached {busiest:.1f} with {torch.get_num_threads()} threads here: "
+              "other processes competed for the CPU and the timings are noisy; re-run on a quiet machine")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"machine": machine_info(), "rows": rows}, indent=2) + "\n")
     print(f"\nwrote {args.json}")

@@ -27,7 +27,8 @@ def cmd_tokenizer_train(a: argparse.Namespace) -> None:
     from .tokenizer import TokenizerTrainConfig, train_tokenizer
 
     cfg = TokenizerTrainConfig(vocab_size=a.vocab_size, mecab=not a.no_mecab,
-                               character_coverage=a.character_coverage, max_sentences=a.max_sentences)
+                               character_coverage=a.character_coverage, max_sentences=a.max_sentences,
+                               threads=a.threads)
     drops = DropCounter()
     texts = (normalize(d.text) for d in read_documents(a.input, text_field=a.text_field, drops=drops) if d.text)
     out = train_tokenizer(texts, a.out, cfg)
@@ -100,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--text-field", default="text", help="JSONL/parquet field holding the text [text]")
     s.add_argument("--character-coverage", type=float, default=0.9995, help="share of characters kept [0.9995]")
     s.add_argument("--max-sentences", type=int, default=2_000_000, help="lines sampled for training [2M]")
+    s.add_argument("--threads", type=int, help="trainer threads [all cores]")
     s.set_defaults(fn=cmd_tokenizer_train)
 
     s = sub.add_parser("shard", help="filter, deduplicate and tokenise text into shards")

@@ -58,7 +58,7 @@ class _Index:
     def get(self, key: int) -> int:
         """The value stored for `key`, or -1."""
         keys, mask = self.keys, len(self.keys) - 1
-        i = key & mask
+        i = (key >> 1) & mask  # bit 0 is always 1
         while True:
             k = int(keys[i])
             if k == key:
@@ -72,7 +72,7 @@ class _Index:
         if 2 * (self.size + 1) > len(self.keys):
             self._grow()
         keys, mask = self.keys, len(self.keys) - 1
-        i = key & mask
+        i = (key >> 1) & mask  # bit 0 is always 1
         while True:
             k = int(keys[i])
             if k == key:
@@ -90,7 +90,7 @@ class _Index:
         self.keys = np.zeros(2 * len(self.keys), dtype=np.uint64)
         self.vals = np.zeros(len(self.keys), dtype=np.int32)
         mask = np.uint64(len(self.keys) - 1)
-        slot = keys & mask
+        slot = (keys >> np.uint64(1)) & mask
         while len(keys):
             # Place, per free slot, the first key that wants it; the others probe on (keys are distinct).
             free = np.flatnonzero(self.keys[slot] == 0)

@@ -60,6 +60,7 @@ class TokenizerTrainConfig:
     character_coverage: float = 0.9995
     max_sentences: int = 2_000_000  # training lines sampled (reservoir) from the input
     seed: int = 0
+    threads: int | None = None  # trainer threads (default: all cores); the same input gives the same model
 
     def __post_init__(self) -> None:
         if self.vocab_size < 64:
@@ -136,7 +137,7 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, cfg: Token
                 pretokenization_delimiter=DELIMITER if cfg.mecab else "",
                 unk_id=0, bos_id=1, eos_id=2, pad_id=3, unk_piece=UNK, bos_piece=BOS, eos_piece=EOS,
                 pad_piece=PAD, user_defined_symbols=[*CHAT_MARKERS, NEWLINE],
-                max_sentence_length=4 * MAX_LINE_CHARS + 64, num_threads=os.cpu_count() or 1,
+                max_sentence_length=4 * MAX_LINE_CHARS + 64, num_threads=cfg.threads or os.cpu_count() or 1,
                 minloglevel=2,
             )
         except RuntimeError as e:
@@ -172,6 +173,7 @@ def _move_controls_last(model_bytes: bytes) -> bytes:
     ids = {p.piece: i for i, p in enumerate(proto.pieces)}
     spec = proto.trainer_spec
     spec.unk_id, spec.bos_id, spec.eos_id, spec.pad_id = ids[UNK], ids[BOS], ids[EOS], ids[PAD]
+    spec.model_prefix = "tokenizer"  # was a random temporary path: same input must give the same bytes
     return proto.SerializeToString()
 
 

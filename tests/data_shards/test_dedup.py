@@ -7,8 +7,8 @@ from data_shards.dedup import SHINGLE_CHARS, Deduplicator
 from data_shards.filters import normalize
 from tests.data_shards import corpus
 
-JA = corpus.japanese_documents(150, seed=0)
-EN = corpus.english_documents(150, seed=0)
+JA = corpus.japanese_documents(200, seed=0)
+EN = corpus.english_documents(200, seed=0)
 
 
 def shingles(text: str) -> set[str]:
@@ -24,8 +24,8 @@ def jaccard(a: str, b: str) -> float:
 
 def test_distinct_documents_are_all_kept():
     dedup = Deduplicator()
-    assert [dedup.check(d) for d in JA + EN] == [None] * 300
-    assert len(dedup) == 300
+    assert [dedup.check(d) for d in JA + EN] == [None] * 400
+    assert len(dedup) == 400
 
 
 def test_exact_duplicates_are_dropped():
@@ -75,6 +75,16 @@ def test_estimated_jaccard_matches_exact_jaccard():
         exact = jaccard(a, b)
         estimate = dedup.estimated_jaccard(dedup.signature(normalize(a)), dedup.signature(normalize(b)))
         assert abs(estimate - exact) <= 0.1, (exact, estimate, a[:30], b[:30])
+
+
+def test_memory_per_document_does_not_depend_on_its_length():
+    short, long = Deduplicator(), Deduplicator()
+    many = corpus.english_documents(1000, seed=9)
+    for i, d in enumerate(EN[:100]):
+        short.check(d)
+        long.check(" ".join(many[10 * i: 10 * i + 10]))  # ten times longer
+    assert len(short) == len(long) == 100
+    assert short.nbytes() == long.nbytes()
 
 
 def test_short_texts_and_empty_text():

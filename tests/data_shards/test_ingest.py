@@ -135,7 +135,7 @@ def test_malformed_records_are_counted_by_reason(tmp_path):
 
 
 @pytest.mark.parametrize("name,content", [("empty.jsonl", b""), ("blank.txt", b"\n\n  \n"),
-                                          ("empty.parquet", b"")])
+                                          ("empty.parquet", b""), ("empty.jsonl.gz", gzip.compress(b""))])
 def test_empty_file_is_a_counted_drop(tmp_path, name, content):
     path = tmp_path / name
     path.write_bytes(content)
