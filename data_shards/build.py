@@ -8,8 +8,14 @@ Each kept document is stored as [BOS] tokens [EOS], so packed sequences stay sel
 Chat records ({"messages": [...]}) are rendered with the chat template and stored in their own
 shards with a loss mask (assistant turns only).
 
-Determinism: documents are processed in input order and shards are cut at fixed token counts,
-so the same input gives byte-identical shards (and therefore the same SHA-256 names).
+Parallelism: the per-document work (normalising, language identification, quality filters,
+MinHash fingerprints and tokenisation) runs in `workers` processes on batches of documents;
+the main process reads the input and makes the order-dependent decisions (duplicates, shard
+boundaries) in input order.
+
+Determinism: documents are decided in input order and shards are cut at fixed token counts,
+so the same input gives byte-identical shards (and therefore the same SHA-256 names),
+whatever the number of workers.
 
 Resumption: every finished shard is appended to OUT/.journal.jsonl. A rerun reads and filters
 the input again (cheap, deterministic) but skips tokenising and writing every document that
@@ -19,11 +25,14 @@ report (and in OUT/report.json).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import multiprocessing
 import os
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,7 +41,7 @@ import numpy as np
 from .chat import render_chat
 from .dedup import Deduplicator
 from .filters import FilterConfig, detect_language, normalize, quality_reason
-from .ingest import DropCounter, read_documents
+from .ingest import Document, DropCounter, read_documents
 from .shards import Manifest, ShardInfo, write_shard
 from .tokenizer import Tokenizer, copy_tokenizer
 
@@ -46,8 +55,8 @@ class ShardConfig:
     source: str | None = None  # default: each input file's stem
     lang: str = "auto"  # auto: detect per document, keep ja and en; ja / en: keep only that language
     shard_tokens: int = 1 << 24  # a shard is closed once it holds at least this many tokens
-    batch_docs: int = 2048  # documents tokenised per call (SentencePiece spreads them over all cores)
-    threads: int | None = None
+    batch_docs: int = 256  # documents per job sent to a worker process
+    workers: int | None = None  # processes for the per-document work (default: all cores; 1: in-process)
     dedup: bool = True
     filters: FilterConfig = field(default_factory=FilterConfig)
 
@@ -56,6 +65,23 @@ class ShardConfig:
             raise ValueError(f"--lang must be auto, ja or en, got {self.lang!r}")
         if self.shard_tokens < 1:
             raise ValueError("--shard-tokens must be >= 1")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError("--workers must be >= 1")
+
+
+@dataclass
+class _Prepared:
+    """One document after the per-document work, as a worker sends it back."""
+
+    source: str
+    kind: str  # "text" or "chat"
+    drop: str | None  # reason, if the document is dropped before deduplication
+    lang: str = ""
+    fingerprint: tuple[int, np.ndarray] | None = None
+    ids: np.ndarray | None = None  # [BOS] tokens [EOS]; None when tokenisation was skipped (resume)
+    mask: np.ndarray | None = None
+    chars: int = 0
+    text: str | None = None  # the normalised text, sent back only when tokenisation was skipped
 
 
 class _Bucket:
@@ -73,6 +99,62 @@ class _Bucket:
     def chat(self) -> bool:
         return self.key[2] == "chat"
 
+
+# ---- per-document work (runs in worker processes) -----------------------------------------------
+
+_W: dict = {}
+
+
+def _init_worker(tokenizer_dir: str, cfg: ShardConfig) -> None:
+    _W["tok"] = Tokenizer(tokenizer_dir)
+    _W["cfg"] = cfg
+    _W["dedup"] = Deduplicator() if cfg.dedup else None  # only for fingerprints: same parameters as main
+
+
+def _prepare(job: tuple[list[Document], bool]) -> list[_Prepared]:
+    docs, tokenize = job
+    tok, cfg, dedup = _W["tok"], _W["cfg"], _W["dedup"]
+    out = []
+    for doc in docs:
+        ids = mask = None
+        if "messages" in doc.meta:
+            try:
+                ids, mask = render_chat({"messages": doc.meta["messages"]}, tok.encode, tok.marker_ids,
+                                        tok.bos_id, tok.eos_id)
+            except ValueError:
+                out.append(_Prepared(doc.source, "chat", "invalid_chat"))
+                continue
+            text, kind = "\n".join(str(m.get("content", "")) for m in doc.meta["messages"]), "chat"
+        else:
+            text, kind = normalize(doc.text), "text"
+        lang = detect_language(text)
+        drop = None
+        if lang not in ("ja", "en") or (cfg.lang != "auto" and lang != cfg.lang):
+            drop = "language" if cfg.lang == "auto" else "language_mismatch"
+        elif kind == "text":
+            drop = quality_reason(text, lang, cfg.filters)
+        if drop is not None:
+            out.append(_Prepared(doc.source, kind, drop))
+            continue
+        if kind == "text" and tokenize:
+            ids = np.array([tok.bos_id, *tok.encode(text), tok.eos_id], dtype=np.int32)
+        fp = dedup.fingerprint(text) if dedup is not None else None
+        out.append(_Prepared(doc.source, kind, None, lang, fp, ids, mask, len(text), None if ids is not None else text))
+    return out
+
+
+def _batches(docs: Iterator[Document], size: int, tokenize: Callable[[], bool]) -> Iterator[tuple[list, bool]]:
+    batch: list[Document] = []
+    for d in docs:
+        batch.append(d)
+        if len(batch) == size:
+            yield batch, tokenize()
+            batch = []
+    if batch:
+        yield batch, tokenize()
+
+
+# ---- the pipeline ---------------------------------------------------------------------------------
 
 def build_shards(inputs: list[str | os.PathLike], tokenizer_dir: str | os.PathLike, out_dir: str | os.PathLike,
                  cfg: ShardConfig) -> Manifest:
@@ -93,62 +175,44 @@ def build_shards(inputs: list[str | os.PathLike], tokenizer_dir: str | os.PathLi
     drops = DropCounter()
     dedup = Deduplicator() if cfg.dedup else None
     kept = Counter()
-    pending: list[tuple[_Bucket, str | None, np.ndarray | None, np.ndarray | None, int]] = []
     t0, n_read, last_log = time.perf_counter(), 0, 0.0
-
-    def flush_pending() -> None:
-        texts = [text for _, text, _, _, _ in pending if text is not None]
-        encoded = iter(tok.encode_batch(texts, cfg.threads)) if texts else iter(())
-        for bucket, text, ids, mask, n_chars in pending:
-            if text is not None:
-                ids = np.array([tok.bos_id, *next(encoded), tok.eos_id], dtype=np.int64)
-            bucket.docs.append(ids)
-            if bucket.chat:
-                bucket.masks.append(mask)
-            bucket.tokens += len(ids)
-            bucket.chars += n_chars
-            if bucket.tokens >= cfg.shard_tokens:
-                finished.append(_close(out, bucket, tok))
-        pending.clear()
-
-    for doc in read_documents(inputs, text_field=cfg.text_field, source=cfg.source, drops=drops):
-        n_read += 1
-        if "messages" in doc.meta:
-            try:
-                ids, mask = render_chat({"messages": doc.meta["messages"]}, tok.encode, tok.marker_ids,
-                                        tok.bos_id, tok.eos_id)
-            except ValueError:
-                drops.add("invalid_chat")
-                continue
-            text = "\n".join(str(m.get("content", "")) for m in doc.meta["messages"])
-            kind = "chat"
-        else:
-            text, ids, mask, kind = normalize(doc.text), None, None, "text"
-        lang = detect_language(text)
-        if lang not in ("ja", "en") or (cfg.lang != "auto" and lang != cfg.lang):
-            drops.add("language" if cfg.lang == "auto" else "language_mismatch")
-            continue
-        if kind == "text" and (reason := quality_reason(text, lang, cfg.filters)) is not None:
-            drops.add(reason)
-            continue
-        if dedup is not None and (dup := dedup.check(text)) is not None:
-            drops.add(dup)
-            continue
-        key = (doc.source, lang, kind)
-        bucket = buckets.setdefault(key, _Bucket(key, 0, 0))
-        bucket.seen += 1
-        kept[f"{doc.source}/{lang}"] += 1
-        if bucket.seen <= bucket.done_docs:
-            continue  # already in a journaled shard
-        pending.append((bucket, text if kind == "text" else None, ids, mask, len(text)))
-        if len(pending) >= cfg.batch_docs:
-            flush_pending()
-        now = time.perf_counter()
-        if now - last_log > 10:
-            last_log = now
-            log.info("read %s documents (%s kept, %s dropped), %d shards, %.0f docs/s", f"{n_read:,}",
-                     f"{sum(kept.values()):,}", f"{drops.total():,}", len(finished), n_read / (now - t0))
-    flush_pending()
+    # While some bucket still has journaled documents ahead, workers skip tokenising (the main
+    # process tokenises the few documents past the resume point itself).
+    resuming = lambda: any(b.seen < b.done_docs for b in buckets.values())  # noqa: E731
+    docs = read_documents(inputs, text_field=cfg.text_field, source=cfg.source, drops=drops)
+    jobs = _batches(docs, cfg.batch_docs, lambda: not resuming())
+    workers = cfg.workers or os.cpu_count() or 1
+    with _pool(workers, str(tokenizer_dir), cfg) as prepare:
+        for batch in prepare(jobs):
+            for p in batch:
+                n_read += 1
+                if p.drop is not None:
+                    drops.add(p.drop)
+                    continue
+                if dedup is not None and (dup := dedup.check_fingerprint(*p.fingerprint)) is not None:
+                    drops.add(dup)
+                    continue
+                key = (p.source, p.lang, p.kind)
+                bucket = buckets.setdefault(key, _Bucket(key, 0, 0))
+                bucket.seen += 1
+                kept[f"{p.source}/{p.lang}"] += 1
+                if bucket.seen <= bucket.done_docs:
+                    continue  # already in a journaled shard
+                ids = p.ids
+                if ids is None:  # a worker skipped it while resuming; chat records always come rendered
+                    ids = np.array([tok.bos_id, *tok.encode(p.text), tok.eos_id], dtype=np.int32)
+                bucket.docs.append(ids)
+                if bucket.chat:
+                    bucket.masks.append(p.mask)
+                bucket.tokens += len(ids)
+                bucket.chars += p.chars
+                if bucket.tokens >= cfg.shard_tokens:
+                    finished.append(_close(out, bucket, tok))
+            now = time.perf_counter()
+            if now - last_log > 10:
+                last_log = now
+                log.info("read %s documents (%s kept, %s dropped), %d shards, %.0f docs/s", f"{n_read:,}",
+                         f"{sum(kept.values()):,}", f"{drops.total():,}", len(finished), n_read / (now - t0))
     for bucket in buckets.values():
         if bucket.docs:
             finished.append(_close(out, bucket, tok))
@@ -163,6 +227,18 @@ def build_shards(inputs: list[str | os.PathLike], tokenizer_dir: str | os.PathLi
              f"{manifest.documents:,}", f"{manifest.tokens:,}", f"{drops.total():,}",
              ", ".join(f"{k} {v}" for k, v in drops.as_dict().items()) or "none")
     return manifest
+
+
+@contextlib.contextmanager
+def _pool(workers: int, tokenizer_dir: str, cfg: ShardConfig):
+    """Yields prepare(jobs) -> iterator of prepared batches, in order: a process pool, or inline for 1."""
+    if workers == 1:
+        _init_worker(tokenizer_dir, cfg)
+        yield lambda jobs: map(_prepare, jobs)
+        return
+    # spawn, not fork: the parent may hold threads (SentencePiece, BLAS) that fork would copy mid-state
+    with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (tokenizer_dir, cfg)) as pool:
+        yield lambda jobs: pool.imap(_prepare, jobs, chunksize=1)
 
 
 def _close(out: Path, bucket: _Bucket, tok: Tokenizer) -> ShardInfo:

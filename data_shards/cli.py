@@ -41,7 +41,7 @@ def cmd_shard(a: argparse.Namespace) -> None:
     from .build import ShardConfig, build_shards
 
     cfg = ShardConfig(text_field=a.text_field, source=a.source, lang=a.lang, shard_tokens=a.shard_tokens,
-                      threads=a.threads, dedup=not a.no_dedup)
+                      workers=a.workers, dedup=not a.no_dedup)
     m = build_shards(a.input, a.tokenizer, a.out, cfg)
     dropped = m.report["dropped"]
     print(f"{len(m.shards)} shards, {m.documents:,} documents, {m.tokens:,} tokens in {a.out}; dropped "
@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lang", default="auto", choices=["auto", "ja", "en"],
                    help="auto: detect, keep ja and en; ja/en: keep only that language [auto]")
     s.add_argument("--shard-tokens", type=int, default=1 << 24, help="tokens per shard [16777216]")
-    s.add_argument("--threads", type=int, help="tokeniser threads [all cores]")
+    s.add_argument("--workers", type=int, help="processes for filtering and tokenising [all cores]")
     s.add_argument("--no-dedup", action="store_true", help="skip exact and near-duplicate removal")
     s.set_defaults(fn=cmd_shard)
 

@@ -180,15 +180,23 @@ class Deduplicator:
             keys = _mix64((rows * self._row_mult).sum(axis=1, dtype=np.uint64) + self._band_salt)  # (bands,)
         return (keys | np.uint64(1)).tolist()  # odd: 0 marks an empty slot of _Index
 
+    def fingerprint(self, text: str) -> tuple[int, np.ndarray]:
+        """(exact key, MinHash signature) of `text`: pure, so worker processes can compute it in parallel
+        (with a Deduplicator built with the same parameters) and hand it to `check_fingerprint`."""
+        text = normalize(text)
+        exact_key = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little") | 1
+        return exact_key, self.signature(text)
+
     def check(self, text: str) -> str | None:
         """None if `text` is new (it is then remembered), else "exact_duplicate" or "near_duplicate".
 
         The text is normalised here (idempotent, so passing normalize()d text is fine); decisions depend only on
         the order of calls, never on timing or process.
         """
-        text = normalize(text)
-        exact_key = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little") | 1
-        sig = self.signature(text)
+        return self.check_fingerprint(*self.fingerprint(text))
+
+    def check_fingerprint(self, exact_key: int, sig: np.ndarray) -> str | None:
+        """`check` for a precomputed `fingerprint`: the order-dependent half, cheap, in one process."""
         first = self._exact.get(exact_key)
         if first >= 0 and np.array_equal(self._sigs[first], sig):
             return "exact_duplicate"
