@@ -46,20 +46,20 @@ class MoE(nn.Module):
         self.w3_EFD = nn.Parameter(torch.empty(E, F_, D))
         self.w2_EDF = nn.Parameter(torch.empty(E, D, F_))
 
-    def route(self, x_ND: Tensor, active_E: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        """Return (weights_NK, experts_NK, logits_NE). Softmax runs in fp32 as in Mixtral."""
+    def route(self, x_ND: Tensor, active_E: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Return (weights_NK, experts_NK, logits_NE, probs_NE). Softmax runs in fp32 as in Mixtral."""
         logits_NE = self.router(x_ND)
         if active_E is not None:
             logits_NE = logits_NE.masked_fill(~active_E, float("-inf"))
         probs_NE = logits_NE.float().softmax(dim=-1)
         weights_NK, experts_NK = probs_NE.topk(self.top_k, dim=-1)
         weights_NK = weights_NK / weights_NK.sum(dim=-1, keepdim=True)
-        return weights_NK, experts_NK, logits_NE
+        return weights_NK, experts_NK, logits_NE, probs_NE
 
     def forward(self, x_ND: Tensor, active_E: Tensor | None = None) -> tuple[Tensor, RouterStats]:
         N, D = x_ND.shape
         E, K = self.num_experts, self.top_k
-        weights_NK, experts_NK, logits_NE = self.route(x_ND, active_E)
+        weights_NK, experts_NK, logits_NE, probs_NE = self.route(x_ND, active_E)
 
         # Group the N*K token slots by expert so each expert runs one dense matmul on its tokens.
         experts_S = experts_NK.reshape(-1)
@@ -69,18 +69,20 @@ class MoE(nn.Module):
         counts = tokens_per_expert_E.tolist()  # host sync: split sizes must be Python ints
 
         x_SD = x_ND[token_S]
+        # unbind, not w[e]: autograd then stacks the E expert gradients once, instead of materialising a
+        # full (E, F, D) zero gradient per expert (E^2 F D memory traffic; measured 1.9x slower backward).
+        w1, w3, w2 = self.w1_EFD.unbind(0), self.w3_EFD.unbind(0), self.w2_EDF.unbind(0)
         outs = []
         for e, x_eD in enumerate(torch.split(x_SD, counts)):
             if counts[e] == 0:
                 continue
-            h_eF = F.silu(x_eD @ self.w1_EFD[e].T) * (x_eD @ self.w3_EFD[e].T)
-            outs.append(h_eF @ self.w2_EDF[e].T)
+            h_eF = F.silu(x_eD @ w1[e].T) * (x_eD @ w3[e].T)
+            outs.append(h_eF @ w2[e].T)
         y_SD = torch.cat(outs) * weights_NK.reshape(-1)[order_S, None].to(x_ND.dtype)
         y_ND = torch.zeros_like(x_ND).index_add_(0, token_S, y_SD)
 
         # Auxiliary losses in fp32. Balance (Switch / Mixtral): E_active * sum_e f_e * P_e, where f_e is
         # the share of slots routed to e and P_e its mean router probability; 1.0 when uniform.
-        probs_NE = logits_NE.float().softmax(dim=-1)
         n_active = E if active_E is None else active_E.sum()
         f_E = tokens_per_expert_E.float() / (N * K)
         balance = n_active * (f_E * probs_NE.mean(dim=0)).sum()
@@ -90,7 +92,7 @@ class MoE(nn.Module):
 
 def reference_moe(moe: MoE, x_ND: Tensor, active_E: Tensor | None = None) -> Tensor:
     """Token-by-token loop with no grouping tricks: the reference the fast path is tested against."""
-    weights_NK, experts_NK, _ = moe.route(x_ND, active_E)
+    weights_NK, experts_NK, _, _ = moe.route(x_ND, active_E)
     rows = []
     for n in range(x_ND.shape[0]):
         y = torch.zeros_like(x_ND[n])
