@@ -42,7 +42,7 @@ from .chat import render_chat
 from .dedup import Deduplicator
 from .filters import FilterConfig, detect_language, normalize, quality_reason
 from .ingest import Document, DropCounter, read_documents
-from .shards import Manifest, ShardInfo, write_shard
+from .shards import Manifest, ShardInfo, ShardWriter
 from .tokenizer import Tokenizer, copy_tokenizer
 
 log = logging.getLogger(__name__)
@@ -85,19 +85,25 @@ class _Prepared:
 
 
 class _Bucket:
-    """Documents of one (source, language, kind) waiting to become a shard."""
+    """The open shard of one (source, language, kind); its tokens stream to disk (ShardWriter)."""
 
     def __init__(self, key: tuple[str, str, str], done_docs: int, next_index: int):
         self.key, self.done_docs, self.index = key, done_docs, next_index
         self.seen = 0  # kept documents of this bucket met so far in this run
-        self.docs: list[np.ndarray] = []
-        self.masks: list[np.ndarray] = []
-        self.tokens = 0
+        self.writer: ShardWriter | None = None
         self.chars = 0  # characters of the normalised text in the open shard
 
     @property
     def chat(self) -> bool:
         return self.key[2] == "chat"
+
+    def add(self, out: Path, vocab_size: int, ids: np.ndarray, mask: np.ndarray | None, chars: int) -> int:
+        """Append a document; returns the open shard's token count."""
+        if self.writer is None:
+            self.writer = ShardWriter(out, vocab_size, with_mask=self.chat)
+        self.writer.add(ids, mask)
+        self.chars += chars
+        return self.writer.n_tokens
 
 
 # ---- per-document work (runs in worker processes) -----------------------------------------------
@@ -201,12 +207,7 @@ def build_shards(inputs: list[str | os.PathLike], tokenizer_dir: str | os.PathLi
                 ids = p.ids
                 if ids is None:  # a worker skipped it while resuming; chat records always come rendered
                     ids = np.array([tok.bos_id, *tok.encode(p.text), tok.eos_id], dtype=np.int32)
-                bucket.docs.append(ids)
-                if bucket.chat:
-                    bucket.masks.append(p.mask)
-                bucket.tokens += len(ids)
-                bucket.chars += p.chars
-                if bucket.tokens >= cfg.shard_tokens:
+                if bucket.add(out, tok.vocab_size, ids, p.mask, p.chars) >= cfg.shard_tokens:
                     finished.append(_close(out, bucket, tok))
             now = time.perf_counter()
             if now - last_log > 10:
@@ -214,7 +215,7 @@ def build_shards(inputs: list[str | os.PathLike], tokenizer_dir: str | os.PathLi
                 log.info("read %s documents (%s kept, %s dropped), %d shards, %.0f docs/s", f"{n_read:,}",
                          f"{sum(kept.values()):,}", f"{drops.total():,}", len(finished), n_read / (now - t0))
     for bucket in buckets.values():
-        if bucket.docs:
+        if bucket.writer is not None:
             finished.append(_close(out, bucket, tok))
 
     report = {"documents_read": n_read, "documents_kept": dict(sorted(kept.items())),
@@ -242,7 +243,8 @@ def _pool(workers: int, tokenizer_dir: str, cfg: ShardConfig):
 
 
 def _close(out: Path, bucket: _Bucket, tok: Tokenizer) -> ShardInfo:
-    name, tokens, documents = write_shard(out, bucket.docs, tok.vocab_size, bucket.masks if bucket.chat else None)
+    assert bucket.writer is not None
+    name, tokens, documents = bucket.writer.close()
     source, lang, kind = bucket.key
     info = ShardInfo(file=name, sha256=name.removesuffix(".bin"), tokens=tokens, documents=documents,
                      source=source if kind == "text" else f"{source}:chat", language=lang,
@@ -255,7 +257,7 @@ def _close(out: Path, bucket: _Bucket, tok: Tokenizer) -> ShardInfo:
         f.flush()
         os.fsync(f.fileno())
     bucket.index += 1
-    bucket.docs, bucket.masks, bucket.tokens, bucket.chars = [], [], 0, 0
+    bucket.writer, bucket.chars = None, 0
     return info
 
 

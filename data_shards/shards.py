@@ -29,6 +29,7 @@ import json
 import os
 import struct
 import tempfile
+from array import array
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,31 +52,71 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
 
 
+class ShardWriter:
+    """Builds one shard from documents added one at a time, in bounded memory.
+
+    Tokens (and masks) stream to temporary files in the target directory; only the document
+    offsets stay in memory. `close()` assembles header + offsets + tokens (+ mask) into the final
+    file while hashing it, and renames it to `{sha256}.bin` (atomic: a crash leaves a `.tmp`).
+    """
+
+    def __init__(self, directory: str | os.PathLike, vocab_size: int, with_mask: bool = False):
+        self.directory = Path(directory)
+        self.dtype = token_dtype(vocab_size)
+        self.with_mask = with_mask
+        self.ends = array("Q")  # end offset of each document
+        self.n_tokens = 0
+        self._tokens = tempfile.TemporaryFile(dir=self.directory)
+        self._mask = tempfile.TemporaryFile(dir=self.directory) if with_mask else None
+
+    def add(self, ids: np.ndarray, mask: np.ndarray | None = None) -> None:
+        self._tokens.write(np.asarray(ids).astype(self.dtype, copy=False).tobytes())
+        if self._mask is not None:
+            if mask is None or len(mask) != len(ids):
+                raise ValueError("a shard with loss masks needs a mask of the same length for every document")
+            self._mask.write(np.asarray(mask, dtype=np.uint8).tobytes())
+        self.n_tokens += len(ids)
+        self.ends.append(self.n_tokens)
+
+    def close(self) -> tuple[str, int, int]:
+        """Write the shard; returns (file name, tokens, documents)."""
+        offsets = np.zeros(len(self.ends) + 1, dtype="<u8")
+        offsets[1:] = np.frombuffer(self.ends, dtype=np.uint64) if len(self.ends) else []
+        head = HEADER.pack(MAGIC, VERSION, self.dtype.itemsize, FLAG_MASK if self.with_mask else 0, 0,
+                           len(self.ends), self.n_tokens) + offsets.tobytes()
+        h = hashlib.sha256(head)
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".shard.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(head)
+                for part in (self._tokens, self._mask):
+                    if part is None:
+                        continue
+                    part.seek(0)
+                    for block in iter(lambda p=part: p.read(1 << 20), b""):
+                        h.update(block)
+                        out.write(block)
+                out.flush()
+                os.fsync(out.fileno())
+            name = f"{h.hexdigest()}.bin"
+            os.replace(tmp, self.directory / name)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        finally:
+            self._tokens.close()
+            if self._mask is not None:
+                self._mask.close()
+        return name, self.n_tokens, len(self.ends)
+
+
 def write_shard(directory: Path, docs: list[np.ndarray], vocab_size: int,
                 masks: list[np.ndarray] | None = None) -> tuple[str, int, int]:
-    """Write one shard of documents; returns (file name, tokens, documents). Atomic: tmp + rename."""
-    dtype = token_dtype(vocab_size)
-    lengths = np.fromiter((len(d) for d in docs), dtype=np.uint64, count=len(docs))
-    offsets = np.zeros(len(docs) + 1, dtype="<u8")
-    np.cumsum(lengths, out=offsets[1:])
-    tokens = np.concatenate(docs).astype(dtype, copy=False) if docs else np.zeros(0, dtype)
-    flags = FLAG_MASK if masks is not None else 0
-    parts = [HEADER.pack(MAGIC, VERSION, dtype.itemsize, flags, 0, len(docs), int(offsets[-1])),
-             offsets.tobytes(), tokens.astype(dtype).tobytes()]
-    if masks is not None:
-        parts.append(np.concatenate(masks).astype(np.uint8).tobytes() if masks else b"")
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(p)
-    name = f"{h.hexdigest()}.bin"
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".shard.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        for p in parts:
-            f.write(p)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, directory / name)
-    return name, int(offsets[-1]), len(docs)
+    """Write one shard of documents at once; returns (file name, tokens, documents)."""
+    w = ShardWriter(directory, vocab_size, with_mask=masks is not None)
+    for i, d in enumerate(docs):
+        w.add(d, masks[i] if masks is not None else None)
+    return w.close()
 
 
 class ShardReader:
