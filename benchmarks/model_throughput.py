@@ -1,6 +1,6 @@
 """Training throughput of mujina's model against Hugging Face transformers, on CPU, in one run.
 
-    python benchmarks/model_throughput.py                       # all four cases, about 3 minutes
+    python benchmarks/model_throughput.py                       # all four cases, 2-4 minutes
     python benchmarks/model_throughput.py --cases small-moe --steps 5
 
 What is measured: one training step = forward, next-token cross-entropy on the shifted
@@ -18,9 +18,12 @@ both equally; tokens/s is batch * seq divided by the median step time.
 
 Reading the table: ratio = mujina tok/s / transformers tok/s. Above 1.0 mujina trains
 faster on the same shapes; the goal is >= 1.0 in every case. Differences under ~5% are
-within the noise of a shared 2-core machine: re-run before drawing conclusions.
+within the noise of a 2-core machine: re-run before drawing conclusions. Another process
+using a core slows a 2-thread step several-fold, so the script warns when the load average
+shows one; take such a run's numbers as noise, not as a result.
 
-Results also go to JSON (--json) with the machine they were taken on.
+The JSON file (--json) holds the same rows plus every step time, the best-step tok/s, the
+load average around each case, and the machine and library versions.
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ class Case:
         return ModelConfig.from_dict({"preset": self.preset, **({"moe": MOE} if self.moe else {})})
 
 
-# Sized so that all four cases finish in about 3 minutes on a 2-core CPU. The debug steps take
+# Sized so that all four cases finish in 2-4 minutes on a quiet 2-core CPU. The debug steps take
 # milliseconds, so they get many repeats; the small MoE step takes seconds, so it gets few.
 CASES = {
     c.name: c
