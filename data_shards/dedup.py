@@ -67,6 +67,20 @@ class _Index:
                 return -1
             i = (i + 1) & mask
 
+    def get_many(self, keys: np.ndarray) -> np.ndarray:
+        """(N,) int32: `get` of each of the (N,) uint64 keys, probing for all of them at once."""
+        mask = np.uint64(len(self.keys) - 1)
+        slot = (keys >> np.uint64(1)) & mask
+        out = np.full(len(keys), -1, dtype=np.int32)
+        todo = np.arange(len(keys))
+        while len(todo):
+            k = self.keys[slot]
+            hit = k == keys[todo]
+            out[todo[hit]] = self.vals[slot[hit]]
+            more = ~hit & (k != 0)
+            todo, slot = todo[more], (slot[more] + np.uint64(1)) & mask
+        return out
+
     def setdefault(self, key: int, value: int) -> None:
         """Stores `value` under `key` unless the key is already there (the first value wins)."""
         if 2 * (self.size + 1) > len(self.keys):
@@ -84,11 +98,31 @@ class _Index:
                 return
             i = (i + 1) & mask
 
+    def setdefault_many(self, keys: np.ndarray, values: np.ndarray) -> None:
+        """`setdefault(k, v)` for each of the (N,) keys and values in order, vectorised: the same keys -> values,
+        size and capacity afterwards (slots may differ: a probe run can be filled in another order)."""
+        if not len(keys):
+            return
+        absent = np.flatnonzero(self.get_many(keys) < 0)
+        _, first = np.unique(keys[absent], return_index=True)  # the first call for each new key wins
+        new = absent[first]
+        # setdefault grows before each call while 2 * (size + 1) > capacity; the size before the last call is
+        # the largest, so that call alone sets the final capacity.
+        size_before_last = self.size + len(new) - int(new.max() == len(keys) - 1 if len(new) else 0)
+        while 2 * (size_before_last + 1) > len(self.keys):
+            self._grow()
+        self._place(keys[new], values[new])
+        self.size += len(new)
+
     def _grow(self) -> None:
         used = self.keys != 0
         keys, vals = self.keys[used], self.vals[used]
         self.keys = np.zeros(2 * len(self.keys), dtype=np.uint64)
         self.vals = np.zeros(len(self.keys), dtype=np.int32)
+        self._place(keys, vals)
+
+    def _place(self, keys: np.ndarray, vals: np.ndarray) -> None:
+        """Puts distinct keys, none of them in the table yet, into free slots (vectorised linear probing)."""
         mask = np.uint64(len(self.keys) - 1)
         slot = (keys >> np.uint64(1)) & mask
         while len(keys):
@@ -174,6 +208,71 @@ class Deduplicator:
             sig[empty] = sig[src]
         return sig
 
+    def signatures(self, texts: list[str]) -> np.ndarray:
+        """(len(texts), num_perm) uint32: `signature` of each normalised text, bit for bit, for a whole batch with
+        a fixed number of numpy calls (shingle hashes of all texts at once, each (text, bin) minimum by one
+        np.minimum.at). Texts under SHINGLE_CHARS characters go through `signature` itself."""
+        K = self.num_perm
+        compacts = [" ".join(t.split()) for t in texts]
+        lengths = np.fromiter(map(len, compacts), dtype=np.int64, count=len(texts))  # (D,)
+        sigs = np.empty((len(texts), K), dtype=np.uint32)  # (D, K)
+        for d in np.flatnonzero(lengths < SHINGLE_CHARS).tolist():
+            sigs[d] = self.signature(compacts[d])
+        long = lengths >= SHINGLE_CHARS
+        if not long.any():
+            return sigs
+        cps = np.frombuffer("".join(compacts).encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)  # (C,)
+        span = len(cps) - SHINGLE_CHARS + 1  # shingles of the concatenation, including those across two texts
+        with np.errstate(over="ignore"):
+            h = cps[:span] * self._shingle_mult[0]  # (span,)
+            tmp = np.empty_like(h)
+            for j in range(1, SHINGLE_CHARS):
+                h += np.multiply(cps[j: j + span], self._shingle_mult[j], out=tmp)  # the sums of `signature`
+            h ^= self._seed_salt
+            for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB), (31, None)):  # _mix64, in place
+                h ^= np.right_shift(h, np.uint64(shift), out=tmp)
+                if mult is not None:
+                    h *= np.uint64(mult)
+        # Bin of h: floor((h >> 32) * K / 2^32), the bins of _bin_lower (their bounds have 32 zero low bits).
+        if K & (K - 1) == 0:
+            bins = h >> np.uint64(64 - K.bit_length() + 1)
+        else:
+            bins = ((h >> np.uint64(32)) * np.uint64(K)) >> np.uint64(32)
+        key = np.repeat(np.arange(len(texts)) * K, lengths)[:span] + bins.astype(np.int64)  # (span,) text, bin
+        # Shingles that start in a text's last SHINGLE_CHARS-1 characters (or in a short text) cross into the next
+        # text: into a spare slot, D*K.
+        ends = np.cumsum(lengths)
+        cross = (ends[long][:, None] - np.arange(1, SHINGLE_CHARS)).ravel()  # (4 per long text,)
+        if not long.all():
+            cross = np.concatenate([cross, np.flatnonzero(np.repeat(~long, lengths))])
+        key[cross[cross < span]] = len(texts) * K
+        smallest = np.full(len(texts) * K + 1, np.iinfo(np.uint64).max, dtype=np.uint64)
+        np.minimum.at(smallest, key, h)  # (D*K + 1,) each bin's smallest hash
+        smallest = smallest[:-1]
+        filled = np.bincount(key, minlength=len(texts) * K + 1)[:-1].reshape(-1, K) > 0  # (D, K)
+        flat = np.where(filled, (smallest.reshape(-1, K) & _MASK32).astype(np.uint32), np.uint32(0xFFFFFFFF))
+        # Densification as in `signature`: an empty bin copies the first filled bin of its fixed sequence.
+        ed, eb = np.nonzero(~filled & long[:, None])  # (E,) text and bin of every empty bin
+        if len(ed):
+            cand = self._densify[eb]  # (E, T)
+            ok = filled[ed[:, None], cand]
+            src = cand[np.arange(len(eb)), ok.argmax(axis=1)]
+            for e in np.flatnonzero(~ok.any(axis=1)).tolist():  # rare: the next filled bin to the right
+                nxt = np.flatnonzero(filled[ed[e]])
+                src[e] = nxt[np.searchsorted(nxt, eb[e]) % len(nxt)]
+            flat[ed, eb] = flat[ed, src]
+        sigs[long] = flat[long]
+        return sigs
+
+    def fingerprints(self, texts: list[str], normalized: bool = False) -> list[tuple[int, np.ndarray]]:
+        """[self.fingerprint(t) for t in texts]: the same keys and signatures, about 2x faster on a batch of a few
+        hundred texts (build._prepare's 256). normalized=True skips normalize() for texts that already went
+        through it (normalize is idempotent, so the result is the same; it only saves the second pass)."""
+        if not normalized:
+            texts = [normalize(t) for t in texts]
+        keys = [int.from_bytes(hashlib.sha256(t.encode("utf-8")).digest()[:8], "little") | 1 for t in texts]
+        return list(zip(keys, self.signatures(texts), strict=True))
+
     def _band_keys(self, sig: np.ndarray) -> list[int]:
         rows = sig.astype(np.uint64).reshape(self.bands, self.rows)  # (bands, rows)
         with np.errstate(over="ignore"):
@@ -208,6 +307,54 @@ class Deduplicator:
                 return "near_duplicate"
         self._remember(exact_key, sig, keys)
         return None
+
+    def check_fingerprints(self, fingerprints: list[tuple[int, np.ndarray]]) -> list[str | None]:
+        """[self.check_fingerprint(k, sig) for k, sig in fingerprints]: the same decisions, in order (a document
+        may duplicate an earlier one of the same batch), and the same state afterwards, for about a third of the
+        cost: band keys, the lookups of what was kept before the batch and the index writes are vectorised; keys
+        first seen in this batch are looked up in a dict."""
+        if not fingerprints:
+            return []
+        sigs = np.stack([sig for _, sig in fingerprints])  # (D, K)
+        rows = sigs.astype(np.uint64).reshape(len(sigs), self.bands, self.rows)  # (D, bands, rows)
+        with np.errstate(over="ignore"):
+            bands = _mix64((rows * self._row_mult).sum(axis=2, dtype=np.uint64) + self._band_salt) | np.uint64(1)
+        exact = np.array([k for k, _ in fingerprints], dtype=np.uint64)  # (D,)
+        old_exact = self._exact.get_many(exact).tolist()  # (D,) kept before this batch, or -1
+        old_bands = self._band_index.get_many(bands.ravel()).reshape(bands.shape).tolist()  # (D, bands)
+        new_exact: dict[int, int] = {}  # keys first kept in this batch -> document
+        new_bands: dict[int, int] = {}
+        kept: list[tuple[int, int]] = []  # (exact key, document) of each kept document
+        out: list[str | None] = []
+        for (exact_key, sig), band_keys, before, before_bands in zip(fingerprints, bands.tolist(), old_exact,
+                                                                     old_bands, strict=True):
+            first = before if before >= 0 else new_exact.get(exact_key, -1)
+            if first >= 0 and np.array_equal(self._sigs[first], sig):
+                out.append("exact_duplicate")
+                continue
+            cands = {c if c >= 0 else new_bands.get(k, -1) for k, c in zip(band_keys, before_bands, strict=True)}
+            cands.discard(-1)
+            if cands:
+                same = (self._sigs[np.fromiter(cands, dtype=np.int64, count=len(cands))] == sig).mean(axis=1)
+                if same.max() >= self.threshold:
+                    out.append("near_duplicate")
+                    continue
+            doc = self._kept
+            if doc == len(self._sigs):
+                self._sigs = np.concatenate([self._sigs, np.zeros_like(self._sigs)])
+            self._sigs[doc] = sig
+            self._kept += 1
+            new_exact.setdefault(exact_key, doc)
+            for k in band_keys:
+                new_bands.setdefault(k, doc)
+            kept.append((exact_key, doc))
+            out.append(None)
+        if kept:  # the index writes _remember makes, in the same order, vectorised
+            keys, docs = np.array(kept, dtype=np.uint64).T
+            self._exact.setdefault_many(keys, docs.astype(np.int32))
+            rows = [i for i, r in enumerate(out) if r is None]
+            self._band_index.setdefault_many(bands[rows].ravel(), np.repeat(docs.astype(np.int32), self.bands))
+        return out
 
     def _remember(self, exact_key: int, sig: np.ndarray, keys: list[int]) -> None:
         doc = self._kept

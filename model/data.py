@@ -149,13 +149,19 @@ class ShardData:
     """data_shards' MixtureLoader behind the trainer's interface; eval reads a fixed set of batches."""
 
     def __init__(self, mixture: list[dict], eval_mixture: list[dict] | None, seq_len: int, seed: int,
-                 vocab_size: int, verify: bool):
+                 vocab_size: int, verify: bool, model_tokenizer: Path | None = None):
+        """model_tokenizer: the tokenizer directory of the checkpoint training starts from, if it has one;
+        shards made with any other tokenizer are refused."""
         from data_shards.loader import MixtureLoader, specs_from_config
+        from data_shards.tokenizer import file_sha256
 
         self.specs = specs_from_config(mixture)
         self.eval_specs = specs_from_config(eval_mixture) if eval_mixture else None
         self.seq_len, self.seed, self.verify = seq_len, seed, verify
-        self.train = MixtureLoader(self.specs, seq_len, seed, verify=verify)
+        self.tokenizer_sha256 = None
+        if model_tokenizer is not None and (model_tokenizer / "tokenizer.model").exists():
+            self.tokenizer_sha256 = file_sha256(model_tokenizer / "tokenizer.model")
+        self.train = MixtureLoader(self.specs, seq_len, seed, verify=verify, tokenizer_sha256=self.tokenizer_sha256)
         if self.train.vocab_size > vocab_size:
             raise ValueError(f"the shards use a {self.train.vocab_size}-piece tokenizer but the model's vocab_size is "
                              f"{vocab_size}: set model.vocab_size >= {self.train.vocab_size}")
@@ -169,7 +175,9 @@ class ShardData:
             if self.eval_specs is None:
                 raise ValueError("evaluation needs data.eval_mixture (held-out shard directories) "
                                  "or train.eval_every: 0")
-            loader = MixtureLoader(self.eval_specs, self.seq_len, self.seed, verify=self.verify)
+            same_tokenizer = self.tokenizer_sha256 or self.train.sources[0].manifest.tokenizer_sha256
+            loader = MixtureLoader(self.eval_specs, self.seq_len, self.seed, verify=self.verify,
+                                   tokenizer_sha256=same_tokenizer)
         b = loader.next_batch(count * micro)
         return [Batch(b.input_ids[i * micro:(i + 1) * micro], b.labels[i * micro:(i + 1) * micro],
                       b.doc_ids[i * micro:(i + 1) * micro]) for i in range(count)]

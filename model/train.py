@@ -236,7 +236,8 @@ class Trainer:
             self.data = StatelessData(TokenFileSource(d.path, d.dtype, d.seq_len, t.seed, d.eval_fraction,
                                                       d.doc_sep_id, self.mcfg.vocab_size))
         else:
-            self.data = ShardData(d.mixture, d.eval_mixture, d.seq_len, t.seed, self.mcfg.vocab_size, d.verify)
+            self.data = ShardData(d.mixture, d.eval_mixture, d.seq_len, t.seed, self.mcfg.vocab_size, d.verify,
+                                  Path(cfg.init_from) / "tokenizer" if cfg.init_from else None)
         if cfg.train.eval_every and d.source == "tokens" and d.eval_fraction == 0:
             raise ValueError("train.eval_every > 0 but data.eval_fraction is 0: hold out data or disable eval")
         if cfg.train.eval_every and d.source == "shards" and not d.eval_mixture:
@@ -442,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ValueError("multi-process training (torchrun) is not implemented yet: run one process")
         Trainer(cfg).run()
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:  # ShardError is a ValueError
         log.error("error: %s", e)
         return 2
     return 0

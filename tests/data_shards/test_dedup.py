@@ -1,6 +1,7 @@
 """data_shards.dedup: exact and near duplicates go, distinct documents stay, the first occurrence wins, and the
 MinHash estimate agrees with the exact Jaccard similarity of shingle sets computed here with Python sets."""
 
+import numpy as np
 import pytest
 
 from data_shards.dedup import SHINGLE_CHARS, Deduplicator
@@ -98,3 +99,69 @@ def test_bad_parameters_are_rejected():
         Deduplicator(num_perm=128, bands=10)
     with pytest.raises(ValueError, match="threshold"):
         Deduplicator(threshold=0.0)
+
+
+# ---- batch APIs must agree with the single-document ones, bit for bit ---------------------------------------
+
+def _fingerprint_corpus() -> list[str]:
+    """Good documents, their near and exact duplicates, every bad-document helper, odd and short texts."""
+    docs = JA[:120] + EN[:120]
+    docs += [corpus.near_duplicate(d, seed=i, kind=("edit", "append")[i % 2]) for i, d in enumerate(JA[:40] + EN[:40])]
+    docs += [corpus.exact_duplicate(d) for d in JA[:10] + EN[:10]]
+    for lang in ("ja", "en"):
+        docs += [corpus.too_short_document(lang), corpus.repeated_lines_document(lang),
+                 corpus.ngram_spam_document(lang), corpus.symbol_spam_document(lang)]
+    docs += [corpus.number_table_document(), corpus.chinese_document(), corpus.mixed_japanese_english_document()]
+    docs += corpus.korean_documents(3) + corpus.russian_documents(3)
+    docs += ["", " ", "abc", "abcd", "abcde", "abcdef", "a  b\n\nc d e", "\U00031350\U000E0041 x", "日本語のテキスト"]
+    docs += [EN[0][:k] for k in (5, 6, 50, 300)] + ["x" * 20_000]
+    return docs
+
+
+FP_DOCS = _fingerprint_corpus()
+
+
+@pytest.mark.parametrize("num_perm,bands,seed", [(128, 16, 0), (64, 8, 3), (100, 10, 7), (256, 32, 1)])
+def test_batch_fingerprints_match_fingerprint(num_perm, bands, seed):
+    """Our batch MinHash must give fingerprint()'s exact keys and bit-identical signatures (the reference is the
+    single-document fingerprint, unchanged), for batches of any size and mix, with and without normalising."""
+    dedup = Deduplicator(num_perm=num_perm, bands=bands, seed=seed)
+    expected = [dedup.fingerprint(d) for d in FP_DOCS]
+    for size in (1, 7, 256):
+        got = [fp for i in range(0, len(FP_DOCS), size) for fp in dedup.fingerprints(FP_DOCS[i: i + size])]
+        assert [k for k, _ in got] == [k for k, _ in expected]
+        assert all(s.dtype == e.dtype and np.array_equal(s, e) for (_, s), (_, e) in zip(got, expected, strict=True))
+    normalised = [normalize(d) for d in FP_DOCS]
+    got = dedup.fingerprints(normalised, normalized=True)
+    assert all(k == e and np.array_equal(s, es) for (k, s), (e, es) in zip(got, expected, strict=True))
+    assert dedup.fingerprints([]) == []
+
+
+def test_batch_check_fingerprints_matches_check_fingerprint():
+    """check_fingerprints must decide as check_fingerprint called in the same order (duplicates inside one batch
+    included) and leave the same state: signatures, both indexes (the same keys -> documents, size and capacity;
+    a probe run may be filled in another order), and nbytes."""
+    stream = FP_DOCS + FP_DOCS[::3] + [corpus.near_duplicate(d, seed=9) for d in JA[:60] + EN[:60]]
+    reference, batched = Deduplicator(), Deduplicator()
+    fps = reference.fingerprints(stream)
+    expected = [reference.check_fingerprint(*fp) for fp in fps]
+    got = [r for i in range(0, len(fps), 100) for r in batched.check_fingerprints(fps[i: i + 100])]
+    assert got == expected
+    assert {"exact_duplicate", "near_duplicate", None} <= set(expected)
+    assert len(batched) == len(reference) and np.array_equal(batched._sigs, reference._sigs)
+    for a, b in ((batched._exact, reference._exact), (batched._band_index, reference._band_index)):
+        keys = b.keys[b.keys != 0]
+        assert a.size == b.size == len(keys) and len(a.keys) == len(b.keys)
+        assert np.array_equal(np.sort(a.keys[a.keys != 0]), np.sort(keys))
+        assert np.array_equal(a.get_many(keys), b.get_many(keys))
+    assert batched.nbytes() == reference.nbytes()
+    assert batched.check_fingerprints([]) == []
+
+
+def test_index_get_many_matches_get():
+    dedup = Deduplicator()
+    for d in JA[:50] + EN[:50]:
+        dedup.check(d)
+    index = dedup._band_index
+    probe = np.concatenate([index.keys[index.keys != 0][:300], np.arange(1, 2001, 2, dtype=np.uint64)])
+    assert index.get_many(probe).tolist() == [index.get(int(k)) for k in probe]

@@ -2,10 +2,11 @@
 reason, the language is told apart, and normalize() does what its docstring says."""
 
 import random
+import re
 
 import pytest
 
-from data_shards.filters import FilterConfig, detect_language, normalize, quality_reason
+from data_shards.filters import FilterConfig, detect_language, normalize, quality_reason, quality_reasons
 from tests.data_shards import corpus
 
 JA_DOCS = [normalize(d) for d in corpus.japanese_documents(200, seed=0)]
@@ -103,3 +104,94 @@ def test_config_rejects_bad_values():
         FilterConfig(min_chars=10, max_chars=5)
     with pytest.raises(ValueError, match="languages"):
         FilterConfig(languages=("fr",))
+
+
+# ---- quality_reasons (batch) must agree with quality_reason, document by document -------------------------
+
+EXOTIC = ["İstanbul ΣΟΦΙΑ σοφός", "naïve café_au_lait 42nd", "\U00031350\U00031351漢字", "tag\U000E0041\U000E0042",
+          "e\u0301e\u0301", "①②③ ½ ٣٤", "𝐀𝐁𝐂 math", "ﬁne ﬂow", "ß STRASSE", "x" * 300]
+
+
+def _mutations(doc: str, r: random.Random) -> list[str]:
+    """Variants of a good document around the repetition thresholds and with awkward characters."""
+    out = []
+    for _ in range(3):
+        a = r.randrange(len(doc))
+        piece = doc[a: a + r.randint(2, 40)]
+        at = r.randrange(len(doc))
+        out.append(doc[:at] + piece * r.randint(2, 12) + doc[at:])  # a repeated run: top and duplicate n-grams
+    lines = doc.split("\n")
+    out.append("\n".join(lines + r.sample(lines, min(len(lines), r.randint(1, 3)))))  # some repeated lines
+    out.append(doc[: r.randint(60, len(doc))])  # truncated, around min_chars
+    out.append(" ".join(r.choice(EXOTIC) for _ in range(3)).join([doc[: len(doc) // 2], doc[len(doc) // 2:]]))
+    words = doc.split()
+    if len(words) > 20:
+        phrase = " ".join(words[5: 5 + r.randint(1, 12)])
+        out.append(doc + ("\n" + phrase) * r.randint(1, 6))  # an English phrase repeated: word n-grams
+    return [normalize(d) for d in out]
+
+
+def _parity_corpus() -> list[str]:
+    r = random.Random(0)
+    docs = JA_DOCS + EN_DOCS
+    for lang in ("ja", "en"):
+        docs.append(normalize(corpus.too_short_document(lang)))
+        for seed in range(3):
+            makers = (corpus.repeated_lines_document, corpus.ngram_spam_document, corpus.symbol_spam_document)
+            docs += [normalize(make(lang, seed)) for make in makers]
+    docs += [normalize(corpus.number_table_document(s)) for s in range(3)]
+    docs += [normalize(d) for d in corpus.korean_documents(3) + corpus.russian_documents(3)]
+    docs += [normalize(corpus.chinese_document()), normalize(corpus.mixed_japanese_english_document()), "", "   "]
+    docs += ["\n".join(f"・{d.replace(chr(10), '')[:60]}" for d in JA_DOCS[:10]),
+             "\n".join(f"{d.splitlines()[2][:70]}..." for d in EN_DOCS[:10])]
+    docs += [JA_DOCS[0] + "\n" + EN_DOCS[0], EN_DOCS[1] + JA_DOCS[1]]
+    for d in JA_DOCS[:60] + EN_DOCS[:60]:
+        docs += _mutations(d, r)
+    return docs
+
+
+PARITY_DOCS = _parity_corpus()
+
+
+@pytest.mark.parametrize("cfg", [
+    FilterConfig(),
+    FilterConfig(max_top_ngram_fraction=0.06, max_duplicate_ngram_fraction=0.07),  # most documents near a limit
+    FilterConfig(ja_chars_per_word=1, min_chars=20, languages=("ja", "en", "other")),
+    FilterConfig(ja_chars_per_word=3, max_duplicate_line_fraction=0.05),
+])
+def test_batch_quality_reasons_match_quality_reason(cfg):
+    """Our batch filter must agree with the single-document quality_reason (the reference, unchanged) on every
+    document of the test corpus: good, bad, mutated near the repetition limits, and with odd characters; with the
+    detected language and with each language forced."""
+    r = random.Random(1)
+    for forced in (None, "ja", "en") if cfg == FilterConfig() else (None,):
+        langs = [forced or detect_language(d) for d in PARITY_DOCS]
+        expected = [quality_reason(d, lang, cfg) for d, lang in zip(PARITY_DOCS, langs, strict=True)]
+        order = list(range(len(PARITY_DOCS)))
+        r.shuffle(order)  # mix languages and verdicts inside a batch
+        got = [None] * len(order)
+        for start in range(0, len(order), 97):
+            batch = order[start: start + 97]
+            for i, reason in zip(batch, quality_reasons([PARITY_DOCS[i] for i in batch], [langs[i] for i in batch],
+                                                        cfg), strict=True):
+                got[i] = reason
+        assert got == expected
+    # The corpus reaches the n-gram test both ways, so the parity above covers cleared and settled documents.
+    default = [quality_reason(d, detect_language(d)) for d in PARITY_DOCS]
+    assert default.count("ngram_repetition") >= 20 and default.count(None) >= 400
+
+
+def test_batch_quality_reasons_edge_batches():
+    assert quality_reasons([], []) == []
+    assert quality_reasons([EN_DOCS[0]], ["en"]) == [None]
+    with pytest.raises(ValueError):
+        quality_reasons([EN_DOCS[0]], [])
+
+
+def test_word_table_matches_the_regex():
+    """The numpy \\w table that splits English words in the batch must be re's \\w, character by character."""
+    from data_shards.filters import _TABLE_SIZE, _word_chars
+    table = _word_chars()
+    probe = [0, 0x30, 0x5F, 0x130, 0x2160, 0x3005, 0xFF10, 0x1D400, _TABLE_SIZE - 1, *random.Random(2).sample(
+        range(_TABLE_SIZE), 3000)]
+    assert [bool(table[cp]) for cp in probe] == [bool(re.fullmatch(r"\w", chr(cp))) for cp in probe]

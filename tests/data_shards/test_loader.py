@@ -103,3 +103,23 @@ def test_trainer_on_shards_resumes_exactly(shard_dirs, tokenizer_dir, tmp_path):
     for r in full[6:]:
         assert cut[r["step"]] == pytest.approx(r["loss"], rel=0, abs=1e-6)
     assert np.isfinite(list(cut.values())).all()
+
+
+def test_trainer_refuses_shards_from_another_tokenizer(shard_dirs, corpus, tmp_path):
+    # A checkpoint that carries tokenizer B, continued on shards made with tokenizer A: refused before training.
+    from tests.conftest import mujina_model
+    from tests.data_shards.conftest import mujina_data
+
+    mujina_data("tokenizer", "train", "--input", *map(str, corpus["files"]), "--vocab-size", "1100",
+                "--out", str(tmp_path / "other-tok"))
+    cfg = tmp_path / "m.json"
+    cfg.write_text(json.dumps({"preset": "debug", "vocab_size": 1200}))
+    mujina_model("init", "--preset", str(cfg), "--out", str(tmp_path / "ckpt"))
+    shutil.copytree(tmp_path / "other-tok", tmp_path / "ckpt" / "tokenizer")
+    mix = json.dumps([{"path": str(shard_dirs["ja"]), "weight": 1.0}])
+    r = mujina_train("--config", str(REPO / "configs" / "debug.yaml"), "--set", "model=null", "--set",
+                     f"init_from={tmp_path / 'ckpt'}", "--set", "data.source=shards", "--set", f"data.mixture={mix}",
+                     "--set", "train.eval_every=0", "--set", "data.seq_len=64", "--out", str(tmp_path / "run"),
+                     check=False)
+    assert r.returncode == 2 and "re-shard the data with this tokenizer" in r.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
