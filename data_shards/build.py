@@ -40,7 +40,7 @@ import numpy as np
 
 from .chat import render_chat
 from .dedup import Deduplicator
-from .filters import FilterConfig, detect_language, normalize, quality_reason
+from .filters import FilterConfig, detect_language, normalize, quality_reasons
 from .ingest import Document, DropCounter, read_documents
 from .shards import Manifest, ShardInfo, ShardWriter
 from .tokenizer import Tokenizer, copy_tokenizer
@@ -118,34 +118,46 @@ def _init_worker(tokenizer_dir: str, cfg: ShardConfig) -> None:
 
 
 def _prepare(job: tuple[list[Document], bool]) -> list[_Prepared]:
+    """Per-document work for a batch; the filters and fingerprints run batched (a constant number of numpy
+    calls per batch, data_shards/filters.py and dedup.py), which is what makes them cheap per document."""
     docs, tokenize = job
     tok, cfg, dedup = _W["tok"], _W["cfg"], _W["dedup"]
-    out = []
+    out: list[_Prepared] = []
+    texts: list[str] = []
     for doc in docs:
-        ids = mask = None
         if "messages" in doc.meta:
             try:
                 ids, mask = render_chat({"messages": doc.meta["messages"]}, tok.encode, tok.marker_ids,
                                         tok.bos_id, tok.eos_id)
             except ValueError:
                 out.append(_Prepared(doc.source, "chat", "invalid_chat"))
+                texts.append("")
                 continue
-            text, kind = "\n".join(str(m.get("content", "")) for m in doc.meta["messages"]), "chat"
+            text = normalize("\n".join(str(m.get("content", "")) for m in doc.meta["messages"]))
+            p = _Prepared(doc.source, "chat", None, ids=ids, mask=mask)
         else:
-            text, kind = normalize(doc.text), "text"
-        lang = detect_language(text)
-        drop = None
-        if lang not in ("ja", "en") or (cfg.lang != "auto" and lang != cfg.lang):
-            drop = "language" if cfg.lang == "auto" else "language_mismatch"
-        elif kind == "text":
-            drop = quality_reason(text, lang, cfg.filters)
-        if drop is not None:
-            out.append(_Prepared(doc.source, kind, drop))
-            continue
-        if kind == "text" and tokenize:
-            ids = np.array([tok.bos_id, *tok.encode(text), tok.eos_id], dtype=np.int32)
-        fp = dedup.fingerprint(text) if dedup is not None else None
-        out.append(_Prepared(doc.source, kind, None, lang, fp, ids, mask, len(text), None if ids is not None else text))
+            text = normalize(doc.text)
+            p = _Prepared(doc.source, "text", None)
+        p.lang = detect_language(text)
+        if p.lang not in ("ja", "en") or (cfg.lang != "auto" and p.lang != cfg.lang):
+            p.drop = "language" if cfg.lang == "auto" else "language_mismatch"
+        out.append(p)
+        texts.append(text)
+
+    check = [i for i, p in enumerate(out) if p.drop is None and p.kind == "text"]
+    for i, reason in zip(check, quality_reasons([texts[i] for i in check], [out[i].lang for i in check],
+                                                cfg.filters), strict=True):
+        out[i].drop = reason
+    kept = [i for i, p in enumerate(out) if p.drop is None]
+    fps = dedup.fingerprints([texts[i] for i in kept], normalized=True) if dedup is not None else [None] * len(kept)
+    for i, fp in zip(kept, fps, strict=True):
+        p, text = out[i], texts[i]
+        p.fingerprint, p.chars = fp, len(text)
+        if p.kind == "text":
+            if tokenize:
+                p.ids = np.array([tok.bos_id, *tok.encode(text), tok.eos_id], dtype=np.int32)
+            else:
+                p.text = text  # the main process tokenises it if it turns out to be past the resume point
     return out
 
 
@@ -190,13 +202,16 @@ def build_shards(inputs: list[str | os.PathLike], tokenizer_dir: str | os.PathLi
     workers = cfg.workers or os.cpu_count() or 1
     with _pool(workers, str(tokenizer_dir), cfg) as prepare:
         for batch in prepare(jobs):
+            # duplicate decisions for the whole batch at once, in input order (the order is all they depend on)
+            survivors = [p for p in batch if p.drop is None]
+            if dedup is not None and survivors:
+                for p, dup in zip(survivors, dedup.check_fingerprints([p.fingerprint for p in survivors]),
+                                  strict=True):
+                    p.drop = dup
             for p in batch:
                 n_read += 1
                 if p.drop is not None:
                     drops.add(p.drop)
-                    continue
-                if dedup is not None and (dup := dedup.check_fingerprint(*p.fingerprint)) is not None:
-                    drops.add(dup)
                     continue
                 key = (p.source, p.lang, p.kind)
                 bucket = buckets.setdefault(key, _Bucket(key, 0, 0))

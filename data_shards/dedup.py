@@ -23,6 +23,11 @@ is still found through its other bands.
 Example:
     dedup = Deduplicator()
     kept = [t for t in texts if dedup.check(t) is None]   # reasons: "exact_duplicate", "near_duplicate"
+
+Batches (the same results, a fixed number of numpy calls per batch): fingerprints in worker processes, the
+decisions in one process, in input order:
+    fps = dedup.fingerprints(batch, normalized=True)      # [(exact key, signature)], as fingerprint()
+    reasons = dedup.check_fingerprints(fps)               # as check_fingerprint() called in order
 """
 
 from __future__ import annotations
@@ -238,7 +243,7 @@ class Deduplicator:
             bins = h >> np.uint64(64 - K.bit_length() + 1)
         else:
             bins = ((h >> np.uint64(32)) * np.uint64(K)) >> np.uint64(32)
-        key = np.repeat(np.arange(len(texts)) * K, lengths)[:span] + bins.astype(np.int64)  # (span,) text, bin
+        key = np.repeat(np.arange(len(texts)) * K, lengths)[:span] + bins.view(np.int64)  # (span,) text, bin
         # Shingles that start in a text's last SHINGLE_CHARS-1 characters (or in a short text) cross into the next
         # text: into a spare slot, D*K.
         ends = np.cumsum(lengths)

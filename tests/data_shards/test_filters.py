@@ -4,6 +4,7 @@ reason, the language is told apart, and normalize() does what its docstring says
 import random
 import re
 
+import numpy as np
 import pytest
 
 from data_shards.filters import FilterConfig, detect_language, normalize, quality_reason, quality_reasons
@@ -195,3 +196,15 @@ def test_word_table_matches_the_regex():
     probe = [0, 0x30, 0x5F, 0x130, 0x2160, 0x3005, 0xFF10, 0x1D400, _TABLE_SIZE - 1, *random.Random(2).sample(
         range(_TABLE_SIZE), 3000)]
     assert [bool(table[cp]) for cp in probe] == [bool(re.fullmatch(r"\w", chr(cp))) for cp in probe]
+
+
+def test_english_word_hashes_do_not_depend_on_the_power_tables(monkeypatch):
+    """A batch longer than the power tables hashes each word from per-word powers: the same units."""
+    from data_shards import filters
+    texts = EN_DOCS[:20] + [" ".join(EXOTIC), "w" * 3000]
+    expected = filters._en_units(texts)
+    monkeypatch.setattr(filters, "_POWERS_MAX", 8)
+    monkeypatch.setattr(filters, "_powers", np.ones(1, dtype=np.uint64))
+    monkeypatch.setattr(filters, "_inverse_powers", np.ones(1, dtype=np.uint64))
+    got = filters._en_units(texts)
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
