@@ -178,7 +178,8 @@ def cmd_tasks(args) -> int:
         for r in rows:
             if args.json:
                 print(json.dumps({"id": r.id, "kind": r.kind, "state": r.state, "priority": r.priority,
-                                  "attempts": r.attempts, "last_error": r.last_error, "payload": json.loads(r.payload)}))
+                                  "attempts": r.attempts, "last_error": r.last_error,
+                                  "payload": json.loads(r.payload)}))
             else:
                 print(f"{r.id:<32} {r.kind:<8} {r.state:<8} {r.priority:>4} {r.attempts:>5}  {r.last_error or ''}")
     else:

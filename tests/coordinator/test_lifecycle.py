@@ -14,7 +14,6 @@ from sqlalchemy import select
 
 from coordinator import store as S
 from coordinator.api import mujina_pb2 as pb
-
 from tests.coordinator.conftest import OTHER_TOKEN, TOKEN
 
 EVAL = {"loss": 2.5, "tokens": 500}
