@@ -96,7 +96,7 @@ async def _cyclers(target: str, n: int, duration: float, out: dict):
         await asyncio.gather(*(one() for _ in range(n)))
 
 
-async def _idle(target: str, n: int, interval: float, duration: float, out: dict):
+async def _idle(target: str, n: int, interval: float, duration: float, out: dict, ready):
     import grpc
 
     from coordinator.api import mujina_pb2 as pb
@@ -112,7 +112,7 @@ async def _idle(target: str, n: int, interval: float, duration: float, out: dict
                 for j in range(i, min(n, i + 100))))
             ids += [r.worker_id for r in rs]
         out["registered"] = len(ids)
-        out["ready"] = True
+        ready.set()  # the cycling clients start now; idle heartbeats run until they are done
         end = time.monotonic() + duration
 
         async def beat(wid):
@@ -126,12 +126,12 @@ async def _idle(target: str, n: int, interval: float, duration: float, out: dict
         await asyncio.gather(*(beat(w) for w in ids))
 
 
-def _proc(kind: str, target: str, args: dict, start_at: float, q: mp.Queue):
+def _proc(kind: str, target: str, args: dict, ready, q: mp.Queue):
     out = {"cycles": 0, "no_work": 0, "hb_ms": [], "cycle_ms": []}
     if kind == "idle":
-        coro = _idle(target, args["workers"], args["interval"], args["duration"] + args["warmup"], out)
+        coro = _idle(target, args["workers"], args["interval"], args["duration"] + 2.0, out, ready)
     else:
-        time.sleep(max(0.0, start_at - time.time()))
+        ready.wait()
         coro = _cyclers(target, args["clients"], args["duration"], out)
     asyncio.run(coro)
     q.put(out)
@@ -183,15 +183,13 @@ def main(argv=None) -> int:
             health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
         ctx = mp.get_context("spawn")
         q = ctx.Queue()
-        warmup = 5.0 + args.workers / 400  # registering the idle workers
-        settings = dict(workers=args.workers, interval=args.interval, duration=args.duration, warmup=warmup,
-                        clients=args.clients)
-        start_at = time.time() + warmup
-        procs = [ctx.Process(target=_proc, args=("idle", target, settings, start_at, q))]
-        procs += [ctx.Process(target=_proc, args=("cycle", target, settings, start_at, q)) for _ in range(args.procs)]
+        settings = dict(workers=args.workers, interval=args.interval, duration=args.duration, clients=args.clients)
+        ready = ctx.Event()  # set once the idle workers are registered
+        procs = [ctx.Process(target=_proc, args=("idle", target, settings, ready, q))]
+        procs += [ctx.Process(target=_proc, args=("cycle", target, settings, ready, q)) for _ in range(args.procs)]
         for p in procs:
             p.start()
-        outs = [q.get(timeout=args.duration + warmup + 300) for _ in procs]
+        outs = [q.get(timeout=args.duration + 900) for _ in procs]
         for p in procs:
             p.join()
         rss, peak = _rss_mb(server.pid)
