@@ -342,6 +342,7 @@ class CoordinatorServer:
     def _sweep_loop(self):
         while not self._stop.wait(self.cfg.leases.sweep_interval_s):
             try:
+                self.scheduler.flush_seen()
                 self.scheduler.sweep_expired()
             except Exception:  # e.g. PostgreSQL restarting: log and try again at the next interval
                 log.exception("lease sweep failed; retrying in %.1f s", self.cfg.leases.sweep_interval_s)
@@ -366,6 +367,7 @@ class CoordinatorServer:
         self.drain()
         self._stop.set()
         self.server.stop(grace).wait()
+        self.scheduler.flush_seen()
         self.metrics.close()
         self.store.close()
 
