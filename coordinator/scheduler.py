@@ -19,7 +19,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from sqlalchemy import and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import Boolean, and_, bindparam, func, insert, or_, select, update
 
 from . import store as S
 from .config import ProjectConfig
@@ -27,6 +27,32 @@ from .metrics import NullMetrics
 from .validate import Credit, ValidationError, validator_for
 
 log = logging.getLogger(__name__)
+
+
+# The hot path's statements, built once: constructing SQLAlchemy statements costs more Python time
+# per call than SQLite spends running them.
+_RENEW = update(S.leases).where(S.leases.c.id == bindparam("lid"), S.leases.c.worker_id == bindparam("wid"),
+                                S.leases.c.state == "active").values(deadline=bindparam("dl"), progress=bindparam("p"))
+_HELD = select(func.count()).select_from(S.leases).where(S.leases.c.token == bindparam("tok"),
+                                                         S.leases.c.state == "active")
+_TOKEN_LIMIT = select(S.tokens.c.max_leases).where(S.tokens.c.name == bindparam("tok"))
+_PICK = (select(S.tasks.c.id, S.tasks.c.kind, S.tasks.c.payload, S.tasks.c.attempts)
+         .where(S.tasks.c.state == "pending", S.tasks.c.kind.in_(bindparam("kinds", expanding=True)),
+                S.tasks.c.min_gpu_memory <= bindparam("gpu"), S.tasks.c.min_speed <= bindparam("speed"),
+                or_(S.tasks.c.needs_cuda.is_(False), bindparam("cuda", type_=Boolean)))
+         .order_by(S.tasks.c.priority.desc(), S.tasks.c.created, S.tasks.c.id).limit(1))
+_PICK_LOCKED = _PICK.with_for_update(skip_locked=True)  # PostgreSQL: concurrent pickers skip each other's rows
+_TAKE = update(S.tasks).where(S.tasks.c.id == bindparam("tid"), S.tasks.c.state == "pending") \
+    .values(state="leased", lease_id=bindparam("lid"), updated=bindparam("now"))
+_NEW_LEASE = insert(S.leases)
+_LEASE = select(S.leases).where(S.leases.c.id == bindparam("lid"))
+_TASK = select(S.tasks).where(S.tasks.c.id == bindparam("tid"))
+_NEW_RESULT = insert(S.results)
+_LEASE_DONE = update(S.leases).where(S.leases.c.id == bindparam("lid")).values(state="completed")
+_TASK_DONE = update(S.tasks).where(S.tasks.c.id == bindparam("tid")).values(state="done", lease_id=None,
+                                                                          updated=bindparam("now"))
+_CREDIT = insert(S.ledger)
+_RESULT = select(S.results.c.lease_id, S.results.c.credited).where(S.results.c.task_id == bindparam("tid"))
 
 
 class RequestError(Exception):
@@ -122,16 +148,14 @@ class Scheduler:
             return self.draining, out
         with self.store.tx() as conn:
             for lease_id, frac in progress:
-                n = conn.execute(update(S.leases).where(
-                    S.leases.c.id == lease_id, S.leases.c.worker_id == worker_id, S.leases.c.state == "active")
-                    .values(deadline=deadline, progress=frac)).rowcount
+                n = conn.execute(_RENEW, {"lid": lease_id, "wid": worker_id, "dl": deadline, "p": frac}).rowcount
                 out.append((lease_id, n == 1, deadline if n == 1 else 0.0))
         return self.draining, out
 
     # leasing
 
     def _lease_limit(self, conn, token: str) -> int:
-        own = conn.execute(select(S.tokens.c.max_leases).where(S.tokens.c.name == token)).scalar()
+        own = conn.execute(_TOKEN_LIMIT, {"tok": token}).scalar()
         return own or self.cfg.limits.max_leases_per_token
 
     def lease(self, token: str, worker_id: str, kinds: list[str]) -> Grant | NoWork:
@@ -141,28 +165,20 @@ class Scheduler:
         w = self._worker(token, worker_id)
         self._seen[worker_id] = now
         with self.store.tx() as conn:
-            held = conn.execute(select(func.count()).select_from(S.leases).where(
-                S.leases.c.token == token, S.leases.c.state == "active")).scalar_one()
+            held = conn.execute(_HELD, {"tok": token}).scalar_one()
             limit = self._lease_limit(conn, token)
             if held >= limit:
                 return NoWork(f"token {token!r} already holds {held} leases, its limit is {limit}")
-            fits = and_(S.tasks.c.state == "pending", S.tasks.c.kind.in_(kinds),
-                        S.tasks.c.min_gpu_memory <= w.gpu_memory, S.tasks.c.min_speed <= w.speed,
-                        or_(S.tasks.c.needs_cuda.is_(False), bool(w.cuda)))
-            pick = select(S.tasks.c.id, S.tasks.c.kind, S.tasks.c.payload, S.tasks.c.attempts).where(fits) \
-                .order_by(S.tasks.c.priority.desc(), S.tasks.c.created, S.tasks.c.id).limit(1)
-            if not self.store.is_sqlite:
-                pick = pick.with_for_update(skip_locked=True)
-            t = conn.execute(pick).first()
+            t = conn.execute(_PICK if self.store.is_sqlite else _PICK_LOCKED,
+                             {"kinds": kinds, "gpu": w.gpu_memory, "speed": w.speed, "cuda": bool(w.cuda)}).first()
             if t is None:
                 return NoWork(self._why_nothing(conn, w, kinds))
             lease_id, deadline = new_id(), now + self.cfg.leases.duration_s
-            n = conn.execute(update(S.tasks).where(S.tasks.c.id == t.id, S.tasks.c.state == "pending")
-                             .values(state="leased", lease_id=lease_id, updated=now)).rowcount
+            n = conn.execute(_TAKE, {"tid": t.id, "lid": lease_id, "now": now}).rowcount
             if n != 1:  # taken by another process between select and update; the worker asks again
                 return NoWork("contention: retry")
-            conn.execute(insert(S.leases).values(id=lease_id, task_id=t.id, worker_id=worker_id, token=token,
-                                                 state="active", granted=now, deadline=deadline, progress=0.0))
+            conn.execute(_NEW_LEASE, dict(id=lease_id, task_id=t.id, worker_id=worker_id, token=token,
+                                          state="active", granted=now, deadline=deadline, progress=0.0))
         self.metrics.lease_granted(t.kind)
         return Grant(t.id, lease_id, t.kind, t.payload, deadline, t.attempts + 1)
 
@@ -197,7 +213,7 @@ class Scheduler:
         return state
 
     def _owned_lease(self, conn, token: str, task_id: str, lease_id: str):
-        lease = conn.execute(select(S.leases).where(S.leases.c.id == lease_id)).first()
+        lease = conn.execute(_LEASE, {"lid": lease_id}).first()
         if lease is None:
             raise RequestError("NOT_FOUND", f"unknown lease id {lease_id!r}")
         if lease.token != token:
@@ -256,8 +272,8 @@ class Scheduler:
         """Check a Complete's header before its upload is read."""
         with self.store.read() as conn:
             lease = self._owned_lease(conn, token, task_id, lease_id)
-            task = conn.execute(select(S.tasks).where(S.tasks.c.id == task_id)).first()
-            done = conn.execute(select(S.results).where(S.results.c.task_id == task_id)).first()
+            task = conn.execute(_TASK, {"tid": task_id}).first()
+            done = conn.execute(_RESULT, {"tid": task_id}).first()
         info = dict(lease_id=lease_id, task_id=task_id, kind=task.kind, run=task.run,
                     payload=json.loads(task.payload), granted=lease.granted, worker_id=lease.worker_id)
         if done is not None:
@@ -295,31 +311,29 @@ class Scheduler:
         inside the transaction so that a refused completion leaves no file behind."""
         now = time.time()
         with self.store.tx() as conn:
-            done = conn.execute(select(S.results.c.lease_id, S.results.c.credited)
-                                .where(S.results.c.task_id == info.task_id)).first()
+            done = conn.execute(_RESULT, {"tid": info.task_id}).first()
             if done is not None:  # a concurrent completion won while this upload was streaming
                 if done.lease_id == info.lease_id:
                     return CompleteOutcome(True, done.credited, True, "already completed by this lease")
                 raise RequestError("FAILED_PRECONDITION", f"task {info.task_id} was already completed by another "
                                    "lease; this result is refused without credit")
-            task = conn.execute(select(S.tasks).where(S.tasks.c.id == info.task_id)).first()
-            lease = conn.execute(select(S.leases).where(S.leases.c.id == info.lease_id)).first()
+            task = conn.execute(_TASK, {"tid": info.task_id}).first()
+            lease = conn.execute(_LEASE, {"lid": info.lease_id}).first()
             if lease.state in ("failed", "released"):
                 raise RequestError("FAILED_PRECONDITION", f"lease {info.lease_id} was given back ({lease.state})")
             token = lease.token
-            conn.execute(insert(S.results).values(task_id=info.task_id, lease_id=info.lease_id,
-                                                  worker_id=lease.worker_id, token=token, sha256=sha256, size=size,
-                                                  path=rel_path, metrics=json.dumps(metrics), credited=True, at=now))
-            conn.execute(update(S.leases).where(S.leases.c.id == info.lease_id).values(state="completed"))
+            conn.execute(_NEW_RESULT, dict(task_id=info.task_id, lease_id=info.lease_id, worker_id=lease.worker_id,
+                                           token=token, sha256=sha256, size=size, path=rel_path,
+                                           metrics=json.dumps(metrics), credited=True, at=now))
+            conn.execute(_LEASE_DONE, {"lid": info.lease_id})
             if task.lease_id and task.lease_id != info.lease_id:
                 # A late result for an expired lease won: the newer lease is cancelled at its next heartbeat.
                 conn.execute(update(S.leases).where(S.leases.c.id == task.lease_id, S.leases.c.state == "active")
                              .values(state="cancelled"))
-            conn.execute(update(S.tasks).where(S.tasks.c.id == info.task_id)
-                         .values(state="done", lease_id=None, updated=now))
-            for c in credits:
-                conn.execute(insert(S.ledger).values(task_id=info.task_id, volunteer=token, kind=info.kind,
-                                                     unit=c.unit, amount=c.amount, at=now))
+            conn.execute(_TASK_DONE, {"tid": info.task_id, "now": now})
+            if credits:
+                conn.execute(_CREDIT, [dict(task_id=info.task_id, volunteer=token, kind=info.kind, unit=c.unit,
+                                            amount=c.amount, at=now) for c in credits])
             commit_file()
         self.metrics.lease_completed(info.kind)
         if "loss" in metrics:

@@ -92,8 +92,10 @@ tasks = Table(
     Column("last_error", Text),
     Column("created", Float, nullable=False),
     Column("updated", Float, nullable=False),
-    Index("ix_tasks_pick", "state", "kind", "priority"),
 )
+# Lease's pick (`state = 'pending' AND kind = K ORDER BY priority DESC, created, id`) walks this
+# index in order instead of sorting every pending task.
+Index("ix_tasks_pick", tasks.c.state, tasks.c.kind, tasks.c.priority.desc(), tasks.c.created, tasks.c.id)
 
 leases = Table(
     "leases", metadata,
