@@ -176,3 +176,25 @@ def _refused(c) -> bool:
     except grpc.RpcError as err:
         assert err.code() == grpc.StatusCode.UNAUTHENTICATED
         return True
+
+
+def test_drain_tells_workers_and_stops_leasing(coord):
+    coord.add_eval()
+    c = coord.client()
+    w = c.register("w").worker_id
+    coord.server.drain()  # what SIGTERM does before stopping
+    assert c.heartbeat(w).directive == pb.DRAIN
+    assert "shutting down" in c.lease(w, ["eval"]).no_work.reason
+
+
+def test_store_refuses_a_newer_schema(db_url):
+    # Reference: the schema_version row written by Store.migrate.
+    store = S.Store.open(db_url)
+    with store.tx() as conn:
+        conn.execute(S.schema_version.update().values(version=S.SCHEMA_VERSION + 1))
+    with pytest.raises(RuntimeError, match="newer than this coordinator's"):
+        S.Store.open(db_url)
+    with store.tx() as conn:
+        conn.execute(S.schema_version.update().values(version=S.SCHEMA_VERSION))
+    S.Store.open(db_url).close()  # current version: opens without migrating
+    store.close()
