@@ -124,6 +124,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         now = time.monotonic()
         hit = self._tokens.get(h)
         if hit is None or hit[1] < now:
+            if len(self._tokens) > 10_000:  # bounded: someone may be trying random tokens
+                self._tokens.clear()
             row = self.store.token_by_hash(h)
             hit = (row.name if row else None, now + TOKEN_CACHE_S)
             self._tokens[h] = hit
