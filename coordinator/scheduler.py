@@ -306,7 +306,7 @@ class Scheduler:
             raise RequestError("INVALID_ARGUMENT", f"result refused by the {info.kind} validator: {err}") from None
 
     def complete(self, info: LeaseInfo, sha256: str, size: int, rel_path: str, metrics: dict[str, float],
-                 credits: list[Credit], commit_file) -> CompleteOutcome:
+                 credits: list[Credit], commit_file, metadata_json: str = "{}") -> CompleteOutcome:
         """Record an uploaded, validated result. `commit_file()` moves the upload into place; it runs
         inside the transaction so that a refused completion leaves no file behind."""
         now = time.time()
@@ -324,7 +324,8 @@ class Scheduler:
             token = lease.token
             conn.execute(_NEW_RESULT, dict(task_id=info.task_id, lease_id=info.lease_id, worker_id=lease.worker_id,
                                            token=token, sha256=sha256, size=size, path=rel_path,
-                                           metrics=json.dumps(metrics), credited=True, at=now))
+                                           metrics=json.dumps(metrics), metadata=metadata_json, credited=True,
+                                           at=now))
             conn.execute(_LEASE_DONE, {"lid": info.lease_id})
             if task.lease_id and task.lease_id != info.lease_id:
                 # A late result for an expired lease won: the newer lease is cancelled at its next heartbeat.

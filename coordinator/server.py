@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import math
 import os
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 SERVICE = "mujina.v1.Coordinator"
 CHUNK = 1 << 20          # fetch chunk size; below the default 4 MiB message limit
+MAX_METADATA_CHARS = 65536  # Complete's metadata_json; results themselves go in the upload
 TOKEN_CACHE_S = 5.0      # a revoked token stops working within this many seconds
 _NAME_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -196,6 +198,15 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         for k, v in h.metrics.items():
             if not math.isfinite(v):
                 raise RequestError("INVALID_ARGUMENT", f"metrics.{k} is {v!r}; numbers must be finite")
+        metadata_json = h.metadata_json or "{}"
+        if len(metadata_json) > MAX_METADATA_CHARS:
+            raise RequestError("INVALID_ARGUMENT", f"metadata_json is {len(metadata_json)} characters; the limit is "
+                               f"{MAX_METADATA_CHARS} (put bulk data in the upload itself)")
+        try:
+            if not isinstance(json.loads(metadata_json), dict):
+                raise ValueError("not an object")
+        except ValueError as err:  # JSONDecodeError is a ValueError
+            raise RequestError("INVALID_ARGUMENT", f"metadata_json must be a JSON object ({err})") from None
         limit = self.cfg.limits.max_upload_bytes
         if h.size_bytes > limit:
             raise RequestError("RESOURCE_EXHAUSTED", f"upload of {h.size_bytes} bytes exceeds the coordinator's "
@@ -230,7 +241,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             # coordinator (it is in the OS cache); a power cut may lose the newest results.
             rel = f"results/{h.task_id}.{h.lease_id}.bin"
             out = self.scheduler.complete(info, h.sha256, size, rel, metrics, credits,
-                                          commit_file=lambda: os.replace(tmp, self.state_dir / rel))
+                                          commit_file=lambda: os.replace(tmp, self.state_dir / rel),
+                                          metadata_json=metadata_json)
         finally:
             tmp.unlink(missing_ok=True)
         return pb.CompleteResponse(accepted=out.accepted, credited=out.credited, duplicate=out.duplicate,

@@ -131,6 +131,7 @@ results = Table(
     Column("size", BigInteger, nullable=False),
     Column("path", Text, nullable=False),              # relative to the state directory
     Column("metrics", Text, nullable=False),           # JSON
+    Column("metadata", Text, nullable=False),          # the worker's metadata_json, checked to be an object
     Column("credited", Boolean, nullable=False),
     Column("at", Float, nullable=False),
 )

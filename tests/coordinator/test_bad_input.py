@@ -129,6 +129,12 @@ def test_malformed_complete_messages_are_invalid_argument(leased):
     code, _ = code_of(lambda: c.complete_raw([header(t, b"ab"), header(t, b"ab")]))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert code_of(lambda: c.complete_raw([]))[0] == grpc.StatusCode.INVALID_ARGUMENT
+    for bad in ("[1, 2]", "{not json", "{}" + " " * 70000):
+        code, msg = code_of(lambda b=bad: c.complete(t.task_id, t.lease_id, b"r", GOOD, metadata_json=b))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "metadata_json" in msg
+    assert c.complete(t.task_id, t.lease_id, b"r", GOOD, metadata_json='{"device": "cpu"}').accepted
+    with coord.store.read() as conn:
+        assert conn.execute(select(S.results.c.metadata)).scalar_one() == '{"device": "cpu"}'
 
 
 @pytest.mark.parametrize("metrics, needle", [
