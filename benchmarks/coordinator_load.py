@@ -159,13 +159,12 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=2000, help="registered idle workers heartbeating")
     ap.add_argument("--interval", type=float, default=10.0, help="idle workers' heartbeat interval, seconds")
     ap.add_argument("--duration", type=float, default=20.0, help="measured seconds of cycling")
-    ap.add_argument("--threads", type=int, default=4, help="server gRPC threads (few: they share one GIL)")
     args = ap.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="mujina-bench-"))
     project = tmp / "project.yaml"
-    project.write_text(f"run: bench\nstate_dir: state\nleases: {{duration_s: 120, heartbeat_interval_s: 10}}\n"
-                       f"limits: {{max_leases_per_token: 1000000}}\nserver: {{threads: {args.threads}}}\n")
+    project.write_text("run: bench\nstate_dir: state\nleases: {duration_s: 120, heartbeat_interval_s: 10}\n"
+                       "limits: {max_leases_per_token: 1000000}\n")
     db = args.db or f"sqlite:///{tmp / 'state' / 'coordinator.db'}"
     n_tasks = int(args.clients * args.procs * args.duration * 40) + 1000  # more than can be done
     _prepare(db, project, n_tasks)
@@ -209,7 +208,7 @@ def main(argv=None) -> int:
         "p50_cycle_ms": _pct(cyc, 50), "p99_cycle_ms": _pct(cyc, 99),
         "server_rss_mb": rss, "server_peak_rss_mb": peak,
         "clients": args.clients * args.procs, "idle_workers": args.workers, "duration_s": args.duration,
-        "server_threads": args.threads, "cpus": os.cpu_count(),
+        "cpus": os.cpu_count(),
         "no_work_answers": sum(o["no_work"] for o in outs),
     }
     print(f"coordinator load ({res['db']}, {res['clients']} cycling clients, {args.workers} idle workers "

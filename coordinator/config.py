@@ -51,7 +51,6 @@ class LimitConfig(_Strict):
 
 class ServerConfig(_Strict):
     listen: str = Field("127.0.0.1:50051", description="HOST:PORT to serve gRPC on (--listen overrides)")
-    threads: int = Field(16, ge=1, description="gRPC worker threads")
     tls_cert: Path | None = Field(None, description="PEM certificate chain; with tls_key enables TLS")
     tls_key: Path | None = Field(None, description="PEM private key for tls_cert")
     bootstrap_peers: list[str] = Field(default_factory=list, description="hivemind multiaddrs handed to workers")

@@ -9,8 +9,9 @@ counted twice whatever the code above does), schema_version.
 
 One coordinator process serves a store. Its writes go through `Store.tx()`, which serialises them
 with a process-wide lock: SQLite allows one writer anyway, and on PostgreSQL it removes lease races
-between the server's threads. Writers in other processes (the `tasks`/`token` CLI) use row-level
-conditions (`UPDATE ... WHERE state = 'pending'`) so they never fight the server.
+between the server's threads (its gRPC loop, the expiry sweeper). Writers in other processes (the
+`tasks`/`token` CLI) use row-level conditions (`UPDATE ... WHERE state = 'pending'`) so they never
+fight the server.
 """
 
 from __future__ import annotations
