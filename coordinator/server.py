@@ -21,6 +21,7 @@ import os
 import re
 import threading
 import time
+from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -95,9 +96,26 @@ def _finite(value: float, field: str, minimum: float = 0.0) -> float:
     return value
 
 
+async def _inline(fn, *args):
+    return fn(*args)
+
+
+async def _in_pool(pool, fn, *args):
+    return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
+
+
 class CoordinatorService(pb_grpc.CoordinatorServicer):
     def __init__(self, cfg: ProjectConfig, store: S.Store, scheduler: Scheduler, metrics: NullMetrics):
         self.cfg, self.store, self.scheduler, self.metrics = cfg, store, scheduler, metrics
+        # How handlers reach the store, chosen once: SQLite answers in microseconds, so calling it on
+        # the event loop is cheapest; PostgreSQL statements are round trips and commits wait for its
+        # fsync, which would stall every other RPC (idle heartbeats included), so they run in threads.
+        self._pool = None
+        if store.is_sqlite:
+            self._db = _inline
+        else:
+            self._pool = futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="store")
+            self._db = functools.partial(_in_pool, self._pool)
         self.state_dir = Path(cfg.state_dir)
         self.results_dir = self.state_dir / "results"
         self.tmp_dir = self.results_dir / ".tmp"
@@ -138,7 +156,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         cuda = any(d.kind == "cuda" for d in caps.devices)
         record = {"devices": [{"kind": d.kind, "name": d.name, "memory_bytes": d.memory_bytes} for d in caps.devices],
                   "host_memory_bytes": caps.host_memory_bytes, "speed": caps.speed, "software": dict(caps.software)}
-        worker_id = self.scheduler.register(token, request.name or "unnamed", record, gpu_memory, cuda, caps.speed)
+        worker_id = await self._db(self.scheduler.register, token, request.name or "unnamed", record, gpu_memory,
+                                   cuda, caps.speed)
         log.info("registered worker %s (%s) for %s: gpu_memory=%d cuda=%s speed=%g", worker_id, request.name, token,
                  gpu_memory, cuda, caps.speed)
         return pb.RegisterResponse(worker_id=worker_id, heartbeat_interval_s=self.cfg.leases.heartbeat_interval_s,
@@ -155,7 +174,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 raise RequestError("INVALID_ARGUMENT", f"lease {p.lease_id}: progress must be in [0, 1], "
                                    f"got {p.progress!r}")
             progress.append((p.lease_id, p.progress))
-        drain, renewed = self.scheduler.heartbeat(token, request.worker_id, progress)
+        drain, renewed = await self._db(self.scheduler.heartbeat, token, request.worker_id, progress)
         return pb.HeartbeatResponse(
             directive=pb.DRAIN if drain else pb.CONTINUE,
             leases=[pb.LeaseStatus(lease_id=lid, directive=pb.CONTINUE if ok else pb.CANCEL, deadline=dl)
@@ -168,7 +187,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         kinds = [k for k in request.kinds if k]
         if not kinds:
             raise RequestError("INVALID_ARGUMENT", "kinds is empty: name the task kinds this worker runs")
-        out = self.scheduler.lease(token, request.worker_id, kinds)
+        out = await self._db(self.scheduler.lease, token, request.worker_id, kinds)
         if isinstance(out, Grant):
             return pb.LeaseResponse(task=pb.Task(task_id=out.task_id, lease_id=out.lease_id, kind=out.kind,
                                                  payload_json=out.payload_json, deadline=out.deadline,
@@ -201,12 +220,12 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         if h.size_bytes > limit:
             raise RequestError("RESOURCE_EXHAUSTED", f"upload of {h.size_bytes} bytes exceeds the coordinator's "
                                f"limit of {limit} bytes (limits.max_upload_bytes)")
-        info = self.scheduler.lease_for_complete(token, h.task_id, h.lease_id)
+        info = await self._db(self.scheduler.lease_for_complete, token, h.task_id, h.lease_id)
         if info.duplicate is not None:
             d = info.duplicate
             return pb.CompleteResponse(accepted=d.accepted, credited=d.credited, duplicate=True, message=d.message)
         metrics = dict(h.metrics)
-        credits = self.scheduler.check_result(info, metrics)
+        credits = await self._db(self.scheduler.check_result, info, metrics)
 
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.tmp_dir / f"{h.lease_id}.{os.getpid()}.{threading.get_ident()}"
@@ -230,9 +249,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             # No fsync: like the store's synchronous=NORMAL, the file survives a crash or kill -9 of the
             # coordinator (it is in the OS cache); a power cut may lose the newest results.
             rel = f"results/{h.task_id}.{h.lease_id}.bin"
-            out = self.scheduler.complete(info, h.sha256, size, rel, metrics, credits,
-                                          commit_file=lambda: os.replace(tmp, self.state_dir / rel),
-                                          metadata_json=metadata_json)
+            out = await self._db(functools.partial(
+                self.scheduler.complete, info, h.sha256, size, rel, metrics, credits,
+                commit_file=lambda: os.replace(tmp, self.state_dir / rel), metadata_json=metadata_json))
         finally:
             tmp.unlink(missing_ok=True)
         return pb.CompleteResponse(accepted=out.accepted, credited=out.credited, duplicate=out.duplicate,
@@ -245,7 +264,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         reason = pb.FailReason.Name(request.reason) if request.reason in pb.FailReason.values() else "ERROR"
         if reason == "FAIL_REASON_UNSPECIFIED":
             reason = "ERROR"
-        requeued, dead = self.scheduler.fail(token, request.task_id, request.lease_id, reason, request.message)
+        requeued, dead = await self._db(self.scheduler.fail, token, request.task_id, request.lease_id, reason,
+                                        request.message)
         return pb.FailResponse(requeued=requeued, dead=dead)
 
     def _serve_file(self, root: str, request):
@@ -355,8 +375,8 @@ class CoordinatorServer:
                 ("grpc.so_reuseport", 0)]
         self.server = grpc.aio.server(options=opts)
         self.health = HealthServicer()
-        pb_grpc.add_CoordinatorServicer_to_server(
-            CoordinatorService(self.cfg, self.store, self.scheduler, self.metrics), self.server)
+        self.service = CoordinatorService(self.cfg, self.store, self.scheduler, self.metrics)
+        pb_grpc.add_CoordinatorServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if self.tls[0]:
             creds = grpc.ssl_server_credentials([(Path(self.tls[1]).read_bytes(), Path(self.tls[0]).read_bytes())])
@@ -394,6 +414,8 @@ class CoordinatorServer:
         self._stop.set()
         self._run(self.server.stop(grace))
         self._close_loop()
+        if self.service._pool is not None:
+            self.service._pool.shutdown(wait=True)
         self.scheduler.flush_seen()
         self.metrics.close()
         self.store.close()
