@@ -21,6 +21,7 @@ import os
 import re
 import threading
 import time
+import uuid
 from concurrent import futures
 from pathlib import Path
 
@@ -228,7 +229,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         credits = await self._db(self.scheduler.check_result, info, metrics)
 
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.tmp_dir / f"{h.lease_id}.{os.getpid()}.{threading.get_ident()}"
+        tmp = self.tmp_dir / f"{h.lease_id}.{uuid.uuid4().hex}"  # unique: the same lease may be uploading twice
         try:
             digest, size = hashlib.sha256(), 0
             with open(tmp, "wb") as f:

@@ -198,3 +198,25 @@ def test_store_refuses_a_newer_schema(db_url):
         conn.execute(S.schema_version.update().values(version=S.SCHEMA_VERSION))
     S.Store.open(db_url).close()  # current version: opens without migrating
     store.close()
+
+
+def test_concurrent_uploads_for_one_lease_store_one_result_and_credit_once(coord):
+    # A worker that retries Complete while its first upload is still streaming (a timeout on its side).
+    import threading
+
+    (tid,) = coord.add_eval()
+    c = coord.client()
+    t = c.lease(c.register("w").worker_id, ["eval"]).task
+    data = b"z" * (3 << 18)  # 768 KiB: several chunks, so the two streams interleave
+    answers = []
+    threads = [threading.Thread(target=lambda: answers.append(c.complete(tid, t.lease_id, data, EVAL)))
+               for _ in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert len(answers) == 4 and all(a.accepted for a in answers)
+    assert sum(not a.duplicate for a in answers) == 1
+    assert len(ledger_rows(coord)) == 2
+    assert [p.name for p in (coord.cfg.state_dir / "results").glob("*.bin")] == [f"{tid}.{t.lease_id}.bin"]
+    assert not list((coord.cfg.state_dir / "results" / ".tmp").iterdir())
