@@ -1,1 +1,3 @@
-"""The organizer's service (gRPC API, store, scheduler, ledger, metrics). Not built yet: see issue 4."""
+"""The organizer's service: gRPC API (api/), store, scheduler, validators and ledger, metrics, CLI.
+
+Entry point: `mujina-coordinator` (coordinator/cli.py). Imports no torch."""

@@ -1,1 +1,3 @@
-"""The coordinator/worker protocol (mujina.proto). Not built yet: see issue 4."""
+"""The coordinator/worker protocol: mujina.proto, its generated modules and a typed client.
+
+The worker imports this package and nothing else of the coordinator."""

@@ -1,0 +1,227 @@
+"""Coordinator load: lease -> heartbeat -> complete cycles from concurrent clients on loopback, while
+2,000 registered workers heartbeat every 10 s. Prints a table and writes JSON.
+
+    python benchmarks/coordinator_load.py                                   # SQLite in a temp dir
+    python benchmarks/coordinator_load.py --db postgresql+psycopg://postgres@127.0.0.1:5432/bench
+    python benchmarks/coordinator_load.py --json runs/bench/coordinator.json --duration 30
+
+The server is the real `mujina-coordinator serve` in its own process; clients use grpc.aio in
+`--procs` processes (so client work does not share the server's interpreter). JSON keys:
+cycles_per_s, p99_heartbeat_ms (all heartbeats: idle workers' and cycling clients'),
+p50_heartbeat_ms, p99_cycle_ms, server_rss_mb (peak), plus the settings. Nothing here is pass/fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+TOKEN = "mj_benchmark_token"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _prepare(db: str, project: Path, n_tasks: int) -> None:
+    from sqlalchemy import insert
+
+    from coordinator import store as S
+
+    store = S.Store.open(db)
+    store.add_token("bench", TOKEN, max_leases=1_000_000)
+    now = time.time()
+    payload = json.dumps({"checkpoint": "c", "shard": "s", "shard_tokens": 4096})
+    rows = [dict(id=uuid.uuid4().hex, kind="eval", run="bench", priority=0, state="pending", payload=payload,
+                 min_gpu_memory=0, needs_cuda=False, min_speed=0.0, attempts=0, max_attempts=3, created=now + i * 1e-6,
+                 updated=now) for i in range(n_tasks)]
+    with store.tx() as conn:
+        for i in range(0, len(rows), 5000):
+            conn.execute(insert(S.tasks), rows[i:i + 5000])
+    store.close()
+
+
+async def _cyclers(target: str, n: int, duration: float, out: dict):
+    import grpc
+
+    from coordinator.api import mujina_pb2 as pb
+    from coordinator.api import mujina_pb2_grpc as pb_grpc
+
+    md = (("authorization", f"Bearer {TOKEN}"),)
+    data = b"r" * 256
+    digest = hashlib.sha256(data).hexdigest()
+    async with grpc.aio.insecure_channel(target) as ch:
+        stub = pb_grpc.CoordinatorStub(ch)
+        end = time.monotonic() + duration
+
+        async def one():
+            wid = (await stub.Register(pb.RegisterRequest(name="cycler", capabilities=pb.Capabilities(speed=1.0)),
+                                       metadata=md)).worker_id
+            while time.monotonic() < end:
+                t0 = time.perf_counter()
+                r = await stub.Lease(pb.LeaseRequest(worker_id=wid, kinds=["eval"]), metadata=md)
+                if not r.HasField("task"):
+                    out["no_work"] += 1
+                    await asyncio.sleep(0.1)
+                    continue
+                h0 = time.perf_counter()
+                await stub.Heartbeat(pb.HeartbeatRequest(worker_id=wid, leases=[
+                    pb.LeaseProgress(lease_id=r.task.lease_id, progress=0.5)]), metadata=md)
+                out["hb_ms"].append((time.perf_counter() - h0) * 1e3)
+
+                head = pb.CompleteHeader(task_id=r.task.task_id, lease_id=r.task.lease_id, size_bytes=len(data),
+                                         sha256=digest, metrics={"loss": 2.0, "tokens": 1024})
+                await stub.Complete(iter([pb.CompleteChunk(header=head), pb.CompleteChunk(data=data)]), metadata=md)
+                out["cycle_ms"].append((time.perf_counter() - t0) * 1e3)
+                out["cycles"] += 1
+
+        await asyncio.gather(*(one() for _ in range(n)))
+
+
+async def _idle(target: str, n: int, interval: float, duration: float, out: dict, ready):
+    import grpc
+
+    from coordinator.api import mujina_pb2 as pb
+    from coordinator.api import mujina_pb2_grpc as pb_grpc
+
+    md = (("authorization", f"Bearer {TOKEN}"),)
+    async with grpc.aio.insecure_channel(target) as ch:
+        stub = pb_grpc.CoordinatorStub(ch)
+        ids = []
+        for i in range(0, n, 100):  # register in batches of 100 concurrent calls
+            rs = await asyncio.gather(*(stub.Register(pb.RegisterRequest(
+                name=f"idle{j}", capabilities=pb.Capabilities(speed=1.0)), metadata=md)
+                for j in range(i, min(n, i + 100))))
+            ids += [r.worker_id for r in rs]
+        out["registered"] = len(ids)
+        ready.set()  # the cycling clients start now; idle heartbeats run until they are done
+        end = time.monotonic() + duration
+
+        async def beat(wid):
+            await asyncio.sleep(random.uniform(0, interval))  # spread the phases evenly
+            while time.monotonic() < end:
+                h0 = time.perf_counter()
+                await stub.Heartbeat(pb.HeartbeatRequest(worker_id=wid), metadata=md)
+                out["hb_ms"].append((time.perf_counter() - h0) * 1e3)
+                await asyncio.sleep(interval)
+
+        await asyncio.gather(*(beat(w) for w in ids))
+
+
+def _proc(kind: str, target: str, args: dict, ready, q: mp.Queue):
+    out = {"cycles": 0, "no_work": 0, "hb_ms": [], "cycle_ms": []}
+    if kind == "idle":
+        coro = _idle(target, args["workers"], args["interval"], args["duration"] + 2.0, out, ready)
+    else:
+        ready.wait()
+        coro = _cyclers(target, args["clients"], args["duration"], out)
+    asyncio.run(coro)
+    q.put(out)
+
+
+def _rss_mb(pid: int) -> tuple[float, float]:
+    status = Path(f"/proc/{pid}/status").read_text().split("\n")
+    val = {line.split(":")[0]: line.split()[1] for line in status if line.startswith(("VmRSS", "VmHWM"))}
+    return int(val["VmRSS"]) / 1024, int(val["VmHWM"]) / 1024
+
+
+def _pct(xs: list[float], p: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--db", help="store URL (default: SQLite in a temporary state directory)")
+    ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--clients", type=int, default=16, help="concurrent cycling clients per process")
+    ap.add_argument("--procs", type=int, default=1, help="client processes doing cycles")
+    ap.add_argument("--workers", type=int, default=2000, help="registered idle workers heartbeating")
+    ap.add_argument("--interval", type=float, default=10.0, help="idle workers' heartbeat interval, seconds")
+    ap.add_argument("--duration", type=float, default=20.0, help="measured seconds of cycling")
+    args = ap.parse_args(argv)
+
+    tmp = Path(tempfile.mkdtemp(prefix="mujina-bench-"))
+    project = tmp / "project.yaml"
+    project.write_text("run: bench\nstate_dir: state\nleases: {duration_s: 120, heartbeat_interval_s: 10}\n"
+                       "limits: {max_leases_per_token: 1000000}\n")
+    db = args.db or f"sqlite:///{tmp / 'state' / 'coordinator.db'}"
+    n_tasks = int(args.clients * args.procs * args.duration * 40) + 1000  # more than can be done
+    _prepare(db, project, n_tasks)
+    port = _free_port()
+    target = f"127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "serve", "--config", str(project), "--db", db,
+                               "--listen", target], cwd=REPO, stdout=subprocess.DEVNULL,
+                              stderr=open(tmp / "serve.log", "wb"))
+    try:
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        with grpc.insecure_channel(target) as ch:
+            grpc.channel_ready_future(ch).result(timeout=60)
+            health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        ctx = mp.get_context("spawn")
+        q = ctx.Queue()
+        settings = dict(workers=args.workers, interval=args.interval, duration=args.duration, clients=args.clients)
+        ready = ctx.Event()  # set once the idle workers are registered
+        procs = [ctx.Process(target=_proc, args=("idle", target, settings, ready, q))]
+        procs += [ctx.Process(target=_proc, args=("cycle", target, settings, ready, q)) for _ in range(args.procs)]
+        for p in procs:
+            p.start()
+        outs = [q.get(timeout=args.duration + 900) for _ in procs]
+        for p in procs:
+            p.join()
+        rss, peak = _rss_mb(server.pid)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+
+    cycles = sum(o["cycles"] for o in outs)
+    hb = [x for o in outs for x in o["hb_ms"]]
+    idle_hb = next(o for o in outs if "registered" in o)["hb_ms"]
+    cyc = [x for o in outs for x in o["cycle_ms"]]
+    res = {
+        "db": "postgresql" if db.startswith("postgresql") else "sqlite",
+        "cycles_per_s": cycles / args.duration,
+        "p99_heartbeat_ms": _pct(hb, 99), "p50_heartbeat_ms": _pct(hb, 50),
+        "p99_idle_heartbeat_ms": _pct(idle_hb, 99), "heartbeats": len(hb),
+        "p50_cycle_ms": _pct(cyc, 50), "p99_cycle_ms": _pct(cyc, 99),
+        "server_rss_mb": rss, "server_peak_rss_mb": peak,
+        "clients": args.clients * args.procs, "idle_workers": args.workers, "duration_s": args.duration,
+        "cpus": os.cpu_count(),
+        "no_work_answers": sum(o["no_work"] for o in outs),
+    }
+    print(f"coordinator load ({res['db']}, {res['clients']} cycling clients, {args.workers} idle workers "
+          f"heartbeating every {args.interval:g} s, {args.duration:g} s, {os.cpu_count()} CPUs)")
+    print(f"{'metric':<26}{'value':>12}")
+    for key in ("cycles_per_s", "p50_heartbeat_ms", "p99_heartbeat_ms", "p99_idle_heartbeat_ms", "p50_cycle_ms",
+                "p99_cycle_ms", "server_rss_mb", "server_peak_rss_mb"):
+        print(f"{key:<26}{res[key]:>12.1f}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(res, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

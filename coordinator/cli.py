@@ -1,0 +1,267 @@
+"""`mujina-coordinator`: the organizer's command.
+
+    mujina-coordinator serve  --config project.yaml [--db URL] [--listen HOST:PORT] [--metrics-port P]
+                              [--tls-cert PEM --tls-key PEM]
+    mujina-coordinator token  add NAME [--max-leases N] | list | revoke NAME
+    mujina-coordinator tasks  add --kind eval --payload JSON [--count N] [--priority P] [--min-gpu-memory B]
+                              [--needs-cuda] [--min-speed S] | list [--state S] | retry TASK_ID
+    mujina-coordinator status
+    mujina-coordinator ledger [--csv]
+
+Every subcommand takes the same --config and --db as `serve`. Exit codes: 0 ok, 2 a user error
+(the message says what to fix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import secrets
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from sqlalchemy import func, select
+
+log = logging.getLogger("coordinator")
+
+
+def _common(p: argparse.ArgumentParser):
+    p.add_argument("--config", required=True, type=Path, help="the project file (see configs/project.yaml)")
+    p.add_argument("--db", help="SQLAlchemy URL of the store; default: the project's db, else SQLite in state_dir")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mujina-coordinator", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("serve", help="run the gRPC service until SIGTERM/SIGINT")
+    _common(s)
+    s.add_argument("--listen", help="HOST:PORT (default: server.listen of the project file); port 0 picks one")
+    s.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (default: off)")
+    s.add_argument("--metrics-host", default="0.0.0.0", help="address of the metrics endpoint")
+    s.add_argument("--tls-cert", type=Path, help="PEM certificate chain (with --tls-key: serve TLS)")
+    s.add_argument("--tls-key", type=Path, help="PEM private key")
+    s.add_argument("--port-file", type=Path, help="write the bound gRPC port here once serving (for scripts)")
+
+    t = sub.add_parser("token", help="volunteer tokens (stored hashed)")
+    tsub = t.add_subparsers(dest="action", required=True)
+    ta = tsub.add_parser("add", help="create a token; it is printed once, on the last line")
+    _common(ta)
+    ta.add_argument("name")
+    ta.add_argument("--max-leases", type=int, help="concurrent leases for this token (default: the project's)")
+    tl = tsub.add_parser("list", help="list tokens (names, never the tokens)")
+    _common(tl)
+    tr = tsub.add_parser("revoke", help="revoke a token (takes effect within seconds on a running server)")
+    _common(tr)
+    tr.add_argument("name")
+
+    k = sub.add_parser("tasks", help="add, list and retry tasks")
+    ksub = k.add_subparsers(dest="action", required=True)
+    ka = ksub.add_parser("add", help="add tasks; prints one task id per line")
+    _common(ka)
+    ka.add_argument("--kind", required=True, help="task kind, e.g. eval")
+    ka.add_argument("--payload", required=True, help="JSON object of the kind's parameters")
+    ka.add_argument("--count", type=int, default=1, help="add this many identical tasks")
+    ka.add_argument("--priority", type=int, default=0, help="higher is leased first")
+    ka.add_argument("--min-gpu-memory", type=int, default=0, help="bytes of accelerator memory needed")
+    ka.add_argument("--needs-cuda", action="store_true", help="only CUDA workers may run it")
+    ka.add_argument("--min-speed", type=float, default=0.0, help="minimum measured worker speed (tokens/s)")
+    ka.add_argument("--max-attempts", type=int, help="default: leases.max_attempts of the project")
+    kl = ksub.add_parser("list", help="list tasks")
+    _common(kl)
+    kl.add_argument("--state", choices=["pending", "leased", "done", "dead"])
+    kl.add_argument("--json", action="store_true", help="one JSON object per line")
+    kr = ksub.add_parser("retry", help="send a dead task back to the queue (attempts reset)")
+    _common(kr)
+    kr.add_argument("task_id")
+
+    st = sub.add_parser("status", help="a readable summary of tasks, leases, workers and credit")
+    _common(st)
+    lg = sub.add_parser("ledger", help="validated contributions per volunteer, kind and unit")
+    _common(lg)
+    lg.add_argument("--csv", action="store_true", help="CSV instead of a table")
+    return ap
+
+
+def _open(args):
+    from .config import load_project
+    from .store import Store
+
+    cfg = load_project(args.config)
+    return cfg, Store.open(args.db or cfg.db_url())
+
+
+def cmd_serve(args) -> int:
+    from .config import load_project
+    from .server import CoordinatorServer
+
+    cfg = load_project(args.config)
+    srv = CoordinatorServer(cfg, db_url=args.db, listen=args.listen, metrics_port=args.metrics_port,
+                            tls_cert=args.tls_cert, tls_key=args.tls_key).start()
+    if args.port_file:
+        args.port_file.write_text(str(srv.port))
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        log.info("%s: draining and stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not stop.wait(1.0):
+        pass
+    srv.stop(grace=5.0)
+    log.info("stopped")
+    return 0
+
+
+def cmd_token(args) -> int:
+    from . import store as S
+
+    cfg, store = _open(args)
+    if args.action == "add":
+        if args.max_leases is not None and args.max_leases < 1:
+            raise ValueError("--max-leases must be >= 1")
+        token = "mj_" + secrets.token_urlsafe(32)
+        store.add_token(args.name, token, args.max_leases)
+        print(f"token for {args.name} (shown once; only its hash is stored):", file=sys.stderr)
+        print(token)
+    elif args.action == "list":
+        with store.read() as conn:
+            rows = conn.execute(select(S.tokens).order_by(S.tokens.c.name)).all()
+        print(f"{'name':<24} {'state':<8} {'max_leases':>10}  created")
+        for r in rows:
+            print(f"{r.name:<24} {'revoked' if r.revoked else 'valid':<8} "
+                  f"{r.max_leases or cfg.limits.max_leases_per_token:>10}  {_when(r.created)}")
+    else:
+        store.revoke_token(args.name)
+        print(f"revoked {args.name}")
+    return 0
+
+
+def _when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)) + "Z" if t else "-"
+
+
+def cmd_tasks(args) -> int:
+    from . import store as S
+    from .scheduler import RequestError, Scheduler
+
+    cfg, store = _open(args)
+    sched = Scheduler(store, cfg)
+    if args.action == "add":
+        try:
+            payload = json.loads(args.payload)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--payload is not valid JSON ({e}); quote it, e.g. '{{\"shard\": \"a.bin\"}}'") from None
+        if not isinstance(payload, dict):
+            raise ValueError("--payload must be a JSON object")
+        if args.count < 1 or args.min_gpu_memory < 0 or args.min_speed < 0:
+            raise ValueError("--count must be >= 1; --min-gpu-memory and --min-speed must be >= 0")
+        for _ in range(args.count):
+            print(sched.add_task(args.kind, payload, args.priority, args.min_gpu_memory, args.needs_cuda,
+                                 args.min_speed, args.max_attempts))
+    elif args.action == "list":
+        q = select(S.tasks).order_by(S.tasks.c.created)
+        if args.state:
+            q = q.where(S.tasks.c.state == args.state)
+        with store.read() as conn:
+            rows = conn.execute(q).all()
+        if not args.json:
+            print(f"{'task':<32} {'kind':<8} {'state':<8} {'prio':>4} {'tries':>5}  last error")
+        for r in rows:
+            if args.json:
+                print(json.dumps({"id": r.id, "kind": r.kind, "state": r.state, "priority": r.priority,
+                                  "attempts": r.attempts, "last_error": r.last_error,
+                                  "payload": json.loads(r.payload)}))
+            else:
+                print(f"{r.id:<32} {r.kind:<8} {r.state:<8} {r.priority:>4} {r.attempts:>5}  {r.last_error or ''}")
+    else:
+        try:
+            sched.retry_task(args.task_id)
+        except RequestError as e:
+            raise ValueError(e.message) from None
+        print(f"task {args.task_id} is pending again")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from . import store as S
+    from .metrics import ACTIVE_WORKER_WINDOW_S
+
+    cfg, store = _open(args)
+    now = time.time()
+    with store.read() as conn:
+        by_state = conn.execute(select(S.tasks.c.kind, S.tasks.c.state, func.count())
+                                .group_by(S.tasks.c.kind, S.tasks.c.state)).all()
+        active_leases = conn.execute(select(func.count()).select_from(S.leases)
+                                     .where(S.leases.c.state == "active")).scalar_one()
+        workers = conn.execute(select(func.count()).select_from(S.workers)).scalar_one()
+        active = conn.execute(select(func.count()).select_from(S.workers)
+                              .where(S.workers.c.last_seen > now - ACTIVE_WORKER_WINDOW_S)).scalar_one()
+        tokens = conn.execute(select(func.count()).select_from(S.tokens)
+                              .where(S.tokens.c.revoked.is_(None))).scalar_one()
+        credit = conn.execute(select(S.ledger.c.unit, func.sum(S.ledger.c.amount)).group_by(S.ledger.c.unit)).all()
+        dead = conn.execute(select(S.tasks.c.id, S.tasks.c.last_error).where(S.tasks.c.state == "dead")
+                            .order_by(S.tasks.c.updated.desc()).limit(5)).all()
+    print(f"run {cfg.run}  store {store.engine.url.render_as_string(hide_password=True)}")
+    states = ("pending", "leased", "done", "dead")
+    print(f"tasks: {'kind':<10}" + "".join(f"{s:>9}" for s in states))
+    for kind in sorted({k for k, _, _ in by_state}):
+        counts = {s: n for k, s, n in by_state if k == kind}
+        print(f"       {kind:<10}" + "".join(f"{counts.get(s, 0):>9}" for s in states))
+    if not by_state:
+        print("       (none; add some with `mujina-coordinator tasks add`)")
+    print(f"leases active: {active_leases}")
+    print(f"workers: {active} active in the last {ACTIVE_WORKER_WINDOW_S:.0f} s, {workers} registered; "
+          f"{tokens} valid tokens")
+    print("credit: " + (", ".join(f"{unit} {amount:g}" for unit, amount in credit) or "none yet"))
+    for tid, err in dead:
+        print(f"dead: {tid}  {err}")
+    return 0
+
+
+def cmd_ledger(args) -> int:
+    from . import store as S
+
+    _, store = _open(args)
+    with store.read() as conn:
+        rows = conn.execute(select(S.ledger.c.volunteer, S.ledger.c.kind, S.ledger.c.unit,
+                                   func.sum(S.ledger.c.amount), func.count())
+                            .group_by(S.ledger.c.volunteer, S.ledger.c.kind, S.ledger.c.unit)
+                            .order_by(S.ledger.c.volunteer, S.ledger.c.kind, S.ledger.c.unit)).all()
+    if args.csv:
+        w = csv.writer(sys.stdout, lineterminator="\n")
+        w.writerow(["volunteer", "kind", "unit", "amount", "tasks"])
+        for vol, kind, unit, amount, n in rows:
+            w.writerow([vol, kind, unit, f"{amount:g}", n])
+    else:
+        print(f"{'volunteer':<24} {'kind':<10} {'unit':<18} {'amount':>14} {'tasks':>7}")
+        for vol, kind, unit, amount, n in rows:
+            print(f"{vol:<24} {kind:<10} {unit:<18} {amount:>14g} {n:>7}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    try:
+        return {"serve": cmd_serve, "token": cmd_token, "tasks": cmd_tasks, "status": cmd_status,
+                "ledger": cmd_ledger}[args.cmd](args)
+    except ValueError as e:  # user errors: the message names the fix
+        print(f"mujina-coordinator: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"mujina-coordinator: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

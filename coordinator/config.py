@@ -1,0 +1,110 @@
+"""The organizer's project file (`project.yaml`): one typed, validated config for the coordinator.
+
+Unknown keys are errors, and every error names the field and the fix. Example (configs/project.yaml):
+
+    run: demo
+    state_dir: runs/coordinator
+    leases: {duration_s: 60, heartbeat_interval_s: 10, max_attempts: 3}
+    limits: {max_leases_per_token: 4, max_upload_bytes: 67108864}
+
+Later issues add data, model, synthetic-data and swarm sections.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LeaseConfig(_Strict):
+    duration_s: float = Field(60.0, gt=0, description="a lease not renewed by a heartbeat within this many "
+                                                        "seconds expires and its task is requeued")
+    heartbeat_interval_s: float = Field(10.0, gt=0, description="how often workers are told to heartbeat; must be "
+                                                                  "well below duration_s")
+    sweep_interval_s: float = Field(1.0, gt=0, description="how often expired leases are looked for")
+    max_attempts: int = Field(3, ge=1, description="failed or expired attempts after which a task goes dead")
+
+    @model_validator(mode="after")
+    def _heartbeat_below_duration(self):
+        if self.heartbeat_interval_s >= self.duration_s:
+            raise ValueError(f"leases.heartbeat_interval_s ({self.heartbeat_interval_s}) must be below "
+                             f"leases.duration_s ({self.duration_s}), or every lease expires between two "
+                             "heartbeats: lower heartbeat_interval_s or raise duration_s")
+        return self
+
+
+class LimitConfig(_Strict):
+    max_leases_per_token: int = Field(4, ge=1, description="concurrent leases one token may hold (a token's own "
+                                                            "--max-leases overrides it)")
+    max_upload_bytes: int = Field(64 * 2**20, ge=0, description="largest result upload accepted by Complete")
+    no_work_retry_s: float = Field(10.0, gt=0, description="retry_after_s told to a worker that got no task")
+    max_message_bytes: int = Field(4 * 2**20, ge=2**16, description="largest single gRPC message; uploads and "
+                                                                    "fetches are chunked below this")
+
+
+class ServerConfig(_Strict):
+    listen: str = Field("127.0.0.1:50051", description="HOST:PORT to serve gRPC on (--listen overrides)")
+    tls_cert: Path | None = Field(None, description="PEM certificate chain; with tls_key enables TLS")
+    tls_key: Path | None = Field(None, description="PEM private key for tls_cert")
+    bootstrap_peers: list[str] = Field(default_factory=list, description="hivemind multiaddrs handed to workers")
+
+    @model_validator(mode="after")
+    def _tls_pair(self):
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("server.tls_cert and server.tls_key go together: set both to serve TLS, or neither")
+        if not re.fullmatch(r"[^\s:]*:\d+|\[[0-9a-fA-F:]+\]:\d+", self.listen):
+            raise ValueError(f"server.listen must be HOST:PORT (e.g. 0.0.0.0:50051), got {self.listen!r}")
+        return self
+
+
+class ProjectConfig(_Strict):
+    run: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9._-]+$", description="run name (letters, digits, ._-)")
+    state_dir: Path = Field(Path("runs/coordinator"), description="where the SQLite store, results, shards/ and "
+                                                                   "checkpoints/ live; relative to the project file")
+    db: str | None = Field(None, description="SQLAlchemy URL of the store (--db overrides); default SQLite "
+                                             "STATE_DIR/coordinator.db, or postgresql+psycopg://USER@HOST/DB")
+    leases: LeaseConfig = Field(default_factory=LeaseConfig)
+    limits: LimitConfig = Field(default_factory=LimitConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+
+    def db_url(self) -> str:
+        return self.db or f"sqlite:///{self.state_dir / 'coordinator.db'}"
+
+
+def _describe(err: ValidationError, path: Path | str) -> str:
+    lines = [f"{path}: invalid project file"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {field}: unknown key; remove it or check its spelling (see configs/project.yaml)")
+        else:
+            lines.append(f"  {field}: {e['msg'].removeprefix('Value error, ')}")
+    return "\n".join(lines)
+
+
+def load_project(path: str | Path, **overrides) -> ProjectConfig:
+    """Read and validate a project file; relative state_dir resolves against the file's directory.
+
+    Raises ValueError naming each wrong field and its fix."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ValueError(f"project file {path} not found; start from configs/project.yaml") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a project file is a YAML mapping (run: ..., state_dir: ...)")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        cfg = ProjectConfig.model_validate(data)
+    except ValidationError as err:
+        raise ValueError(_describe(err, path)) from None
+    if not cfg.state_dir.is_absolute():
+        cfg = cfg.model_copy(update={"state_dir": (path.parent / cfg.state_dir).resolve()})
+    return cfg

@@ -1,0 +1,102 @@
+"""Prometheus metrics of the coordinator, or a null version when `--metrics-port` is not given.
+
+`make_metrics(port, store)` is called once at start-up; the server calls the same methods on either
+object, so the hot path never asks whether metrics are on. Names follow Prometheus conventions
+(`_total` counters, `_seconds` durations, base units).
+
+Gauges that are facts of the store (tasks by kind and state, active workers, contributions) are
+read from it at scrape time by a collector, so they are right after a restart too.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from sqlalchemy import func, select
+
+from . import store as S
+
+log = logging.getLogger(__name__)
+
+ACTIVE_WORKER_WINDOW_S = 60.0  # a worker seen within this is "active"
+
+
+class NullMetrics:
+    def rpc(self, method: str, code: str, seconds: float) -> None: ...
+    def lease_granted(self, kind: str) -> None: ...
+    def lease_expired(self, n: int) -> None: ...
+    def lease_completed(self, kind: str) -> None: ...
+    def latest_loss(self, run: str, kind: str, loss: float) -> None: ...
+    def close(self) -> None: ...
+
+
+class StoreCollector:
+    """Reads gauges from the store on every scrape (one small query each)."""
+
+    def __init__(self, store: S.Store):
+        self.store = store
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        tasks = GaugeMetricFamily("mujina_tasks", "Tasks by kind and state", labels=["kind", "state"])
+        workers = GaugeMetricFamily("mujina_active_workers",
+                                    f"Workers that heartbeated within {ACTIVE_WORKER_WINDOW_S:.0f} s")
+        contrib = GaugeMetricFamily("mujina_contributions", "Validated contributions by volunteer, kind and unit",
+                                    labels=["volunteer", "kind", "unit"])
+        try:
+            with self.store.read() as conn:
+                for kind, state, n in conn.execute(select(S.tasks.c.kind, S.tasks.c.state, func.count())
+                                                   .group_by(S.tasks.c.kind, S.tasks.c.state)):
+                    tasks.add_metric([kind, state], n)
+                workers.add_metric([], conn.execute(select(func.count()).select_from(S.workers).where(
+                    S.workers.c.last_seen > time.time() - ACTIVE_WORKER_WINDOW_S)).scalar_one())
+                for vol, kind, unit, amount in conn.execute(
+                        select(S.ledger.c.volunteer, S.ledger.c.kind, S.ledger.c.unit, func.sum(S.ledger.c.amount))
+                        .group_by(S.ledger.c.volunteer, S.ledger.c.kind, S.ledger.c.unit)):
+                    contrib.add_metric([vol, kind, unit], float(amount))
+        except Exception:  # a scrape must never take the server down; the store's error is logged
+            log.exception("metrics: reading the store failed")
+        yield from (tasks, workers, contrib)
+
+
+class PrometheusMetrics(NullMetrics):
+    def __init__(self, port: int, store: S.Store, host: str = "0.0.0.0"):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+        self.registry = CollectorRegistry()
+        self._rpc = Histogram("mujina_rpc_duration_seconds", "Coordinator RPC latency", ["method", "code"],
+                              registry=self.registry,
+                              buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 10))
+        self._granted = Counter("mujina_leases_granted_total", "Leases granted", ["kind"], registry=self.registry)
+        self._expired = Counter("mujina_leases_expired_total", "Leases that expired unrenewed", registry=self.registry)
+        self._completed = Counter("mujina_leases_completed_total", "Leases whose result was accepted", ["kind"],
+                                  registry=self.registry)
+        self._loss = Gauge("mujina_latest_loss", "Latest validated loss reported per run", ["run", "kind"],
+                           registry=self.registry)
+        self.registry.register(StoreCollector(store))
+        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        log.info("metrics on http://%s:%d/metrics", host, port)
+
+    def rpc(self, method, code, seconds):
+        self._rpc.labels(method, code).observe(seconds)
+
+    def lease_granted(self, kind):
+        self._granted.labels(kind).inc()
+
+    def lease_expired(self, n):
+        self._expired.inc(n)
+
+    def lease_completed(self, kind):
+        self._completed.labels(kind).inc()
+
+    def latest_loss(self, run, kind, loss):
+        self._loss.labels(run, kind).set(loss)
+
+    def close(self):
+        self._server.shutdown()
+
+
+def make_metrics(port: int | None, store: S.Store, host: str = "0.0.0.0") -> NullMetrics:
+    return NullMetrics() if port is None else PrometheusMetrics(port, store, host)

@@ -1,0 +1,427 @@
+"""The gRPC server: authentication, request checking, uploads and downloads around the Scheduler.
+
+    srv = CoordinatorServer(cfg, db_url="sqlite:///state/coordinator.db", listen="127.0.0.1:0")
+    srv.start(); print(srv.port); ...; srv.stop()
+
+Every handler runs inside `_guard`: a RequestError becomes its gRPC status, any other exception
+becomes INTERNAL with a log line, so no request can take the server down. Uploads are written to
+results/.tmp/ and moved into results/ inside the transaction that records them; start-up deletes
+whatever a crash left half-way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import threading
+import time
+import uuid
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from sqlalchemy import select
+
+from . import store as S
+from .api import mujina_pb2 as pb
+from .api import mujina_pb2_grpc as pb_grpc
+from .config import ProjectConfig
+from .metrics import NullMetrics, make_metrics
+from .scheduler import Grant, RequestError, Scheduler
+
+log = logging.getLogger(__name__)
+
+SERVICE = "mujina.v1.Coordinator"
+CHUNK = 1 << 20          # fetch chunk size; below the default 4 MiB message limit
+MAX_METADATA_CHARS = 65536  # Complete's metadata_json; results themselves go in the upload
+TOKEN_CACHE_S = 5.0      # a revoked token stops working within this many seconds
+_NAME_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _guard(method):
+    """Map RequestError to its status, anything unexpected to INTERNAL; time the call."""
+    name = method.__name__
+
+    async def _fail(self, context, exc: BaseException) -> str:
+        if isinstance(exc, RequestError):
+            await context.abort(getattr(grpc.StatusCode, exc.code), exc.message)
+        log.error("%s failed", name, exc_info=exc)
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {name}; the coordinator logged it")
+
+    @functools.wraps(method)
+    async def unary(self, request, context):
+        t0, code = time.perf_counter(), "OK"
+        try:
+            token = self._authenticate(context)
+            return await method(self, token, request, context)
+        except (grpc.aio.AbortError, asyncio.CancelledError):  # already answered, or the client went away
+            code = "CANCELLED"
+            raise
+        except Exception as exc:
+            code = exc.code if isinstance(exc, RequestError) else "INTERNAL"
+            await _fail(self, context, exc)
+        finally:
+            self.metrics.rpc(name, code, time.perf_counter() - t0)
+
+    @functools.wraps(method)
+    async def streaming(self, request, context):
+        t0, code = time.perf_counter(), "OK"
+        try:
+            token = self._authenticate(context)
+            async for item in method(self, token, request, context):
+                yield item
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            code = "CANCELLED"
+            raise
+        except Exception as exc:
+            code = exc.code if isinstance(exc, RequestError) else "INTERNAL"
+            await _fail(self, context, exc)
+        finally:
+            self.metrics.rpc(name, code, time.perf_counter() - t0)
+
+    return streaming if name.startswith("Fetch") else unary
+
+
+def _finite(value: float, field: str, minimum: float = 0.0) -> float:
+    if not math.isfinite(value) or value < minimum:
+        raise RequestError("INVALID_ARGUMENT", f"{field} must be a finite number >= {minimum}, got {value!r}")
+    return value
+
+
+async def _inline(fn, *args):
+    return fn(*args)
+
+
+async def _in_pool(pool, fn, *args):
+    return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
+
+
+class CoordinatorService(pb_grpc.CoordinatorServicer):
+    def __init__(self, cfg: ProjectConfig, store: S.Store, scheduler: Scheduler, metrics: NullMetrics):
+        self.cfg, self.store, self.scheduler, self.metrics = cfg, store, scheduler, metrics
+        # How handlers reach the store, chosen once: SQLite answers in microseconds, so calling it on
+        # the event loop is cheapest; PostgreSQL statements are round trips and commits wait for its
+        # fsync, which would stall every other RPC (idle heartbeats included), so they run in threads.
+        self._pool = None
+        if store.is_sqlite:
+            self._db = _inline
+        else:
+            self._pool = futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="store")
+            self._db = functools.partial(_in_pool, self._pool)
+        self.state_dir = Path(cfg.state_dir)
+        self.results_dir = self.state_dir / "results"
+        self.tmp_dir = self.results_dir / ".tmp"
+        self._tokens: dict[str, tuple[str | None, float]] = {}
+        self._sha_cache: dict[tuple, str] = {}
+
+    # auth
+
+    def _authenticate(self, context) -> str:
+        md = dict(context.invocation_metadata() or ())
+        value = md.get("authorization", "")
+        if not value.startswith("Bearer ") or not value[7:].strip():
+            raise RequestError("UNAUTHENTICATED", "missing metadata 'authorization: Bearer TOKEN'; get a token "
+                               "from the organizer (`mujina-coordinator token add NAME`)")
+        h = S.hash_token(value[7:].strip())
+        now = time.monotonic()
+        hit = self._tokens.get(h)
+        if hit is None or hit[1] < now:
+            if len(self._tokens) > 10_000:  # bounded: someone may be trying random tokens
+                self._tokens.clear()
+            row = self.store.token_by_hash(h)
+            hit = (row.name if row else None, now + TOKEN_CACHE_S)
+            self._tokens[h] = hit
+        if hit[0] is None:
+            raise RequestError("UNAUTHENTICATED", "unknown or revoked token")
+        return hit[0]
+
+    # RPCs
+
+    @_guard
+    async def Register(self, token, request, context):
+        caps = request.capabilities
+        _finite(caps.speed, "capabilities.speed")
+        accel = [d for d in caps.devices if d.kind in ("cuda", "mps")]
+        gpu_memory = max((d.memory_bytes for d in accel), default=0)
+        if gpu_memory >= 2**63:
+            raise RequestError("INVALID_ARGUMENT", "capabilities.devices.memory_bytes is implausibly large")
+        cuda = any(d.kind == "cuda" for d in caps.devices)
+        record = {"devices": [{"kind": d.kind, "name": d.name, "memory_bytes": d.memory_bytes} for d in caps.devices],
+                  "host_memory_bytes": caps.host_memory_bytes, "speed": caps.speed, "software": dict(caps.software)}
+        worker_id = await self._db(self.scheduler.register, token, request.name or "unnamed", record, gpu_memory,
+                                   cuda, caps.speed)
+        log.info("registered worker %s (%s) for %s: gpu_memory=%d cuda=%s speed=%g", worker_id, request.name, token,
+                 gpu_memory, cuda, caps.speed)
+        return pb.RegisterResponse(worker_id=worker_id, heartbeat_interval_s=self.cfg.leases.heartbeat_interval_s,
+                                   lease_duration_s=self.cfg.leases.duration_s,
+                                   bootstrap_peers=self.cfg.server.bootstrap_peers, settings={"run": self.cfg.run})
+
+    @_guard
+    async def Heartbeat(self, token, request, context):
+        if not request.worker_id:
+            raise RequestError("INVALID_ARGUMENT", "worker_id is empty")
+        progress = []
+        for p in request.leases:
+            if not math.isfinite(p.progress) or not 0.0 <= p.progress <= 1.0:
+                raise RequestError("INVALID_ARGUMENT", f"lease {p.lease_id}: progress must be in [0, 1], "
+                                   f"got {p.progress!r}")
+            progress.append((p.lease_id, p.progress))
+        drain, renewed = await self._db(self.scheduler.heartbeat, token, request.worker_id, progress)
+        return pb.HeartbeatResponse(
+            directive=pb.DRAIN if drain else pb.CONTINUE,
+            leases=[pb.LeaseStatus(lease_id=lid, directive=pb.CONTINUE if ok else pb.CANCEL, deadline=dl)
+                    for lid, ok, dl in renewed])
+
+    @_guard
+    async def Lease(self, token, request, context):
+        if not request.worker_id:
+            raise RequestError("INVALID_ARGUMENT", "worker_id is empty")
+        kinds = [k for k in request.kinds if k]
+        if not kinds:
+            raise RequestError("INVALID_ARGUMENT", "kinds is empty: name the task kinds this worker runs")
+        out = await self._db(self.scheduler.lease, token, request.worker_id, kinds)
+        if isinstance(out, Grant):
+            return pb.LeaseResponse(task=pb.Task(task_id=out.task_id, lease_id=out.lease_id, kind=out.kind,
+                                                 payload_json=out.payload_json, deadline=out.deadline,
+                                                 attempt=out.attempt))
+        return pb.LeaseResponse(no_work=pb.NoWork(retry_after_s=self.cfg.limits.no_work_retry_s, reason=out.reason))
+
+    @_guard
+    async def Complete(self, token, request_iterator, context):
+        first = await anext(request_iterator, None)
+        if first is None or not first.HasField("header"):
+            raise RequestError("INVALID_ARGUMENT", "the first Complete message must be a header")
+        h = first.header
+        if not h.task_id or not h.lease_id:
+            raise RequestError("INVALID_ARGUMENT", "header.task_id and header.lease_id are required")
+        if not _SHA_RE.match(h.sha256):
+            raise RequestError("INVALID_ARGUMENT", "header.sha256 must be 64 lowercase hex digits")
+        for k, v in h.metrics.items():
+            if not math.isfinite(v):
+                raise RequestError("INVALID_ARGUMENT", f"metrics.{k} is {v!r}; numbers must be finite")
+        metadata_json = h.metadata_json or "{}"
+        if len(metadata_json) > MAX_METADATA_CHARS:
+            raise RequestError("INVALID_ARGUMENT", f"metadata_json is {len(metadata_json)} characters; the limit is "
+                               f"{MAX_METADATA_CHARS} (put bulk data in the upload itself)")
+        try:
+            if not isinstance(json.loads(metadata_json), dict):
+                raise ValueError("not an object")
+        except ValueError as err:  # JSONDecodeError is a ValueError
+            raise RequestError("INVALID_ARGUMENT", f"metadata_json must be a JSON object ({err})") from None
+        limit = self.cfg.limits.max_upload_bytes
+        if h.size_bytes > limit:
+            raise RequestError("RESOURCE_EXHAUSTED", f"upload of {h.size_bytes} bytes exceeds the coordinator's "
+                               f"limit of {limit} bytes (limits.max_upload_bytes)")
+        info = await self._db(self.scheduler.lease_for_complete, token, h.task_id, h.lease_id)
+        if info.duplicate is not None:
+            d = info.duplicate
+            return pb.CompleteResponse(accepted=d.accepted, credited=d.credited, duplicate=True, message=d.message)
+        metrics = dict(h.metrics)
+        credits = await self._db(self.scheduler.check_result, info, metrics)
+
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.tmp_dir / f"{h.lease_id}.{uuid.uuid4().hex}"  # unique: the same lease may be uploading twice
+        try:
+            digest, size = hashlib.sha256(), 0
+            with open(tmp, "wb") as f:
+                async for msg in request_iterator:
+                    if not msg.HasField("data"):
+                        raise RequestError("INVALID_ARGUMENT", "only the first Complete message may be a header")
+                    size += len(msg.data)
+                    if size > h.size_bytes:
+                        raise RequestError("DATA_LOSS", f"upload sent more than the declared {h.size_bytes} bytes")
+                    digest.update(msg.data)
+                    f.write(msg.data)
+            if size != h.size_bytes:
+                raise RequestError("DATA_LOSS", f"upload truncated: received {size} of {h.size_bytes} bytes; "
+                                   "send it again")
+            if digest.hexdigest() != h.sha256:
+                raise RequestError("DATA_LOSS", f"SHA-256 mismatch: received data hashes to {digest.hexdigest()}, "
+                                   f"header says {h.sha256}; send it again")
+            # No fsync: like the store's synchronous=NORMAL, the file survives a crash or kill -9 of the
+            # coordinator (it is in the OS cache); a power cut may lose the newest results.
+            rel = f"results/{h.task_id}.{h.lease_id}.bin"
+            out = await self._db(functools.partial(
+                self.scheduler.complete, info, h.sha256, size, rel, metrics, credits,
+                commit_file=lambda: os.replace(tmp, self.state_dir / rel), metadata_json=metadata_json))
+        finally:
+            tmp.unlink(missing_ok=True)
+        return pb.CompleteResponse(accepted=out.accepted, credited=out.credited, duplicate=out.duplicate,
+                                   message=out.message)
+
+    @_guard
+    async def Fail(self, token, request, context):
+        if not request.task_id or not request.lease_id:
+            raise RequestError("INVALID_ARGUMENT", "task_id and lease_id are required")
+        reason = pb.FailReason.Name(request.reason) if request.reason in pb.FailReason.values() else "ERROR"
+        if reason == "FAIL_REASON_UNSPECIFIED":
+            reason = "ERROR"
+        requeued, dead = await self._db(self.scheduler.fail, token, request.task_id, request.lease_id, reason,
+                                        request.message)
+        return pb.FailResponse(requeued=requeued, dead=dead)
+
+    def _serve_file(self, root: str, request):
+        name = request.name
+        if not _NAME_RE.match(name) or any(part in (".", "..") for part in name.split("/")):
+            raise RequestError("INVALID_ARGUMENT", f"name {name!r} must be a relative path of letters, digits "
+                               "and ._- (no '..', no leading '/')")
+        base = (self.state_dir / root).resolve()
+        path = (base / name).resolve()
+        if not path.is_relative_to(base) or not path.is_file():
+            raise RequestError("NOT_FOUND", f"no {root[:-1]} named {name!r}")
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        sha = self._sha_cache.get(key)
+        if sha is None:
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                while chunk := f.read(CHUNK):
+                    digest.update(chunk)
+            sha = self._sha_cache[key] = digest.hexdigest()
+        if request.offset > st.st_size:
+            raise RequestError("OUT_OF_RANGE", f"offset {request.offset} is past the end ({st.st_size} bytes)")
+        with open(path, "rb") as f:
+            f.seek(request.offset)
+            offset = request.offset
+            while True:
+                data = f.read(CHUNK)
+                if not data and offset < st.st_size:
+                    raise RequestError("DATA_LOSS", f"{name} shrank while being read")
+                yield pb.FileChunk(offset=offset, data=data, total_size=st.st_size, sha256=sha)
+                offset += len(data)
+                if offset >= st.st_size:
+                    return
+
+    @_guard
+    async def FetchShard(self, token, request, context):
+        for chunk in self._serve_file("shards", request):
+            yield chunk
+
+    @_guard
+    async def FetchCheckpoint(self, token, request, context):
+        for chunk in self._serve_file("checkpoints", request):
+            yield chunk
+
+
+def clean_state_dir(store: S.Store, state_dir: Path) -> int:
+    """Delete uploads a crash left behind: partial ones in results/.tmp and complete files whose
+    transaction never committed. Returns how many files were removed."""
+    results_dir = state_dir / "results"
+    removed = 0
+    for p in (results_dir / ".tmp").glob("*"):
+        p.unlink(missing_ok=True)
+        removed += 1
+    if results_dir.is_dir():
+        with store.read() as conn:
+            kept = {row[0] for row in conn.execute(select(S.results.c.path))}
+        for p in results_dir.glob("*.bin"):
+            if f"results/{p.name}" not in kept:
+                p.unlink(missing_ok=True)
+                removed += 1
+    if removed:
+        log.info("removed %d uploads left half-way by an earlier run", removed)
+    return removed
+
+
+class CoordinatorServer:
+    """The whole service: store, scheduler, expiry sweeper, gRPC + health, optional metrics.
+
+    gRPC runs on grpc.aio in an event loop of its own thread: one thread serves every RPC, so calls
+    do not queue for a thread pool or fight over the GIL, and a slow upload holds no thread. The
+    handlers call the store directly (SQLite and loopback PostgreSQL answer in well under a
+    millisecond per statement, and writes are serialised by Store.tx anyway)."""
+
+    def __init__(self, cfg: ProjectConfig, db_url: str | None = None, listen: str | None = None,
+                 metrics_port: int | None = None, tls_cert: Path | None = None, tls_key: Path | None = None):
+        self.cfg = cfg
+        self.listen = listen or cfg.server.listen
+        self.tls = (tls_cert or cfg.server.tls_cert, tls_key or cfg.server.tls_key)
+        if (self.tls[0] is None) != (self.tls[1] is None):
+            raise ValueError("--tls-cert and --tls-key go together: give both to serve TLS, or neither")
+        Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
+        self.store = S.Store.open(db_url or cfg.db_url())
+        clean_state_dir(self.store, Path(cfg.state_dir))
+        self.metrics = make_metrics(metrics_port, self.store)
+        self.scheduler = Scheduler(self.store, cfg, self.metrics)
+        self._stop = threading.Event()
+        self._sweeper = threading.Thread(target=self._sweep_loop, name="lease-sweeper", daemon=True)
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="grpc-loop", daemon=True)
+        self._loop_thread.start()
+        try:
+            self.port = self._run(self._build())
+        except BaseException:
+            self._close_loop()
+            raise
+        if self.port == 0:
+            self._close_loop()
+            raise OSError(f"cannot listen on {self.listen}: the address is in use or not local")
+
+    def _run(self, coro):
+        """Run a coroutine on the server's loop from another thread and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    async def _build(self) -> int:
+        opts = [("grpc.max_receive_message_length", self.cfg.limits.max_message_bytes),
+                ("grpc.max_send_message_length", self.cfg.limits.max_message_bytes),
+                ("grpc.so_reuseport", 0)]
+        self.server = grpc.aio.server(options=opts)
+        self.health = HealthServicer()
+        self.service = CoordinatorService(self.cfg, self.store, self.scheduler, self.metrics)
+        pb_grpc.add_CoordinatorServicer_to_server(self.service, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        if self.tls[0]:
+            creds = grpc.ssl_server_credentials([(Path(self.tls[1]).read_bytes(), Path(self.tls[0]).read_bytes())])
+            return self.server.add_secure_port(self.listen, creds)
+        return self.server.add_insecure_port(self.listen)
+
+    def _sweep_loop(self):
+        while not self._stop.wait(self.cfg.leases.sweep_interval_s):
+            try:
+                self.scheduler.flush_seen()
+                self.scheduler.sweep_expired()
+            except Exception:  # e.g. PostgreSQL restarting: log and try again at the next interval
+                log.exception("lease sweep failed; retrying in %.1f s", self.cfg.leases.sweep_interval_s)
+
+    async def _set_health(self, status):
+        for svc in ("", SERVICE):
+            await self.health.set(svc, status)
+
+    def start(self) -> CoordinatorServer:
+        self._run(self.server.start())
+        self._sweeper.start()
+        self._run(self._set_health(health_pb2.HealthCheckResponse.SERVING))
+        log.info("coordinator for run %r serving on %s (port %d, %s, store %s)", self.cfg.run, self.listen,
+                 self.port, "TLS" if self.tls[0] else "plaintext",
+                 self.store.engine.url.render_as_string(hide_password=True))
+        return self
+
+    def drain(self):
+        """Stop handing out tasks; heartbeats tell workers to DRAIN."""
+        self.scheduler.draining = True
+        self._run(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
+
+    def stop(self, grace: float = 2.0):
+        self.drain()
+        self._stop.set()
+        self._run(self.server.stop(grace))
+        self._close_loop()
+        if self.service._pool is not None:
+            self.service._pool.shutdown(wait=True)
+        self.scheduler.flush_seen()
+        self.metrics.close()
+        self.store.close()
+
+    def _close_loop(self):
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop_thread.join(timeout=10)
+        self._loop.close()

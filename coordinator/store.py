@@ -1,0 +1,248 @@
+"""The coordinator's durable state: SQLAlchemy 2 Core over SQLite (WAL, the default) or PostgreSQL.
+
+    store = Store.open("sqlite:////var/mujina/coordinator.db")          # creates + migrates
+    store = Store.open("postgresql+psycopg://mujina@127.0.0.1/mujina")
+
+Tables: tokens (hashed), workers, tasks, leases, failures (reasons kept), results (one accepted result
+per task: a primary key), ledger (one row per task and unit: a unique constraint, so credit cannot be
+counted twice whatever the code above does), schema_version.
+
+One coordinator process serves a store. Its writes go through `Store.tx()`, which serialises them
+with a process-wide lock: SQLite allows one writer anyway, and on PostgreSQL it removes lease races
+between the server's threads (its gRPC loop, the expiry sweeper). Writers in other processes (the
+`tasks`/`token` CLI) use row-level conditions (`UPDATE ... WHERE state = 'pending'`) so they never
+fight the server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Connection,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    insert,
+    inspect,
+    select,
+    text,
+)
+from sqlalchemy.engine import Engine, make_url
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+metadata = MetaData()
+
+schema_version = Table("schema_version", metadata, Column("version", Integer, nullable=False))
+
+tokens = Table(
+    "tokens", metadata,
+    Column("name", String(64), primary_key=True),
+    Column("hash", String(64), nullable=False, unique=True),  # sha256 hex of the token; the token is never stored
+    Column("created", Float, nullable=False),
+    Column("revoked", Float),                                  # Unix time, NULL while valid
+    Column("max_leases", Integer),                             # NULL: the project's default
+)
+
+workers = Table(
+    "workers", metadata,
+    Column("id", String(32), primary_key=True),
+    Column("token", String(64), nullable=False, index=True),
+    Column("name", String(256), nullable=False),
+    Column("capabilities", Text, nullable=False),   # JSON, as reported
+    Column("gpu_memory", BigInteger, nullable=False),  # largest accelerator's memory, bytes (0 without one)
+    Column("cuda", Boolean, nullable=False),
+    Column("speed", Float, nullable=False),
+    Column("registered", Float, nullable=False),
+    Column("last_seen", Float, nullable=False),
+)
+
+tasks = Table(
+    "tasks", metadata,
+    Column("id", String(32), primary_key=True),
+    Column("kind", String(32), nullable=False),
+    Column("run", String(128), nullable=False),
+    Column("priority", Integer, nullable=False, default=0),     # higher first
+    Column("state", String(16), nullable=False),               # pending | leased | done | dead
+    Column("payload", Text, nullable=False),                   # JSON object
+    Column("min_gpu_memory", BigInteger, nullable=False, default=0),
+    Column("needs_cuda", Boolean, nullable=False, default=False),
+    Column("min_speed", Float, nullable=False, default=0.0),
+    Column("attempts", Integer, nullable=False, default=0),    # failed or expired attempts
+    Column("max_attempts", Integer, nullable=False),
+    Column("lease_id", String(32)),                            # the current lease while leased
+    Column("last_error", Text),
+    Column("created", Float, nullable=False),
+    Column("updated", Float, nullable=False),
+)
+# Lease's pick (`state = 'pending' AND kind = K ORDER BY priority DESC, created, id`) walks this
+# index in order instead of sorting every pending task.
+Index("ix_tasks_pick", tasks.c.state, tasks.c.kind, tasks.c.priority.desc(), tasks.c.created, tasks.c.id)
+
+leases = Table(
+    "leases", metadata,
+    Column("id", String(32), primary_key=True),
+    Column("task_id", String(32), nullable=False, index=True),
+    Column("worker_id", String(32), nullable=False),
+    Column("token", String(64), nullable=False),
+    Column("state", String(16), nullable=False),  # active | expired | completed | failed | released | cancelled
+    Column("granted", Float, nullable=False),
+    Column("deadline", Float, nullable=False),
+    Column("progress", Float, nullable=False, default=0.0),
+    Index("ix_leases_state_deadline", "state", "deadline"),
+    Index("ix_leases_token_state", "token", "state"),
+)
+
+failures = Table(
+    "failures", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("task_id", String(32), nullable=False, index=True),
+    Column("lease_id", String(32), nullable=False),
+    Column("reason", String(32), nullable=False),
+    Column("message", Text, nullable=False),
+    Column("at", Float, nullable=False),
+)
+
+results = Table(
+    "results", metadata,
+    Column("task_id", String(32), primary_key=True),   # at most one accepted result per task
+    Column("lease_id", String(32), nullable=False, unique=True),
+    Column("worker_id", String(32), nullable=False),
+    Column("token", String(64), nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("path", Text, nullable=False),              # relative to the state directory
+    Column("metrics", Text, nullable=False),           # JSON
+    Column("metadata", Text, nullable=False),          # the worker's metadata_json, checked to be an object
+    Column("credited", Boolean, nullable=False),
+    Column("at", Float, nullable=False),
+)
+
+ledger = Table(
+    "ledger", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("task_id", String(32), nullable=False),
+    Column("volunteer", String(64), nullable=False),  # the token's name
+    Column("kind", String(32), nullable=False),
+    Column("unit", String(32), nullable=False),       # tasks | tokens_evaluated | gpu_seconds | ...
+    Column("amount", Float, nullable=False),
+    Column("at", Float, nullable=False),
+    UniqueConstraint("task_id", "unit", name="uq_ledger_task_unit"),  # credit at most once per task
+)
+
+# version -> statements that bring a store at version-1 to it. Version 1 is create_all.
+MIGRATIONS: dict[int, list[str]] = {}
+
+
+def hash_token(token: str) -> str:
+    """Tokens are 256-bit random strings, so a plain SHA-256 is enough (no password stretching needed)."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _sqlite_pragmas(dbapi_conn, _record):
+    cur = dbapi_conn.cursor()
+    # WAL: readers never block the writer. synchronous=NORMAL is durable against a crash or kill -9
+    # of the coordinator (the WAL is in the OS cache); a power cut may lose the last commits.
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=10000")  # the CLI writing beside the server waits instead of failing
+    cur.close()
+
+
+class Store:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.is_sqlite = engine.dialect.name == "sqlite"
+        self._write_lock = threading.RLock()
+
+    @classmethod
+    def open(cls, url: str, migrate: bool = True) -> Store:
+        """Connect to the store at `url` (SQLAlchemy URL) and bring its schema to SCHEMA_VERSION."""
+        u = make_url(url)
+        if u.drivername.startswith("sqlite"):
+            if u.database and u.database != ":memory:":
+                Path(u.database).parent.mkdir(parents=True, exist_ok=True)
+            engine = create_engine(u, connect_args={"check_same_thread": False, "timeout": 10},
+                                   pool_size=20, max_overflow=20)
+            event.listen(engine, "connect", _sqlite_pragmas)
+        elif u.drivername.startswith("postgresql"):
+            engine = create_engine(u, pool_size=20, max_overflow=20, pool_pre_ping=True)
+        else:
+            raise ValueError(f"--db {u.render_as_string(hide_password=True)}: unsupported database; use "
+                             "sqlite:///PATH or postgresql+psycopg://USER@HOST/DB")
+        store = cls(engine)
+        if migrate:
+            store.migrate()
+        return store
+
+    def migrate(self) -> None:
+        with self.tx() as conn:
+            if not inspect(conn).has_table("schema_version"):
+                metadata.create_all(conn)
+                conn.execute(insert(schema_version).values(version=SCHEMA_VERSION))
+                log.info("created store schema version %d", SCHEMA_VERSION)
+                return
+            version = conn.execute(select(schema_version.c.version)).scalar_one()
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(f"the store has schema version {version}, newer than this coordinator's "
+                                   f"{SCHEMA_VERSION}: upgrade mujina")
+            for v in range(version + 1, SCHEMA_VERSION + 1):
+                for stmt in MIGRATIONS[v]:
+                    conn.execute(text(stmt))
+                conn.execute(schema_version.update().values(version=v))
+                log.info("migrated store to schema version %d", v)
+
+    @contextmanager
+    def tx(self) -> Iterator[Connection]:
+        """One write transaction: committed on success, rolled back on any exception."""
+        with self._write_lock, self.engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        with self.engine.connect() as conn:
+            yield conn
+
+    # tokens: used by the CLI and by the server's authentication
+
+    def add_token(self, name: str, token: str, max_leases: int | None = None) -> None:
+        with self.tx() as conn:
+            row = conn.execute(select(tokens.c.name).where(tokens.c.name == name)).first()
+            if row is not None:
+                raise ValueError(f"a token named {name!r} exists; revoke it first or pick another name")
+            conn.execute(insert(tokens).values(name=name, hash=hash_token(token), created=time.time(),
+                                               max_leases=max_leases))
+
+    def revoke_token(self, name: str) -> None:
+        with self.tx() as conn:
+            n = conn.execute(tokens.update().where(tokens.c.name == name, tokens.c.revoked.is_(None))
+                             .values(revoked=time.time())).rowcount
+        if n == 0:
+            raise ValueError(f"no valid token named {name!r}; `mujina-coordinator token list` shows them")
+
+    def token_by_hash(self, token_hash: str):
+        with self.read() as conn:
+            return conn.execute(select(tokens).where(tokens.c.hash == token_hash,
+                                                     tokens.c.revoked.is_(None))).first()
+
+    def close(self) -> None:
+        self.engine.dispose()
