@@ -145,7 +145,7 @@ class ShardReader:
             raise ShardError(f"{self.path}: {size} bytes but its header implies {want}: truncated or corrupted; "
                              "delete it and fetch or rebuild it")
         if verify or expected_sha256:
-            digest = _sha256_file(self.path)
+            digest = file_sha256(self.path)
             name_hash = self.path.stem
             for label, want_hash in (("file name", name_hash if verify else None), ("manifest", expected_sha256)):
                 if want_hash is not None and digest != want_hash:
@@ -174,7 +174,7 @@ class ShardReader:
         return None if self.mask is None else self.mask[int(self.offsets[i]): int(self.offsets[i + 1])]
 
 
-def _sha256_file(path: Path) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -41,6 +41,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from .shards import file_sha256
+
 log = logging.getLogger(__name__)
 
 CHAT_MARKERS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
@@ -67,14 +69,6 @@ class TokenizerTrainConfig:
             raise ValueError(f"--vocab-size {self.vocab_size} is too small: use at least 64")
         if not 0.9 <= self.character_coverage <= 1.0:
             raise ValueError(f"character_coverage must be in [0.9, 1.0], got {self.character_coverage}")
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---- training ------------------------------------------------------------------------------------

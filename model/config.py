@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 
-def _help(text: str, **kw: Any) -> Any:
+def help_field(text: str, **kw: Any) -> Any:
     """A dataclass field whose help text doubles as documentation and CLI help."""
     return field(metadata={"help": text}, **kw)
 
@@ -32,13 +32,13 @@ def _help(text: str, **kw: Any) -> Any:
 class MoEConfig:
     """Mixture-of-Experts settings applied to every layer's feed-forward block."""
 
-    num_experts: int = _help("Experts per layer (Tanuki-8x8B: 8).", default=8)
-    top_k: int = _help("Experts each token is routed to (Tanuki-8x8B: 2).", default=2)
-    aux_loss_coef: float = _help(
+    num_experts: int = help_field("Experts per layer (Tanuki-8x8B: 8).", default=8)
+    top_k: int = help_field("Experts each token is routed to (Tanuki-8x8B: 2).", default=2)
+    aux_loss_coef: float = help_field(
         "Weight of the load-balancing loss (Switch/Mixtral form, 1.0 when perfectly balanced).",
         default=0.02,
     )
-    z_loss_coef: float = _help(
+    z_loss_coef: float = help_field(
         "Weight of the router z-loss (ST-MoE): mean squared log-sum-exp of router logits.",
         default=0.001,
     )
@@ -60,22 +60,22 @@ class MoEConfig:
 class ModelConfig:
     """A Llama-architecture decoder (RMSNorm, RoPE, GQA, SwiGLU), optionally MoE."""
 
-    vocab_size: int = _help("Vocabulary size (tokenizer pieces incl. special tokens).", default=512)
-    hidden_size: int = _help("Model width d.", default=64)
-    intermediate_size: int = _help("SwiGLU hidden width F (per expert for MoE).", default=192)
-    num_layers: int = _help("Number of transformer blocks.", default=2)
-    num_heads: int = _help("Query heads; hidden_size must be divisible by it.", default=4)
-    num_kv_heads: int = _help(
+    vocab_size: int = help_field("Vocabulary size (tokenizer pieces incl. special tokens).", default=512)
+    hidden_size: int = help_field("Model width d.", default=64)
+    intermediate_size: int = help_field("SwiGLU hidden width F (per expert for MoE).", default=192)
+    num_layers: int = help_field("Number of transformer blocks.", default=2)
+    num_heads: int = help_field("Query heads; hidden_size must be divisible by it.", default=4)
+    num_kv_heads: int = help_field(
         "Key/value heads (grouped-query attention); must divide num_heads.", default=2
     )
-    max_seq_len: int = _help("Longest sequence the model is trained for (positions).", default=256)
-    rope_theta: float = _help("Rotary embedding base.", default=10000.0)
-    rms_norm_eps: float = _help("Epsilon inside RMSNorm.", default=1e-5)
-    tie_word_embeddings: bool = _help(
+    max_seq_len: int = help_field("Longest sequence the model is trained for (positions).", default=256)
+    rope_theta: float = help_field("Rotary embedding base.", default=10000.0)
+    rms_norm_eps: float = help_field("Epsilon inside RMSNorm.", default=1e-5)
+    tie_word_embeddings: bool = help_field(
         "Share the input embedding with the output head (Tanuki does not).", default=False
     )
-    init_std: float = _help("Standard deviation of the normal weight initialisation.", default=0.02)
-    moe: MoEConfig | None = _help("Mixture-of-Experts settings; null for a dense model.", default=None)
+    init_std: float = help_field("Standard deviation of the normal weight initialisation.", default=0.02)
+    moe: MoEConfig | None = help_field("Mixture-of-Experts settings; null for a dense model.", default=None)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -100,7 +100,7 @@ class ModelConfig:
         if self.rope_theta <= 0 or self.rms_norm_eps <= 0 or self.init_std <= 0:
             raise ValueError("rope_theta, rms_norm_eps and init_std must be positive")
         if isinstance(self.moe, dict):  # accept plain dicts from YAML/JSON
-            object.__setattr__(self, "moe", MoEConfig(**_checked_keys(MoEConfig, self.moe, "model.moe")))
+            object.__setattr__(self, "moe", MoEConfig(**checked_fields(MoEConfig, self.moe, "model.moe")))
 
     # ---- derived sizes -------------------------------------------------------------------------
 
@@ -156,7 +156,7 @@ class ModelConfig:
             if "moe" in d and isinstance(d["moe"], dict) and isinstance(base.get("moe"), dict):
                 d["moe"] = {**base["moe"], **d["moe"]}
             d = {**base, **d}
-        return cls(**_checked_keys(cls, d, "model"))
+        return cls(**checked_fields(cls, d, "model"))
 
     @classmethod
     def from_preset(cls, name: str) -> ModelConfig:
@@ -197,7 +197,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def _checked_keys(cls: type, d: dict[str, Any], where: str) -> dict[str, Any]:
+def checked_fields(cls: type, d: dict[str, Any], where: str) -> dict[str, Any]:
     """Refuse unknown keys and coerce/check values against the dataclass field types.
 
     YAML reads `3e-4` as a string (it wants `3.0e-4`), so float fields accept numeric strings.

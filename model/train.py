@@ -45,7 +45,7 @@ from .checkpoint import (
     load_optimizer_state,
     save_checkpoint,
 )
-from .config import ModelConfig, _checked_keys, _help, read_config_file
+from .config import ModelConfig, checked_fields, help_field, read_config_file
 from .data import IGNORE, Batch, ShardData, StatelessData, SyntheticSource, TokenFileSource
 from .transformer import Transformer
 
@@ -56,20 +56,20 @@ log = logging.getLogger("model.train")
 
 @dataclass
 class DataConfig:
-    source: str = _help("synthetic (built-in arithmetic progressions), tokens (a flat token file) or shards "
+    source: str = help_field("synthetic (built-in arithmetic progressions), tokens (a flat token file) or shards "
                         "(data_shards directories mixed by weight, see data.mixture).", default="synthetic")
-    mixture: list[dict[str, Any]] | None = _help("source=shards: [{path: DIR, weight: W, name: optional}, ...] "
+    mixture: list[dict[str, Any]] | None = help_field("source=shards: [{path: DIR, weight: W, name: optional}, ...] "
                                                  "shard directories and their sampling weights.", default=None)
-    eval_mixture: list[dict[str, Any]] | None = _help("source=shards: held-out shard directories for eval, "
+    eval_mixture: list[dict[str, Any]] | None = help_field("source=shards: held-out shard directories for eval, "
                                                       "same form as mixture.", default=None)
-    verify: bool = _help("source=shards: check every shard's SHA-256 when opening it.", default=False)
-    path: str | None = _help("Token file for source=tokens (little-endian ids, see data.dtype).",
+    verify: bool = help_field("source=shards: check every shard's SHA-256 when opening it.", default=False)
+    path: str | None = help_field("Token file for source=tokens (little-endian ids, see data.dtype).",
                              default=None)
-    dtype: str = _help("Integer type of the token file: uint16 or uint32.", default="uint16")
-    seq_len: int = _help("Tokens per training sequence.", default=128)
-    eval_fraction: float = _help("Share of the token file held out for eval (source=tokens).",
+    dtype: str = help_field("Integer type of the token file: uint16 or uint32.", default="uint16")
+    seq_len: int = help_field("Tokens per training sequence.", default=128)
+    eval_fraction: float = help_field("Share of the token file held out for eval (source=tokens).",
                                  default=0.01)
-    doc_sep_id: int | None = _help("Token that ends a document in the token file; attention and "
+    doc_sep_id: int | None = help_field("Token that ends a document in the token file; attention and "
                                    "positions restart after it. null: no boundaries.", default=None)
 
     def __post_init__(self) -> None:
@@ -88,14 +88,14 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = _help("Peak learning rate (reached after warmup).", default=3e-4)
-    min_lr: float = _help("Learning rate at the end of the cosine decay.", default=3e-5)
-    warmup_steps: int = _help("Linear warmup steps from 0 to lr.", default=100)
-    weight_decay: float = _help("AdamW decoupled weight decay (not applied to norms).", default=0.1)
-    beta1: float = _help("AdamW beta1.", default=0.9)
-    beta2: float = _help("AdamW beta2.", default=0.95)
-    eps: float = _help("AdamW epsilon.", default=1e-8)
-    grad_clip: float = _help("Clip the global gradient norm to this; 0 disables.", default=1.0)
+    lr: float = help_field("Peak learning rate (reached after warmup).", default=3e-4)
+    min_lr: float = help_field("Learning rate at the end of the cosine decay.", default=3e-5)
+    warmup_steps: int = help_field("Linear warmup steps from 0 to lr.", default=100)
+    weight_decay: float = help_field("AdamW decoupled weight decay (not applied to norms).", default=0.1)
+    beta1: float = help_field("AdamW beta1.", default=0.9)
+    beta2: float = help_field("AdamW beta2.", default=0.95)
+    eps: float = help_field("AdamW epsilon.", default=1e-8)
+    grad_clip: float = help_field("Clip the global gradient norm to this; 0 disables.", default=1.0)
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
@@ -106,19 +106,19 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = _help("Optimizer steps in the run.", default=300)
-    batch_size: int = _help("Sequences per optimizer step (global batch).", default=16)
-    micro_batch_size: int = _help("Sequences per forward/backward; batch_size / micro_batch_size "
+    steps: int = help_field("Optimizer steps in the run.", default=300)
+    batch_size: int = help_field("Sequences per optimizer step (global batch).", default=16)
+    micro_batch_size: int = help_field("Sequences per forward/backward; batch_size / micro_batch_size "
                                   "steps are accumulated.", default=16)
-    seed: int = _help("Seed for initialisation and data order.", default=0)
-    device: str = _help("auto (cuda if available, else cpu), cpu, cuda or cuda:N.", default="auto")
-    dtype: str = _help("auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32.", default="auto")
-    log_every: int = _help("Log a progress line and a metrics record every N steps.", default=10)
-    eval_every: int = _help("Evaluate every N steps (and at the end); 0 disables.", default=100)
-    eval_batches: int = _help("Micro-batches per evaluation.", default=4)
-    save_every: int = _help("Write a resumable checkpoint every N steps (and at the end); 0: only at "
+    seed: int = help_field("Seed for initialisation and data order.", default=0)
+    device: str = help_field("auto (cuda if available, else cpu), cpu, cuda or cuda:N.", default="auto")
+    dtype: str = help_field("auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32.", default="auto")
+    log_every: int = help_field("Log a progress line and a metrics record every N steps.", default=10)
+    eval_every: int = help_field("Evaluate every N steps (and at the end); 0 disables.", default=100)
+    eval_batches: int = help_field("Micro-batches per evaluation.", default=4)
+    save_every: int = help_field("Write a resumable checkpoint every N steps (and at the end); 0: only at "
                             "the end.", default=100)
-    keep_checkpoints: int = _help("Resumable checkpoints to keep (oldest deleted).", default=2)
+    keep_checkpoints: int = help_field("Resumable checkpoints to keep (oldest deleted).", default=2)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "micro_batch_size", "log_every", "eval_batches"):
@@ -135,11 +135,11 @@ class TrainConfig:
 class RunConfig:
     """The whole config file: model, data, optim and train sections plus where to write."""
 
-    model: dict[str, Any] | None = _help("Model config: `preset: NAME` plus overrides, or every "
+    model: dict[str, Any] | None = help_field("Model config: `preset: NAME` plus overrides, or every "
                                          "field (see `mujina-model info`).", default=None)
-    init_from: str | None = _help("Start from this checkpoint's weights (e.g. an upcycled MoE); "
+    init_from: str | None = help_field("Start from this checkpoint's weights (e.g. an upcycled MoE); "
                                   "its config is the model config.", default=None)
-    out: str = _help("Output directory (relative paths resolve against the current directory).",
+    out: str = help_field("Output directory (relative paths resolve against the current directory).",
                      default="runs/default")
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -153,10 +153,10 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
-        d = dict(_checked_keys(cls, d, "the config's top level"))
+        d = dict(checked_fields(cls, d, "the config's top level"))
         sections = {"data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
         for name, sec in sections.items():
-            d[name] = sec(**_checked_keys(sec, d.get(name) or {}, name))
+            d[name] = sec(**checked_fields(sec, d.get(name) or {}, name))
         return cls(**d)
 
     def model_config(self) -> ModelConfig:
