@@ -92,13 +92,9 @@ class Attention(nn.Module):
         k = self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        gqa = self.n_kv_heads != self.n_heads  # each kv head serves H/Hkv query heads
-        if gqa and q.device.type == "cpu":
-            # CPU SDPA has no fused kernel for enable_gqa and falls back to a slower path (measured 1.35x
-            # slower fwd+bwd than copying): repeat the kv heads instead. GPUs keep enable_gqa (no copies).
-            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, H, T, hd)
-            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, H, T, hd)
-            gqa = False
+        # Each kv head serves H/Hkv query heads without copies: the fused SDPA kernels (CPU and GPU) take
+        # enable_gqa, measured 1.15-1.2x faster fwd+bwd on CPU than repeating the kv heads.
+        gqa = self.n_kv_heads != self.n_heads
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
