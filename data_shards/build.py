@@ -30,6 +30,7 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -43,7 +44,7 @@ from .dedup import Deduplicator
 from .filters import FilterConfig, detect_language, normalize, quality_reasons
 from .ingest import Document, DropCounter, read_documents
 from .shards import Manifest, ShardInfo, ShardWriter
-from .tokenizer import Tokenizer, copy_tokenizer
+from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 JOURNAL = ".journal.jsonl"
@@ -179,7 +180,7 @@ def build_shards(inputs: list[str | os.PathLike], tokenizer_dir: str | os.PathLi
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(tokenizer_dir)
-    copy_tokenizer(tokenizer_dir, out / "tokenizer")  # a shard directory is self-describing
+    shutil.copytree(tokenizer_dir, out / "tokenizer", dirs_exist_ok=True)  # a shard directory is self-describing
     journal = _read_journal(out, tok.sha256)
     finished = [ShardInfo(**r["shard"]) for r in journal]
     buckets: dict[tuple[str, str, str], _Bucket] = {}

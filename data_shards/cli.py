@@ -18,8 +18,6 @@ import numpy as np
 
 from .shards import Manifest, ShardError, ShardReader
 
-log = logging.getLogger("data_shards.cli")
-
 
 def cmd_tokenizer_train(a: argparse.Namespace) -> None:
     from .filters import normalize

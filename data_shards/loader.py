@@ -51,7 +51,8 @@ class LoaderBatch:
         return int((self.labels != -100).sum())
 
 
-def _rng(*key: object) -> np.random.Generator:
+def seeded_rng(*key: object) -> np.random.Generator:
+    """A generator seeded by the key's hash: an independent, reproducible stream per key."""
     digest = hashlib.sha256(repr(key).encode()).digest()
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
@@ -83,7 +84,7 @@ class ShardSource:
 
     def _load_block(self) -> None:
         if self._order is None:
-            self._order = _rng(self.seed, self.name, "epoch", self.epoch).permutation(self.num_documents)
+            self._order = seeded_rng(self.seed, self.name, "epoch", self.epoch).permutation(self.num_documents)
         docs = self._order[self.block * self.block_docs: (self.block + 1) * self.block_docs]
         bins = pack(self.lengths[docs].tolist(), self.seq_len)
         # pack() numbers documents within the block; map them back to global document indices

@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import random
-import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -248,8 +247,3 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
-
-
-def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """Copy a tokenizer directory (e.g. next to shards or into a checkpoint)."""
-    shutil.copytree(src, dst, dirs_exist_ok=True)

@@ -18,11 +18,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import TOKENIZER, load_checkpoint, load_state_dict, save_checkpoint
+from .checkpoint import TOKENIZER, load_checkpoint, save_checkpoint
 from .config import PRESETS, ModelConfig
 from .transformer import Transformer
-
-log = logging.getLogger("model.cli")
 
 
 def _human(n: int) -> str:
@@ -82,7 +80,6 @@ def cmd_import(a: argparse.Namespace) -> None:
 
     out = import_hf(a.hf, a.out)
     print(f"imported {a.hf} into {out}")
-    load_state_dict(out)  # read back once: a broken write fails here, not in the next program
 
 
 def cmd_sample(a: argparse.Namespace) -> None:

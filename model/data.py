@@ -22,12 +22,13 @@ is taken: at the last position of each document (the next token belongs to anoth
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from data_shards.loader import seeded_rng
 
 IGNORE = -100
 BOS, FIRST_CONTENT = 1, 2  # token 0 is left for padding
@@ -42,12 +43,6 @@ class Batch:
     @property
     def num_targets(self) -> int:
         return int((self.labels != IGNORE).sum())
-
-
-def _rng(*key: object) -> np.random.Generator:
-    """A generator seeded by the key's hash: independent streams per (seed, split, step, index)."""
-    digest = hashlib.sha256(repr(key).encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
 def _to_batch(rows: list[np.ndarray], docs: list[np.ndarray]) -> Batch:
@@ -72,7 +67,7 @@ class SyntheticSource:
         return [BOS] + [FIRST_CONTENT + (start + k * step) % self.modulus for k in range(length)]
 
     def _row(self, split: str, step: int, index: int) -> tuple[np.ndarray, np.ndarray]:
-        rng = _rng(self.seed, "synthetic", split, step, index)
+        rng = seeded_rng(self.seed, "synthetic", split, step, index)
         toks: list[int] = []
         docs: list[int] = []
         doc = 0
@@ -115,7 +110,7 @@ class TokenFileSource:
         lo, hi = self.ranges[split]
         rows, docs = [], []
         for i in indices:
-            start = int(_rng(self.seed, "tokens", split, step, i).integers(lo, hi - self.seq_len))
+            start = int(seeded_rng(self.seed, "tokens", split, step, i).integers(lo, hi - self.seq_len))
             row = np.asarray(self.tokens[start: start + self.seq_len + 1], dtype=np.int64)
             rows.append(row)
             if self.sep is None:

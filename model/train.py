@@ -252,6 +252,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.step = 0
         self.tokens_seen = 0
+        self._eval_batches: list[Batch] | None = None  # the same held-out batches at every evaluation
 
     # -- checkpoints --
 
@@ -338,7 +339,9 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         self.model.eval()
-        batches = self._micro_batches("eval", 0, self.cfg.train.eval_batches)
+        if self._eval_batches is None:
+            self._eval_batches = self._micro_batches("eval", 0, self.cfg.train.eval_batches)
+        batches = self._eval_batches
         total = sum(self._forward(b)[0].item() for b in batches)
         self.model.train()
         return total / sum(b.num_targets for b in batches)
