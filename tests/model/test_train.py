@@ -146,3 +146,20 @@ def test_resuming_with_a_different_model_is_refused(tmp_path):
     mujina_train(*args)
     r = mujina_train(*args, "--set", "model.num_layers=3", check=False)
     assert r.returncode == 2 and "different model" in r.stderr
+
+
+def test_warmup_then_cosine_schedule_and_progress_line(tmp_path):
+    # Reference: the schedule written out by hand (linear warmup to lr, cosine to min_lr at the last step).
+    import math
+
+    from model.train import OptimConfig, lr_at
+
+    o = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10)
+    assert lr_at(0, o, 100) == pytest.approx(1e-4) and lr_at(9, o, 100) == pytest.approx(1e-3)
+    assert lr_at(55, o, 100) == pytest.approx(1e-4 + 0.5 * 9e-4 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(100, o, 100) == pytest.approx(1e-4)
+    r = mujina_train("--config", DEBUG, *QUICK, "--set", "train.steps=4", "--set", "optim.warmup_steps=2",
+                     "--out", str(tmp_path / "run"))
+    lrs = [rec["lr"] for rec in _records(tmp_path / "run")]
+    assert lrs[:2] == pytest.approx([1.5e-3, 3e-3]) and lrs[2] > lrs[3]  # debug.yaml: lr 3e-3
+    assert "step 4/4 | loss" in r.stderr and "tok/s" in r.stderr
