@@ -1,1 +1,1 @@
-"""The volunteer's daemon (hardware probe, task loop, executors, swarm averaging). Not built yet: see issue 5."""
+"""The volunteer's daemon: hardware probe, task loop, executors (worker/executors/), swarm averaging."""

@@ -1,1 +1,84 @@
-"""One module per task kind (generate, judge, train, eval). Not built yet: see issues 5 and 6."""
+"""Executors: one module per task kind (`generate`, `judge`, `eval`, `train`), registered by kind.
+
+The daemon (worker/daemon.py) leases a task, builds a `TaskContext` and calls the executor registered
+for the task's kind. An executor returns a `Result`: the bytes uploaded with `Complete` and the metrics
+the coordinator's validator for that kind checks. It raises `TaskError` for a payload it cannot run
+(the daemon reports INVALID_TASK) and lets other exceptions propagate (reported as ERROR, or
+OUT_OF_MEMORY for `torch.OutOfMemoryError`).
+
+    @register("eval")
+    def run_eval(ctx: TaskContext) -> Result: ...
+
+Executor modules are imported lazily (`executor_for`), so a worker that never runs `generate` never
+imports transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class TaskError(ValueError):
+    """The task's payload cannot be run here (bad field, missing file): reported as INVALID_TASK."""
+
+
+class TaskStopped(Exception):
+    """Raised by `TaskContext.check_stop()` when the daemon asks the task to stop (cancel or shutdown)."""
+
+
+@dataclass
+class TaskContext:
+    task_id: str
+    lease_id: str
+    kind: str
+    payload: dict[str, Any]
+    attempt: int
+    work_dir: Path                      # private scratch directory of this task, removed afterwards
+    device: str = "cpu"                 # torch device string the task should use, e.g. "cuda:0"
+    max_memory_bytes: int = 0           # memory budget for this task (0: no limit given)
+    settings: dict[str, str] = field(default_factory=dict)   # RegisterResponse.settings (e.g. "run")
+    bootstrap_peers: list[str] = field(default_factory=list)  # hivemind multiaddrs (swarm tasks)
+    # Fetch a file through the worker's content-addressed cache; returns its local path.
+    # fetch(what, name) with what in {"shard", "checkpoint"}.
+    fetch: Callable[[str, str], Path] | None = None
+    # Report progress in [0, 1]; the heartbeat thread sends the latest value.
+    report_progress: Callable[[float], None] = lambda fraction: None
+    # True once the daemon wants this task to stop (lease cancelled, SIGTERM).
+    stop_requested: Callable[[], bool] = lambda: False
+
+    def check_stop(self) -> None:
+        if self.stop_requested():
+            raise TaskStopped(f"task {self.task_id} asked to stop")
+
+
+@dataclass
+class Result:
+    data: bytes = b""                                  # uploaded with Complete (SHA-256 checked)
+    metrics: dict[str, float] = field(default_factory=dict)  # checked by the coordinator's validator
+    metadata: dict[str, Any] = field(default_factory=dict)   # stored with the result as JSON
+
+
+Executor = Callable[[TaskContext], Result]
+
+REGISTRY: dict[str, Executor] = {}
+MODULES = {"generate": "generate", "judge": "judge", "eval": "eval", "train": "train"}  # kind -> module
+
+
+def register(kind: str):
+    def deco(fn: Executor) -> Executor:
+        REGISTRY[kind] = fn
+        return fn
+    return deco
+
+
+def executor_for(kind: str) -> Executor:
+    """The executor of `kind`, importing its module on first use. TaskError for an unknown kind."""
+    if kind not in REGISTRY:
+        if kind not in MODULES:
+            raise TaskError(f"this worker has no executor for task kind {kind!r} (known: {', '.join(MODULES)})")
+        importlib.import_module(f"{__name__}.{MODULES[kind]}")
+    return REGISTRY[kind]
