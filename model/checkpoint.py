@@ -6,6 +6,12 @@
     DIR/trainer_state.json       optional: step, data position, optimizer hyper-parameters
     DIR/tokenizer/               optional: tokenizer files, copied verbatim on export
 
+A checkpoint written by several processes (torchrun) is a torch.distributed.checkpoint (DCP)
+directory instead of the two safetensors files: DIR/.metadata + DIR/__R_0.distcp, with the same
+config.json and trainer_state.json beside them. DCP reshards on load, so it resumes on any number of
+processes (one included); `convert_distributed` (`mujina-model convert --dcp`) turns one into the
+safetensors form that `upcycle`, `export` and `load_checkpoint` read.
+
 Everything is safetensors or JSON: a checkpoint from another machine can be read without
 executing anything it contains. Files are written to a temporary name and renamed, so a
 crash mid-write never leaves a half-written file under the real name.
@@ -63,11 +69,14 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     trainer_state: dict[str, Any] | None = None,
     tokenizer_dir: str | os.PathLike | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write `model` (and optionally optimizer/trainer state, tokenizer files) to `directory`."""
+    """Write `model` (and optionally optimizer/trainer state, tokenizer files) to `directory`.
+
+    state_dict: the weights to write instead of model.state_dict(), e.g. gathered from FSDP shards."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in (state_dict or model.state_dict()).items()}
     if model.cfg.tie_word_embeddings:
         state.pop("output.weight", None)  # safetensors refuses shared storage; restored on load
     atomic_write(d / WEIGHTS, lambda p: save_file(state, str(p), metadata={"format": FORMAT}))
@@ -169,3 +178,84 @@ def load_optimizer_state(
         slots = {key[len(name) + 1:]: t for key, t in flat.items() if key.rsplit(".", 1)[0] == name}
         if slots:
             optimizer.state[p] = {k: t.to(p.device) if k != "step" else t for k, t in slots.items()}
+
+
+# ---- distributed checkpoints (torchrun) --------------------------------------------------------------
+
+DCP_METADATA = ".metadata"
+
+
+def is_distributed_checkpoint(directory: str | os.PathLike) -> bool:
+    return (Path(directory) / DCP_METADATA).exists()
+
+
+def save_distributed(directory: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
+                     trainer_state: dict[str, Any], *, is_main: bool) -> None:
+    """Every process writes its shards of model and optimizer (a collective); rank 0 adds the JSON files."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    msd, osd = get_state_dict(model, optimizer)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(d))
+    if is_main:
+        write_json(d / TRAINER_STATE, trainer_state)
+        write_json(d / CONFIG, {"format": FORMAT, **model.cfg.to_dict()})
+
+
+def load_distributed(directory: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load a DCP checkpoint into `model` and `optimizer`, whatever the number of processes that wrote it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    msd, osd = get_state_dict(model, optimizer)
+    state = {"model": msd, "optim": osd}
+    try:
+        dcp.load(state, checkpoint_id=str(directory))
+    except Exception as e:  # DCP raises CheckpointException listing every rank's error
+        raise ValueError(f"cannot load the distributed checkpoint {directory}: {e}") from e
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def load_full_into_sharded(directory: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load a single-process (safetensors) checkpoint into an FSDP-sharded model and its optimizer."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    d = Path(directory)
+    weights = load_state_dict(d)
+    if model.cfg.tie_word_embeddings:
+        weights["output.weight"] = weights["tok_embeddings.weight"]
+    flat = load_file(str(d / OPTIMIZER))
+    groups = json.loads((d / TRAINER_STATE).read_text())["optimizer_param_groups"]
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in flat.items():
+        name, slot = key.rsplit(".", 1)
+        state.setdefault(name, {})[slot] = t
+    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()} for g in groups]
+    set_state_dict(model, optimizer, model_state_dict=weights,
+                   optim_state_dict={"state": state, "param_groups": groups},
+                   options=StateDictOptions(full_state_dict=True))
+
+
+def convert_distributed(directory: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Turn a DCP checkpoint (any number of writers) into the project's safetensors checkpoint."""
+    import torch.distributed.checkpoint as dcp
+
+    d = Path(directory)
+    if not d.is_dir():
+        raise FileNotFoundError(f"{d} does not exist: give a checkpoint directory written under torchrun, "
+                                "e.g. OUT/checkpoints/step_000100")
+    if not is_distributed_checkpoint(d):
+        hint = " (it is already a safetensors checkpoint)" if (d / WEIGHTS).exists() else ""
+        raise ValueError(f"{d} is not a distributed checkpoint: {DCP_METADATA} is missing{hint}")
+    cfg = load_config(d)
+    model = Transformer(cfg)
+    weights = model.state_dict()
+    try:
+        dcp.load({"model": weights}, checkpoint_id=str(d), no_dist=True)
+    except Exception as e:
+        raise ValueError(f"{d}: the distributed checkpoint does not match its config.json: {e}") from e
+    model.load_state_dict(weights)
+    tokenizer = d / TOKENIZER
+    return save_checkpoint(out, model, tokenizer_dir=tokenizer if tokenizer.is_dir() else None)

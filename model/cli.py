@@ -5,6 +5,7 @@
     mujina-model upcycle --checkpoint ckpt/dense --experts 8 --top-k 2 --out ckpt/moe
     mujina-model export --checkpoint ckpt/moe --out hf/moe        # -> MixtralForCausalLM
     mujina-model import --hf hf/moe --out ckpt/moe-again
+    mujina-model convert --dcp runs/x/checkpoints/step_001000 --out ckpt/step1000   # torchrun -> safetensors
     mujina-model sample --hf hf/moe --prompt-ids 1,10,13,16
 """
 
@@ -82,6 +83,13 @@ def cmd_import(a: argparse.Namespace) -> None:
     print(f"imported {a.hf} into {out}")
 
 
+def cmd_convert(a: argparse.Namespace) -> None:
+    from .checkpoint import convert_distributed
+
+    out = convert_distributed(a.dcp, a.out)
+    print(f"converted {a.dcp} into {out}")
+
+
 def cmd_sample(a: argparse.Namespace) -> None:
     from .hf import sample
 
@@ -132,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--hf", required=True, help="Hugging Face model directory (safetensors weights)")
     s.add_argument("--out", required=True, help="checkpoint directory to write")
     s.set_defaults(fn=cmd_import)
+
+    s = sub.add_parser("convert", help="turn a distributed (torchrun) checkpoint into a safetensors checkpoint")
+    s.add_argument("--dcp", required=True, help="a checkpoint directory written under torchrun "
+                   "(OUT/checkpoints/step_N, with a .metadata file)")
+    s.add_argument("--out", required=True, help="checkpoint directory to write (for upcycle, export, init_from)")
+    s.set_defaults(fn=cmd_convert)
 
     s = sub.add_parser("sample", help="generate with transformers from an exported directory")
     s.add_argument("--hf", required=True, help="Hugging Face directory written by `export`")

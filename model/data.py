@@ -120,14 +120,25 @@ class TokenFileSource:
         return _to_batch(rows, docs)
 
 
-class StatelessData:
-    """synthetic / tokens sources: the batch of a step is a function of the step number."""
+def rank_share(count: int, rank: int, world: int) -> range:
+    """The contiguous block of `count` global micro-batches that process `rank` of `world` computes."""
+    per = count // world
+    return range(rank * per, (rank + 1) * per)
 
-    def __init__(self, source: SyntheticSource | TokenFileSource):
-        self.source = source
+
+class StatelessData:
+    """synthetic / tokens sources: the batch of a step is a function of the step number.
+
+    Under torchrun, process `rank` builds only its contiguous share of each step's global
+    micro-batches, so N processes see exactly the sequences one process would."""
+
+    def __init__(self, source: SyntheticSource | TokenFileSource, rank: int = 0, world: int = 1):
+        self.source, self.rank, self.world = source, rank, world
 
     def micro_batches(self, split: str, step: int, count: int, micro: int) -> list[Batch]:
-        return [self.source.batch(split, step, range(i * micro, (i + 1) * micro)) for i in range(count)]
+        """This process's share of the step's `count` global micro-batches of `micro` sequences."""
+        return [self.source.batch(split, step, range(i * micro, (i + 1) * micro))
+                for i in rank_share(count, self.rank, self.world)]
 
     def state_dict(self) -> dict:
         return {}
@@ -144,19 +155,21 @@ class ShardData:
     """data_shards' MixtureLoader behind the trainer's interface; eval reads a fixed set of batches."""
 
     def __init__(self, mixture: list[dict], eval_mixture: list[dict] | None, seq_len: int, seed: int,
-                 vocab_size: int, verify: bool, model_tokenizer: Path | None = None):
+                 vocab_size: int, verify: bool, model_tokenizer: Path | None = None, rank: int = 0, world: int = 1):
         """model_tokenizer: the tokenizer directory of the checkpoint training starts from, if it has one;
-        shards made with any other tokenizer are refused."""
+        shards made with any other tokenizer are refused. rank/world: every process walks the same
+        global stream and materialises its contiguous slice of each batch (MixtureLoader)."""
         from data_shards.loader import MixtureLoader, specs_from_config
         from data_shards.tokenizer import file_sha256
 
         self.specs = specs_from_config(mixture)
         self.eval_specs = specs_from_config(eval_mixture) if eval_mixture else None
-        self.seq_len, self.seed, self.verify = seq_len, seed, verify
+        self.seq_len, self.seed, self.verify, self.rank, self.world = seq_len, seed, verify, rank, world
         self.tokenizer_sha256 = None
         if model_tokenizer is not None and (model_tokenizer / "tokenizer.model").exists():
             self.tokenizer_sha256 = file_sha256(model_tokenizer / "tokenizer.model")
-        self.train = MixtureLoader(self.specs, seq_len, seed, verify=verify, tokenizer_sha256=self.tokenizer_sha256)
+        self.train = MixtureLoader(self.specs, seq_len, seed, verify=verify, tokenizer_sha256=self.tokenizer_sha256,
+                                   rank=rank, world_size=world)
         if self.train.vocab_size > vocab_size:
             raise ValueError(f"the shards use a {self.train.vocab_size}-piece tokenizer but the model's vocab_size is "
                              f"{vocab_size}: set model.vocab_size >= {self.train.vocab_size}")
@@ -172,10 +185,10 @@ class ShardData:
                                  "or train.eval_every: 0")
             same_tokenizer = self.tokenizer_sha256 or self.train.sources[0].manifest.tokenizer_sha256
             loader = MixtureLoader(self.eval_specs, self.seq_len, self.seed, verify=self.verify,
-                                   tokenizer_sha256=same_tokenizer)
-        b = loader.next_batch(count * micro)
+                                   tokenizer_sha256=same_tokenizer, rank=self.rank, world_size=self.world)
+        b = loader.next_batch(count * micro)  # this process's slice: count / world micro-batches
         return [Batch(b.input_ids[i * micro:(i + 1) * micro], b.labels[i * micro:(i + 1) * micro],
-                      b.doc_ids[i * micro:(i + 1) * micro]) for i in range(count)]
+                      b.doc_ids[i * micro:(i + 1) * micro]) for i in range(count // self.world)]
 
     def state_dict(self) -> dict:
         return self.train.state_dict()

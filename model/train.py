@@ -1,9 +1,16 @@
-"""The one training program: `python -m model.train --config FILE` (also `mujina-train`).
+"""The one training program: `python -m model.train --config FILE` (also `mujina-train`), and
+the same program under `torchrun --nproc_per_node N -m model.train --config FILE`.
 
 On one process this is the reference loop every distributed mode is compared against:
 AdamW, linear warmup + cosine decay, gradient clipping, gradient accumulation, bf16
 autocast on CUDA, MoE auxiliary losses, periodic eval, checkpoints with exact resumption,
 a progress line with tokens/s and a JSON-lines metrics log (OUT/metrics.jsonl).
+
+Under torchrun (WORLD_SIZE > 1) the model is sharded with FSDP2 by `model.parallel.parallelize`
+(bf16 parameters, fp32 gradient reductions on CUDA), each process reads its contiguous slice of
+every global batch, checkpoints are torch.distributed.checkpoint directories (resumable on any
+number of processes), and rank 0 logs, writes metrics.jsonl, reports MFU and serves Prometheus
+gauges (train.metrics_port). A run killed on N processes resumes on M.
 
 Output directory layout:
     OUT/config.yaml                       the resolved config of the run
@@ -15,8 +22,9 @@ Running the same command again resumes from the newest checkpoint in OUT (or doe
 if the run is complete): a killed run is continued by simply starting it again.
 
 Loss normalisation: each step's loss is the mean over every target token of the global
-batch (summed per micro-batch, divided by the step's total), so the result does not depend
-on how the batch is split into micro-batches or, later, over processes.
+batch (summed per micro-batch, divided by the step's total over all processes), so the
+result does not depend on how the batch is split into micro-batches or over processes.
+FSDP averages gradients over processes, so each process scales its loss by the world size.
 """
 
 from __future__ import annotations
@@ -40,13 +48,27 @@ import yaml
 
 from .checkpoint import (
     TRAINER_STATE,
+    is_distributed_checkpoint,
     load_checkpoint,
     load_config,
+    load_distributed,
+    load_full_into_sharded,
     load_optimizer_state,
     save_checkpoint,
+    save_distributed,
 )
 from .config import ModelConfig, checked_fields, help_field, read_config_file
 from .data import IGNORE, Batch, ShardData, StatelessData, SyntheticSource, TokenFileSource
+from .parallel import (
+    Dist,
+    device_memory,
+    flops_per_token,
+    init_distributed,
+    memory_estimate,
+    parallelize,
+    peak_flops,
+    shutdown_distributed,
+)
 from .transformer import Transformer
 
 log = logging.getLogger("model.train")
@@ -107,9 +129,9 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     steps: int = help_field("Optimizer steps in the run.", default=300)
-    batch_size: int = help_field("Sequences per optimizer step (global batch).", default=16)
-    micro_batch_size: int = help_field("Sequences per forward/backward; batch_size / micro_batch_size "
-                                  "steps are accumulated.", default=16)
+    batch_size: int = help_field("Sequences per optimizer step (global batch, over all processes).", default=16)
+    micro_batch_size: int = help_field("Sequences per forward/backward and process; batch_size / "
+                                  "(micro_batch_size x processes) steps are accumulated.", default=16)
     seed: int = help_field("Seed for initialisation and data order.", default=0)
     device: str = help_field("auto (cuda if available, else cpu), cpu, cuda or cuda:N.", default="auto")
     dtype: str = help_field("auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32.", default="auto")
@@ -119,6 +141,13 @@ class TrainConfig:
     save_every: int = help_field("Write a resumable checkpoint every N steps (and at the end); 0: only at "
                             "the end.", default=100)
     keep_checkpoints: int = help_field("Resumable checkpoints to keep (oldest deleted).", default=2)
+    activation_checkpointing: bool = help_field("Recompute each block's activations in backward (less memory, "
+                                           "about a third more compute).", default=False)
+    compile: bool = help_field("torch.compile each transformer block.", default=False)
+    metrics_port: int = help_field("Serve Prometheus gauges (mujina_train_*) on this port from rank 0; 0: off.",
+                              default=0)
+    peak_tflops: float = help_field("Peak TFLOP/s of one device for MFU; 0: from the built-in table (CUDA "
+                               "devices; CPU has no entry, so no MFU).", default=0.0)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "micro_batch_size", "log_every", "eval_batches"):
@@ -127,6 +156,8 @@ class TrainConfig:
         if self.batch_size % self.micro_batch_size:
             raise ValueError(f"train.batch_size={self.batch_size} is not divisible by "
                              f"train.micro_batch_size={self.micro_batch_size}: make it a multiple")
+        if self.metrics_port < 0 or self.peak_tflops < 0:
+            raise ValueError("train.metrics_port and train.peak_tflops must be >= 0")
         if self.dtype not in ("auto", "bf16", "fp32"):
             raise ValueError(f"train.dtype must be auto, bf16 or fp32, got {self.dtype!r}")
 
@@ -206,53 +237,78 @@ def build_optimizer(model: torch.nn.Module, o: OptimConfig) -> torch.optim.AdamW
     return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name} but CUDA is not available: use auto or cpu")
-    return dev
-
-
 class Trainer:
-    """Single-process trainer. `run()` trains to cfg.train.steps, resuming from OUT if it can."""
+    """The trainer, on one process or under torchrun. `run()` trains to cfg.train.steps, resuming from OUT."""
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, dist: Dist | None = None):
         self.cfg = cfg
         self.out = Path(cfg.out).resolve()
         self.mcfg = cfg.model_config()
         t = cfg.train
-        self.device = resolve_device(t.device)
+        self.dist = dist or init_distributed(t.device)
+        self.device = self.dist.device
+        world = self.dist.world_size
         use_bf16 = t.dtype == "bf16" or (t.dtype == "auto" and self.device.type == "cuda")
-        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
-        self.accum = t.batch_size // t.micro_batch_size
+        # One process: autocast. FSDP: bf16 parameters by the mixed-precision policy (parallelize).
+        self.autocast_dtype = torch.bfloat16 if use_bf16 and not self.dist.distributed else None
+        if t.batch_size % (t.micro_batch_size * world):
+            raise ValueError(f"train.batch_size={t.batch_size} is not divisible by train.micro_batch_size="
+                             f"{t.micro_batch_size} x {world} processes: make it a multiple of "
+                             f"{t.micro_batch_size * world}")
+        if t.eval_every and t.eval_batches % world:
+            raise ValueError(f"train.eval_batches={t.eval_batches} is not divisible by the {world} processes: "
+                             "every process evaluates the same number of micro-batches")
+        self.accum = t.batch_size // t.micro_batch_size  # micro-batches per step, over all processes
         d = cfg.data
         if d.seq_len > self.mcfg.max_seq_len:
             raise ValueError(f"data.seq_len={d.seq_len} exceeds the model's max_seq_len={self.mcfg.max_seq_len}")
+        self._check_fits(use_bf16)
+        rank = self.dist.rank
         if d.source == "synthetic":
-            self.data = StatelessData(SyntheticSource(self.mcfg.vocab_size, d.seq_len, t.seed))
+            self.data = StatelessData(SyntheticSource(self.mcfg.vocab_size, d.seq_len, t.seed), rank, world)
         elif d.source == "tokens":
             self.data = StatelessData(TokenFileSource(d.path, d.dtype, d.seq_len, t.seed, d.eval_fraction,
-                                                      d.doc_sep_id, self.mcfg.vocab_size))
+                                                      d.doc_sep_id, self.mcfg.vocab_size), rank, world)
         else:
             self.data = ShardData(d.mixture, d.eval_mixture, d.seq_len, t.seed, self.mcfg.vocab_size, d.verify,
-                                  Path(cfg.init_from) / "tokenizer" if cfg.init_from else None)
+                                  Path(cfg.init_from) / "tokenizer" if cfg.init_from else None, rank, world)
         if cfg.train.eval_every and d.source == "tokens" and d.eval_fraction == 0:
             raise ValueError("train.eval_every > 0 but data.eval_fraction is 0: hold out data or disable eval")
         if cfg.train.eval_every and d.source == "shards" and not d.eval_mixture:
             raise ValueError("train.eval_every > 0 but data.eval_mixture is not set: list held-out shard "
                              "directories, or set train.eval_every: 0")
 
-        torch.manual_seed(t.seed)
+        torch.manual_seed(t.seed)  # the same initial weights on every process, and as on one process
         if cfg.init_from:
-            self.model = load_checkpoint(cfg.init_from, device=self.device, dtype=torch.float32)
+            model = load_checkpoint(cfg.init_from, device=self.device, dtype=torch.float32)
         else:
-            self.model = Transformer(self.mcfg).to(self.device)
+            model = Transformer(self.mcfg).to(self.device)
+        self.model = parallelize(model, self.dist, bf16=use_bf16, activation_checkpointing=t.activation_checkpointing,
+                                 compile=t.compile)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.step = 0
         self.tokens_seen = 0
         self._eval_batches: list[Batch] | None = None  # the same held-out batches at every evaluation
+        self.flops_per_token = flops_per_token(self.mcfg, d.seq_len)
+        self.peak_flops = peak_flops(self.device, t.peak_tflops)
+
+    def _check_fits(self, bf16: bool) -> None:
+        """Refuse, before allocating anything, a run whose training state alone exceeds the memory."""
+        t = self.cfg.train
+        on_cpu = self.device.type == "cpu"
+        per_host = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if on_cpu else 1  # CPU ranks share the host
+        need = memory_estimate(self.mcfg, world_size=self.dist.world_size, micro_batch=t.micro_batch_size,
+                               seq_len=self.cfg.data.seq_len, bf16=bf16,
+                               activation_checkpointing=t.activation_checkpointing, processes_per_device=per_host)
+        have = device_memory(self.device)
+        if have and need["total"] > have:
+            gib = 1 << 30
+            raise ValueError(
+                f"this run cannot fit: it needs at least {need['total'] / gib:.1f} GiB per "
+                f"{'host' if on_cpu else 'device'} (weights, gradients and AdamW state {need['state'] / gib:.1f} GiB "
+                f"per process, activations {need['activations'] / gib:.1f} GiB) but {have / gib:.1f} GiB "
+                f"{'is available' if on_cpu else 'exist'}. Use more processes (FSDP shards the state), a smaller "
+                "train.micro_batch_size or data.seq_len, or train.activation_checkpointing: true")
 
     # -- checkpoints --
 
@@ -266,16 +322,26 @@ class Trainer:
         return done[-1] if done else None
 
     def save(self) -> Path:
+        """One process: the safetensors checkpoint. torchrun: a DCP directory (every process writes its shards).
+        Either way it is written under a temporary name and renamed: it appears whole or not at all."""
         final = self.ckpt_root / f"step_{self.step:06d}"
         tmp = self.ckpt_root / f".tmp_step_{self.step:06d}"
-        shutil.rmtree(tmp, ignore_errors=True)
+        if self.dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.dist.barrier()
         state = {"step": self.step, "tokens_seen": self.tokens_seen, "run_config": self.cfg.to_dict(),
-                 "data_state": self.data.state_dict()}
-        save_checkpoint(tmp, self.model, optimizer=self.optimizer, trainer_state=state)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)  # a checkpoint appears whole or not at all
-        for old in sorted(self.ckpt_root.glob("step_*"))[: -self.cfg.train.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+                 "data_state": self.data.state_dict(), "world_size": self.dist.world_size}
+        if self.dist.distributed:
+            save_distributed(tmp, self.model, self.optimizer, state, is_main=self.dist.is_main)
+            self.dist.barrier()
+        else:
+            save_checkpoint(tmp, self.model, optimizer=self.optimizer, trainer_state=state)
+        if self.dist.is_main:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in sorted(self.ckpt_root.glob("step_*"))[: -self.cfg.train.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.dist.barrier()
         return final
 
     def resume(self, ckpt: Path) -> None:
@@ -283,10 +349,19 @@ class Trainer:
         if load_config(ckpt) != self.mcfg:
             raise ValueError(f"{ckpt} holds a different model than this config: use another --out "
                              "or restore the original model section")
-        self.model.load_state_dict(load_checkpoint(ckpt).state_dict())
-        load_optimizer_state(self.optimizer, self.model, ckpt)
+        if is_distributed_checkpoint(ckpt):
+            load_distributed(ckpt, self.model, self.optimizer)
+        elif self.dist.distributed:
+            load_full_into_sharded(ckpt, self.model, self.optimizer)
+        else:
+            self.model.load_state_dict(load_checkpoint(ckpt).state_dict())
+            load_optimizer_state(self.optimizer, self.model, ckpt)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.data.load_state_dict(state.get("data_state", {}))
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.dist.world_size:
+            log.info("the checkpoint was written by %d process(es); continuing on %d", saved_world,
+                     self.dist.world_size)
 
     # -- steps --
 
@@ -307,22 +382,28 @@ class Trainer:
         lr = lr_at(self.step, self.cfg.optim, self.cfg.train.steps)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        batches = self._micro_batches("train", self.step, self.accum)
-        n_targets = sum(b.num_targets for b in batches)
+        world = self.dist.world_size
+        batches = self._micro_batches("train", self.step, self.accum)  # this process's share
+        (n_targets,) = self.dist.all_sum(sum(b.num_targets for b in batches))
+        local_accum = len(batches)
         lm_total, aux_total = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         for b in batches:
             loss_sum, aux = self._forward(b)
-            loss = loss_sum / n_targets
-            if aux is not None:
-                loss = loss + aux / self.accum
-                aux_total += aux.detach() / self.accum
+            # x world: FSDP averages gradients over processes, the loss is a sum over all of them.
+            loss = loss_sum * (world / n_targets)
+            if aux is not None:  # the mean over every micro-batch of the step, after FSDP's average
+                loss = loss + aux / local_accum
+                aux_total += aux.detach() / local_accum
             loss.backward()
             lm_total += loss_sum.detach() / n_targets
         clip = self.cfg.optim.grad_clip
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP: the norm over every shard
+            grad_norm = grad_norm.full_tensor()
         # One host sync per step: a non-finite loss or gradient must never reach the weights.
-        lm, gn = lm_total.item(), grad_norm.item()
+        lm, aux_mean = self.dist.all_sum(lm_total.item(), aux_total.item() / world)
+        gn = grad_norm.item()
         if not (math.isfinite(lm) and math.isfinite(gn)):
             last = self.latest_checkpoint()
             raise FloatingPointError(
@@ -333,8 +414,8 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.tokens_seen += sum(b.input_ids.numel() for b in batches)
-        return {"loss": lm, "aux_loss": aux_total.item(), "grad_norm": gn, "lr": lr}
+        self.tokens_seen += sum(b.input_ids.numel() for b in batches) * world
+        return {"loss": lm, "aux_loss": aux_mean, "grad_norm": gn, "lr": lr}
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -342,30 +423,44 @@ class Trainer:
         if self._eval_batches is None:
             self._eval_batches = self._micro_batches("eval", 0, self.cfg.train.eval_batches)
         batches = self._eval_batches
-        total = sum(self._forward(b)[0].item() for b in batches)
+        local = sum(self._forward(b)[0].item() for b in batches)
         self.model.train()
-        return total / sum(b.num_targets for b in batches)
+        total, targets = self.dist.all_sum(local, sum(b.num_targets for b in batches))
+        return total / targets
 
     # -- the run --
 
     def run(self) -> Path:
         t = self.cfg.train
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        main = self.dist.is_main
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        self.dist.barrier()
         ckpt = self.latest_checkpoint()
         if ckpt is not None:
             self.resume(ckpt)
             log.info("resumed from %s at step %d", ckpt, self.step)
         metrics_path = self.out / "metrics.jsonl"
-        _truncate_metrics(metrics_path, self.step)
+        if main:
+            _truncate_metrics(metrics_path, self.step)
         n = self.mcfg.num_params()
-        log.info("model: %s parameters (%s active), %s on %s%s; %d steps of %d x %d tokens",
+        log.info("model: %s parameters (%s active), %s on %s%s%s; %d steps of %d x %d tokens",
                  f"{n:,}", f"{self.mcfg.num_active_params():,}", "MoE" if self.mcfg.is_moe else "dense",
-                 self.device, " (bf16 autocast)" if self.autocast_dtype else "", t.steps, t.batch_size,
-                 self.cfg.data.seq_len)
+                 f"{self.dist.world_size} processes (FSDP2), " if self.dist.distributed else "", self.device,
+                 " (bf16)" if self.autocast_dtype or (self.dist.distributed and self.device.type == "cuda"
+                                                      and t.dtype != "fp32") else "",
+                 t.steps, t.batch_size, self.cfg.data.seq_len)
+        exporter = None
+        if main and t.metrics_port:
+            from .exporter import TrainExporter
+
+            exporter = TrainExporter(self.out.name, t.metrics_port)
+            log.info("Prometheus gauges on :%d/metrics", exporter.port)
         self.model.train()
         t_last, tok_last, t_start, step_start = time.perf_counter(), self.tokens_seen, time.perf_counter(), self.step
-        with metrics_path.open("a") as mf:
+        mf = metrics_path.open("a") if main else None
+        try:
             while self.step < t.steps:
                 m = self.train_step()
                 last = self.step == t.steps
@@ -373,22 +468,48 @@ class Trainer:
                 if self.step % t.log_every == 0 or last or do_eval:
                     now = time.perf_counter()
                     m["tokens_per_s"] = (self.tokens_seen - tok_last) / max(now - t_last, 1e-9)
+                    if self.peak_flops:
+                        per_device = m["tokens_per_s"] / self.dist.world_size
+                        m["mfu"] = per_device * self.flops_per_token / self.peak_flops
                     t_last, tok_last = now, self.tokens_seen
                     if do_eval:
                         m["eval_loss"] = self.evaluate()
-                    record = {"step": self.step, "tokens": self.tokens_seen, **m}
-                    mf.write(json.dumps(record) + "\n")
-                    mf.flush()
+                    if mf is not None:
+                        record = {"step": self.step, "tokens": self.tokens_seen, **m}
+                        mf.write(json.dumps(record) + "\n")
+                        mf.flush()
+                    if exporter is not None:
+                        exporter.update(step=self.step, tokens_total=self.tokens_seen, **m,
+                                        tokens_per_second=m["tokens_per_s"])
                     eta = (now - t_start) / (self.step - step_start) * (t.steps - self.step)
-                    log.info("step %d/%d | loss %.4f%s%s | lr %.2e | grad %.3f | %.0f tok/s | eta %s",
+                    log.info("step %d/%d | loss %.4f%s%s | lr %.2e | grad %.3f | %.0f tok/s%s | eta %s",
                              self.step, t.steps, m["loss"],
                              f" | eval {m['eval_loss']:.4f}" if do_eval else "",
                              f" | aux {m['aux_loss']:.4f}" if self.mcfg.is_moe else "",
-                             m["lr"], m["grad_norm"], m["tokens_per_s"], _fmt_eta(eta))
+                             m["lr"], m["grad_norm"], m["tokens_per_s"],
+                             f" | MFU {100 * m['mfu']:.1f}%" if "mfu" in m else "", _fmt_eta(eta))
                 if (t.save_every and self.step % t.save_every == 0) or last:
                     self.save()
-        final = save_checkpoint(self.out / "final", self.model, tokenizer_dir=self.data.tokenizer_dir)
+            final = self.save_final()
+        finally:
+            if mf is not None:
+                mf.close()
+            if exporter is not None:
+                exporter.close()
         log.info("done: %d steps, %s tokens; model in %s", self.step, f"{self.tokens_seen:,}", final)
+        return final
+
+    def save_final(self) -> Path:
+        """The trained model in the project format (safetensors, full weights), written by rank 0."""
+        final = self.out / "final"
+        if not self.dist.distributed:
+            return save_checkpoint(final, self.model, tokenizer_dir=self.data.tokenizer_dir)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.dist.is_main:
+            save_checkpoint(final, self.model, tokenizer_dir=self.data.tokenizer_dir, state_dict=full)
+        self.dist.barrier()
         return final
 
 
@@ -430,8 +551,11 @@ def load_run_config(path: str | None, overrides: list[str], out: str | None) -> 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="mujina-train",
-        description="Train a mujina model on one process (the reference trainer). Running the same "
-                    "command again resumes from the newest checkpoint in the output directory.",
+        description="Train a mujina model: on one process (the reference trainer), or under torchrun with "
+                    "FSDP2 (`torchrun --nproc_per_node N -m model.train --config FILE`; multi-node: add --nnodes, "
+                    "--rdzv-backend c10d --rdzv-endpoint HOST:PORT; --max-restarts K restarts from the last "
+                    "checkpoint). Running the same command again resumes from the newest checkpoint in the "
+                    "output directory, on any number of processes.",
         epilog=_config_help(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", help="YAML/JSON run config (see configs/debug.yaml)")
@@ -439,16 +563,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config field, e.g. --set train.steps=50 (repeatable)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stderr)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    # Under torchrun rank 0 tells the story; the others speak only for warnings and errors.
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stderr,
+                        format=f"%(asctime)s {f'[rank {rank}] ' if world > 1 else ''}%(message)s", datefmt="%H:%M:%S")
     try:
         cfg = load_run_config(args.config, args.overrides, args.out)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ValueError("multi-process training (torchrun) is not implemented yet: run one process")
         Trainer(cfg).run()
     except (ValueError, FileNotFoundError, FloatingPointError) as e:  # ShardError is a ValueError
         log.error("error: %s", e)
         return 2
+    finally:
+        shutdown_distributed()
     return 0
 
 
