@@ -78,7 +78,13 @@ def init_distributed(device: str) -> Dist:
     else:
         dev = torch.device("cpu")
     if not torch_dist.is_initialized():
-        torch_dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+        # torchrun's agent keeps one TCPStore across restarts (--max-restarts): without a per-attempt
+        # prefix, a restarted process can read the address a killed peer published in the previous
+        # attempt and fail to connect (seen with gloo on torch 2.13).
+        store, _, _ = next(torch_dist.rendezvous("env://"))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        torch_dist.init_process_group("nccl" if use_cuda else "gloo", store=torch_dist.PrefixStore(
+            f"mujina/attempt_{attempt}", store), rank=rank, world_size=world, device_id=dev if use_cuda else None)
     return Dist(rank, world, local, dev)
 
 
