@@ -49,7 +49,7 @@ def load_seeds(paths: list[Path], languages: list[str]) -> list[tuple[str, str]]
     """(language, text) of each seed document: JSONL/text files via data_shards.ingest, or shard
     directories decoded with the tokenizer they carry."""
     from data_shards.filters import detect_language, normalize
-    from data_shards.ingest import read_documents
+    from data_shards.ingest import DropCounter, read_documents
 
     texts: list[str] = []
     for p in paths:
@@ -63,7 +63,7 @@ def load_seeds(paths: list[Path], languages: list[str]) -> list[tuple[str, str]]
                 texts += [tok.decode([int(t) for t in r.document(i) if t not in (tok.bos_id, tok.eos_id)])
                           for i in range(r.num_documents)]
         elif p.exists():
-            texts += [d.text for d in read_documents([p]) if d.text]
+            texts += [d.text for d in read_documents([p], drops=DropCounter()) if d.text]
         else:
             raise ValueError(f"synthetic.seeds: {p} does not exist")
     out = []

@@ -238,9 +238,9 @@ class JudgeValidator(_Synthetic):
         _check_ids(records, [p["prompt_id"] for p in payload["pairs"]])
         self._model_hash("judge", payload, records)
         max_new = payload.get("sampling", {}).get("max_new_tokens", 1 << 30)
-        if any(not 0 < r["output_tokens"] <= max_new for r in records):
+        if any(not 0 <= r["output_tokens"] <= max_new for r in records):
             self._refuse("judge", Counter({"token_count": len(records)}),
-                         f"output_tokens must be in [1, {max_new}] for every record")
+                         f"output_tokens must be in [0, {max_new}] for every record")
         return [Credit("tasks", 1), Credit("tokens_generated", float(sum(r["output_tokens"] for r in records)))]
 
     def commit(self, task_id, payload, data):

@@ -66,3 +66,37 @@ def make_eval_inputs(state_dir: Path, seed: int = 0) -> dict:
     name, tokens, _ = write_shard(state_dir / "shards" / "eval", docs, cfg.vocab_size)
     return {"net": net, "docs": docs, "payload": {"checkpoint": "tiny", "shard": f"eval/{name}",
                                                   "shard_tokens": tokens, "seq_len": 32}}
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory):
+    """The tiny bigram teacher (tests/worker/teacher.py), built once per session."""
+    from tests.data_shards.corpus import japanese_documents
+    from tests.worker.teacher import build_teacher
+
+    return build_teacher(tmp_path_factory.mktemp("teacher") / "tiny", japanese_documents(30, seed=3))
+
+
+@pytest.fixture(scope="session")
+def shard_tokenizer(tmp_path_factory):
+    """A SentencePiece tokenizer (data_shards) for sharding accepted synthetic records."""
+    from data_shards.tokenizer import TokenizerTrainConfig, train_tokenizer
+    from tests.data_shards.corpus import japanese_documents
+
+    out = tmp_path_factory.mktemp("tok") / "tok"
+    train_tokenizer(japanese_documents(60, seed=4), out, TokenizerTrainConfig(vocab_size=800, mecab=False, threads=1))
+    return out
+
+
+def synthetic_section(tmp_path: Path, teacher: Path, tokenizer: Path | None = None, **over) -> dict:
+    from tests.data_shards.corpus import japanese_documents, write_jsonl
+
+    seeds = write_jsonl(tmp_path / "seeds.jsonl", japanese_documents(4, seed=5))
+    sec = {"personas": [str(REPO / "configs" / "personas.ja.yaml")], "seeds": [str(seeds)], "languages": ["ja"],
+           "templates": ["qa", "summary"], "teacher": {"name": "tiny", "path": str(teacher)},
+           "sampling": {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 60, "seed": 0},
+           "batch_size": 4, "judge_batch_size": 8, "max_prompts": 8, "min_output_chars": 20}
+    if tokenizer is not None:
+        sec["tokenizer"] = str(tokenizer)
+    sec.update(over)
+    return sec
