@@ -84,7 +84,7 @@ def shard_tokenizer(tmp_path_factory):
     from tests.data_shards.corpus import japanese_documents
 
     out = tmp_path_factory.mktemp("tok") / "tok"
-    train_tokenizer(japanese_documents(60, seed=4), out, TokenizerTrainConfig(vocab_size=800, mecab=False, threads=1))
+    train_tokenizer(japanese_documents(60, seed=4), out, TokenizerTrainConfig(vocab_size=1200, mecab=False, threads=1))
     return out
 
 

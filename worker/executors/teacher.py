@@ -53,7 +53,9 @@ def files_hash(path: Path) -> str:
 class Engine:
     name = ""
 
-    def generate(self, conversations: list[list[dict]], sampling: dict, seed: int) -> list[tuple[str, int, int]]:
+    def generate(self, conversations: list[list[dict]], sampling: dict, seed: int,
+                 should_stop=lambda: False) -> list[tuple[str, int, int]]:
+        """[(text, prompt tokens, output tokens)] per conversation; `should_stop()` may end decoding early."""
         raise NotImplementedError
 
 
@@ -85,15 +87,18 @@ class HFEngine(Engine):
         self.device = device
 
     @torch.no_grad()
-    def generate(self, conversations, sampling, seed):
+    def generate(self, conversations, sampling, seed, should_stop=lambda: False):
         texts = [self.tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in conversations]
         enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         torch.manual_seed(seed)
         temperature = float(sampling.get("temperature", 0.0))
         kw = dict(do_sample=True, temperature=temperature, top_p=float(sampling.get("top_p", 1.0))) \
             if temperature > 0 else dict(do_sample=False)
+        # checked after every decoding step, so SIGTERM or a cancelled lease stops within one token
+        halt = lambda input_ids, scores, **_: torch.full((input_ids.shape[0],), should_stop(),  # noqa: E731
+                                                         dtype=torch.bool, device=input_ids.device)
         out = self.model.generate(**enc, max_new_tokens=int(sampling["max_new_tokens"]),
-                                  pad_token_id=self.tok.pad_token_id, **kw)
+                                  pad_token_id=self.tok.pad_token_id, stopping_criteria=[halt], **kw)
         new = out[:, enc["input_ids"].shape[1]:].tolist()  # (B, new) one host copy for the whole batch
         prompt_lens = enc["attention_mask"].sum(dim=1).tolist()
         stop = {self.tok.eos_token_id, self.tok.pad_token_id}
@@ -115,7 +120,7 @@ class VLLMEngine(Engine):
             frac = min(0.9, max_memory_bytes / torch.cuda.get_device_properties(device).total_memory)
         self.llm = LLM(model=str(path), gpu_memory_utilization=frac)
 
-    def generate(self, conversations, sampling, seed):
+    def generate(self, conversations, sampling, seed, should_stop=lambda: False):
         from vllm import SamplingParams
 
         params = SamplingParams(temperature=float(sampling.get("temperature", 0.0)),
@@ -157,6 +162,7 @@ def batched_generate(ctx: TaskContext, engine: Engine, conversations: list[list[
     seed = int(sampling.get("seed", 0))
     for b, i in enumerate(range(0, len(conversations), batch_size)):
         ctx.check_stop()
-        out += engine.generate(conversations[i: i + batch_size], sampling, seed + b)
+        out += engine.generate(conversations[i: i + batch_size], sampling, seed + b, ctx.stop_requested)
+        ctx.check_stop()  # a batch cut short by a stop request is not a result
         ctx.report_progress(len(out) / len(conversations))
     return out
