@@ -5,6 +5,7 @@
     mujina-coordinator token  add NAME [--max-leases N] | list | revoke NAME
     mujina-coordinator tasks  add --kind eval --payload JSON [--count N] [--priority P] [--min-gpu-memory B]
                               [--needs-cuda] [--min-speed S] | list [--state S] | retry TASK_ID
+    mujina-coordinator plan   (synthetic data: generate/judge tasks from the project's `synthetic` section)
     mujina-coordinator status
     mujina-coordinator ledger [--csv]
 
@@ -81,6 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     _common(kr)
     kr.add_argument("task_id")
 
+    pl = sub.add_parser("plan", help="synthetic data: add generate and judge tasks (idempotent), shard results")
+    _common(pl)
     st = sub.add_parser("status", help="a readable summary of tasks, leases, workers and credit")
     _common(st)
     lg = sub.add_parser("ledger", help="validated contributions per volunteer, kind and unit")
@@ -224,6 +227,22 @@ def cmd_status(args) -> int:
     print("credit: " + (", ".join(f"{unit} {amount:g}" for unit, amount in credit) or "none yet"))
     for tid, err in dead:
         print(f"dead: {tid}  {err}")
+    stats = cfg.state_dir / "synthetic" / "stats.json"
+    if stats.exists():
+        for kind, s in sorted(json.loads(stats.read_text()).items()):
+            rejected = ", ".join(f"{k} {v}" for k, v in sorted(s["rejected"].items())) or "none"
+            print(f"synthetic {kind}: {s['accepted']} records accepted, {s['tokens']} tokens; rejected: {rejected}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from .plan import plan
+    from .scheduler import Scheduler
+
+    cfg, store = _open(args)
+    added = plan(cfg, Scheduler(store, cfg))
+    print(f"prompts {added['prompts']}; added {added['generate']} generate and {added['judge']} judge tasks; "
+          f"synthetic shards {added['shards']}")
     return 0
 
 
@@ -254,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     try:
         return {"serve": cmd_serve, "token": cmd_token, "tasks": cmd_tasks, "status": cmd_status,
-                "ledger": cmd_ledger}[args.cmd](args)
+                "ledger": cmd_ledger, "plan": cmd_plan}[args.cmd](args)
     except ValueError as e:  # user errors: the message names the fix
         print(f"mujina-coordinator: {e}", file=sys.stderr)
         return 2

@@ -7,13 +7,16 @@ Unknown keys are errors, and every error names the field and the fix. Example (c
     leases: {duration_s: 60, heartbeat_interval_s: 10, max_attempts: 3}
     limits: {max_leases_per_token: 4, max_upload_bytes: 67108864}
 
-Later issues add data, model, synthetic-data and swarm sections.
+The optional `synthetic` section (SyntheticConfig) drives `mujina-coordinator plan`: personas, seed
+documents, templates, teacher and judge models, sampling and batch sizes. Later issues add data,
+model and swarm sections.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -64,6 +67,63 @@ class ServerConfig(_Strict):
         return self
 
 
+class TeacherConfig(_Strict):
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9._-]+$", description="the teacher's name; workers "
+                      "map it to a local directory (`--teacher NAME=DIR` or [teachers] in worker.toml)")
+    path: Path | None = Field(None, description="a Hugging Face directory of the teacher on the coordinator: its "
+                              "files hash is what workers must match; also the default path for workers")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="model files hash (see "
+                               "data_shards.synthetic.model_files_hash); computed from `path` when absent")
+
+    @model_validator(mode="after")
+    def _path_or_hash(self):
+        if self.path is None and self.sha256 is None:
+            raise ValueError(f"teacher {self.name!r}: give `path` (a local Hugging Face directory) or `sha256`")
+        return self
+
+
+class SamplingConfig(_Strict):
+    temperature: float = Field(0.8, ge=0, description="0 is greedy decoding")
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_new_tokens: int = Field(512, ge=1, le=32768)
+    seed: int = Field(0, ge=0, description="base seed; each task's seed is derived from it and the task id")
+    quantize: Literal["none", "4bit", "8bit", "auto"] = Field("none", description="bitsandbytes loading on "
+                                                             "CUDA; auto: only when the model does not fit")
+
+
+class SyntheticConfig(_Strict):
+    personas: list[Path] = Field(..., min_length=1, description="YAML lists of {id, lang, description}, e.g. "
+                                 "configs/personas.ja.yaml")
+    seeds: list[Path] = Field(..., min_length=1, description="seed documents: JSONL files ({\"text\": ...}) or "
+                              "shard directories (decoded with their tokenizer/)")
+    languages: list[Literal["ja", "en"]] = Field(["ja", "en"], min_length=1)
+    templates: list[str] = Field(["qa", "summary", "rephrase", "dialogue", "instruction"], min_length=1,
+                                 description="task templates (data_shards/synthetic.py TEMPLATES)")
+    teacher: TeacherConfig
+    judge: TeacherConfig | None = Field(None, description="the judge model (default: the teacher)")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    batch_size: int = Field(8, ge=1, description="prompts per generate task (and per generate() call)")
+    judge_batch_size: int = Field(8, ge=1, description="answer pairs per judge task")
+    max_prompts: int = Field(1000, ge=1, description="prompts planned (a seeded choice among all combinations)")
+    max_seed_chars: int = Field(2000, ge=1, description="seed texts are cut to this many characters")
+    min_output_chars: int = Field(20, ge=1, description="shorter answers are refused")
+    max_output_chars: int = Field(20000, ge=1, description="longer answers are refused")
+    tokenizer: Path | None = Field(None, description="a mujina tokenizer directory: accepted records are sharded "
+                                   "with it into STATE_DIR/synthetic/shards by `plan`")
+    priority: int = Field(0, description="priority of the planned tasks")
+
+    @model_validator(mode="after")
+    def _known_templates(self):
+        from data_shards.synthetic import TEMPLATES
+
+        unknown = [t for t in self.templates if t not in TEMPLATES]
+        if unknown:
+            raise ValueError(f"synthetic.templates: unknown {unknown}; known: {', '.join(TEMPLATES)}")
+        if self.min_output_chars >= self.max_output_chars:
+            raise ValueError("synthetic.min_output_chars must be below max_output_chars")
+        return self
+
+
 class ProjectConfig(_Strict):
     run: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9._-]+$", description="run name (letters, digits, ._-)")
     state_dir: Path = Field(Path("runs/coordinator"), description="where the SQLite store, results, shards/ and "
@@ -73,6 +133,7 @@ class ProjectConfig(_Strict):
     leases: LeaseConfig = Field(default_factory=LeaseConfig)
     limits: LimitConfig = Field(default_factory=LimitConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+    synthetic: SyntheticConfig | None = Field(None, description="persona-driven synthetic data (`plan`)")
 
     def db_url(self) -> str:
         return self.db or f"sqlite:///{self.state_dir / 'coordinator.db'}"
@@ -107,4 +168,15 @@ def load_project(path: str | Path, **overrides) -> ProjectConfig:
         raise ValueError(_describe(err, path)) from None
     if not cfg.state_dir.is_absolute():
         cfg = cfg.model_copy(update={"state_dir": (path.parent / cfg.state_dir).resolve()})
+    if cfg.synthetic is not None:
+        cfg = cfg.model_copy(update={"synthetic": _resolve_synthetic(cfg.synthetic, path.parent)})
     return cfg
+
+
+def _resolve_synthetic(syn: SyntheticConfig, base: Path) -> SyntheticConfig:
+    """Relative paths of the synthetic section resolve against the project file's directory."""
+    at = lambda p: p if p is None or p.is_absolute() else (base / p).resolve()  # noqa: E731
+    teachers = {k: t.model_copy(update={"path": at(t.path)}) for k, t in (("teacher", syn.teacher),
+                                                                         ("judge", syn.judge)) if t is not None}
+    return syn.model_copy(update={"personas": [at(p) for p in syn.personas], "seeds": [at(p) for p in syn.seeds],
+                                  "tokenizer": at(syn.tokenizer), **teachers})

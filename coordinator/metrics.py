@@ -61,8 +61,35 @@ class StoreCollector:
         yield from (tasks, workers, contrib)
 
 
+class SyntheticCollector:
+    """mujina_synthetic_records{kind,outcome,reason}: accepted and rejected synthetic records, read from
+    STATE_DIR/synthetic/stats.json (written by the generate and judge validators) at scrape time."""
+
+    def __init__(self, state_dir):
+        from pathlib import Path
+
+        self.path = Path(state_dir) / "synthetic" / "stats.json"
+
+    def collect(self):
+        import json
+
+        from prometheus_client.core import GaugeMetricFamily
+
+        g = GaugeMetricFamily("mujina_synthetic_records", "Synthetic records by kind, outcome and rejection reason",
+                              labels=["kind", "outcome", "reason"])
+        try:
+            stats = json.loads(self.path.read_text()) if self.path.exists() else {}
+        except (OSError, ValueError):
+            stats = {}
+        for kind, s in stats.items():
+            g.add_metric([kind, "accepted", ""], s["accepted"])
+            for reason, n in s["rejected"].items():
+                g.add_metric([kind, "rejected", reason], n)
+        yield g
+
+
 class PrometheusMetrics(NullMetrics):
-    def __init__(self, port: int, store: S.Store, host: str = "0.0.0.0"):
+    def __init__(self, port: int, store: S.Store, host: str = "0.0.0.0", state_dir=None):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
         self.registry = CollectorRegistry()
@@ -76,6 +103,8 @@ class PrometheusMetrics(NullMetrics):
         self._loss = Gauge("mujina_latest_loss", "Latest validated loss reported per run", ["run", "kind"],
                            registry=self.registry)
         self.registry.register(StoreCollector(store))
+        if state_dir is not None:
+            self.registry.register(SyntheticCollector(state_dir))
         self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
         log.info("metrics on http://%s:%d/metrics", host, port)
 
@@ -98,5 +127,5 @@ class PrometheusMetrics(NullMetrics):
         self._server.shutdown()
 
 
-def make_metrics(port: int | None, store: S.Store, host: str = "0.0.0.0") -> NullMetrics:
-    return NullMetrics() if port is None else PrometheusMetrics(port, store, host)
+def make_metrics(port: int | None, store: S.Store, host: str = "0.0.0.0", state_dir=None) -> NullMetrics:
+    return NullMetrics() if port is None else PrometheusMetrics(port, store, host, state_dir)

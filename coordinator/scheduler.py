@@ -24,7 +24,7 @@ from sqlalchemy import Boolean, and_, bindparam, func, insert, or_, select, upda
 from . import store as S
 from .config import ProjectConfig
 from .metrics import NullMetrics
-from .validate import Credit, ValidationError, validator_for
+from .validate import Credit, ValidationError, Validator, validator_for
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,7 @@ class Scheduler:
         self.store, self.cfg = store, cfg
         self.metrics = metrics or NullMetrics()
         self.draining = False  # set on SIGTERM: heartbeats answer DRAIN, Lease gives nothing
+        self._validators: dict[str, Validator] = {}
         # Workers never change after Register, so their rows are cached; `last_seen` is gathered in
         # memory and written in one statement per sweep (flush_seen): an idle worker's heartbeat
         # (2,000 workers every 10 s is 200 a second) then costs no write transaction.
@@ -287,10 +288,18 @@ class Scheduler:
                                "its result is refused")
         return LeaseInfo(**info, duplicate=None)
 
-    def check_result(self, info: LeaseInfo, metrics: dict[str, float]) -> list[Credit]:
-        """Run the kind's validator; a refused result ends the lease as a failed attempt."""
+    def validator(self, kind: str) -> Validator:
+        """The kind's validator bound to this project (stateful ones keep their state per coordinator)."""
+        v = self._validators.get(kind)
+        if v is None:
+            v = self._validators[kind] = validator_for(kind).bind(self.cfg)
+        return v
+
+    def check_result(self, info: LeaseInfo, metrics: dict[str, float], data: bytes = b"") -> list[Credit]:
+        """Run the kind's validator on the metrics and the uploaded bytes; a refused result ends the
+        lease as a failed attempt."""
         try:
-            return validator_for(info.kind).check_result(info.payload, metrics, time.time() - info.granted)
+            return self.validator(info.kind).check_result(info.payload, metrics, time.time() - info.granted, data)
         except ValidationError as err:
             now = time.time()
             with self.store.tx() as conn:
@@ -306,7 +315,7 @@ class Scheduler:
             raise RequestError("INVALID_ARGUMENT", f"result refused by the {info.kind} validator: {err}") from None
 
     def complete(self, info: LeaseInfo, sha256: str, size: int, rel_path: str, metrics: dict[str, float],
-                 credits: list[Credit], commit_file, metadata_json: str = "{}") -> CompleteOutcome:
+                 credits: list[Credit], commit_file, metadata_json: str = "{}", data: bytes = b"") -> CompleteOutcome:
         """Record an uploaded, validated result. `commit_file()` moves the upload into place; it runs
         inside the transaction so that a refused completion leaves no file behind."""
         now = time.time()
@@ -335,6 +344,7 @@ class Scheduler:
             if credits:
                 conn.execute(_CREDIT, [dict(task_id=info.task_id, volunteer=token, kind=info.kind, unit=c.unit,
                                             amount=c.amount, at=now) for c in credits])
+            self.validator(info.kind).commit(info.task_id, info.payload, data)
             commit_file()
         self.metrics.lease_completed(info.kind)
         if "loss" in metrics:
@@ -344,9 +354,11 @@ class Scheduler:
     # organizer operations (CLI)
 
     def add_task(self, kind: str, payload: dict, priority: int = 0, min_gpu_memory: int = 0,
-                 needs_cuda: bool = False, min_speed: float = 0.0, max_attempts: int | None = None) -> str:
+                 needs_cuda: bool = False, min_speed: float = 0.0, max_attempts: int | None = None,
+                 task_id: str | None = None) -> str:
+        """Add a pending task; `task_id` (at most 32 characters) makes the id deterministic (plan.py)."""
         validator_for(kind).check_payload(payload)
-        task_id, now = new_id(), time.time()
+        task_id, now = task_id or new_id(), time.time()
         with self.store.tx() as conn:
             conn.execute(insert(S.tasks).values(
                 id=task_id, kind=kind, run=self.cfg.run, priority=priority, state="pending",

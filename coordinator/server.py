@@ -226,7 +226,6 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             d = info.duplicate
             return pb.CompleteResponse(accepted=d.accepted, credited=d.credited, duplicate=True, message=d.message)
         metrics = dict(h.metrics)
-        credits = await self._db(self.scheduler.check_result, info, metrics)
 
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.tmp_dir / f"{h.lease_id}.{uuid.uuid4().hex}"  # unique: the same lease may be uploading twice
@@ -247,12 +246,15 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             if digest.hexdigest() != h.sha256:
                 raise RequestError("DATA_LOSS", f"SHA-256 mismatch: received data hashes to {digest.hexdigest()}, "
                                    f"header says {h.sha256}; send it again")
+            # The validator sees the verified bytes (results are bounded by limits.max_upload_bytes).
+            data = tmp.read_bytes()
+            credits = await self._db(self.scheduler.check_result, info, metrics, data)
             # No fsync: like the store's synchronous=NORMAL, the file survives a crash or kill -9 of the
             # coordinator (it is in the OS cache); a power cut may lose the newest results.
             rel = f"results/{h.task_id}.{h.lease_id}.bin"
             out = await self._db(functools.partial(
                 self.scheduler.complete, info, h.sha256, size, rel, metrics, credits,
-                commit_file=lambda: os.replace(tmp, self.state_dir / rel), metadata_json=metadata_json))
+                commit_file=lambda: os.replace(tmp, self.state_dir / rel), metadata_json=metadata_json, data=data))
         finally:
             tmp.unlink(missing_ok=True)
         return pb.CompleteResponse(accepted=out.accepted, credited=out.credited, duplicate=out.duplicate,
@@ -350,7 +352,7 @@ class CoordinatorServer:
         Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
         self.store = S.Store.open(db_url or cfg.db_url())
         clean_state_dir(self.store, Path(cfg.state_dir))
-        self.metrics = make_metrics(metrics_port, self.store)
+        self.metrics = make_metrics(metrics_port, self.store, state_dir=cfg.state_dir)
         self.scheduler = Scheduler(self.store, cfg, self.metrics)
         self._stop = threading.Event()
         self._sweeper = threading.Thread(target=self._sweep_loop, name="lease-sweeper", daemon=True)

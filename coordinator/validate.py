@@ -3,7 +3,7 @@
 A validator checks two things: a task's payload when the organizer adds it (`check_payload`), and a
 worker's reported result before it is accepted (`check_result`), which returns the ledger credit
 for that task. Raising `ValidationError` refuses the result (the worker gets INVALID_ARGUMENT and the
-attempt counts as failed). Later issues register `generate`, `judge` and `train`:
+attempt counts as failed). `generate` and `judge` live in validate_synthetic.py; later issues add `train`:
 
     @register("generate")
     class GenerateValidator(Validator): ...
@@ -31,11 +31,22 @@ class Validator:
     def check_payload(self, payload: dict) -> None:
         """Raise ValidationError if `payload` (the task's JSON object) cannot describe a task of this kind."""
 
-    def check_result(self, payload: dict, metrics: dict[str, float], elapsed_s: float) -> list[Credit]:
+    def bind(self, cfg) -> Validator:
+        """The validator one coordinator uses (cfg: its ProjectConfig). Stateless validators return
+        themselves; stateful ones (generate, judge) return an instance holding that project's state."""
+        return self
+
+    def check_result(self, payload: dict, metrics: dict[str, float], elapsed_s: float,
+                     data: bytes = b"") -> list[Credit]:
         """Check a worker's result for the task with `payload`; return the credit it earns.
 
-        `elapsed_s` is the wall time since the lease was granted: an upper bound for reported GPU time."""
+        `elapsed_s` is the wall time since the lease was granted: an upper bound for reported GPU time.
+        `data` is the uploaded result (its size and SHA-256 already checked)."""
         raise NotImplementedError
+
+    def commit(self, task_id: str, payload: dict, data: bytes) -> None:
+        """Store what an accepted result adds beyond the results table (e.g. synthetic records). Runs
+        inside the transaction that records the result, after `check_result` accepted it."""
 
 
 REGISTRY: dict[str, Validator] = {}
@@ -96,7 +107,8 @@ class EvalValidator(Validator):
         if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
             raise ValidationError(f"eval payload.shard_tokens must be a positive integer, got {n!r}")
 
-    def check_result(self, payload: dict, metrics: dict[str, float], elapsed_s: float) -> list[Credit]:
+    def check_result(self, payload: dict, metrics: dict[str, float], elapsed_s: float,
+                     data: bytes = b"") -> list[Credit]:
         finite_number(metrics, "loss")
         tokens = finite_number(metrics, "tokens")
         if tokens != int(tokens) or tokens <= 0:
@@ -105,3 +117,6 @@ class EvalValidator(Validator):
             raise ValidationError(f"metrics.tokens ({int(tokens)}) exceeds the shard's {payload['shard_tokens']} "
                                   "tokens")
         return [Credit("tasks", 1), Credit("tokens_evaluated", tokens), *gpu_seconds_credit(metrics, elapsed_s)]
+
+
+from . import validate_synthetic  # noqa: E402,F401  (registers generate and judge)

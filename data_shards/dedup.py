@@ -299,8 +299,9 @@ class Deduplicator:
         """
         return self.check_fingerprint(*self.fingerprint(text))
 
-    def check_fingerprint(self, exact_key: int, sig: np.ndarray) -> str | None:
-        """`check` for a precomputed `fingerprint`: the order-dependent half, cheap, in one process."""
+    def check_fingerprint(self, exact_key: int, sig: np.ndarray, remember: bool = True) -> str | None:
+        """`check` for a precomputed `fingerprint`: the order-dependent half, cheap, in one process.
+        remember=False only asks (a new document is not kept), e.g. before a result is committed."""
         first = self._exact.get(exact_key)
         if first >= 0 and np.array_equal(self._sigs[first], sig):
             return "exact_duplicate"
@@ -310,7 +311,8 @@ class Deduplicator:
             same = (self._sigs[np.fromiter(cands, dtype=np.int64, count=len(cands))] == sig).mean(axis=1)
             if same.max() >= self.threshold:
                 return "near_duplicate"
-        self._remember(exact_key, sig, keys)
+        if remember:
+            self._remember(exact_key, sig, keys)
         return None
 
     def check_fingerprints(self, fingerprints: list[tuple[int, np.ndarray]]) -> list[str | None]:

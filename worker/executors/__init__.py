@@ -42,6 +42,7 @@ class TaskContext:
     max_memory_bytes: int = 0           # memory budget for this task (0: no limit given)
     settings: dict[str, str] = field(default_factory=dict)   # RegisterResponse.settings (e.g. "run")
     bootstrap_peers: list[str] = field(default_factory=list)  # hivemind multiaddrs (swarm tasks)
+    teachers: dict[str, Path] = field(default_factory=dict)   # teacher model name -> local HF directory
     # Fetch a file through the worker's content-addressed cache; returns its local path.
     # fetch(what, name) with what in {"shard", "checkpoint"}.
     fetch: Callable[[str, str], Path] | None = None

@@ -1,0 +1,120 @@
+"""`mujina-worker`: the volunteer's command.
+
+    mujina-worker run --coordinator HOST:PORT --token TOKEN [--config worker.toml] [--devices cuda:0,...]
+                      [--max-gpu-memory 12GiB] [--active-hours 22:00-07:00] [--kinds generate,judge,eval]
+                      [--cache-dir DIR] [--max-disk 50GiB] [--metrics-port P] [--teacher NAME=DIR ...]
+                      [--once | --max-tasks N] [--no-benchmark]
+    mujina-worker doctor [--coordinator HOST:PORT --token TOKEN] [--devices ...] [--json]
+
+Exit codes: 0 ok (doctor: at least one task kind can run), 1 doctor found nothing to run,
+2 a user error (the message says what to fix), 130 aborted by a second Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import grpc
+
+log = logging.getLogger("worker")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mujina-worker", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="lease and run tasks until SIGTERM")
+    r.add_argument("--coordinator", help="HOST:PORT of the coordinator")
+    r.add_argument("--token", help="your volunteer token (from the organizer)")
+    r.add_argument("--config", type=Path, help="worker.toml with the same keys as these options")
+    r.add_argument("--name", help="a label for the organizer (default: host name)")
+    r.add_argument("--devices", help="comma-separated torch devices, e.g. cuda:0 (default: the first found)")
+    r.add_argument("--max-gpu-memory", help="memory a task may use on the device, e.g. 12GiB")
+    r.add_argument("--active-hours", help="local time window to work in, e.g. 22:00-07:00")
+    r.add_argument("--kinds", help="task kinds to run, e.g. generate,judge,eval")
+    r.add_argument("--cache-dir", help="shards, checkpoints, spooled results (default ~/.cache/mujina)")
+    r.add_argument("--max-disk", help="cap of the download cache, e.g. 50GiB")
+    r.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    r.add_argument("--teacher", action="append", default=[], metavar="NAME=DIR",
+                   help="where the teacher model NAME lives on this machine (a Hugging Face directory)")
+    r.add_argument("--max-tasks", type=int, help="stop after this many tasks")
+    r.add_argument("--once", action="store_true", help="run one task, then stop (same as --max-tasks 1)")
+    r.add_argument("--no-benchmark", action="store_true", help="skip the speed benchmark (speed 0 is reported)")
+    d = sub.add_parser("doctor", help="check devices, memory, speed and the coordinator")
+    d.add_argument("--coordinator", help="HOST:PORT to check reachability and the token against")
+    d.add_argument("--token")
+    d.add_argument("--devices", help="comma-separated torch devices to check")
+    d.add_argument("--kinds", help="task kinds to check (default: all)")
+    d.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "mujina",
+                   help="where the benchmark result is cached")
+    d.add_argument("--no-benchmark", action="store_true", help="skip the speed benchmark")
+    d.add_argument("--json", action="store_true", help="print the report as JSON")
+    return ap
+
+
+def cmd_run(args) -> int:
+    from .daemon import Daemon, WorkerConfig
+
+    teachers = {}
+    for item in args.teacher:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--teacher {item!r}: write NAME=DIR")
+        teachers[name] = path
+    cfg = WorkerConfig.load(args.config, coordinator=args.coordinator, token=args.token, name=args.name,
+                            devices=args.devices, max_gpu_memory=args.max_gpu_memory,
+                            active_hours=args.active_hours, kinds=args.kinds, cache_dir=args.cache_dir,
+                            max_disk=args.max_disk, metrics_port=args.metrics_port,
+                            max_tasks=1 if args.once else args.max_tasks, teachers=teachers or None,
+                            benchmark=False if args.no_benchmark else None)
+    daemon = Daemon(cfg)
+    interrupts = []
+
+    def on_signal(signum, _frame):
+        name = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            interrupts.append(signum)
+            if len(interrupts) > 1:
+                raise KeyboardInterrupt("second SIGINT")
+        daemon.request_stop(name)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        return daemon.run()
+    except KeyboardInterrupt:
+        log.warning("aborted by a second SIGINT; the current lease expires on its own")
+        return 130
+
+
+def cmd_doctor(args) -> int:
+    from .hardware import doctor, format_report
+
+    report = doctor(args.cache_dir, devices=args.devices.split(",") if args.devices else None,
+                    coordinator=args.coordinator, token=args.token,
+                    kinds=args.kinds.split(",") if args.kinds else None, bench=not args.no_benchmark)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0 if report["ok"] else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    try:
+        return {"run": cmd_run, "doctor": cmd_doctor}[args.cmd](args)
+    except ValueError as e:
+        print(f"mujina-worker: {e}", file=sys.stderr)
+        return 2
+    except grpc.RpcError as e:  # a refusal that no retry can fix, e.g. UNAUTHENTICATED
+        print(f"mujina-worker: the coordinator refused: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

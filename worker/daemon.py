@@ -1,0 +1,442 @@
+"""The volunteer's daemon: register -> lease -> run -> heartbeat -> complete, politely.
+
+    cfg = WorkerConfig(coordinator="host:50051", token="mj_...", kinds=["generate", "judge"])
+    Daemon(cfg).run()          # until SIGTERM, DRAIN-then-stop, or --max-tasks
+
+Behaviour a volunteer can rely on:
+  * while the coordinator is unreachable, every call is retried with exponential back-off and jitter
+    (no thundering herd when it comes back); finished results are spooled to CACHE_DIR/spool first
+    and uploaded when it answers again, also after a restart of the daemon;
+  * a heartbeat thread reports progress every heartbeat_interval_s, renews the lease, and obeys
+    CANCEL (the task is asked to stop) and DRAIN (nothing new is leased until the coordinator says
+    CONTINUE again);
+  * SIGTERM (or a first SIGINT): lease nothing more, ask the running task to stop and hand its lease
+    back with Fail(SHUTDOWN), so the task is requeued without counting an attempt; a second SIGINT
+    aborts at once;
+  * outside --active-hours it leases nothing; one log line always says why the daemon is idle.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import random
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from coordinator.api import mujina_pb2 as pb
+from coordinator.api.client import CoordinatorClient
+
+from .cache import FileCache
+from .executors import TaskContext, TaskError, TaskStopped, executor_for
+from .hardware import cached_benchmark, parse_size, probe_devices
+from .metrics import NullMetrics, make_metrics
+
+log = logging.getLogger(__name__)
+
+TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def parse_active_hours(text: str | None) -> tuple[int, int] | None:
+    """'22:00-07:00' -> (1320, 420): minutes after local midnight of start and end; may wrap midnight."""
+    if not text:
+        return None
+    try:
+        a, b = text.split("-")
+        start, end = (int(h) * 60 + int(m) for h, m in (a.strip().split(":"), b.strip().split(":")))
+    except ValueError:
+        raise ValueError(f"--active-hours {text!r}: write HH:MM-HH:MM, e.g. 22:00-07:00") from None
+    if not (0 <= start < 1440 and 0 <= end < 1440) or start == end:
+        raise ValueError(f"--active-hours {text!r}: times must be 00:00..23:59 and differ")
+    return start, end
+
+
+def seconds_until_active(hours: tuple[int, int] | None, now: dt.datetime) -> float:
+    """0 inside the active window (or without one), else seconds until it opens."""
+    if hours is None:
+        return 0.0
+    start, end = hours
+    minute = now.hour * 60 + now.minute + now.second / 60
+    inside = start <= minute < end if start < end else (minute >= start or minute < end)
+    if inside:
+        return 0.0
+    return ((start - minute) % 1440) * 60
+
+
+@dataclass
+class WorkerConfig:
+    coordinator: str
+    token: str
+    name: str = field(default_factory=socket.gethostname)
+    devices: list[str] | None = None            # e.g. ["cuda:0"]; None: the first device found
+    max_gpu_memory: int = 0                     # bytes a task may use on the device (0: all of it)
+    active_hours: tuple[int, int] | None = None
+    kinds: list[str] = field(default_factory=lambda: ["generate", "judge", "eval"])
+    cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "mujina")
+    max_disk: int = 50 << 30
+    metrics_port: int | None = None
+    max_tasks: int | None = None                # stop after this many tasks (tests, benchmarks)
+    teachers: dict[str, Path] = field(default_factory=dict)
+    benchmark: bool = True                      # measure speed (cached) and send it at Register
+    backoff_max_s: float = 60.0                 # longest wait between tries while the coordinator is away
+
+    KEYS = ("coordinator", "token", "name", "devices", "max_gpu_memory", "active_hours", "kinds", "cache_dir",
+            "max_disk", "metrics_port", "max_tasks", "teachers", "benchmark", "backoff_max_s")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None, **overrides) -> WorkerConfig:
+        """worker.toml (same keys as the options, with _ or -) overridden by options that were given."""
+        import tomllib
+
+        data: dict = {}
+        if path is not None:
+            try:
+                data = {k.replace("-", "_"): v for k, v in tomllib.loads(Path(path).read_text()).items()}
+            except FileNotFoundError:
+                raise ValueError(f"worker config {path} not found") from None
+            except tomllib.TOMLDecodeError as e:
+                raise ValueError(f"{path}: not valid TOML ({e})") from None
+            unknown = sorted(set(data) - set(cls.KEYS))
+            if unknown:
+                raise ValueError(f"{path}: unknown keys {unknown}; known: {', '.join(cls.KEYS)}")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        for key in ("coordinator", "token"):
+            if not data.get(key):
+                raise ValueError(f"--{key} is required (or `{key} = ...` in worker.toml)")
+        if isinstance(data.get("devices"), str):
+            data["devices"] = [d for d in data["devices"].split(",") if d]
+        if isinstance(data.get("kinds"), str):
+            data["kinds"] = [k for k in data["kinds"].split(",") if k]
+        if isinstance(data.get("active_hours"), str):
+            data["active_hours"] = parse_active_hours(data["active_hours"])
+        for key in ("max_gpu_memory", "max_disk"):
+            if key in data:
+                data[key] = parse_size(data[key])
+        if "cache_dir" in data:
+            data["cache_dir"] = Path(data["cache_dir"]).expanduser()
+        if "teachers" in data:
+            if not isinstance(data["teachers"], dict):
+                raise ValueError("teachers must be a table of NAME = PATH")
+            data["teachers"] = {k: Path(v).expanduser() for k, v in data["teachers"].items()}
+        return cls(**data)
+
+
+class Backoff:
+    """Exponential back-off with full jitter: base * 2^n, capped, times a random factor in [0.5, 1)."""
+
+    def __init__(self, base: float = 0.5, cap: float = 60.0):
+        self.base, self.cap, self.n = base, cap, 0
+
+    def next(self) -> float:
+        delay = min(self.cap, self.base * 2 ** self.n) * random.uniform(0.5, 1.0)
+        self.n += 1
+        return delay
+
+    def reset(self) -> None:
+        self.n = 0
+
+
+class Spool:
+    """Finished results waiting for the coordinator: LEASE.bin (the data) + LEASE.json (the rest).
+
+    The .json is written last and atomically, so an entry is either complete or ignored."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def put(self, header: dict, data: bytes) -> Path:
+        lease = header["lease_id"]
+        (self.root / f"{lease}.bin").write_bytes(data)
+        tmp = self.root / f"{lease}.json.tmp"
+        tmp.write_text(json.dumps(header))
+        os.replace(tmp, self.root / f"{lease}.json")
+        return self.root / f"{lease}.json"
+
+    def entries(self) -> list[tuple[dict, bytes]]:
+        out = []
+        for p in sorted(self.root.glob("*.json"), key=lambda p: p.stat().st_mtime):
+            header = json.loads(p.read_text())
+            out.append((header, (self.root / f"{header['lease_id']}.bin").read_bytes()))
+        return out
+
+    def remove(self, lease_id: str) -> None:
+        (self.root / f"{lease_id}.json").unlink(missing_ok=True)
+        (self.root / f"{lease_id}.bin").unlink(missing_ok=True)
+
+    def __len__(self) -> int:
+        return len(list(self.root.glob("*.json")))
+
+
+class Progress:
+    """A progress bar with ETA on a terminal; plain log lines at every quarter otherwise."""
+
+    def __init__(self, label: str, tty: bool | None = None):
+        self.label, self.t0, self.fraction, self.logged = label, time.monotonic(), 0.0, 0
+        self.tty = sys.stderr.isatty() if tty is None else tty
+
+    def update(self, fraction: float) -> None:
+        self.fraction = min(max(float(fraction), 0.0), 1.0)
+        elapsed = time.monotonic() - self.t0
+        eta = elapsed / self.fraction * (1 - self.fraction) if self.fraction > 0 else float("nan")
+        eta_s = f"{eta:.0f}s" if eta == eta else "?"
+        if self.tty:
+            bar = "#" * int(30 * self.fraction)
+            sys.stderr.write(f"\r{self.label} [{bar:<30}] {100 * self.fraction:5.1f}% ETA {eta_s}  ")
+            sys.stderr.flush()
+        elif int(self.fraction * 4) > self.logged:
+            self.logged = int(self.fraction * 4)
+            log.info("%s: %.0f%% done, ETA %s", self.label, 100 * self.fraction, eta_s)
+
+    def close(self) -> None:
+        if self.tty:
+            sys.stderr.write("\n")
+
+
+class Daemon:
+    def __init__(self, cfg: WorkerConfig, metrics: NullMetrics | None = None):
+        self.cfg = cfg
+        self.client = CoordinatorClient(cfg.coordinator, cfg.token, timeout=30.0, retry_for=1.0)
+        self.metrics = metrics or make_metrics(cfg.metrics_port)
+        self.probe = probe_devices(cfg.devices)
+        self.device = self.probe.devices[0]
+        cfg.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.cache = FileCache(cfg.cache_dir / "files", cfg.max_disk, self.client)
+        self.spool = Spool(cfg.cache_dir / "spool")
+        self.stopping = threading.Event()   # set by SIGTERM / SIGINT: lease nothing more
+        self.draining = False               # set by a DRAIN heartbeat: lease nothing until CONTINUE
+        self.worker_id = ""
+        self.heartbeat_interval = 10.0
+        self.settings: dict[str, str] = {}
+        self.bootstrap_peers: list[str] = []
+        self.tasks_ended = 0
+        self._idle_reason: str | None = None
+        self._backoff = Backoff(cap=cfg.backoff_max_s)
+
+    # plumbing
+
+    def request_stop(self, why: str) -> None:
+        if not self.stopping.is_set():
+            log.info("%s: leasing nothing more; the current task is asked to stop and its lease handed back", why)
+        self.stopping.set()
+
+    def _idle(self, state: str, reason: str) -> None:
+        self.metrics.state(state)
+        if reason != self._idle_reason:
+            log.info("idle: %s", reason)
+            self._idle_reason = reason
+
+    def _sleep(self, seconds: float) -> None:
+        self.stopping.wait(seconds)
+
+    def _retry(self, what: str, fn):
+        """fn() until it succeeds, waiting with back-off while the coordinator is unreachable.
+        Returns None if the daemon is asked to stop meanwhile; other errors propagate."""
+        while True:
+            try:
+                out = fn()
+                self._backoff.reset()
+                return out
+            except grpc.RpcError as err:
+                if err.code() not in TRANSIENT:
+                    raise
+                delay = self._backoff.next()
+                self._idle("backoff", f"coordinator {self.cfg.coordinator} unreachable during {what} "
+                           f"({err.code().name}); retrying with back-off (now {delay:.1f} s)")
+                if self.stopping.is_set():
+                    return None
+                self._sleep(delay)
+
+    def register(self) -> bool:
+        speed = cached_benchmark(self.cfg.cache_dir, self.device) if self.cfg.benchmark else 0.0
+        mem = self.device.memory_bytes
+        if self.cfg.max_gpu_memory:
+            mem = min(mem, self.cfg.max_gpu_memory)
+        devices = [(self.device.kind, self.device.name, mem)]
+        r = self._retry("Register", lambda: self.client.register(
+            self.cfg.name, speed=speed, devices=devices, host_memory_bytes=self.probe.host_memory_bytes,
+            software=self.probe.software))
+        if r is None:
+            return False
+        self.worker_id, self.heartbeat_interval = r.worker_id, r.heartbeat_interval_s
+        self.settings, self.bootstrap_peers = dict(r.settings), list(r.bootstrap_peers)
+        log.info("registered as worker %s with %s (%s, %.1f GiB), speed %.0f tokens/s, kinds %s", self.worker_id,
+                 self.device.torch_device, self.device.name, mem / 2**30, speed, ",".join(self.cfg.kinds))
+        return True
+
+    # the loop
+
+    def run(self) -> int:
+        try:
+            if not self.register():
+                return 0
+            while not self.stopping.is_set():
+                self.flush_spool()
+                if self.cfg.max_tasks is not None and self.tasks_ended >= self.cfg.max_tasks:
+                    break
+                wait = seconds_until_active(self.cfg.active_hours, dt.datetime.now())
+                if wait > 0:
+                    self._idle("outside_active_hours", f"outside the active hours; they start in {wait / 60:.0f} min")
+                    self._sleep(min(wait, 60.0))
+                    continue
+                if self.draining:
+                    self._idle("draining", "the coordinator asked workers to drain; waiting until it says continue")
+                    self._sleep(self.heartbeat_interval)
+                    self._worker_heartbeat()
+                    continue
+                resp = self._lease()
+                if resp is None:
+                    continue
+                if resp.HasField("no_work"):
+                    self._idle("waiting_for_work", f"no work: {resp.no_work.reason}")
+                    self._sleep(resp.no_work.retry_after_s)
+                    continue
+                self._idle_reason = None
+                self.run_task(resp.task)
+            self.flush_spool(final=True)
+        finally:
+            self.client.close()
+            self.metrics.close()
+        return 0
+
+    def _lease(self):
+        try:
+            return self._retry("Lease", lambda: self.client.lease(self.worker_id, self.cfg.kinds))
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.NOT_FOUND:  # the coordinator forgot us (new store): register again
+                log.info("coordinator does not know worker %s: registering again", self.worker_id)
+                self.register()
+                return None
+            raise
+
+    def _worker_heartbeat(self) -> None:
+        try:
+            r = self.client.heartbeat(self.worker_id, [])
+            self.draining = r.directive == pb.DRAIN
+        except grpc.RpcError as err:
+            log.debug("heartbeat failed: %s", err.code().name)
+
+    # one task
+
+    def run_task(self, task) -> None:
+        self.metrics.state("running")
+        log.info("running %s task %s (attempt %d)", task.kind, task.task_id, task.attempt)
+        cancel, done = threading.Event(), threading.Event()
+        progress = Progress(f"{task.kind} {task.task_id[:8]}")
+        work_dir = Path(tempfile.mkdtemp(prefix=f"task-{task.task_id[:8]}-", dir=self.cfg.cache_dir))
+        beat = threading.Thread(target=self._heartbeat_loop, args=(task.lease_id, progress, cancel, done),
+                                name="heartbeat", daemon=True)
+        t0 = time.monotonic()
+        outcome, tokens = "failed", 0.0
+        try:
+            try:
+                payload = json.loads(task.payload_json or "{}")
+            except json.JSONDecodeError as err:
+                self._give_back(task, pb.INVALID_TASK, f"payload_json is not JSON: {err}")
+                return
+            ctx = TaskContext(task_id=task.task_id, lease_id=task.lease_id, kind=task.kind, payload=payload,
+                              attempt=task.attempt, work_dir=work_dir, device=self.device.torch_device,
+                              max_memory_bytes=self.cfg.max_gpu_memory, settings=self.settings,
+                              bootstrap_peers=self.bootstrap_peers, teachers=self.cfg.teachers,
+                              fetch=self.cache.fetch, report_progress=progress.update,
+                              stop_requested=lambda: self.stopping.is_set() or cancel.is_set())
+            beat.start()
+            try:
+                result = executor_for(task.kind)(ctx)
+            except TaskStopped:
+                outcome = "cancelled"
+                if cancel.is_set():
+                    log.info("task %s cancelled by the coordinator", task.task_id)
+                else:
+                    self._give_back(task, pb.SHUTDOWN, "the worker is shutting down")
+                return
+            except TaskError as err:
+                log.warning("task %s cannot run here: %s", task.task_id, err)
+                self._give_back(task, pb.INVALID_TASK, str(err))
+                return
+            except Exception as err:
+                import torch
+
+                oom = isinstance(err, torch.OutOfMemoryError)
+                log.exception("task %s failed", task.task_id)
+                self._give_back(task, pb.OUT_OF_MEMORY if oom else pb.ERROR, f"{type(err).__name__}: {err}")
+                return
+            tokens = float(result.metrics.get("output_tokens", 0.0))
+            header = {"task_id": task.task_id, "lease_id": task.lease_id, "kind": task.kind,
+                      "metrics": result.metrics, "metadata": result.metadata, "seconds": time.monotonic() - t0}
+            self.spool.put(header, result.data)
+            outcome = self._upload(header, result.data) or "pending"
+        finally:
+            done.set()
+            progress.close()
+            shutil.rmtree(work_dir, ignore_errors=True)
+            self.tasks_ended += 1
+            if outcome != "pending":  # a spooled result is counted when its upload is answered
+                self.metrics.task_done(task.kind, outcome, time.monotonic() - t0,
+                                       tokens if outcome == "completed" else 0.0)
+            self.metrics.pending_uploads(len(self.spool))
+
+    def _heartbeat_loop(self, lease_id: str, progress: Progress, cancel: threading.Event,
+                        done: threading.Event) -> None:
+        while not done.wait(self.heartbeat_interval):
+            try:
+                r = self.client.heartbeat(self.worker_id, [(lease_id, progress.fraction)], timeout=10.0)
+            except grpc.RpcError as err:
+                log.info("heartbeat failed (%s); the lease lives until its deadline, retrying", err.code().name)
+                continue
+            if r.directive == pb.DRAIN and not self.draining:
+                log.info("the coordinator asked to drain: finishing this task, then leasing nothing new")
+                self.draining = True
+            if r.leases and r.leases[0].directive == pb.CANCEL and not cancel.is_set():
+                log.info("lease %s cancelled by the coordinator (expired or done elsewhere): stopping the task",
+                         lease_id)
+                cancel.set()
+
+    def _give_back(self, task, reason: int, message: str) -> None:
+        try:
+            r = self.client.fail(task.task_id, task.lease_id, reason, message[:2000], timeout=10.0)
+            log.info("gave lease %s back (%s): requeued=%s dead=%s", task.lease_id, pb.FailReason.Name(reason),
+                     r.requeued, r.dead)
+        except grpc.RpcError as err:  # the lease expires on its own; nothing else to do
+            log.info("could not give lease %s back (%s): it will expire", task.lease_id, err.code().name)
+
+    def _upload(self, header: dict, data: bytes) -> str | None:
+        """Complete one spooled result: 'completed', 'refused' (removed from the spool), or None (kept)."""
+        try:
+            r = self.client.complete(header["task_id"], header["lease_id"], data, header["metrics"],
+                                     json.dumps(header["metadata"]), timeout=120.0)
+        except grpc.RpcError as err:
+            if err.code() in TRANSIENT:
+                log.info("result of task %s kept on disk: coordinator unreachable (%s)", header["task_id"],
+                         err.code().name)
+                return None
+            log.warning("result of task %s refused: %s: %s", header["task_id"], err.code().name, err.details())
+            self.spool.remove(header["lease_id"])
+            return "refused"
+        self.spool.remove(header["lease_id"])
+        log.info("task %s %s: %s", header["task_id"], "accepted" if r.accepted else "not accepted", r.message)
+        return "completed" if r.accepted else "refused"
+
+    def flush_spool(self, final: bool = False) -> None:
+        """Upload results spooled while the coordinator was away (or by an earlier run of the daemon)."""
+        for header, data in self.spool.entries():
+            if header.get("seconds") is None:
+                continue
+            outcome = self._upload(header, data)
+            if outcome is None:
+                if not final:
+                    self._sleep(self._backoff.next())
+                break
+            self.metrics.task_done(header["kind"], outcome, header["seconds"],
+                                   header["metrics"].get("output_tokens", 0.0) if outcome == "completed" else 0.0)
+        self.metrics.pending_uploads(len(self.spool))
