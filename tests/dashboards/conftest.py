@@ -63,7 +63,7 @@ class Prometheus:
         root.mkdir(parents=True, exist_ok=True)
         self.url = f"http://127.0.0.1:{self.port}"
         self.config = root / "prometheus.yml"
-        self.config.write_text(yaml.safe_dump(test_config(scrape_jobs)))
+        self.config.write_text(yaml.safe_dump(config_for(scrape_jobs)))
         self.log = root / "prometheus.log"
         self.proc = subprocess.Popen(
             ["prometheus", f"--config.file={self.config}", f"--storage.tsdb.path={root / 'data'}",
@@ -105,7 +105,7 @@ class Prometheus:
             self.proc.wait()
 
 
-def test_config(scrape_jobs: dict[str, list[str]]) -> dict:
+def config_for(scrape_jobs: dict[str, list[str]]) -> dict:
     """The shipped prometheus.yml, pointed at the live exporters and made fast for a test."""
     doc = yaml.safe_load(PROMETHEUS_YML.read_text())
     doc["global"].update(scrape_interval="1s", evaluation_interval="1s")

@@ -96,6 +96,27 @@ def test_page_renders_real_data_in_chromium(live, tmp_path):
     print(f"status page screenshot: {shot}")
 
 
+def test_experts_and_their_holders_are_listed(live):
+    # The swarm's coordinator side hands StatusPage a callable; here one with a held and a frozen expert.
+    from coordinator import store as S
+    from coordinator.status_page import StatusPage
+
+    experts = [{"run": "dash", "layer": 0, "expert": 0, "holders": ["alice-gpu", "bob-laptop"]},
+               {"run": "dash", "layer": 0, "expert": 1, "holders": []}]
+    store = S.Store.open(live.db_url, migrate=False)
+    page = StatusPage(store, "dash", "127.0.0.1", 0, experts=lambda: experts).start()
+    try:
+        assert json.loads(http_get(page.url + "api/status"))["experts"] == experts
+        dom = chromium("--dump-dom", page.url)
+    finally:
+        page.stop()
+        store.close()
+    table = re.search(r'<table id="experts">(.*?)</table>', dom.stdout, re.S).group(1)
+    rows = re.findall(r"<tr>(.*?)</tr>", table, re.S)[1:]
+    cells = [re.findall(r"<td[^>]*>(.*?)</td>", r) for r in rows]
+    assert cells == [["dash", "0", "0", "2", "alice-gpu, bob-laptop"], ["dash", "0", "1", "0", "nobody: frozen"]]
+
+
 def test_http_port_in_use_is_a_clear_error(tmp_path):
     import socket
 
