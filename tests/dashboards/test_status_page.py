@@ -68,8 +68,9 @@ def chromium(*args: str) -> subprocess.CompletedProcess:
         pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run does it)")
     # --no-sandbox: CI runs as root, where Chromium's sandbox refuses to start. The virtual time budget
     # lets the page's fetch of /api/status and its drawing finish before the DOM is dumped.
-    return subprocess.run([exe, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                           "--enable-logging=stderr", "--v=0", "--virtual-time-budget=4000",
+    # --disable-dev-shm-usage: containers often have a tiny /dev/shm, on which Chromium crashes.
+    return subprocess.run([exe, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                           "--no-first-run", "--enable-logging=stderr", "--v=0", "--virtual-time-budget=4000",
                            "--window-size=1280,1100", *args], capture_output=True, text=True, timeout=120)
 
 
