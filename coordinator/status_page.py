@@ -11,7 +11,8 @@ the loss on a <canvas>.
 
 It is served by the standard library's ThreadingHTTPServer on threads of its own, so a slow browser
 never touches the gRPC event loop, and it only reads the store (SQLite in WAL mode lets readers run
-beside the writer; on PostgreSQL they are plain SELECTs).
+beside the writer; on PostgreSQL they are plain SELECTs), at most once per CACHE_S seconds however
+many browsers are open.
 
 Where the numbers come from: tasks and workers from their tables, the leaderboard from the
 contribution ledger (validated credit only), the loss from the `loss` metric of accepted results
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 MAX_LOSS_POINTS = 2000   # newest loss points sent to the page, over all series
 MAX_WORKERS = 200        # most recently seen workers listed
 REFRESH_S = 5.0          # how often the page asks for /api/status
+CACHE_S = 2.0            # viewers within this share one reading of the store
 
 # One row per expert: {"run": str, "layer": int, "expert": int, "holders": [worker names]}.
 ExpertsFn = Callable[[], list[dict]]
@@ -106,13 +108,13 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, "text/html; charset=utf-8", self.server.html)
         elif path == "/api/status":
             try:
-                body = json.dumps(collect_status(self.server.store, self.server.run, self.server.experts))
+                body = self.server.status_json()
             except Exception:  # the store is down or restarting: say so, keep serving
                 log.exception("status page: reading the store failed")
                 self._send(503, "application/json", b'{"error": "the coordinator could not read its store; '
                                                     b'see its log"}')
                 return
-            self._send(200, "application/json", body.encode())
+            self._send(200, "application/json", body)
         else:
             self._send(404, "text/plain; charset=utf-8", b"not found: the status page is at / and its data at "
                                                          b"/api/status\n")
@@ -134,7 +136,19 @@ class _Server(ThreadingHTTPServer):
 
     def __init__(self, addr, store: S.Store, run: str, experts: ExpertsFn | None):
         self.store, self.run, self.experts, self.html = store, run, experts, page_html()
+        self._lock = threading.Lock()
+        self._cached: tuple[float, bytes] = (-CACHE_S, b"")
         super().__init__(addr, _Handler)
+
+    def status_json(self) -> bytes:
+        """collect_status as JSON, read at most once per CACHE_S however many pages are open: the loss
+        query reads the results table, which grows with every accepted result."""
+        with self._lock:
+            at, body = self._cached
+            if time.monotonic() - at >= CACHE_S:
+                body = json.dumps(collect_status(self.store, self.run, self.experts)).encode()
+                self._cached = (time.monotonic(), body)
+            return body
 
 
 class StatusPage:

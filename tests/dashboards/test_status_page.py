@@ -118,6 +118,28 @@ def test_experts_and_their_holders_are_listed(live):
     assert cells == [["dash", "0", "0", "2", "alice-gpu, bob-laptop"], ["dash", "0", "1", "0", "nobody: frozen"]]
 
 
+def test_a_store_that_cannot_be_read_is_a_503_and_a_banner(tmp_path):
+    from sqlalchemy import text
+
+    from coordinator import store as S
+    from coordinator.status_page import StatusPage
+
+    store = S.Store.open(f"sqlite:///{tmp_path / 'broken.db'}")
+    with store.tx() as conn:
+        conn.execute(text("DROP TABLE ledger"))
+    page = StatusPage(store, "broken", "127.0.0.1", 0).start()
+    try:
+        with pytest.raises(urllib.error.HTTPError) as err:
+            http_get(page.url + "api/status")
+        assert err.value.code == 503 and "could not read its store" in err.value.read().decode()
+        dom = chromium("--dump-dom", page.url)
+    finally:
+        page.stop()
+        store.close()
+    assert 'data-state="error"' in dom.stdout
+    assert "cannot read the coordinator's status (HTTP 503" in dom.stdout
+
+
 def test_http_port_in_use_is_a_clear_error(tmp_path):
     import socket
 
