@@ -1,7 +1,7 @@
 """`mujina-coordinator`: the organizer's command.
 
     mujina-coordinator serve  --config project.yaml [--db URL] [--listen HOST:PORT] [--metrics-port P]
-                              [--tls-cert PEM --tls-key PEM]
+                              [--http-port P] [--tls-cert PEM --tls-key PEM]
     mujina-coordinator token  add NAME [--max-leases N] | list | revoke NAME
     mujina-coordinator tasks  add --kind eval --payload JSON [--count N] [--priority P] [--min-gpu-memory B]
                               [--needs-cuda] [--min-speed S] | list [--state S] | retry TASK_ID
@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--listen", help="HOST:PORT (default: server.listen of the project file); port 0 picks one")
     s.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (default: off)")
     s.add_argument("--metrics-host", default="0.0.0.0", help="address of the metrics endpoint")
+    s.add_argument("--http-port", type=int, help="serve the live status page (and /api/status) on this port "
+                   "(default: off)")
+    s.add_argument("--http-host", default="0.0.0.0", help="address of the status page")
     s.add_argument("--tls-cert", type=Path, help="PEM certificate chain (with --tls-key: serve TLS)")
     s.add_argument("--tls-key", type=Path, help="PEM private key")
     s.add_argument("--port-file", type=Path, help="write the bound gRPC port here once serving (for scripts)")
@@ -105,8 +108,12 @@ def cmd_serve(args) -> int:
     from .server import CoordinatorServer
 
     cfg = load_project(args.config)
+    for flag, port in (("--metrics-port", args.metrics_port), ("--http-port", args.http_port)):
+        if port is not None and not 0 <= port <= 65535:
+            raise ValueError(f"{flag} must be a TCP port (0-65535; 0 picks a free one), got {port}")
     srv = CoordinatorServer(cfg, db_url=args.db, listen=args.listen, metrics_port=args.metrics_port,
-                            tls_cert=args.tls_cert, tls_key=args.tls_key).start()
+                            tls_cert=args.tls_cert, tls_key=args.tls_key, metrics_host=args.metrics_host,
+                            http_port=args.http_port, http_host=args.http_host).start()
     if args.port_file:
         args.port_file.write_text(str(srv.port))
     stop = threading.Event()

@@ -36,6 +36,7 @@ from .api import mujina_pb2_grpc as pb_grpc
 from .config import ProjectConfig
 from .metrics import NullMetrics, make_metrics
 from .scheduler import Grant, RequestError, Scheduler
+from .status_page import StatusPage
 
 log = logging.getLogger(__name__)
 
@@ -335,7 +336,7 @@ def clean_state_dir(store: S.Store, state_dir: Path) -> int:
 
 
 class CoordinatorServer:
-    """The whole service: store, scheduler, expiry sweeper, gRPC + health, optional metrics.
+    """The whole service: store, scheduler, expiry sweeper, gRPC + health, optional metrics and status page.
 
     gRPC runs on grpc.aio in an event loop of its own thread: one thread serves every RPC, so calls
     do not queue for a thread pool or fight over the GIL, and a slow upload holds no thread. The
@@ -343,7 +344,8 @@ class CoordinatorServer:
     millisecond per statement, and writes are serialised by Store.tx anyway)."""
 
     def __init__(self, cfg: ProjectConfig, db_url: str | None = None, listen: str | None = None,
-                 metrics_port: int | None = None, tls_cert: Path | None = None, tls_key: Path | None = None):
+                 metrics_port: int | None = None, tls_cert: Path | None = None, tls_key: Path | None = None,
+                 metrics_host: str = "0.0.0.0", http_port: int | None = None, http_host: str = "0.0.0.0"):
         self.cfg = cfg
         self.listen = listen or cfg.server.listen
         self.tls = (tls_cert or cfg.server.tls_cert, tls_key or cfg.server.tls_key)
@@ -352,7 +354,9 @@ class CoordinatorServer:
         Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
         self.store = S.Store.open(db_url or cfg.db_url())
         clean_state_dir(self.store, Path(cfg.state_dir))
-        self.metrics = make_metrics(metrics_port, self.store, state_dir=cfg.state_dir)
+        self.metrics = make_metrics(metrics_port, self.store, metrics_host, state_dir=cfg.state_dir)
+        # The status page runs on threads of its own and only reads the store (coordinator/status_page.py).
+        self.status_page = None if http_port is None else StatusPage(self.store, cfg.run, http_host, http_port)
         self.scheduler = Scheduler(self.store, cfg, self.metrics)
         self._stop = threading.Event()
         self._sweeper = threading.Thread(target=self._sweep_loop, name="lease-sweeper", daemon=True)
@@ -401,6 +405,12 @@ class CoordinatorServer:
     def start(self) -> CoordinatorServer:
         self._run(self.server.start())
         self._sweeper.start()
+        if self.status_page is not None:
+            try:
+                self.status_page.start()
+            except OSError:  # its port is taken: stop what started, the caller shows the message
+                self.stop(grace=0)
+                raise
         self._run(self._set_health(health_pb2.HealthCheckResponse.SERVING))
         log.info("coordinator for run %r serving on %s (port %d, %s, store %s)", self.cfg.run, self.listen,
                  self.port, "TLS" if self.tls[0] else "plaintext",
@@ -421,6 +431,8 @@ class CoordinatorServer:
             self.service._pool.shutdown(wait=True)
         self.scheduler.flush_seen()
         self.metrics.close()
+        if self.status_page is not None:
+            self.status_page.stop()
         self.store.close()
 
     def _close_loop(self):

@@ -1,0 +1,253 @@
+"""A live coordinator with real work in it, scraped by a real Prometheus (Debian's `prometheus`).
+
+`live` (one per session) starts `mujina-coordinator serve --metrics-port --http-port` as a
+subprocess, starts Prometheus on a free loopback port with the shipped prometheus.yml and rules.yml
+(scrape and evaluation every second; targets rewritten to the live ports, jobs of exporters that do
+not exist yet dropped, see catalog.PENDING_JOBS), then drives a short scenario through the gRPC API:
+
+    alice and bob register a worker each;
+    a task with max_attempts=1 fails            -> 1 dead task
+    3 eval results with losses 2.0, 2.4, 2.8     -> ledger credit, a rising eval loss
+    alice holds 1 lease (heartbeated)            -> 1 leased task
+    bob leases 3 tasks and never heartbeats them -> 3 expired leases of 8 granted
+
+Workers heartbeat in a background thread throughout, as daemons do. Adding the worker/swarm/cluster
+exporters later means starting them here and adding their job to `scrape_jobs`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+from tests.coordinator.conftest import OTHER_TOKEN, TOKEN, free_port, write_project
+from tests.dashboards.catalog import PENDING_JOBS, PROMETHEUS_YML, RULES_YML, scrape_names
+
+LOSSES = [2.0, 2.4, 2.8]   # alice, bob, alice
+EXPIRED = 3
+
+
+def http_get(url: str, timeout: float = 10.0) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.read()
+
+
+def wait_until(predicate, what: str, limit: float = 30.0, every: float = 0.2):
+    # Polls state driven by other processes (scrapes, rule evaluation); the limit only bounds a broken run.
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(every)
+    raise AssertionError(f"timed out after {limit:.0f} s waiting for {what}")
+
+
+class Prometheus:
+    """A Prometheus server process and a small client of its HTTP API."""
+
+    def __init__(self, root: Path, scrape_jobs: dict[str, list[str]]):
+        self.root, self.port = root, free_port()
+        root.mkdir(parents=True, exist_ok=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config = root / "prometheus.yml"
+        self.config.write_text(yaml.safe_dump(config_for(scrape_jobs)))
+        self.log = root / "prometheus.log"
+        self.proc = subprocess.Popen(
+            ["prometheus", f"--config.file={self.config}", f"--storage.tsdb.path={root / 'data'}",
+             f"--web.listen-address=127.0.0.1:{self.port}", "--storage.tsdb.retention.time=1h"],
+            stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
+        wait_until(self._ready, f"Prometheus to be ready (log: {self.log})")
+
+    def _ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"prometheus exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+        try:
+            return http_get(self.url + "/-/ready", timeout=1) is not None
+        except OSError:
+            return False
+
+    def api(self, path: str, **params) -> dict:
+        body = json.loads(http_get(f"{self.url}/api/v1/{path}?{urllib.parse.urlencode(params)}"))
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def query(self, promql: str) -> list:
+        """Instant query at now; the series of a vector result ([] when none)."""
+        try:
+            data = self.api("query", query=promql)
+        except urllib.error.HTTPError as err:  # a malformed expression: Prometheus says why
+            raise AssertionError(f"Prometheus refused {promql!r}: {err.read().decode()}") from None
+        return data["result"] if data["resultType"] == "vector" else [data["result"]]
+
+    def value(self, promql: str) -> float | None:
+        series = self.query(promql)
+        return float(series[0]["value"][1]) if series else None
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def config_for(scrape_jobs: dict[str, list[str]]) -> dict:
+    """The shipped prometheus.yml, pointed at the live exporters and made fast for a test."""
+    doc = yaml.safe_load(PROMETHEUS_YML.read_text())
+    doc["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    doc["rule_files"] = [str(RULES_YML)]
+    jobs = []
+    for job in doc["scrape_configs"]:
+        name = job["job_name"]
+        if name in scrape_jobs:
+            job["static_configs"] = [{"targets": scrape_jobs[name]}]
+            jobs.append(job)
+        elif name not in PENDING_JOBS:
+            raise AssertionError(f"prometheus.yml job {name!r} is neither started by the tests nor listed in "
+                                 "catalog.PENDING_JOBS")
+    doc["scrape_configs"] = jobs
+    return doc
+
+
+@dataclass
+class Live:
+    root: Path
+    http_url: str                      # the status page, ending in /
+    metrics_urls: dict[str, str]       # scrape job -> one of its /metrics URLs
+    db_url: str
+    prometheus: Prometheus | None
+    prometheus_missing: str = ""
+    metric_names: set[str] = field(default_factory=set)   # every series name the live exporters expose
+
+
+def start_coordinator(project: Path, db_url: str, log: Path, *extra: str) -> tuple[subprocess.Popen, int]:
+    """`mujina-coordinator serve` as a subprocess; returns it and its gRPC port once it is healthy."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "serve", "--config", str(project),
+                             "--db", db_url, "--listen", f"127.0.0.1:{port}", *extra], cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=open(log, "ab"),
+                            stderr=subprocess.STDOUT)
+
+    def healthy() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"coordinator exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            try:
+                return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1
+            except grpc.RpcError:
+                return False
+
+    wait_until(healthy, "the coordinator to answer health checks")
+    return proc, port
+
+
+def _scenario(target: str, store, scheduler, stop: threading.Event) -> threading.Thread:
+    """Drive the coordinator through the gRPC API (see the module docstring); returns the heartbeat thread."""
+    from coordinator.api import mujina_pb2 as pb
+    from coordinator.api.client import CoordinatorClient
+
+    payload = {"checkpoint": "c", "shard": "s", "shard_tokens": 1000}
+    scheduler.add_task("eval", payload, priority=10, max_attempts=1)
+    for _ in range(len(LOSSES) + 1 + EXPIRED + 2):
+        scheduler.add_task("eval", payload)
+    alice, bob = CoordinatorClient(target, TOKEN, timeout=10), CoordinatorClient(target, OTHER_TOKEN, timeout=10)
+    w_alice = alice.register("alice-gpu", speed=900.0, devices=[("cuda", "RTX 4090", 24 << 30)]).worker_id
+    w_bob = bob.register("bob-laptop", speed=120.0).worker_id
+
+    t = alice.lease(w_alice, ["eval"]).task
+    assert alice.fail(t.task_id, t.lease_id, pb.ERROR, "out of memory").dead
+    for i, loss in enumerate(LOSSES):
+        client, wid = (alice, w_alice) if i % 2 == 0 else (bob, w_bob)
+        t = client.lease(wid, ["eval"]).task
+        assert client.complete(t.task_id, t.lease_id, b"eval result",
+                               {"loss": loss, "tokens": 500, "gpu_seconds": 0.5}).credited
+        time.sleep(1.2)  # one scrape per loss at least, so Prometheus sees the loss rise
+    held = alice.lease(w_alice, ["eval"]).task.lease_id
+    for _ in range(EXPIRED):
+        assert bob.lease(w_bob, ["eval"]).HasField("task")
+
+    def beat():
+        try:
+            while not stop.wait(0.4):
+                alice.heartbeat(w_alice, [(held, 0.5)])
+                bob.heartbeat(w_bob, [])  # bob's worker is alive but forgot its leases: they expire
+        finally:
+            alice.close()
+            bob.close()
+
+    thread = threading.Thread(target=beat, name="heartbeats", daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.fixture(scope="session")
+def live(tmp_path_factory):
+    from coordinator import store as S
+    from coordinator.config import load_project
+    from coordinator.scheduler import Scheduler
+
+    root = tmp_path_factory.mktemp("dashboards")
+    project = write_project(root, run="dash")
+    cfg = load_project(project)
+    db_url = cfg.db_url()
+    metrics_port, http_port = free_port(), free_port()
+    proc, grpc_port = start_coordinator(project, db_url, root / "coordinator.log",
+                                        "--metrics-port", str(metrics_port), "--metrics-host", "127.0.0.1",
+                                        "--http-port", str(http_port), "--http-host", "127.0.0.1")
+    stop, prom, beats, store = threading.Event(), None, None, None
+    try:
+        missing = "" if shutil.which("prometheus") else ("Debian's prometheus is not installed "
+                                                          "(apt-get install prometheus; .ci/run does it)")
+        if not missing:
+            prom = Prometheus(root / "prometheus", {"mujina-coordinator": [f"127.0.0.1:{metrics_port}"]})
+            # Targets appear a few seconds after start-up; the scenario must happen while it scrapes.
+            wait_until(lambda: prom.value('up{job="mujina-coordinator"}') == 1, "the first scrape")
+        store = S.Store.open(db_url)
+        store.add_token("alice", TOKEN)
+        store.add_token("bob", OTHER_TOKEN)
+        beats = _scenario(f"127.0.0.1:{grpc_port}", store, Scheduler(store, cfg), stop)
+        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        wait_until(lambda: f"mujina_leases_expired_total {EXPIRED}.0" in http_get(metrics_url).decode(),
+                   f"{EXPIRED} leases to expire")
+        lv = Live(root, f"http://127.0.0.1:{http_port}/", {"mujina-coordinator": metrics_url}, db_url, prom,
+                  missing)
+        for url in lv.metrics_urls.values():
+            lv.metric_names |= scrape_names(http_get(url).decode())
+        if prom is not None:  # Prometheus has scraped the final state
+            wait_until(lambda: prom.value("mujina_leases_expired_total") == EXPIRED
+                       and prom.value('sum(mujina_tasks{state="leased"})') == 1, "Prometheus to scrape the run")
+        yield lv
+    finally:
+        stop.set()
+        if beats is not None:
+            beats.join(timeout=5)
+        if prom is not None:
+            prom.stop()
+        if store is not None:
+            store.close()
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+@pytest.fixture
+def prom(live) -> Prometheus:
+    if live.prometheus is None:
+        pytest.skip(live.prometheus_missing)
+    return live.prometheus
