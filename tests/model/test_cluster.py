@@ -178,9 +178,9 @@ def test_convert_turns_a_distributed_checkpoint_into_the_project_format(referenc
 
 def test_bad_cluster_configs_fail_before_any_work(reference, tmp_path):
     config, _ = reference["dense"]
-    # 8 sequences over 2 processes x micro-batch 3 cannot split evenly.
-    r = torchrun(config, tmp_path / "a", "--set", "train.micro_batch_size=3", check=False)
-    assert r.returncode != 0 and "not divisible by train.micro_batch_size=3 x 2 processes" in r.stderr
+    # 8 sequences are a whole number of micro-batches of 8 on one process, but not on 2.
+    r = torchrun(config, tmp_path / "a", "--set", "train.micro_batch_size=8", check=False)
+    assert r.returncode != 0 and "not divisible by train.micro_batch_size=8 x 2 processes" in r.stderr
     assert not (tmp_path / "a" / "checkpoints").exists()
     # A model that cannot fit in this machine's memory is refused before its weights are allocated.
     r = mujina_train("--config", str(config), "--out", str(tmp_path / "b"), "--set", "model.preset=tanuki-8b",
