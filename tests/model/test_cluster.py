@@ -98,6 +98,21 @@ def test_two_processes_give_the_losses_of_one(reference, tmp_path, kind):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=0, msg=k)
 
 
+def test_bf16_mixed_precision_and_activation_checkpointing_under_fsdp(reference, tmp_path):
+    """bf16 parameters with fp32 reductions (the CUDA path) and recomputed blocks, here on gloo."""
+    config, ref = reference["dense"]
+    r = torchrun(config, tmp_path / "bf16", "--set", "train.dtype=bf16", "--set", "train.activation_checkpointing=true")
+    assert "(bf16)" in r.stderr
+    got, want = records(tmp_path / "bf16"), records(ref)
+    assert sorted(got) == sorted(want)
+    # bf16 rounds every matmul input: close to fp32, but not equal (equal would mean bf16 was not applied).
+    diffs = [abs(got[s]["loss"] - want[s]["loss"]) for s in want]
+    assert max(diffs) < 2e-2 and max(diffs) > 1e-6, diffs
+    from model import load_checkpoint
+
+    assert load_checkpoint(tmp_path / "bf16" / "final").tok_embeddings.weight.dtype == torch.float32  # fp32 master
+
+
 def test_checkpoint_of_two_processes_resumes_on_one_and_back(reference, tmp_path):
     config, ref = reference["dense"]
     out = tmp_path / "run"
