@@ -115,12 +115,16 @@ def test_backoff_while_unreachable_then_spooled_result_uploaded(tmp_path):
     first, second = sched.add_task("eval", inputs["payload"]), sched.add_task("eval", inputs["payload"])
     store.close()
     worker = spawn_worker(f"127.0.0.1:{port}", tmp_path / "w", "--max-tasks", "2", "--kinds", "eval")
-    time.sleep(3.0)  # the worker is backing off now
+    # start the server only once the worker has found it away (on a loaded machine its start-up takes a while)
+    end = time.monotonic() + 120
+    while "unreachable during Register" not in (tmp_path / "w.log").read_text():
+        assert worker.poll() is None and time.monotonic() < end, (tmp_path / "w.log").read_text()
+        time.sleep(0.2)
     server = spawn_server(project, db, port, tmp_path / "server.log")
     try:
         assert worker.wait(timeout=120) == 0
         log = (tmp_path / "w.log").read_text()
-        assert "unreachable during Register" in log and "retrying with back-off" in log
+        assert "retrying with back-off" in log and "registered as worker" in log
         store = Store.open(db)
         done = results(store)
         assert set(done) == {first, second}
