@@ -43,7 +43,7 @@ import numpy as np
 
 from .chat import render_chat
 from .dedup import Deduplicator
-from .filters import FilterConfig, detect_languages, normalize, quality_reasons
+from .filters import FilterConfig, detect_language, normalize, quality_reasons
 from .ingest import Document, DropCounter, read_documents
 from .shards import Manifest, ShardInfo, ShardWriter, token_dtype
 from .tokenizer import Tokenizer
@@ -126,7 +126,7 @@ def _init_worker(tokenizer_dir: str, cfg: ShardConfig) -> None:
 
 
 def _prepare(job: tuple[list[Document], bool]) -> _Batch:
-    """Per-document work for a batch. Language identification, filters, fingerprints and tokenisation each run
+    """Per-document work for a batch. The filters, fingerprints and tokenisation each run
     batched (a constant number of numpy / SentencePiece calls per batch, data_shards/filters.py and dedup.py),
     which is what makes them cheap per document."""
     docs, tokenize = job
@@ -151,7 +151,7 @@ def _prepare(job: tuple[list[Document], bool]) -> _Batch:
             continue
         texts.append(normalize("\n".join(str(m.get("content", "")) for m in doc.meta["messages"])))
         drops.append(None)
-    langs = detect_languages(texts)
+    langs = list(map(detect_language, texts))
     for i, lang in enumerate(langs):
         if drops[i] is None and (lang not in ("ja", "en") or (cfg.lang != "auto" and lang != cfg.lang)):
             drops[i] = "language" if cfg.lang == "auto" else "language_mismatch"

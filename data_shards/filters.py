@@ -72,18 +72,20 @@ _EXTRA_SYMBOLS = "#*@_\\"  # ASCII marks that spam and markup use; the rest of A
 
 def _build_classes() -> np.ndarray:
     """Symbols are Unicode categories Sm, Sc, Sk, So (★■♪→=+ and emoji) plus #*@_\\; sentence punctuation
-    (、。「」,.!?) is OTHER: Japanese prose is ~10% punctuation and that is fine."""
+    (、。「」,.!?) is OTHER: Japanese prose is ~10% punctuation and that is fine. Built at import with C-level
+    map() calls over all code points and numpy masks (~30 ms, against ~120 ms for a Python loop)."""
+    chars = list(map(chr, range(_TABLE_SIZE)))
+    space = np.fromiter(map(str.isspace, chars), dtype=bool, count=_TABLE_SIZE)
+    alpha = np.fromiter(map(str.isalpha, chars), dtype=bool, count=_TABLE_SIZE)
+    category = np.array(list(map(unicodedata.category, chars)))  # (_TABLE_SIZE,) "Lu", "Nd", "So" ...
+    symbol = np.isin(category, ["Sm", "Sc", "Sk", "So"])
+    symbol[[ord(c) for c in _EXTRA_SYMBOLS]] = True
     table = np.full(_TABLE_SIZE, OTHER, dtype=np.uint8)
-    for cp in range(_TABLE_SIZE):
-        c = chr(cp)
-        if c.isspace():
-            table[cp] = SPACE
-        elif c.isalpha():
-            table[cp] = OTHER_LETTER
-        elif unicodedata.category(c) == "Nd":
-            table[cp] = DIGIT
-        elif unicodedata.category(c)[0] == "S" or c in _EXTRA_SYMBOLS:
-            table[cp] = SYMBOL
+    # the order of the tests of a per-character if/elif chain: space, letter, decimal digit, symbol
+    table[symbol] = SYMBOL
+    table[category == "Nd"] = DIGIT
+    table[alpha] = OTHER_LETTER
+    table[space] = SPACE
     for ranges, cls in ((_LATIN_RANGES, LATIN), (_KANA_RANGES, KANA)):
         for a, b in ranges:
             block = table[a: b + 1]
@@ -126,18 +128,7 @@ def detect_language(text: str) -> str:
     return _language(counts)
 
 
-def detect_languages(texts: list[str]) -> list[str]:
-    """[detect_language(t) for t in texts], with one table lookup and one count over the whole batch."""
-    if not texts:
-        return []
-    cps = np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32)  # (C,) code points
-    doc = np.repeat(np.arange(len(texts)), [len(t) for t in texts])  # (C,)
-    counts = np.bincount(doc * 8 + _CLASSES[np.minimum(cps, _TABLE_SIZE - 1)], minlength=8 * len(texts))
-    return list(map(_language, counts.reshape(len(texts), 8).tolist()))
-
-
-def _language(counts) -> str:
-    """The language of one text from its (8,) class counts (an array or a list)."""
+def _language(counts: np.ndarray) -> str:
     kana, kanji, latin = int(counts[KANA]), int(counts[KANJI]), int(counts[LATIN])
     letters = latin + kana + kanji + int(counts[OTHER_LETTER])
     if letters == 0:
