@@ -584,10 +584,15 @@ def _cleared(units: np.ndarray, weights: np.ndarray, lengths: np.ndarray, sizes_
             hv = hv[at]
             key = base[at] + ((hv >> np.uint64(40)) & np.uint64((1 << bits) - 1)).view(np.int64)  # other bits
             maybe = np.bincount(key, minlength=spare)[key] > 1
-            at, hv, dv = at[maybe], hv[maybe], key[maybe] >> bits
-            order = np.argsort(hv, kind="stable")  # equal hashes: positions ascending, so one document's
-            sh, sd = hv[order], dv[order]  # occurrences are adjacent
-            new = np.concatenate([[True], (sh[1:] != sh[:-1]) | (sd[1:] != sd[:-1])])
+            at, dv = at[maybe], (key[maybe] >> bits).view(np.uint64)
+            # Group equal (document, hash) pairs with one sort of a single key: the hash's top bits with the document
+            # in the low bits. Dropping low hash bits can only merge distinct n-grams (more coverage: a bound that
+            # is still safe), and no order within a group is needed, so numpy's fast unstable sort does.
+            doc_bits = np.uint64(max(1, n_docs.bit_length()))
+            grouped = ((hv[maybe] >> doc_bits) << doc_bits) | dv  # (M,)
+            order = np.argsort(grouped)
+            sh = grouped[order]
+            new = np.concatenate([[True], sh[1:] != sh[:-1]])
             run_len = np.diff(np.append(np.flatnonzero(new), len(sh)))
             first = at[order[np.repeat(run_len > 1, run_len)]]  # starts of n-grams occurring 2+ times
             delta = np.zeros(n_units + 1, dtype=np.int32)
