@@ -334,7 +334,7 @@ STAGES = (  # (label, file suffix, function): cumulative time of each, inside _p
     ("quality_reasons (filters)", "filters.py", "quality_reasons"),
     ("  of which _cleared (n-gram bounds)", "filters.py", "_cleared"),
     ("dedup fingerprint_arrays (MinHash)", "dedup.py", "fingerprint_arrays"),
-    ("dedup check_fingerprints", "dedup.py", "check_fingerprints"),
+    ("dedup check_arrays", "dedup.py", "check_arrays"),
     ("SentencePiece encode_arrays", "tokenizer.py", "encode_arrays"),
     ("ShardWriter.add + close", "shards.py", "add"),
     ("", "shards.py", "close"),
@@ -387,7 +387,7 @@ def time_stages(corpus: dict[str, Any], tok_dir: Path, batch: int = 256) -> list
     ids = timed("SentencePiece encode_arrays", "worker", tok.encode_arrays, norm)
     timed("ids -> one [BOS] ids [EOS] array a batch", "worker",
           lambda b: np.concatenate([p for x in b for p in (tok.bos_array, x, tok.eos_array)]), ids)
-    timed("dedup check_fingerprints", "main", lambda f: dedup.check_arrays(*f), fps)
+    timed("dedup check_arrays", "main", lambda f: dedup.check_arrays(*f), fps)
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", "import sys; from data_shards.build import ShardConfig, _init_worker; "
                     "_init_worker(sys.argv[1], ShardConfig())", str(tok_dir)], cwd=REPO, check=True,

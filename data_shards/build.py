@@ -9,9 +9,11 @@ Chat records ({"messages": [...]}) are rendered with the chat template and store
 shards with a loss mask (assistant turns only).
 
 Parallelism: the per-document work (normalising, language identification, quality filters,
-MinHash fingerprints and tokenisation) runs in `workers` processes on batches of documents;
-the main process reads the input and makes the order-dependent decisions (duplicates, shard
-boundaries) in input order.
+MinHash fingerprints and tokenisation) runs in `workers` processes on batches of documents,
+each stage batched (numpy over the whole batch, one SentencePiece call writing numpy ids);
+a batch comes back as a few flat arrays. The main process reads the input and makes the
+order-dependent decisions (duplicates, shard boundaries) in input order. Workers are forked
+(no imports to repeat) unless the caller runs threads or has torch loaded; then spawned.
 
 Determinism: documents are decided in input order and shards are cut at fixed token counts,
 so the same input gives byte-identical shards (and therefore the same SHA-256 names),

@@ -28,6 +28,8 @@ Batches (the same results, a fixed number of numpy calls per batch): fingerprint
 decisions in one process, in input order:
     fps = dedup.fingerprints(batch, normalized=True)      # [(exact key, signature)], as fingerprint()
     reasons = dedup.check_fingerprints(fps)               # as check_fingerprint() called in order
+    keys, sigs = dedup.fingerprint_arrays(batch)          # the same, as two arrays (what build's workers send)
+    reasons = dedup.check_arrays(keys, sigs)
 """
 
 from __future__ import annotations
