@@ -288,6 +288,7 @@ def _pool(workers: int, tokenizer_dir: str, cfg: ShardConfig):
     # fork itself. A caller that runs other Python threads or has torch loaded (its thread pools) gets spawn.
     safe = threading.active_count() == 1 and "torch" not in sys.modules
     ctx = multiprocessing.get_context("fork" if safe else "spawn")
+    log.info("%d worker processes (%s)", workers, ctx.get_start_method())
     with ctx.Pool(workers, _init_worker, (tokenizer_dir, cfg)) as pool:
         yield lambda jobs: pool.imap(_prepare, jobs, chunksize=1)
 
