@@ -28,6 +28,8 @@ a real run of minutes; the "pipeline" figures leave them out altogether (steady 
    MB/s" uses the time build_shards itself reports (OUT/report.json), without interpreter
    start-up and imports; the gap to the end-to-end figure shrinks as the corpus grows.
    The single-worker run shows how the CLI scales with cores (2 workers / 1 worker).
+   `--compare CHECKOUT` also runs another checkout's CLI (e.g. `git worktree add /tmp/old
+   b7dcef9`) in every repeat: before/after ratios taken in the same run, under the same load.
    "CPU s" is user + system time of the CLI and all its workers (or of the encoding threads):
    cpu_ratio = baseline CPU s / shard CPU s compares the work per MB and moves much less than
    the wall-clock ratio when other jobs share the machine. On a shared machine with the
@@ -189,7 +191,7 @@ SAMPLE_EVERY_S = 0.05  # one /proc scan takes ~4 ms: every 50 ms it costs <10% o
 
 
 def run_shard(inputs: list[Path], tokenizer: Path, out: Path, workers: int, log: Path,
-              shard_tokens: int | None = None, sample_tree: bool = False) -> dict[str, Any]:
+              shard_tokens: int | None = None, sample_tree: bool = False, repo: Path = REPO) -> dict[str, Any]:
     """`mujina-data shard` in a fresh subprocess: wall time, peak RSS, the manifest's counts.
 
     sample_tree: also sample the summed RSS of the CLI and its workers from /proc (costs CPU: not while timing).
@@ -199,11 +201,11 @@ def run_shard(inputs: list[Path], tokenizer: Path, out: Path, workers: int, log:
            "--tokenizer", str(tokenizer), "--out", str(out), "--workers", str(workers)]
     if shard_tokens is not None:
         cmd += ["--shard-tokens", str(shard_tokens)]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(repo)}
     usage_file = log.with_suffix(".usage.json")
     peak_tree, stop = [0], threading.Event()
     with open(log, "w") as logf:
-        proc = subprocess.Popen([sys.executable, "-c", _WRAPPER, str(usage_file), *cmd], cwd=REPO, env=env,
+        proc = subprocess.Popen([sys.executable, "-c", _WRAPPER, str(usage_file), *cmd], cwd=repo, env=env,
                                 stdout=logf, stderr=subprocess.STDOUT)
 
         def sample() -> None:
@@ -232,7 +234,9 @@ def run_shard(inputs: list[Path], tokenizer: Path, out: Path, workers: int, log:
 
 # ---- part 1: throughput ---------------------------------------------------------------------------
 
-def bench_throughput(corpus: dict[str, Any], tok_dir: Path, work: Path, workers: int, repeats: int) -> dict:
+def bench_throughput(corpus: dict[str, Any], tok_dir: Path, work: Path, workers: int, repeats: int,
+                     compare: Path | None = None) -> dict:
+    """compare: another checkout whose CLI also runs, with `workers`, in every repeat (ratios in the same run)."""
     texts = corpus["texts"]  # in memory before anything is timed
     sp = spm.SentencePieceProcessor(model_file=str(tok_dir / "tokenizer.model"))
     sp.encode(texts[:64], num_threads=workers)  # warm-up: first-call allocations
@@ -248,6 +252,9 @@ def bench_throughput(corpus: dict[str, Any], tok_dir: Path, work: Path, workers:
             runs[name].append({"wall_s": wall, "cpu_s": cpu, "text_tokens": sum(map(len, ids))})
             del ids
         runs["shard_1"].append(run_shard(corpus["files"], tok_dir, work / "out", 1, work / "shard.log"))
+        if compare is not None:
+            runs.setdefault("compare", []).append(run_shard(corpus["files"], tok_dir, work / "out", workers,
+                                                            work / "shard.log", repo=compare))
     mb = corpus["text_bytes"] / 1e6
 
     def med(name: str, key: str = "wall_s") -> float:
@@ -276,6 +283,9 @@ def bench_throughput(corpus: dict[str, Any], tok_dir: Path, work: Path, workers:
         "ratio_vs_numpy": med("baseline_numpy") / shard,
         "load_avg_1m": os.getloadavg()[0],
         "worker_scaling": one / shard,  # 2 workers' speed over 1 worker's
+        **({"compare": str(compare), "compare_s": med("compare"), "compare_cpu_s": med("compare", "cpu_s"),
+            "compare_ratio": base / med("compare"), "compare_cpu_ratio": cpu["baseline"] / med("compare", "cpu_s"),
+            "compare_pipeline_ratio": base / med("compare", "pipeline_s")} if compare is not None else {}),
         "runs": runs,
     }
 
@@ -487,6 +497,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mem-shard-tokens", type=int, default=1 << 18,
                    help="--shard-tokens of the second pair of memory runs (default: 262144)")
     p.add_argument("--no-memory", action="store_true", help="skip part 3 (peak memory)")
+    p.add_argument("--compare", type=Path, metavar="CHECKOUT",
+                   help="also run the shard CLI of another checkout of the repository (e.g. a `git worktree` of an "
+                   "older commit) in every repeat, for before/after ratios taken in the same run")
     p.add_argument("--profile", action="store_true",
                    help="also profile build_shards in-process (one worker) and print each stage's share")
     p.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "data_throughput.json",
@@ -517,7 +530,7 @@ def main(argv: list[str] | None = None) -> None:
         results["tokenizer"] = {"vocab_size": vocab, "mecab": args.mecab}
 
         print("part 1: throughput", file=sys.stderr, flush=True)
-        t = bench_throughput(corpus, work / "tok", work, args.workers, args.repeats)
+        t = bench_throughput(corpus, work / "tok", work, args.workers, args.repeats, args.compare)
         results["throughput"] = t
 
         print("part 2: packing", file=sys.stderr, flush=True)
@@ -583,6 +596,10 @@ def main(argv: list[str] | None = None) -> None:
           "than the wall-clock ratio)")
     print(f"steady state (pipeline_ratio, without start-up) = {t['pipeline_ratio']:.3f}; against the numpy encode: "
           f"{t['ratio_vs_numpy']:.3f}; load average (1 min) after part 1: {t['load_avg_1m']:.1f}\n")
+    if "compare" in t:
+        print(f"{t['compare']}, shard --workers {args.workers} in the same repeats: {t['compare_s']:.2f} s, "
+              f"{t['compare_cpu_s']:.2f} CPU s; ratio {t['compare_ratio']:.3f}, "
+              f"cpu_ratio {t['compare_cpu_ratio']:.3f}, steady state {t['compare_pipeline_ratio']:.3f}\n")
     print("2. packing (best-fit decreasing)")
     print(packing_table(packing))
     print("fill_rate goal >= 0.99; cut = documents split across sequences\n")
