@@ -127,7 +127,7 @@ def _init_worker(tokenizer_dir: str, cfg: ShardConfig) -> None:
     _W["dedup"] = Deduplicator() if cfg.dedup else None  # only for fingerprints: same parameters as main
 
 
-def _prepare(job: tuple[list[Document], bool]) -> _Batch:
+def _prepare(job: _Job) -> _Batch:
     """Per-document work for a batch. The filters, fingerprints and tokenisation each run
     batched (a constant number of numpy / SentencePiece calls per batch, data_shards/filters.py and dedup.py),
     which is what makes them cheap per document."""
@@ -137,21 +137,21 @@ def _prepare(job: tuple[list[Document], bool]) -> _Batch:
     drops: list[str | None] = []
     texts: list[str] = []
     rendered: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    for i, doc in enumerate(docs):
-        if "messages" not in doc.meta:
+    for i, (text, _, messages) in enumerate(docs):
+        if messages is None:
             kinds.append("text")
-            texts.append(normalize(doc.text))
+            texts.append(normalize(text))
             drops.append(None)
             continue
         kinds.append("chat")
         try:
-            rendered[i] = render_chat({"messages": doc.meta["messages"]}, tok.encode, tok.marker_ids,
+            rendered[i] = render_chat({"messages": messages}, tok.encode, tok.marker_ids,
                                       tok.bos_id, tok.eos_id)
         except ValueError:
             drops.append("invalid_chat")
             texts.append("")
             continue
-        texts.append(normalize("\n".join(str(m.get("content", "")) for m in doc.meta["messages"])))
+        texts.append(normalize("\n".join(str(m.get("content", "")) for m in messages)))
         drops.append(None)
     langs = list(map(detect_language, texts))
     for i, lang in enumerate(langs):
@@ -180,16 +180,21 @@ def _prepare(job: tuple[list[Document], bool]) -> _Batch:
             lengths.append(len(ids) + 2)
         else:
             lengths.append(0)  # the main process tokenises it if it turns out to be past the resume point
-    return _Batch(sources=[d.source for d in docs], kinds=kinds, drops=drops, langs=langs, exact=exact, sigs=sigs,
-                  chars=list(map(len, kept_texts)),
+    return _Batch(sources=[source for _, source, _ in docs], kinds=kinds, drops=drops, langs=langs, exact=exact,
+                  sigs=sigs, chars=list(map(len, kept_texts)),
                   ids=np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32),
                   ends=np.cumsum(lengths, dtype=np.int64), masks=masks, texts=None if tokenize else kept_texts)
 
 
-def _batches(docs: Iterator[Document], size: int, tokenize: Callable[[], bool]) -> Iterator[tuple[list, bool]]:
-    batch: list[Document] = []
+_Job = tuple[list[tuple[str, str, list | None]], bool]  # [(text, source, chat messages or None)], tokenize
+
+
+def _batches(docs: Iterator[Document], size: int, tokenize: Callable[[], bool]) -> Iterator[_Job]:
+    """Jobs for the workers: what _prepare needs of each document as plain tuples (they pickle about twice as
+    fast as Document objects, and the records' other fields stay behind)."""
+    batch: list[tuple[str, str, list | None]] = []
     for d in docs:
-        batch.append(d)
+        batch.append((d.text, d.source, d.meta.get("messages") if "messages" in d.meta else None))
         if len(batch) == size:
             yield batch, tokenize()
             batch = []
