@@ -13,8 +13,10 @@ not exist yet dropped, see catalog.PENDING_JOBS), then drives a short scenario t
 
 Workers heartbeat in a background thread throughout, as daemons do. Beside them a real worker daemon
 (`mujina-worker run --metrics-port`, volunteer carol, kinds generate) runs one generate task with the
-tiny teacher of tests/worker/teacher.py and stays up, scraped as job mujina-workers. Adding the
-swarm/cluster exporters later means starting them here and adding their job to `scrape_jobs`.
+tiny teacher of tests/worker/teacher.py and stays up, scraped as job mujina-workers; and the
+cluster trainer's rank 0 (`python -m model.train`, train.metrics_port) trains a tiny model throughout,
+scraped as job mujina-cluster. Adding the swarm exporters later means starting them here and adding
+their job to `scrape_jobs`.
 """
 
 from __future__ import annotations
@@ -232,6 +234,30 @@ def start_worker(target: str, root: Path, metrics_port: int, teacher: Path) -> s
     return proc
 
 
+def start_trainer(root: Path, metrics_port: int) -> subprocess.Popen:
+    """The cluster trainer's rank 0 (`python -m model.train`, a tiny model, steps enough to outlast the
+    session) once its gauges include an eval loss and MFU (CPU has no peak-FLOPS entry: one is given)."""
+    over = {"train.steps": 10**7, "train.metrics_port": metrics_port, "train.peak_tflops": 1, "train.log_every": 1,
+            "train.eval_every": 5, "train.eval_batches": 1, "train.save_every": 0, "train.batch_size": 2,
+            "train.micro_batch_size": 2, "data.seq_len": 32}
+    log = open(root / "trainer.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "model.train", "--config", str(REPO / "configs" / "debug.yaml"),
+                             "--out", str(root / "cluster"), *(f"--set={k}={v}" for k, v in over.items())],
+                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    def serving() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"the trainer exited {proc.returncode}:\n{(root / 'trainer.log').read_text()[-3000:]}")
+        try:
+            text = http_get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=1)
+        except OSError:
+            return False
+        return b"mujina_train_eval_loss" in text and b"mujina_train_mfu" in text
+
+    wait_until(serving, "the trainer's metrics endpoint", limit=120)
+    return proc
+
+
 @pytest.fixture(scope="session")
 def live(tmp_path_factory):
     from coordinator import store as S
@@ -248,8 +274,8 @@ def live(tmp_path_factory):
     proc, grpc_port = start_coordinator(project, db_url, root / "coordinator.log",
                                         "--metrics-port", str(metrics_port), "--metrics-host", "127.0.0.1",
                                         "--http-port", str(http_port), "--http-host", "127.0.0.1")
-    worker_port = free_port()
-    stop, prom, beats, store, worker = threading.Event(), None, None, None, None
+    worker_port, cluster_port = free_port(), free_port()
+    stop, prom, beats, store, worker, trainer = threading.Event(), None, None, None, None, None
     try:
         store = S.Store.open(db_url)
         store.add_token("alice", TOKEN)
@@ -260,14 +286,16 @@ def live(tmp_path_factory):
         teacher = build_teacher(root / "teacher", japanese_documents(30, seed=3))
         scheduler.add_task("generate", generate_payload(teacher))
         worker = start_worker(f"127.0.0.1:{grpc_port}", root, worker_port, teacher)
+        trainer = start_trainer(root, cluster_port)
         missing = "" if shutil.which("prometheus") else ("Debian's prometheus is not installed "
                                                           "(apt-get install prometheus; .ci/run does it)")
         if not missing:
             prom = Prometheus(root / "prometheus", {"mujina-coordinator": [f"127.0.0.1:{metrics_port}"],
-                                                    "mujina-workers": [f"127.0.0.1:{worker_port}"]})
+                                                    "mujina-workers": [f"127.0.0.1:{worker_port}"],
+                                                    "mujina-cluster": [f"127.0.0.1:{cluster_port}"]})
             # Targets appear a few seconds after start-up; the scenario must happen while it scrapes.
-            wait_until(lambda: prom.value('min(up{job=~"mujina-coordinator|mujina-workers"})') == 1
-                       and len(prom.query("up")) == 2, "the first scrape of both targets")
+            wait_until(lambda: prom.value("min(up)") == 1 and len(prom.query("up")) == 3,
+                       "the first scrape of every target")
         beats = _scenario(f"127.0.0.1:{grpc_port}", store, scheduler, stop)
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         worker_url = f"http://127.0.0.1:{worker_port}/metrics"
@@ -276,7 +304,8 @@ def live(tmp_path_factory):
         done = 'mujina_worker_tasks_total{kind="generate",outcome="completed"} 1.0'
         wait_until(lambda: done in http_get(worker_url).decode(), "the worker's generate task", limit=120)
         lv = Live(root, f"http://127.0.0.1:{http_port}/",
-                  {"mujina-coordinator": metrics_url, "mujina-workers": worker_url}, db_url, prom, missing)
+                  {"mujina-coordinator": metrics_url, "mujina-workers": worker_url,
+                   "mujina-cluster": f"http://127.0.0.1:{cluster_port}/metrics"}, db_url, prom, missing)
         for url in lv.metrics_urls.values():
             lv.metric_names |= scrape_names(http_get(url).decode())
         if prom is not None:  # Prometheus has scraped the final state
@@ -289,9 +318,10 @@ def live(tmp_path_factory):
         stop.set()
         if beats is not None:
             beats.join(timeout=5)
-        if worker is not None:
-            worker.terminate()
-            worker.wait(timeout=30)
+        for child in (worker, trainer):
+            if child is not None:
+                child.terminate()
+                child.wait(timeout=30)
         if prom is not None:
             prom.stop()
         if store is not None:
