@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -173,6 +174,8 @@ class Store:
         self.engine = engine
         self.is_sqlite = engine.dialect.name == "sqlite"
         self._write_lock = threading.RLock()
+        self._hot_conn = None  # the DBAPI connection of hot(), opened on first use
+        self._sql: dict[str, str] = {}
 
     @classmethod
     def open(cls, url: str, migrate: bool = True) -> Store:
@@ -218,6 +221,37 @@ class Store:
             yield conn
 
     @contextmanager
+    def hot(self) -> Iterator:
+        """One transaction on a raw DBAPI cursor, for the RPC hot path (lease, heartbeat, complete).
+
+        SQLAlchemy's per-statement Python overhead (execution context, result proxy, pool checkout)
+        costs several times what SQLite spends running a statement, so the hot statements are plain
+        SQL (`sql()`) on one DBAPI connection kept for the process's life. It runs under the same
+        write lock as tx(), so that connection is never used by two threads at once, and commits on
+        success (the commit is done before the caller answers its RPC), rolls back on any exception."""
+        with self._write_lock:
+            if self._hot_conn is None:
+                self._hot_conn = self.engine.raw_connection()
+            conn = self._hot_conn.driver_connection
+            cur = conn.cursor()
+            try:
+                yield cur
+                conn.commit()
+            except BaseException:
+                conn.rollback()
+                raise
+            finally:
+                cur.close()
+
+    def sql(self, statement: str) -> str:
+        """`statement`, written with :name parameters, in this store's DBAPI paramstyle (cached)."""
+        out = self._sql.get(statement)
+        if out is None:
+            out = statement if self.is_sqlite else re.sub(r"(?<![:\w]):(\w+)", r"%(\1)s", statement)
+            self._sql[statement] = out
+        return out
+
+    @contextmanager
     def read(self) -> Iterator[Connection]:
         with self.engine.connect() as conn:
             yield conn
@@ -245,4 +279,8 @@ class Store:
                                                      tokens.c.revoked.is_(None))).first()
 
     def close(self) -> None:
+        with self._write_lock:
+            if self._hot_conn is not None:
+                self._hot_conn.close()
+                self._hot_conn = None
         self.engine.dispose()
