@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from sqlalchemy import and_, bindparam, func, insert, select, update
+from sqlalchemy import and_, func, insert, select, update
 
 from . import store as S
 from .config import ProjectConfig
@@ -55,6 +55,7 @@ _NEW_RESULT = ("INSERT INTO results (task_id, lease_id, worker_id, token, sha256
 _LEASE_DONE = "UPDATE leases SET state = 'completed' WHERE id = :lid"
 _CANCEL_NEWER = "UPDATE leases SET state = 'cancelled' WHERE id = :lid AND state = 'active'"
 _TASK_DONE = "UPDATE tasks SET state = 'done', lease_id = NULL, updated = :now WHERE id = :tid"
+_SEEN = "UPDATE workers SET last_seen = :seen WHERE id = :wid"
 _CREDIT = ("INSERT INTO ledger (task_id, volunteer, kind, unit, amount, at) "
            "VALUES (:tid, :vol, :kind, :unit, :amount, :now)")
 
@@ -266,10 +267,8 @@ class Scheduler:
         """Write the gathered last_seen times (one executemany); returns how many workers."""
         seen, self._seen = self._seen, {}
         if seen:
-            with self.store.tx() as conn:
-                conn.execute(update(S.workers).where(S.workers.c.id == bindparam("wid"))
-                             .values(last_seen=bindparam("seen")),
-                             [{"wid": w, "seen": t} for w, t in seen.items()])
+            with self.store.hot() as cur:
+                cur.executemany(self.store.sql(_SEEN), [{"wid": w, "seen": t} for w, t in seen.items()])
         return len(seen)
 
     def sweep_expired(self) -> int:

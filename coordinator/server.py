@@ -4,8 +4,8 @@
     srv.start(); print(srv.port); ...; srv.stop()
 
 Every handler runs inside `_guard`: a RequestError becomes its gRPC status, any other exception
-becomes INTERNAL with a log line, so no request can take the server down. Uploads are written to
-results/.tmp/ and moved into results/ inside the transaction that records them; start-up deletes
+becomes INTERNAL with a log line, so no request can take the server down. Uploads are held in
+memory, written to results/.tmp/ and moved into results/ inside the transaction that records them; start-up deletes
 whatever a crash left half-way.
 """
 
@@ -121,6 +121,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.state_dir = Path(cfg.state_dir)
         self.results_dir = self.state_dir / "results"
         self.tmp_dir = self.results_dir / ".tmp"
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self._tokens: dict[str, tuple[str | None, float]] = {}
         self._sha_cache: dict[tuple, str] = {}
 
@@ -228,38 +229,45 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             return pb.CompleteResponse(accepted=d.accepted, credited=d.credited, duplicate=True, message=d.message)
         metrics = dict(h.metrics)
 
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.tmp_dir / f"{h.lease_id}.{uuid.uuid4().hex}"  # unique: the same lease may be uploading twice
-        try:
-            digest, size = hashlib.sha256(), 0
-            with open(tmp, "wb") as f:
-                async for msg in request_iterator:
-                    if not msg.HasField("data"):
-                        raise RequestError("INVALID_ARGUMENT", "only the first Complete message may be a header")
-                    size += len(msg.data)
-                    if size > h.size_bytes:
-                        raise RequestError("DATA_LOSS", f"upload sent more than the declared {h.size_bytes} bytes")
-                    digest.update(msg.data)
-                    f.write(msg.data)
-            if size != h.size_bytes:
-                raise RequestError("DATA_LOSS", f"upload truncated: received {size} of {h.size_bytes} bytes; "
-                                   "send it again")
-            if digest.hexdigest() != h.sha256:
-                raise RequestError("DATA_LOSS", f"SHA-256 mismatch: received data hashes to {digest.hexdigest()}, "
-                                   f"header says {h.sha256}; send it again")
-            # The validator sees the verified bytes (results are bounded by limits.max_upload_bytes).
-            data = tmp.read_bytes()
-            credits = await self._db(self.scheduler.check_result, info, metrics, data)
-            # No fsync: like the store's synchronous=NORMAL, the file survives a crash or kill -9 of the
-            # coordinator (it is in the OS cache); a power cut may lose the newest results.
-            rel = f"results/{h.task_id}.{h.lease_id}.bin"
-            out = await self._db(functools.partial(
-                self.scheduler.complete, info, h.sha256, size, rel, metrics, credits,
-                commit_file=lambda: os.replace(tmp, self.state_dir / rel), metadata_json=metadata_json, data=data))
-        finally:
-            tmp.unlink(missing_ok=True)
+        # The upload is kept in memory (it is bounded by limits.max_upload_bytes, and the validator
+        # reads all of it anyway); it reaches the disk only inside the transaction that records it.
+        chunks, digest, size = [], hashlib.sha256(), 0
+        async for msg in request_iterator:
+            if not msg.HasField("data"):
+                raise RequestError("INVALID_ARGUMENT", "only the first Complete message may be a header")
+            size += len(msg.data)
+            if size > h.size_bytes:
+                raise RequestError("DATA_LOSS", f"upload sent more than the declared {h.size_bytes} bytes")
+            digest.update(msg.data)
+            chunks.append(msg.data)
+        if size != h.size_bytes:
+            raise RequestError("DATA_LOSS", f"upload truncated: received {size} of {h.size_bytes} bytes; "
+                               "send it again")
+        if digest.hexdigest() != h.sha256:
+            raise RequestError("DATA_LOSS", f"SHA-256 mismatch: received data hashes to {digest.hexdigest()}, "
+                               f"header says {h.sha256}; send it again")
+        data = b"".join(chunks)
+        credits = await self._db(self.scheduler.check_result, info, metrics, data)
+        rel = f"results/{h.task_id}.{h.lease_id}.bin"
+        out = await self._db(functools.partial(
+            self.scheduler.complete, info, h.sha256, size, rel, metrics, credits,
+            commit_file=functools.partial(self._write_result, h.lease_id, data, rel), metadata_json=metadata_json,
+            data=data))
         return pb.CompleteResponse(accepted=out.accepted, credited=out.credited, duplicate=out.duplicate,
                                    message=out.message)
+
+    def _write_result(self, lease_id: str, data: bytes, rel: str) -> None:
+        """Write an accepted upload to STATE_DIR/`rel` atomically (a temporary file, then a rename).
+
+        No fsync: like the store's synchronous=NORMAL, the file survives a crash or kill -9 of the
+        coordinator (it is in the OS cache); a power cut may lose the newest results."""
+        tmp = self.tmp_dir / f"{lease_id}.{uuid.uuid4().hex}"  # unique: the same lease may be uploading twice
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, self.state_dir / rel)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     @_guard
     async def Fail(self, token, request, context):
@@ -395,6 +403,7 @@ class CoordinatorServer:
             try:
                 self.scheduler.flush_seen()
                 self.scheduler.sweep_expired()
+                self.store.checkpoint()
             except Exception:  # e.g. PostgreSQL restarting: log and try again at the next interval
                 log.exception("lease sweep failed; retrying in %.1f s", self.cfg.leases.sweep_interval_s)
 
