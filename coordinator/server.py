@@ -98,8 +98,13 @@ def _finite(value: float, field: str, minimum: float = 0.0) -> float:
     return value
 
 
-async def _inline(fn, *args):
-    return fn(*args)
+async def _inline(store: S.Store, fn, *args):
+    uses = store.group_uses
+    out = fn(*args)
+    group = store.pending_commit()
+    if group is not None and store.group_uses != uses:  # answer once what this call wrote (or read) is committed
+        await asyncio.shield(group)
+    return out
 
 
 async def _in_pool(pool, fn, *args):
@@ -114,7 +119,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         # fsync, which would stall every other RPC (idle heartbeats included), so they run in threads.
         self._pool = None
         if store.is_sqlite:
-            self._db = _inline
+            self._db = functools.partial(_inline, store)
         else:
             self._pool = futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="store")
             self._db = functools.partial(_in_pool, self._pool)
@@ -391,6 +396,8 @@ class CoordinatorServer:
         self.server = grpc.aio.server(options=opts)
         self.health = HealthServicer()
         self.service = CoordinatorService(self.cfg, self.store, self.scheduler, self.metrics)
+        if self.store.is_sqlite:  # the handlers' transactions share a commit per loop turn (Store.group_commits)
+            self.store.group_commits(asyncio.get_running_loop())
         pb_grpc.add_CoordinatorServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if self.tls[0]:
