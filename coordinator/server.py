@@ -352,9 +352,10 @@ class CoordinatorServer:
     """The whole service: store, scheduler, expiry sweeper, gRPC + health, optional metrics and status page.
 
     gRPC runs on grpc.aio in an event loop of its own thread: one thread serves every RPC, so calls
-    do not queue for a thread pool or fight over the GIL, and a slow upload holds no thread. The
-    handlers call the store directly (SQLite and loopback PostgreSQL answer in well under a
-    millisecond per statement, and writes are serialised by Store.tx anyway)."""
+    do not queue for a thread pool or fight over the GIL, and a slow upload holds no thread. With
+    SQLite the handlers call the store on that thread, and the transactions of one loop turn share
+    a commit (Store.group_commits) that each handler awaits before it answers; PostgreSQL calls run
+    in a small thread pool. WAL checkpoints run in the sweeper thread."""
 
     def __init__(self, cfg: ProjectConfig, db_url: str | None = None, listen: str | None = None,
                  metrics_port: int | None = None, tls_cert: Path | None = None, tls_key: Path | None = None,

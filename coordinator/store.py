@@ -7,9 +7,11 @@ Tables: tokens (hashed), workers, tasks, leases, failures (reasons kept), result
 per task: a primary key), ledger (one row per task and unit: a unique constraint, so credit cannot be
 counted twice whatever the code above does), schema_version.
 
-One coordinator process serves a store. Its writes go through `Store.tx()`, which serialises them
-with a process-wide lock: SQLite allows one writer anyway, and on PostgreSQL it removes lease races
-between the server's threads (its gRPC loop, the expiry sweeper). Writers in other processes (the
+One coordinator process serves a store. Its writes go through `Store.tx()` (SQLAlchemy) or, on the
+RPC hot path, `Store.hot()` (plain SQL on one DBAPI connection; on SQLite grouped into one commit
+per event-loop turn, see `group_commits`); both serialise them with one process-wide lock: SQLite
+allows one writer anyway, and on PostgreSQL it removes lease races between the server's threads
+(its gRPC loop, the expiry sweeper). Writers in other processes (the
 `tasks`/`token` CLI) use row-level conditions (`UPDATE ... WHERE state = 'pending'`) so they never
 fight the server.
 """
