@@ -241,6 +241,16 @@ def save_outer_state(directory: str | Path, momentum_full: dict[str, Tensor], ro
                  lambda p: save_file(tensors, str(p), metadata={"round": str(round_)}))
 
 
+def save_round_checkpoint(directory: str | Path, full: Transformer, momentum_full: dict[str, Tensor],
+                          round_: int) -> Path:
+    """The project checkpoint format plus the outer momentum: what a newcomer starts round `round_` from."""
+    from model.checkpoint import save_checkpoint
+
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    save_outer_state(directory, momentum_full, round_)  # before config.json, which marks a complete checkpoint
+    return save_checkpoint(directory, full, trainer_state={"swarm_round": round_})
+
+
 def load_outer_state(directory: str | Path) -> tuple[dict[str, Tensor], int]:
     from safetensors import safe_open
 
@@ -342,7 +352,9 @@ class SwarmAverager:
             s = settings
             self.averagers[name] = hivemind.averaging.DecentralizedAverager(
                 [torch.zeros(size)], self.dht, prefix=f"{s.run}/{name}", start=True,
-                target_group_size=s.target_group_size, min_group_size=2,
+                # a group starts as soon as every expected holder joined, else after matchmaking_time
+                target_group_size=min(s.target_group_size, self.expected_holders.get(name, s.target_group_size)),
+                min_group_size=2,
                 min_matchmaking_time=s.matchmaking_time, request_timeout=s.request_timeout,
                 allreduce_timeout=s.averaging_timeout, next_chunk_timeout=s.averaging_timeout / 3,
                 compression=self.compression, client_mode=client_mode)

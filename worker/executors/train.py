@@ -45,8 +45,10 @@ from worker.swarm import (
     load_outer_state,
     local_index,
     local_model,
+    merge_into,
     module_tensors,
     momentum_for,
+    momentum_into,
     outer_round,
     tokens_per_module,
 )
@@ -234,6 +236,12 @@ class SwarmWorker:
             "modules_averaged": float(report.count("ok")), "modules_failed": float(report.count("failed")),
             "modules_refused": float(report.count("refused")), "modules_local": float(report.count("local")),
         }
+
+    def export_into(self, full: Transformer, momentum_full: dict[str, torch.Tensor]) -> None:
+        """Write this worker's held modules and their outer momentum into a full model's layout (the
+        coordinator's copy; see worker.swarm.save_round_checkpoint)."""
+        merge_into(full, self.model, self.assignment)
+        momentum_into(momentum_full, full, self.outer.momentum)
 
     def module_state(self, module: str) -> torch.Tensor:
         """The current parameters of a held module, flat (for checks and the coordinator's copy)."""
