@@ -179,10 +179,8 @@ def unflatten_into(flat: Tensor, tensors: Sequence[Tensor]) -> None:
 def local_model(full: Transformer, assignment: Assignment) -> Transformer:
     """A MoE holding only the assigned experts (k per layer) with their router rows; trunk copied."""
     assignment = check_assignment(full.cfg.moe, full.cfg.num_layers, assignment)
-    k = len(assignment[0])
-    cfg = dataclasses.replace(full.cfg, moe=dataclasses.replace(full.cfg.moe, num_experts=k))
     with torch.device("meta"):
-        local = Transformer(cfg)
+        local = Transformer(_local_config(full.cfg, assignment))
     local.to_empty(device=next(full.parameters()).device)
     local = local.to(next(full.parameters()).dtype)
     src = dict(full.named_parameters())
@@ -196,6 +194,71 @@ def local_model(full: Transformer, assignment: Assignment) -> Transformer:
                        (df.router.weight, sf.router.weight)):
             dst.copy_(s[idx])
     return local
+
+
+def _local_config(full_cfg, assignment: Assignment):
+    k = len(assignment[0])
+    return dataclasses.replace(full_cfg, moe=dataclasses.replace(full_cfg.moe, num_experts=k))
+
+
+@torch.no_grad()
+def local_model_from_checkpoint(directory: str | Path, assignment: Assignment) -> Transformer:
+    """`local_model` straight from a checkpoint directory, reading only the trunk and the held experts'
+    slices (safetensors slicing), so a worker never holds the full MoE in memory. Weights in fp32."""
+    from safetensors import safe_open
+
+    from model.checkpoint import WEIGHTS, load_config
+
+    full_cfg = load_config(directory)
+    assignment = check_assignment(full_cfg.moe, full_cfg.num_layers, assignment)
+    with torch.device("meta"):
+        local = Transformer(_local_config(full_cfg, assignment))
+    local.to_empty(device="cpu")
+    with safe_open(str(Path(directory) / WEIGHTS), framework="pt") as f:
+        for name, p in local.named_parameters():
+            if not is_expert_param(name):
+                key = "tok_embeddings.weight" if name == "output.weight" and full_cfg.tie_word_embeddings else name
+                p.copy_(f.get_tensor(key))
+                continue
+            layer = int(name.split(".")[1])
+            sl = f.get_slice(name)
+            for j, e in enumerate(assignment[layer]):
+                p[j].copy_(sl[e:e + 1][0])
+    if full_cfg.tie_word_embeddings:
+        local.output.weight = local.tok_embeddings.weight
+    return local
+
+
+def local_momentum_from_checkpoint(directory: str | Path, full_cfg, modules: Iterable[str],
+                                   template: Transformer, index: dict[str, int]) -> dict[str, Tensor]:
+    """Flat per-module outer momentum read from a round checkpoint (zeros when it has none)."""
+    from safetensors import safe_open
+
+    path = Path(directory) / OUTER_STATE
+    out = {}
+    if not path.exists():
+        return {m: torch.zeros_like(flatten(module_tensors(template, m, index))) for m in modules}
+    with safe_open(str(path), framework="pt") as f:
+        for m in modules:
+            if m == TRUNK:
+                out[m] = torch.cat([f.get_tensor(n).reshape(-1).float() for n in trunk_names(template)])
+                continue
+            layer, e = (int(x) for x in m[1:].split("e"))
+            pre = f"layers.{layer}.feed_forward."
+            out[m] = torch.cat([f.get_slice(pre + n)[e:e + 1][0].reshape(-1).float()
+                                for n in ("w1_EFD", "w3_EFD", "w2_EDF", "router.weight")])
+    return out
+
+
+def read_round(directory: str | Path) -> int:
+    """The round a swarm checkpoint starts (0 for a plain checkpoint, e.g. freshly upcycled)."""
+    from safetensors import safe_open
+
+    path = Path(directory) / OUTER_STATE
+    if not path.exists():
+        return 0
+    with safe_open(str(path), framework="pt") as f:
+        return int(f.metadata().get("round", "0"))
 
 
 @torch.no_grad()
@@ -269,17 +332,6 @@ def _momentum_views(momentum_full: dict[str, Tensor], template: Transformer, mod
     pre = f"layers.{layer}.feed_forward."
     return [momentum_full[pre + "w1_EFD"][expert], momentum_full[pre + "w3_EFD"][expert],
             momentum_full[pre + "w2_EDF"][expert], momentum_full[pre + "router.weight"][expert]]
-
-
-def momentum_for(momentum_full: dict[str, Tensor], full: Transformer, modules: Iterable[str]) -> dict[str, Tensor]:
-    """Flat per-module momentum taken from full-layout tensors; zeros where none was saved."""
-    out = {}
-    for m in modules:
-        if momentum_full:
-            out[m] = flatten(_momentum_views(momentum_full, full, m))
-        else:
-            out[m] = torch.zeros_like(flatten(module_tensors(full, m)))
-    return out
 
 
 def momentum_into(momentum_full: dict[str, Tensor], full: Transformer, momentum: dict[str, Tensor]) -> None:

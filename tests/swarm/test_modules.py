@@ -19,6 +19,7 @@ from worker.swarm import (
     is_outlier,
     local_index,
     local_model,
+    local_model_from_checkpoint,
     merge_into,
     module_tensors,
     unflatten_into,
@@ -73,7 +74,7 @@ def test_bad_assignments_are_refused_with_the_fix():
     with pytest.raises(ValueError, match="dense"):
         check_assignment(None, 1, {0: [0, 1]})
     with pytest.raises(ValueError, match="request_timeout"):
-        settings(request_timeout=2.0)
+        settings(request_timeout=5.0)
     with pytest.raises(ValueError, match="compression"):
         settings(compression="int4")
 
@@ -119,3 +120,14 @@ def test_one_worker_holding_everything_without_averaging_is_plain_local_training
     got, want = dict(w.model.named_parameters()), dict(ref.model.named_parameters())
     for name, p in want.items():
         torch.testing.assert_close(got[name], p, rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_worker_reads_only_its_slices_of_the_checkpoint(tiny_checkpoint):
+    """local_model_from_checkpoint (safetensors slicing) builds exactly local_model(full checkpoint)."""
+    from model.checkpoint import load_checkpoint
+
+    a = {0: [3, 1]}
+    want = local_model(load_checkpoint(tiny_checkpoint), a)
+    got = local_model_from_checkpoint(tiny_checkpoint, a)
+    for (n, p), (_, q) in zip(want.named_parameters(), got.named_parameters(), strict=True):
+        assert torch.equal(p, q), n

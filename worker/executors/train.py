@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from model.checkpoint import load_checkpoint
+from model.checkpoint import load_config
 from model.data import IGNORE, StatelessData, SyntheticSource, TokenFileSource
 from model.train import OptimConfig, build_optimizer, lr_at
 from model.transformer import Transformer
@@ -40,16 +40,18 @@ from worker.swarm import (
     RoundReport,
     SwarmAverager,
     SwarmSettings,
+    check_assignment,
     flatten,
     held_modules,
-    load_outer_state,
     local_index,
     local_model,
+    local_model_from_checkpoint,
+    local_momentum_from_checkpoint,
     merge_into,
     module_tensors,
-    momentum_for,
     momentum_into,
     outer_round,
+    read_round,
     tokens_per_module,
 )
 
@@ -134,20 +136,23 @@ class SwarmWorker:
                  inner: InnerConfig, *, initial_peers: list[str] | tuple = (), expected_holders=None,
                  client_mode: bool = False, dht=None):
         self.settings, self.inner = settings, inner
-        if isinstance(checkpoint, Transformer):
-            full, momentum_full, self.start_round = checkpoint, {}, 0
-        else:
-            full = load_checkpoint(checkpoint, dtype=torch.float32)
-            momentum_full, self.start_round = load_outer_state(checkpoint)
-        self.full_cfg = full.cfg
-        self.assignment = assignment
-        self.model = local_model(full, assignment).to(inner.device)
+        if isinstance(checkpoint, Transformer):  # tests and tools: an in-memory full model, round 0
+            self.full_cfg, self.start_round = checkpoint.cfg, 0
+            self.assignment = check_assignment(checkpoint.cfg.moe, checkpoint.cfg.num_layers, assignment)
+            self.model = local_model(checkpoint, self.assignment)
+        else:  # read only the held slices: a worker never holds the full MoE
+            self.full_cfg, self.start_round = load_config(checkpoint), read_round(checkpoint)
+            self.assignment = check_assignment(self.full_cfg.moe, self.full_cfg.num_layers, assignment)
+            self.model = local_model_from_checkpoint(checkpoint, self.assignment)
+        self.model = self.model.to(inner.device)
         self.modules = held_modules(self.assignment)
         self.index = local_index(self.assignment)
-        momentum = momentum_for(momentum_full, full, self.modules)
-        del full
-        self.outer = OuterState(self.model, self.modules, self.index, {m: v.to(inner.device) for m, v in
-                                                                       momentum.items()})
+        if isinstance(checkpoint, Transformer):
+            momentum = None
+        else:
+            momentum = local_momentum_from_checkpoint(checkpoint, self.full_cfg, self.modules, self.model, self.index)
+            momentum = {m: v.to(inner.device) for m, v in momentum.items()}
+        self.outer = OuterState(self.model, self.modules, self.index, momentum)
         if inner.activation_checkpointing:
             enable_activation_checkpointing(self.model)
         self.optimizer = build_inner_optimizer(self.model, inner)
