@@ -131,3 +131,16 @@ def test_a_worker_reads_only_its_slices_of_the_checkpoint(tiny_checkpoint):
     got = local_model_from_checkpoint(tiny_checkpoint, a)
     for (n, p), (_, q) in zip(want.named_parameters(), got.named_parameters(), strict=True):
         assert torch.equal(p, q), n
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    from worker.executors.train import enable_activation_checkpointing
+
+    plain, ckpt = tiny_model(), tiny_model()
+    enable_activation_checkpointing(ckpt)
+    ids = torch.randint(0, 64, (2, 16))
+    for net in (plain, ckpt):
+        logits, aux = net(ids, return_aux=True)
+        (logits.square().mean() + aux.loss(net.cfg)).backward()
+    for (n, p), (_, q) in zip(plain.named_parameters(), ckpt.named_parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=n)

@@ -190,7 +190,8 @@ class SwarmWorker:
         counts_LE = torch.zeros(self.model.cfg.num_layers, self.model.cfg.moe.num_experts, dtype=torch.long)
         for b in batches:
             ids, labels, docs = (t.to(dev) for t in (b.input_ids, b.labels, b.doc_ids))
-            logits, aux = self.model(ids, doc_ids=docs, return_aux=True)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):  # as model/train.py
+                logits, aux = self.model(ids, doc_ids=docs, return_aux=True)
             loss_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
                                        reduction="sum")
             loss = loss_sum / n_targets + aux.loss(self.model.cfg) / accum
