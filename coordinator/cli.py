@@ -6,6 +6,7 @@
     mujina-coordinator tasks  add --kind eval --payload JSON [--count N] [--priority P] [--min-gpu-memory B]
                               [--needs-cuda] [--min-speed S] | list [--state S] | retry TASK_ID
     mujina-coordinator status
+    mujina-coordinator init-swarm --checkpoint UPCYCLED_MOE   (needs a `swarm:` section; `serve` runs the rounds)
     mujina-coordinator ledger [--csv]
 
 Every subcommand takes the same --config and --db as `serve`. Exit codes: 0 ok, 2 a user error
@@ -81,6 +82,10 @@ def _parser() -> argparse.ArgumentParser:
     _common(kr)
     kr.add_argument("task_id")
 
+    sw = sub.add_parser("init-swarm", help="start swarm training of an upcycled MoE checkpoint (round 0)")
+    _common(sw)
+    sw.add_argument("--checkpoint", required=True, type=Path, help="the upcycled MoE (mujina-model upcycle)")
+
     st = sub.add_parser("status", help="a readable summary of tasks, leases, workers and credit")
     _common(st)
     lg = sub.add_parser("ledger", help="validated contributions per volunteer, kind and unit")
@@ -102,8 +107,19 @@ def cmd_serve(args) -> int:
     from .server import CoordinatorServer
 
     cfg = load_project(args.config)
+    swarm = None
+    if cfg.swarm is not None:  # the bootstrap DHT peer: its addresses go to every worker at Register
+        from .swarm import start_bootstrap_dht
+
+        dht, maddrs = start_bootstrap_dht((args.listen or cfg.server.listen).rpartition(":")[0] or "0.0.0.0")
+        cfg = cfg.model_copy(update={"server": cfg.server.model_copy(
+            update={"bootstrap_peers": [*cfg.server.bootstrap_peers, *maddrs]})})
     srv = CoordinatorServer(cfg, db_url=args.db, listen=args.listen, metrics_port=args.metrics_port,
                             tls_cert=args.tls_cert, tls_key=args.tls_key).start()
+    if cfg.swarm is not None:
+        from .swarm import SwarmDriver
+
+        swarm = SwarmDriver(cfg, srv.store, srv.scheduler).start()
     if args.port_file:
         args.port_file.write_text(str(srv.port))
     stop = threading.Event()
@@ -116,8 +132,23 @@ def cmd_serve(args) -> int:
     signal.signal(signal.SIGINT, on_signal)
     while not stop.wait(1.0):
         pass
+    if swarm is not None:
+        swarm.stop()
+        dht.shutdown()
     srv.stop(grace=5.0)
     log.info("stopped")
+    return 0
+
+
+def cmd_init_swarm(args) -> int:
+    from .config import load_project
+    from .swarm import init_swarm
+
+    cfg = load_project(args.config)
+    if cfg.swarm is None:
+        raise ValueError(f"{args.config} has no `swarm:` section: add one (see configs/project.yaml)")
+    name = init_swarm(cfg.state_dir, cfg.run, args.checkpoint)
+    print(f"swarm run {cfg.run!r} starts from checkpoints/{name}; `mujina-coordinator serve` runs the rounds")
     return 0
 
 
@@ -254,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     try:
         return {"serve": cmd_serve, "token": cmd_token, "tasks": cmd_tasks, "status": cmd_status,
-                "ledger": cmd_ledger}[args.cmd](args)
+                "ledger": cmd_ledger, "init-swarm": cmd_init_swarm}[args.cmd](args)
     except ValueError as e:  # user errors: the message names the fix
         print(f"mujina-coordinator: {e}", file=sys.stderr)
         return 2

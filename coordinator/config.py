@@ -18,6 +18,8 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .swarm import SwarmSection  # also registers the `train` validator
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -73,6 +75,8 @@ class ProjectConfig(_Strict):
     leases: LeaseConfig = Field(default_factory=LeaseConfig)
     limits: LimitConfig = Field(default_factory=LimitConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+    swarm: SwarmSection | None = Field(None, description="swarm training settings (see coordinator/swarm.py); "
+                                                         "start a run with `mujina-coordinator init-swarm`")
 
     def db_url(self) -> str:
         return self.db or f"sqlite:///{self.state_dir / 'coordinator.db'}"

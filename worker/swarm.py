@@ -231,14 +231,17 @@ def local_model_from_checkpoint(directory: str | Path, assignment: Assignment) -
 
 def local_momentum_from_checkpoint(directory: str | Path, full_cfg, modules: Iterable[str],
                                    template: Transformer, index: dict[str, int]) -> dict[str, Tensor]:
-    """Flat per-module outer momentum read from a round checkpoint (zeros when it has none)."""
+    """Flat per-module outer momentum read from a round checkpoint (zeros where it has none: round 0)."""
     from safetensors import safe_open
 
     path = Path(directory) / OUTER_STATE
-    out = {}
+    zeros = {m: torch.zeros_like(flatten(module_tensors(template, m, index))) for m in modules}
     if not path.exists():
-        return {m: torch.zeros_like(flatten(module_tensors(template, m, index))) for m in modules}
+        return zeros
+    out = {}
     with safe_open(str(path), framework="pt") as f:
+        if not set(f.keys()):
+            return zeros
         for m in modules:
             if m == TRUNK:
                 out[m] = torch.cat([f.get_tensor(n).reshape(-1).float() for n in trunk_names(template)])
@@ -403,13 +406,19 @@ class SwarmAverager:
                 break
             s = settings
             self.averagers[name] = hivemind.averaging.DecentralizedAverager(
-                [torch.zeros(size)], self.dht, prefix=f"{s.run}/{name}", start=True,
+                [torch.zeros(size)], self.dht, prefix=f"{s.run}/{name}", start=False,
                 # a group starts as soon as every expected holder joined, else after matchmaking_time
                 target_group_size=min(s.target_group_size, self.expected_holders.get(name, s.target_group_size)),
                 min_group_size=2,
                 min_matchmaking_time=s.matchmaking_time, request_timeout=s.request_timeout,
                 allreduce_timeout=s.averaging_timeout, next_chunk_timeout=s.averaging_timeout / 3,
                 compression=self.compression, client_mode=client_mode)
+        # Not start=True: hivemind's run_in_background sets SIGINT to SIG_IGN in *this* process (the daemon's
+        # handler would be lost) and raises outside the main thread, where the daemon runs executors.
+        for a in self.averagers.values():
+            a.start()
+        for a in self.averagers.values():
+            a.wait_until_ready()
 
     def visible_maddrs(self) -> list[str]:
         return [str(a) for a in self.dht.get_visible_maddrs()]

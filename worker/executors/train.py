@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +37,7 @@ from model.train import OptimConfig, build_optimizer, lr_at
 from model.transformer import Transformer
 from worker.executors import Result, TaskContext, TaskError, register
 from worker.swarm import (
+    OUTER_STATE,
     Assignment,
     OuterState,
     RoundReport,
@@ -231,11 +234,13 @@ class SwarmWorker:
         weights = tokens_per_module(tokens, counts_LE, self.assignment)
         report = outer_round(self.averager, self.outer, self.settings, round_, weights)
         self.last_report = report
-        norms = [m.delta_norm for m in report.modules]
-        expert_norms = [m.delta_norm for m in report.modules if m.module != "trunk"]
+        # norms of the Δs that were kept (a refused Δ may be NaN; modules_refused counts those)
+        kept = [m for m in report.modules if m.outcome != "refused"]
+        norms = [m.delta_norm for m in kept] or [0.0]
+        expert_norms = [m.delta_norm for m in kept if m.module != "trunk"]
         return {
             "loss": sum(losses) / len(losses), "loss_last": losses[-1], "tokens": float(tokens),
-            "delta_norm_trunk": report.modules[0].delta_norm,
+            "delta_norm_trunk": report.modules[0].delta_norm if report.modules[0].outcome != "refused" else 0.0,
             "delta_norm_expert_max": max(expert_norms) if expert_norms else 0.0,
             "delta_norm_max": max(norms), "bytes_sent": float(report.bytes_sent),
             "inner_seconds": inner_seconds, "round_seconds": time.perf_counter() - t0,
@@ -249,6 +254,17 @@ class SwarmWorker:
         merge_into(full, self.model, self.assignment)
         momentum_into(momentum_full, full, self.outer.momentum)
 
+    def upload(self) -> bytes:
+        """What goes back to the coordinator after a round: every held module's parameters and outer
+        momentum (flat fp32, safetensors), merged into its full copy by coordinator.swarm.merge_uploads."""
+        from safetensors.torch import save
+
+        tensors = {}
+        for m in self.modules:
+            tensors[f"{m}.theta"] = self.outer.theta[m].contiguous().cpu()
+            tensors[f"{m}.momentum"] = self.outer.momentum[m].contiguous().cpu()
+        return save(tensors)
+
     def module_state(self, module: str) -> torch.Tensor:
         """The current parameters of a held module, flat (for checks and the coordinator's copy)."""
         return flatten(module_tensors(self.model, module, self.index))
@@ -256,10 +272,12 @@ class SwarmWorker:
 
 # ---- the daemon's executor -----------------------------------------------------------------------
 
-_CURRENT: dict[str, Any] = {}   # the worker kept alive between consecutive rounds of the same run
+_WORKERS: dict[str, dict[str, Any]] = {}   # slot -> {"worker", "key", "next_round"}: kept between rounds
 
 
 def _payload_worker(ctx: TaskContext) -> tuple[SwarmWorker, int]:
+    """The SwarmWorker for this task: the one that ran the previous round of the same slot and assignment,
+    else a new one built from the round's checkpoint (a newcomer, a restart, or a changed assignment)."""
     p = ctx.payload
     try:
         round_ = int(p["round"])
@@ -267,26 +285,50 @@ def _payload_worker(ctx: TaskContext) -> tuple[SwarmWorker, int]:
         settings = SwarmSettings(**p["settings"])
         inner = InnerConfig(**{**p["inner"], "device": ctx.device})
         checkpoint = str(p["checkpoint"])
+        slot = str(p.get("slot", "0"))
     except (KeyError, TypeError, ValueError) as e:
         raise TaskError(f"train task payload: {e}") from e
-    key = (settings.run, checkpoint.split("@")[0], tuple(sorted((k, tuple(v)) for k, v in assignment.items())))
-    cur = _CURRENT.get("worker")
-    if cur is not None and _CURRENT.get("key") == key and _CURRENT.get("next_round") == round_:
-        return cur, round_
+    key = (settings.run, tuple(sorted((k, tuple(v)) for k, v in assignment.items())))
+    for other in [s for s, c in _WORKERS.items() if c["next_round"] < round_ or (s == slot and c["key"] != key)]:
+        _WORKERS.pop(other)["worker"].shutdown()  # it missed a round or changed: its state is stale
+    cur = _WORKERS.get(slot)
+    if cur is not None and cur["next_round"] == round_:
+        return cur["worker"], round_
     if cur is not None:
-        cur.shutdown()
-        _CURRENT.clear()
+        _WORKERS.pop(slot)["worker"].shutdown()
     if ctx.fetch is None:
         raise TaskError("train tasks need the daemon's checkpoint fetcher")
-    path = ctx.fetch("checkpoint", checkpoint)
+    path = _fetch_checkpoint(ctx, checkpoint)
     holders = {str(k): int(v) for k, v in (p.get("expected_holders") or {}).items()}
     try:
         w = SwarmWorker(path, assignment, settings, inner, initial_peers=ctx.bootstrap_peers,
                         expected_holders=holders or None, client_mode=ctx.settings.get("client_mode") == "1")
     except ValueError as e:
         raise TaskError(str(e)) from e
-    _CURRENT.update(worker=w, key=key)
+    _WORKERS[slot] = {"worker": w, "key": key, "next_round": round_}
     return w, round_
+
+
+def shutdown_workers() -> None:
+    """Stop every kept swarm worker (the daemon calls this when it exits)."""
+    while _WORKERS:
+        _WORKERS.popitem()[1]["worker"].shutdown()
+
+
+def _fetch_checkpoint(ctx: TaskContext, name: str) -> Path:
+    """A round checkpoint is a directory; the coordinator serves its files one by one. Gather them into
+    the task's scratch directory (links to the daemon's cache where possible)."""
+    local = ctx.work_dir / "checkpoint"
+    local.mkdir(parents=True, exist_ok=True)
+    for fname in (OUTER_STATE, "model.safetensors", "config.json"):  # config.json last: marks it complete
+        src = ctx.fetch("checkpoint", f"{name}/{fname}")
+        dst = local / fname
+        dst.unlink(missing_ok=True)
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copyfile(src, dst)
+    return local
 
 
 @register("train")
@@ -296,10 +338,10 @@ def run_train(ctx: TaskContext) -> Result:
     w, round_ = _payload_worker(ctx)
     ctx.check_stop()
     metrics = w.run_round(round_)
-    _CURRENT["next_round"] = round_ + 1
+    _WORKERS[str(ctx.payload.get("slot", "0"))]["next_round"] = round_ + 1
     ctx.report_progress(1.0)
     report = w.last_report
-    return Result(metrics=metrics, metadata={
+    return Result(data=w.upload(), metrics=metrics, metadata={
         "round": round_, "peer_id": w.peer_id,
         "modules": {m.module: {"outcome": m.outcome, "delta_norm": m.delta_norm, "group_size": m.group_size,
                                "refused_peers": m.refused_peers} for m in report.modules},
