@@ -564,3 +564,42 @@ def outer_round(averager: SwarmAverager | None, state: OuterState, settings: Swa
             state.revert(m)  # a bad Δ never reaches the weights; this holder resumes from θ_start
         # failed + retry: keep θ_start as the reference and the local progress; next round's Δ carries both
     return RoundReport(round_, [outcomes[m] for m in state.modules], time.perf_counter() - t0)
+
+
+# ---- Prometheus (the daemon's registry) ----------------------------------------------------------
+
+class NullSwarmMetrics:
+    """What the executor records into when the daemon serves no metrics."""
+
+    def record_round(self, report: RoundReport, inner_loss: float, inner_seconds: float, round_seconds: float) -> None:
+        ...
+
+
+class SwarmMetrics(NullSwarmMetrics):
+    """The agreed swarm metrics (dashboards depend on these names), registered in the daemon's registry."""
+
+    def __init__(self, registry):
+        from prometheus_client import Counter, Gauge
+
+        kw = {"registry": registry}
+        self.rounds = Counter("mujina_swarm_rounds", "swarm rounds by outcome", ["outcome"], **kw)
+        self.averaging = Counter("mujina_swarm_averaging", "module averagings by group and outcome",
+                                 ["group", "outcome"], **kw)
+        self.bytes_sent = Counter("mujina_swarm_bytes_sent", "bytes sent in all-reduce (compressed)", **kw)
+        self.inner_loss = Gauge("mujina_swarm_inner_loss", "mean inner loss of the last round", **kw)
+        self.inner_seconds = Counter("mujina_swarm_inner_seconds", "time in inner steps", **kw)
+        self.round_seconds = Counter("mujina_swarm_round_seconds", "wall time of rounds", **kw)
+
+    def record_round(self, report: RoundReport, inner_loss: float, inner_seconds: float, round_seconds: float) -> None:
+        outcomes = {m.outcome for m in report.modules}
+        # averaged: some module was averaged; local_only: nothing to average with (averaging off, sole
+        # holders); failed: every averaging failed or was refused
+        label = "averaged" if "ok" in outcomes else "local_only" if outcomes == {"local"} else "failed"
+        self.rounds.labels(label).inc()
+        for m in report.modules:
+            if m.outcome in ("ok", "failed", "refused"):
+                self.averaging.labels("trunk" if m.module == TRUNK else "expert", m.outcome).inc()
+        self.bytes_sent.inc(report.bytes_sent)
+        self.inner_loss.set(inner_loss)
+        self.inner_seconds.inc(inner_seconds)
+        self.round_seconds.inc(round_seconds)

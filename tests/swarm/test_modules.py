@@ -144,3 +144,21 @@ def test_activation_checkpointing_gives_the_same_gradients():
         (logits.square().mean() + aux.loss(net.cfg)).backward()
     for (n, p), (_, q) in zip(plain.named_parameters(), ckpt.named_parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_swarm_metrics_use_the_agreed_names():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from worker.swarm import ModuleOutcome, RoundReport, SwarmMetrics
+
+    reg = CollectorRegistry()
+    m = SwarmMetrics(reg)
+    report = RoundReport(0, [ModuleOutcome("trunk", "ok", 0.1, 2, 1000), ModuleOutcome("l0e1", "refused", 9.0)], 1.0)
+    m.record_round(report, inner_loss=2.5, inner_seconds=9.0, round_seconds=10.0)
+    text = generate_latest(reg).decode()
+    for line in ('mujina_swarm_rounds_total{outcome="averaged"} 1.0',
+                 'mujina_swarm_averaging_total{group="trunk",outcome="ok"} 1.0',
+                 'mujina_swarm_averaging_total{group="expert",outcome="refused"} 1.0',
+                 "mujina_swarm_bytes_sent_total 1000.0", "mujina_swarm_inner_loss 2.5",
+                 "mujina_swarm_inner_seconds_total 9.0", "mujina_swarm_round_seconds_total 10.0"):
+        assert line in text, line

@@ -39,6 +39,7 @@ from worker.executors import Result, TaskContext, TaskError, register
 from worker.swarm import (
     OUTER_STATE,
     Assignment,
+    NullSwarmMetrics,
     OuterState,
     RoundReport,
     SwarmAverager,
@@ -272,6 +273,7 @@ class SwarmWorker:
 
 # ---- the daemon's executor -----------------------------------------------------------------------
 
+METRICS: NullSwarmMetrics = NullSwarmMetrics()   # the daemon sets SwarmMetrics(its registry) once at start-up
 _WORKERS: dict[str, dict[str, Any]] = {}   # slot -> {"worker", "key", "next_round"}: kept between rounds
 
 
@@ -338,6 +340,7 @@ def run_train(ctx: TaskContext) -> Result:
     w, round_ = _payload_worker(ctx)
     ctx.check_stop()
     metrics = w.run_round(round_)
+    METRICS.record_round(w.last_report, metrics["loss"], metrics["inner_seconds"], metrics["round_seconds"])
     _WORKERS[str(ctx.payload.get("slot", "0"))]["next_round"] = round_ + 1
     ctx.report_progress(1.0)
     report = w.last_report
