@@ -123,3 +123,28 @@ def test_a_worker_joining_at_round_r_gets_round_r_parameters_and_momentum(tiny_c
         torch.testing.assert_close(newcomer.module_state(module), holder.module_state(module), rtol=0, atol=0)
         torch.testing.assert_close(newcomer.outer.momentum[module], holder.outer.momentum[module], rtol=0, atol=0)
         assert newcomer.outer.momentum[module].abs().sum() > 0
+
+
+def test_a_group_that_does_not_form_follows_the_failure_policy(tiny_checkpoint, shutdown, caplog):
+    """A lone holder that expects a partner: 'retry' keeps θ_start and the local progress (next round's Δ
+    carries it), 'local' takes the outer step with its own Δ. Both warn, naming the module."""
+    fast = dict(compression="none", matchmaking_time=1.0, request_timeout=0.5, averaging_timeout=3.0,
+                stats_timeout=1.0)
+    expected = {"trunk": 2, "l0e0": 2, "l0e1": 2}
+    retry = SwarmWorker(tiny_checkpoint, {0: [0, 1]}, settings(run="retry", failure_policy="retry", **fast),
+                        inner(), expected_holders=expected)
+    local = SwarmWorker(tiny_checkpoint, {0: [0, 1]}, settings(run="local", failure_policy="local", **fast),
+                        inner(), expected_holders=expected)
+    shutdown([retry, local])
+    start = retry.outer.theta["trunk"].clone()
+    with caplog.at_level(logging.WARNING, logger="worker.swarm"):
+        metrics = run_round([retry, local], 0)
+    assert metrics[0]["modules_failed"] == 3 and metrics[1]["modules_failed"] == 3
+    assert any("module trunk" in r.getMessage() and "policy retry" in r.getMessage() for r in caplog.records)
+    # retry: the reference stays θ_start, the parameters keep the inner steps' progress
+    assert torch.equal(retry.outer.theta["trunk"], start)
+    assert not torch.equal(retry.module_state("trunk"), start)
+    # local: outer step with the local Δ alone: θ = θ_start − lr·(Δ + μ·Δ) with fresh momentum
+    delta = local.outer.momentum["trunk"]  # after one outer step from zero, the momentum is Δ itself
+    torch.testing.assert_close(local.outer.theta["trunk"], start - 0.7 * (1 + 0.9) * delta, rtol=0, atol=1e-6)
+    torch.testing.assert_close(local.module_state("trunk"), local.outer.theta["trunk"], rtol=0, atol=0)
