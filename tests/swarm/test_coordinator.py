@@ -162,3 +162,26 @@ def test_merge_ignores_uploads_with_wrong_sizes_or_non_finite_values():
     bad = save({"trunk.theta": torch.full((3,), float("nan")), "l0e0.theta": torch.full((10,), 1.0)})
     assert merge_uploads(full, {}, [bad]) == set()
     assert torch.equal(full.tok_embeddings.weight, before)
+
+
+def test_init_swarm_command_and_the_swarm_section(tiny_checkpoint, tmp_path):
+    """The shipped example swarm section (configs/project.yaml, uncommented) loads; init-swarm writes round 0."""
+    import re
+
+    import yaml
+
+    from tests.conftest import REPO, run_cli
+
+    text = (REPO / "configs" / "project.yaml").read_text()
+    block = re.search(r"^# swarm:\n((?:#   .*\n)+)", text, re.M)
+    swarm = yaml.safe_load("swarm:\n" + "".join(line[1:] + "\n" for line in block.group(1).splitlines()))
+    project = tmp_path / "project.yaml"
+    project.write_text(yaml.safe_dump({"run": "demo", "state_dir": "state", **swarm}))
+    out = run_cli("coordinator.cli", "init-swarm", "--config", str(project), "--checkpoint", str(tiny_checkpoint))
+    assert "demo/round_000000" in out.stdout
+    ckpt = tmp_path / "state" / "checkpoints" / "demo" / "round_000000"
+    assert (ckpt / "config.json").exists() and load_outer_state(ckpt)[1] == 0
+    project.write_text(yaml.safe_dump({"run": "demo", "state_dir": "state", "swarm": {"inner_step": 3}}))
+    bad = run_cli("coordinator.cli", "init-swarm", "--config", str(project), "--checkpoint", str(tiny_checkpoint),
+                  check=False)
+    assert bad.returncode == 2 and "swarm.inner_step" in bad.stderr
