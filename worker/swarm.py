@@ -27,8 +27,9 @@ and after all-reduce a holder whose group contained a peer it refused discards t
 the failure policy. This keeps a faulty worker's Δ out; a malicious peer could lie about its norm, which
 only the coordinator's validator (Δ norms are reported with each result) can catch.
 
-Faults. `averaging_timeout` bounds both matchmaking and all-reduce (hivemind bans a sender that stalls
-for `averaging_timeout / 3`), so a peer dying mid-round delays the others by at most that. A group that
+Faults. A peer that dies before publishing its norms delays the others' wait by at most `stats_timeout`;
+`averaging_timeout` bounds matchmaking and all-reduce (hivemind bans a sender that stalls for
+`averaging_timeout / 3`), so a peer dying mid-round delays the others by at most the sum. A group that
 does not form follows `failure_policy`: "retry" keeps the module's reference θ_start and its local
 progress, so the next round's Δ carries both rounds of work; "local" applies the outer step with the
 local Δ alone. Either way a warning names the module.
