@@ -79,6 +79,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4, help="sequences per inner step per worker (reference: 4x)")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--compression", default="fp16")
+    p.add_argument("--outer-lr", type=float, default=0.7)
+    p.add_argument("--outer-momentum", type=float, default=0.9)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -123,7 +125,8 @@ def main() -> None:
     peers = [str(a) for a in boot.get_visible_maddrs()]
     layers = moe.cfg.num_layers
     expected = {"trunk": n} | {f"l{i}e{e}": sum(e in a for a in ASSIGNMENTS) for i in range(layers) for e in range(4)}
-    settings = dict(run="bench", compression=args.compression, matchmaking_time=3.0, request_timeout=1.0,
+    settings = dict(run="bench", compression=args.compression, outer_lr=args.outer_lr,
+                    outer_momentum=args.outer_momentum, matchmaking_time=3.0, request_timeout=1.0,
                     averaging_timeout=30.0, stats_timeout=30.0)
     procs = []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"}
@@ -183,7 +186,8 @@ def main() -> None:
                      "rounds": R, "inner_steps": H, "workers": n, "experts_per_worker": ASSIGNMENTS,
                      "batch_per_worker": b, "reference_batch": n * b, "seq_len": args.seq_len,
                      "tokens_each": R * H * n * b * args.seq_len, "inner_optim": CONTINUE_OPTIM,
-                     "outer": "Nesterov SGD lr 0.7 momentum 0.9", "compression": args.compression,
+                     "outer": f"Nesterov SGD lr {args.outer_lr} momentum {args.outer_momentum}",
+                     "compression": args.compression,
                      "machine_cpus": os.cpu_count(), "load_avg": os.getloadavg()}
     print("\nsettings:", json.dumps(settings_used))
     print(f"\n{'':24s}{'reference':>12s}{'swarm':>12s}")
