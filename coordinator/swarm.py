@@ -218,7 +218,7 @@ def merge_uploads(full, momentum_full: dict, uploads: list[bytes]) -> set[str]:
     agree to the compression's rounding). Returns the modules updated; the others stay as they were."""
     from safetensors.torch import load
 
-    from worker.swarm import _momentum_views, module_tensors, momentum_into, unflatten_into
+    from worker.swarm import module_tensors, momentum_into, momentum_views, unflatten_into
 
     if not momentum_full:
         momentum_into(momentum_full, full, {})
@@ -227,7 +227,7 @@ def merge_uploads(full, momentum_full: dict, uploads: list[bytes]) -> set[str]:
         tensors = load(data)  # safetensors: no code runs while reading
         for key, flat in tensors.items():
             module, _, what = key.rpartition(".")
-            target = module_tensors(full, module) if what == "theta" else _momentum_views(momentum_full, full, module)
+            target = module_tensors(full, module) if what == "theta" else momentum_views(momentum_full, full, module)
             if flat.numel() != sum(t.numel() for t in target) or not bool(flat.isfinite().all()):
                 log.warning("upload for module %s has the wrong size or non-finite values; ignored", module)
                 continue
@@ -247,9 +247,9 @@ def start_bootstrap_dht(host: str = "0.0.0.0", port: int = 0):
 class SwarmDriver:
     """Advances a swarm run round by round from inside `serve` (a thread polling the store)."""
 
-    def __init__(self, cfg, store, scheduler, metrics=None, poll_s: float = 1.0):
+    def __init__(self, cfg, store, scheduler, poll_s: float = 1.0):
         self.cfg, self.store, self.scheduler, self.s = cfg, store, scheduler, cfg.swarm
-        self.metrics, self.poll_s = metrics, poll_s
+        self.poll_s = poll_s
         self.status_path = Path(cfg.state_dir) / "swarm" / f"{cfg.run}.json"
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="swarm-driver", daemon=True)

@@ -230,8 +230,8 @@ def local_model_from_checkpoint(directory: str | Path, assignment: Assignment) -
     return local
 
 
-def local_momentum_from_checkpoint(directory: str | Path, full_cfg, modules: Iterable[str],
-                                   template: Transformer, index: dict[str, int]) -> dict[str, Tensor]:
+def local_momentum_from_checkpoint(directory: str | Path, modules: Iterable[str], template: Transformer,
+                                   index: dict[str, int]) -> dict[str, Tensor]:
     """Flat per-module outer momentum read from a round checkpoint (zeros where it has none: round 0)."""
     from safetensors import safe_open
 
@@ -328,7 +328,7 @@ def load_outer_state(directory: str | Path) -> tuple[dict[str, Tensor], int]:
         return {k: f.get_tensor(k) for k in f.keys()}, int(f.metadata().get("round", "0"))
 
 
-def _momentum_views(momentum_full: dict[str, Tensor], template: Transformer, module: str) -> list[Tensor]:
+def momentum_views(momentum_full: dict[str, Tensor], template: Transformer, module: str) -> list[Tensor]:
     """Views of one module's momentum inside full-layout momentum tensors (same naming as parameters)."""
     if module == TRUNK:
         return [momentum_full[n] for n in trunk_names(template)]
@@ -343,7 +343,7 @@ def momentum_into(momentum_full: dict[str, Tensor], full: Transformer, momentum:
     if not momentum_full:
         momentum_full.update({n: torch.zeros_like(p, dtype=torch.float32) for n, p in full.named_parameters()})
     for m, flat in momentum.items():
-        unflatten_into(flat, _momentum_views(momentum_full, full, m))
+        unflatten_into(flat, momentum_views(momentum_full, full, m))
 
 
 # ---- averaging -----------------------------------------------------------------------------------

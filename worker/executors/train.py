@@ -154,7 +154,7 @@ class SwarmWorker:
         if isinstance(checkpoint, Transformer):
             momentum = None
         else:
-            momentum = local_momentum_from_checkpoint(checkpoint, self.full_cfg, self.modules, self.model, self.index)
+            momentum = local_momentum_from_checkpoint(checkpoint, self.modules, self.model, self.index)
             momentum = {m: v.to(inner.device) for m, v in momentum.items()}
         self.outer = OuterState(self.model, self.modules, self.index, momentum)
         if inner.activation_checkpointing:
