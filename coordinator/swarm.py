@@ -175,7 +175,8 @@ class TrainValidator(Validator):
             if not isinstance(inner.get(key), int) or inner[key] < 1:
                 raise ValidationError(f"train payload.inner.{key} must be a positive integer")
 
-    def check_result(self, payload: dict, metrics: dict[str, float], elapsed_s: float) -> list[Credit]:
+    def check_result(self, payload: dict, metrics: dict[str, float], elapsed_s: float,
+                     data: bytes = b"") -> list[Credit]:
         finite_number(metrics, "loss")
         for key in ("delta_norm_trunk", "delta_norm_max"):
             finite_number(metrics, key)
