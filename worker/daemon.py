@@ -208,6 +208,12 @@ class Daemon:
         self.cfg = cfg
         self.client = CoordinatorClient(cfg.coordinator, cfg.token, timeout=30.0, retry_for=1.0)
         self.metrics = metrics or make_metrics(cfg.metrics_port, kinds=tuple(cfg.kinds))
+        if "train" in cfg.kinds and self.metrics.registry is not None:
+            # swarm rounds record mujina_swarm_* into the daemon's registry (worker/swarm.py SwarmMetrics)
+            from .executors import train as train_executor
+            from .swarm import SwarmMetrics
+
+            train_executor.METRICS = SwarmMetrics(self.metrics.registry)
         self.probe = probe_devices(cfg.devices)
         self.device = self.probe.devices[0]
         cfg.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -305,6 +311,8 @@ class Daemon:
                 self.run_task(resp.task)
             self.flush_spool(final=True)
         finally:
+            if "worker.executors.train" in sys.modules:  # swarm peers (DHT, averagers) leave cleanly
+                sys.modules["worker.executors.train"].shutdown_workers()
             self.client.close()
             self.metrics.close()
         return 0

@@ -590,6 +590,12 @@ class SwarmMetrics(NullSwarmMetrics):
         self.inner_loss = Gauge("mujina_swarm_inner_loss", "mean inner loss of the last round", **kw)
         self.inner_seconds = Counter("mujina_swarm_inner_seconds", "time in inner steps", **kw)
         self.round_seconds = Counter("mujina_swarm_round_seconds", "wall time of rounds", **kw)
+        # every labelled series exists from start-up at 0, so rates and alerts have a series before the first event
+        for outcome in ("averaged", "local_only", "failed"):
+            self.rounds.labels(outcome)
+        for group in ("trunk", "expert"):
+            for outcome in ("ok", "failed", "refused"):
+                self.averaging.labels(group, outcome)
 
     def record_round(self, report: RoundReport, inner_loss: float, inner_seconds: float, round_seconds: float) -> None:
         outcomes = {m.outcome for m in report.modules}

@@ -30,12 +30,8 @@ DATASOURCE_UID = "mujina-prometheus"
 
 
 # metric name -> who will export it (and its scrape job in prometheus.yml)
-SWARM_WORKER = "swarm, worker side (issue 6; job mujina-workers)"
 SWARM_COORD = "swarm, coordinator side (issue 6; job mujina-coordinator)"
 PENDING: dict[str, str] = {
-    **dict.fromkeys(["mujina_swarm_rounds_total", "mujina_swarm_averaging_total", "mujina_swarm_bytes_sent_total",
-                     "mujina_swarm_inner_loss", "mujina_swarm_inner_seconds_total",
-                     "mujina_swarm_round_seconds_total"], SWARM_WORKER),
     **dict.fromkeys(["mujina_swarm_round", "mujina_swarm_expert_holders"], SWARM_COORD),
 }
 # Scrape jobs of prometheus.yml whose exporters do not run in the tests yet.

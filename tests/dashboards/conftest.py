@@ -12,7 +12,7 @@ not exist yet dropped, see catalog.PENDING_JOBS), then drives a short scenario t
     bob leases 3 tasks and never heartbeats them -> 3 expired leases of 8 granted
 
 Workers heartbeat in a background thread throughout, as daemons do. Beside them a real worker daemon
-(`mujina-worker run --metrics-port`, volunteer carol, kinds generate) runs one generate task with the
+(`mujina-worker run --metrics-port`, volunteer carol, kinds generate,train) runs one generate task with the
 tiny teacher of tests/worker/teacher.py and stays up, scraped as job mujina-workers; and the
 cluster trainer's rank 0 (`python -m model.train`, train.metrics_port) trains a tiny model throughout,
 scraped as job mujina-cluster. Adding the swarm exporters later means starting them here and adding
@@ -219,7 +219,8 @@ def start_worker(target: str, root: Path, metrics_port: int, teacher: Path) -> s
     """A real worker daemon, once its metrics endpoint answers; it leases the pending generate task."""
     from tests.worker.conftest import spawn_worker
 
-    proc = spawn_worker(target, root / "worker", "--name", WORKER_NAME, "--kinds", "generate", "--teacher",
+    # kinds include train, so the daemon's registry carries the swarm's mujina_swarm_* series too
+    proc = spawn_worker(target, root / "worker", "--name", WORKER_NAME, "--kinds", "generate,train", "--teacher",
                         f"tiny={teacher}", "--metrics-port", str(metrics_port), token=WORKER_TOKEN)
 
     def serving() -> bool:
