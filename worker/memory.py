@@ -137,5 +137,16 @@ def current_rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size (ru_maxrss is KiB on Linux)."""
+    """This process's peak resident set size: VmHWM of /proc/self/status on Linux.
+
+    Not ru_maxrss there: Linux carries the high-water mark of the process image an exec replaced into
+    ru_maxrss, so a worker started by a large parent (a test runner, a notebook) would report the
+    parent's size. Elsewhere ru_maxrss (KiB on Linux, bytes on macOS; only Linux runs the tests)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
