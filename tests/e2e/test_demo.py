@@ -1,0 +1,136 @@
+"""The README's first command, `make demo` (scripts/demo.py), at `--scale tiny`: every stage for real
+(tokenizer, shards, torchrun with 2 processes, upcycling, a coordinator and 3 worker daemons generating
+synthetic data, MoE training, ledger, Hugging Face export and a transformers sample).
+
+One demo run serves both tests: it is interrupted with SIGINT while the workers generate (the first
+test checks that no child process survives), then the same command is run again, which must skip the
+finished stages, resume the synthetic stage and finish (the second test checks the real outcomes)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+DEMO = [sys.executable, str(REPO / "scripts" / "demo.py"), "--scale", "tiny", "--ports", "auto"]
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of live processes whose arguments contain `text` (every child of the demo names its
+    output directory: configs, cache dirs, project file)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = next((x for x in Path(f"/proc/{pid}/status").read_text().splitlines()
+                          if x.startswith("State:")), "")
+        except OSError:
+            continue
+        if text in cmd and int(pid) != os.getpid() and "zombie" not in state:
+            found.append(f"{pid}: {cmd}")
+    return found
+
+
+class Run:
+    """The demo as a subprocess whose output is collected line by line."""
+
+    def __init__(self, out: Path):
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen([*DEMO, "--out", str(out)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self.thread = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
+        self.thread.start()
+
+    def wait_for(self, text: str, limit: float) -> None:
+        end = time.monotonic() + limit
+        while not any(text in x for x in self.lines):
+            if self.proc.poll() is not None or time.monotonic() > end:
+                raise AssertionError(f"demo never printed {text!r}:\n{self.output}")
+            time.sleep(0.2)
+
+    def finish(self, limit: float) -> int:
+        try:
+            rc = self.proc.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"demo still running after {limit} s:\n{self.output}") from None
+        self.thread.join(timeout=10)
+        return rc
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "runs"
+    first = Run(out)
+    try:
+        first.wait_for("running generate task", limit=400)  # a worker is inside a task now
+        first.proc.send_signal(signal.SIGINT)
+        rc = first.finish(limit=90)
+        left = processes_mentioning(str(out))
+    finally:
+        if first.proc.poll() is None:
+            first.proc.kill()
+    second = Run(out)
+    rc2 = second.finish(limit=600)
+    yield {"out": out, "interrupted": (rc, left, first.output), "resumed": (rc2, second.output)}
+    for line in processes_mentioning(str(out)):  # never leave anything behind, even when a test failed
+        os.kill(int(line.split(":")[0]), signal.SIGKILL)
+
+
+def test_ctrl_c_during_the_workers_stage_stops_every_child(demo):
+    rc, left, output = demo["interrupted"]
+    assert rc == 130, output
+    assert "SIGINT: stopping" in output and "stopping 4 child processes" in output, output
+    assert left == [], f"processes left after Ctrl-C: {left}\n{output}"
+
+
+def test_rerun_resumes_and_the_pipeline_produced_everything(demo):
+    out = demo["out"]
+    rc, output = demo["resumed"]
+    assert rc == 0, output
+    for n in (1, 2, 3, 4, 5):  # finished before the interrupt: skipped, not redone
+        assert next(x for x in output.splitlines() if x.startswith(f"== {n}/10")).endswith("(done before: skipped)")
+    # shards with a manifest
+    manifest = json.loads((out / "shards" / "train" / "manifest.json").read_text())
+    assert manifest["shards"] and sum(s["documents"] for s in manifest["shards"]) > 300
+    # torchrun pretraining on 2 processes, and the loss fell
+    metrics = [json.loads(x) for x in (out / "dense" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["loss"] < metrics[0]["loss"] - 1.0
+    assert "dense on 2 processes" in (out / "logs" / "pretrain.log").read_text()
+    # upcycled MoE
+    assert json.loads((out / "moe-init" / "config.json").read_text())["moe"]["num_experts"] == 4
+    # accepted synthetic records, sharded, and credit for the volunteers
+    generated = (out / "coordinator" / "synthetic" / "generated.jsonl").read_text().splitlines()
+    assert generated and all(json.loads(x)["messages"][-1]["role"] == "assistant" for x in generated)
+    assert (out / "coordinator" / "synthetic" / "shards" / "manifest.json").exists()
+    ledger = subprocess.run([sys.executable, "-m", "coordinator.cli", "ledger", "--csv", "--config",
+                             str(out / "project.yaml")], cwd=REPO, capture_output=True, text=True, check=True)
+    rows = list(csv.DictReader(io.StringIO(ledger.stdout)))
+    generated_credit = [r for r in rows if r["kind"] == "generate" and r["unit"] == "tokens_generated"]
+    assert sum(float(r["amount"]) for r in generated_credit) > 0
+    assert {r["volunteer"] for r in rows} <= {"volunteer-1", "volunteer-2", "volunteer-3"}
+    assert "leaderboard (mujina-coordinator ledger)" in output and "volunteer-" in output
+    # the MoE trained on the corpus and the synthetic shards, exported, and sampled with transformers
+    assert "synthetic shards 0.2" in output
+    assert json.loads((out / "hf" / "config.json").read_text())["model_type"] == "mixtral"
+    sample = json.loads(next(x for x in (out / "logs" / "sample.log").read_text().splitlines()
+                             if x.startswith("{")))
+    assert sample["prompt"] == "東京の" and len(sample["generated_ids"]) > 0 and sample["text"]
+    assert "status page" in output and "dashboards/prometheus/prometheus.yml" in output
+    assert processes_mentioning(str(out)) == []
