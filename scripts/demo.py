@@ -271,7 +271,7 @@ class Demo:
         s = self.scale
         vocab = json.loads((self.out / "tokenizer" / "mujina_tokenizer.json").read_text())["vocab_size"]
         cfg = {
-            "model": {"preset": "debug", "vocab_size": vocab, "max_seq_len": 512},
+            "model": {"preset": "debug", "vocab_size": vocab, "max_seq_len": 1024},  # judge prompts hold two answers
             "out": str(self.out / "dense"),
             "data": {"source": "shards", "seq_len": s.seq_len,
                      "mixture": [{"path": str(self.out / "shards" / "train"), "weight": 1.0}],
@@ -457,8 +457,23 @@ class Demo:
 
     # ---- the whole run ---------------------------------------------------------------------------
 
+    def check_out_dir(self) -> None:
+        """OUT/demo.json records the scale; a directory of another scale (or of an older demo) is refused,
+        since skipping its finished stages would mix two runs."""
+        marker = self.out / "demo.json"
+        if marker.exists():
+            scale = json.loads(marker.read_text()).get("scale")
+            if scale != self.scale_name:
+                raise ValueError(f"{self.out} holds a demo run at scale {scale!r}, not {self.scale_name!r}: "
+                                 f"rerun with --scale {scale}, or --fresh to start over")
+        elif any(p.name != "logs" for p in self.out.iterdir()):
+            raise ValueError(f"{self.out} holds files of another run (no demo.json): pass --fresh to delete it "
+                             "(or `make clean`), or choose another --out")
+        marker.write_text(json.dumps({"scale": self.scale_name}) + "\n")
+
     def run(self) -> None:
         o = self.out
+        self.check_out_dir()
         print(f"mujina demo, scale {self.scale_name}: outputs in {o}, logs in {o / 'logs'}")
         self.stage(1, "corpus: Japanese/English documents from templates", (o / "corpus" / "eval.jsonl").exists(),
                    self.corpus)
@@ -510,6 +525,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         demo.run()
         return 0
+    except ValueError as e:
+        print(f"demo: {e}", file=sys.stderr)
+        return 2
     except Stop as why:
         print(f"\n== {why}: stopping (rerun the same command to resume)", flush=True)
         return 130

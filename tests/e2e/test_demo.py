@@ -134,3 +134,13 @@ def test_rerun_resumes_and_the_pipeline_produced_everything(demo):
     assert sample["prompt"] == "東京の" and len(sample["generated_ids"]) > 0 and sample["text"]
     assert "status page" in output and "dashboards/prometheus/prometheus.yml" in output
     assert processes_mentioning(str(out)) == []
+
+
+def test_an_output_directory_of_another_run_is_refused(tmp_path):
+    (tmp_path / "dense").mkdir()  # e.g. the outputs of an older demo
+    r = subprocess.run([*DEMO, "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "pass --fresh" in r.stderr, r.stderr
+    (tmp_path / "demo.json").write_text('{"scale": "full"}')
+    r = subprocess.run([*DEMO, "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "at scale 'full', not 'tiny'" in r.stderr, r.stderr
+    assert (tmp_path / "dense").is_dir()  # nothing deleted without --fresh
