@@ -29,6 +29,7 @@ import contextlib
 import ctypes
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -96,6 +97,7 @@ class Children:
         self.procs: list[tuple[str, subprocess.Popen]] = []
         self.threads: list[threading.Thread] = []
         self.lock = threading.Lock()
+        self.stopping = False  # once set, only the daemons' shutdown lines reach the console (no tracebacks)
 
     def start(self, name: str, cmd: list[str], quiet: tuple[str, ...] = ()) -> subprocess.Popen:
         """Start `cmd`; its output goes to LOGS/name.log and, prefixed with [name], to the console
@@ -112,14 +114,14 @@ class Children:
         self.threads.append(t)
         return proc
 
-    @staticmethod
-    def _pump(name: str, proc: subprocess.Popen, log, quiet: tuple[str, ...]) -> None:
+    def _pump(self, name: str, proc: subprocess.Popen, log, quiet: tuple[str, ...]) -> None:
+        daemon = name.startswith(("worker", "coordinator"))
         with log:
             for raw in proc.stdout:
                 line = raw.decode("utf-8", "replace").rstrip()
                 log.write(line + "\n")
                 log.flush()
-                if line and not any(q in line for q in quiet):
+                if line and not any(q in line for q in quiet) and (daemon or not self.stopping):
                     print(f"  [{name}] {line}", flush=True)
 
     def run(self, name: str, cmd: list[str], quiet: tuple[str, ...] = ()) -> None:
@@ -156,6 +158,7 @@ class Children:
     def stop_all(self) -> None:
         with self.lock:
             live = [(n, p) for n, p in reversed(self.procs) if p.poll() is None]
+        self.stopping = True
         if live:
             print(f"\n== stopping {len(live)} child processes: {', '.join(n for n, _ in live)}", flush=True)
         workers = [p for n, p in live if n.startswith("worker")]
@@ -373,7 +376,7 @@ class Demo:
                 "--cache-dir", str(self.out / "workers" / name), "--metrics-port", str(port)),
                 quiet=("heartbeat",)))
             print(f"  worker-{i + 1} ({name}) metrics on :{port}")
-        last, settled = None, 0
+        last = None
         while True:
             for i, w in enumerate(workers):
                 if w.poll() is not None:
@@ -390,8 +393,10 @@ class Demo:
                 # generate done -> plan adds judge tasks and shards what was accepted; nothing added twice: done
                 plan = self.children.capture(self.coord_cli("plan")).strip()
                 print("  " + plan)
-                settled = settled + 1 if "added 0 generate and 0 judge" in plan else 0
-                if settled:
+                added = re.search(r"added (\d+) generate and (\d+) judge", plan)
+                if added is None:
+                    raise SystemExit(f"demo: unexpected output of `mujina-coordinator plan`: {plan}")
+                if added.groups() == ("0", "0"):
                     break
             time.sleep(1.0)
         print("  all synthetic tasks are done: stopping the workers (SIGTERM)")
