@@ -12,11 +12,13 @@ import csv
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -60,6 +62,13 @@ class Run:
                 raise AssertionError(f"demo never printed {text!r}:\n{self.output}")
             time.sleep(0.2)
 
+    def wait_for_line(self, prefix: str, text: str, limit: float) -> None:
+        end = time.monotonic() + limit
+        while not any(prefix in x and text in x for x in self.lines):
+            if self.proc.poll() is not None or time.monotonic() > end:
+                raise AssertionError(f"demo never printed {prefix!r}...{text!r}:\n{self.output}")
+            time.sleep(0.2)
+
     def finish(self, limit: float) -> int:
         try:
             rc = self.proc.wait(timeout=limit)
@@ -74,12 +83,34 @@ class Run:
         return "".join(self.lines)
 
 
+def read_live_endpoints(output: str) -> dict:
+    """While the workers run: the status page, its JSON and a worker's Prometheus endpoint, at the addresses
+    the demo printed."""
+    page = re.search(r"status page (http://127\.0\.0\.1:\d+/)", output).group(1)
+    worker_port = re.search(r"worker-1 \(volunteer-1\) metrics on :(\d+)", output).group(1)
+    with urllib.request.urlopen(page, timeout=10) as r:
+        html = r.read().decode()
+    end = time.monotonic() + 15
+    while True:  # the page caches its reading of the store for 2 s
+        with urllib.request.urlopen(page + "api/status", timeout=10) as r:
+            status = json.loads(r.read())
+        if status["workers_registered"] == 3 or time.monotonic() > end:
+            break
+        time.sleep(0.5)
+    with urllib.request.urlopen(f"http://127.0.0.1:{worker_port}/metrics", timeout=10) as r:
+        metrics = r.read().decode()
+    return {"html": html, "status": status, "worker_metrics": metrics}
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "runs"
     first = Run(out)
     try:
-        first.wait_for("running generate task", limit=400)  # a worker is inside a task now
+        for i in (1, 2, 3):  # then each loads the teacher for a few seconds: still the workers stage
+            first.wait_for(f"[worker-{i}] ", limit=400)
+            first.wait_for_line(f"[worker-{i}] ", "registered as worker", limit=60)
+        live = read_live_endpoints(first.output)
         first.proc.send_signal(signal.SIGINT)
         rc = first.finish(limit=90)
         left = processes_mentioning(str(out))
@@ -88,7 +119,7 @@ def demo(tmp_path_factory):
             first.proc.kill()
     second = Run(out)
     rc2 = second.finish(limit=600)
-    yield {"out": out, "interrupted": (rc, left, first.output), "resumed": (rc2, second.output)}
+    yield {"out": out, "interrupted": (rc, left, first.output), "resumed": (rc2, second.output), "live": live}
     for line in processes_mentioning(str(out)):  # never leave anything behind, even when a test failed
         os.kill(int(line.split(":")[0]), signal.SIGKILL)
 
@@ -96,8 +127,18 @@ def demo(tmp_path_factory):
 def test_ctrl_c_during_the_workers_stage_stops_every_child(demo):
     rc, left, output = demo["interrupted"]
     assert rc == 130, output
-    assert "SIGINT: stopping" in output and "stopping 4 child processes" in output, output
+    assert "SIGINT: stopping" in output, output
+    assert re.search(r"stopping \d+ child processes: .*worker-3.*coordinator", output), output
+    assert output.count("SIGTERM: leasing nothing more") == 3, output  # every worker handed its lease back
     assert left == [], f"processes left after Ctrl-C: {left}\n{output}"
+
+
+def test_status_page_and_metrics_are_live_while_the_workers_run(demo):
+    live = demo["live"]
+    assert "<html" in live["html"].lower()
+    assert live["status"]["run"] == "demo" and live["status"]["workers_registered"] == 3
+    assert any(t["kind"] == "generate" for t in live["status"]["tasks"])
+    assert "mujina_worker" in live["worker_metrics"]
 
 
 def test_rerun_resumes_and_the_pipeline_produced_everything(demo):
