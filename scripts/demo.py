@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import os
 import re
@@ -52,6 +51,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 PROMETHEUS_PORTS = {"metrics": 9401, "workers": (9402, 9403, 9404), "train": 9405}  # dashboards/prometheus
 STATUS_PORT = 8080
+STALL_S = 300  # the workers stage gives up when no task changes state for this long
 
 
 @dataclass(frozen=True)
@@ -81,13 +81,6 @@ class Stop(Exception):
     """SIGINT/SIGTERM arrived: unwind and stop every child."""
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: its own process group, and SIGTERM when the demo dies (Linux)."""
-    os.setsid()
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 class Children:
     """Every process the demo starts, each the leader of its own process group (so the terminal's Ctrl-C
     reaches only the demo, which then stops them in reverse order: workers before the coordinator)."""
@@ -105,7 +98,7 @@ class Children:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                                stdin=subprocess.DEVNULL, start_new_session=True)
         with self.lock:
             self.procs.append((name, proc))
         log = open(self.logs / f"{name}.log", "a", encoding="utf-8")
@@ -135,7 +128,7 @@ class Children:
     def capture(self, cmd: list[str]) -> str:
         """A short command's stdout (e.g. `token add`, `ledger`), run in its own process group too."""
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                preexec_fn=_die_with_parent)
+                                start_new_session=True)
         with self.lock:
             self.procs.append((cmd[2], proc))
         out, err = proc.communicate()
@@ -376,7 +369,7 @@ class Demo:
                 "--cache-dir", str(self.out / "workers" / name), "--metrics-port", str(port)),
                 quiet=("heartbeat",)))
             print(f"  worker-{i + 1} ({name}) metrics on :{port}")
-        last = None
+        last, changed = None, time.monotonic()
         while True:
             for i, w in enumerate(workers):
                 if w.poll() is not None:
@@ -388,7 +381,9 @@ class Demo:
                                          for k, v in sorted(c.items()))
             if line != last:
                 print(line, flush=True)
-                last = line
+                last, changed = line, time.monotonic()
+            elif time.monotonic() - changed > STALL_S:
+                raise SystemExit(f"demo: no synthetic task changed state in {STALL_S} s; see {self.out}/logs/")
             if busy == 0:
                 # generate done -> plan adds judge tasks and shards what was accepted; nothing added twice: done
                 plan = self.children.capture(self.coord_cli("plan")).strip()
