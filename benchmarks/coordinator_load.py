@@ -132,8 +132,10 @@ def _proc(kind: str, target: str, args: dict, ready, q: mp.Queue):
         coro = _idle(target, args["workers"], args["interval"], args["duration"] + 2.0, out, ready)
     else:
         ready.wait()
+        out["cpu0_s"] = time.process_time()  # after imports and start-up: only the cycling is counted
         coro = _cyclers(target, args["clients"], args["duration"], out)
     asyncio.run(coro)
+    out["cpu_s"] = time.process_time() - out.get("cpu0_s", 0.0)
     q.put(out)
 
 
@@ -141,6 +143,12 @@ def _rss_mb(pid: int) -> tuple[float, float]:
     status = Path(f"/proc/{pid}/status").read_text().split("\n")
     val = {line.split(":")[0]: line.split()[1] for line in status if line.startswith(("VmRSS", "VmHWM"))}
     return int(val["VmRSS"]) / 1024, int(val["VmHWM"]) / 1024
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid` and its threads so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _pct(xs: list[float], p: float) -> float:
@@ -188,6 +196,10 @@ def main(argv=None) -> int:
         procs += [ctx.Process(target=_proc, args=("cycle", target, settings, ready, q)) for _ in range(args.procs)]
         for p in procs:
             p.start()
+        ready.wait(timeout=600)
+        cpu0, t0, load0 = _cpu_s(server.pid), time.monotonic(), os.getloadavg()[0]
+        time.sleep(args.duration)  # the cycling clients' measured window
+        server_cpu, wall = _cpu_s(server.pid) - cpu0, time.monotonic() - t0
         outs = [q.get(timeout=args.duration + 900) for _ in procs]
         for p in procs:
             p.join()
@@ -210,12 +222,18 @@ def main(argv=None) -> int:
         "clients": args.clients * args.procs, "idle_workers": args.workers, "duration_s": args.duration,
         "cpus": os.cpu_count(),
         "no_work_answers": sum(o["no_work"] for o in outs),
+        # CPU per cycle: robust to other jobs on the machine (wall-clock figures are not).
+        "server_cpu_ms_per_cycle": server_cpu * 1e3 / max(cycles, 1),
+        "server_cpu_cores": server_cpu / wall,
+        "cycler_cpu_ms_per_cycle": sum(o["cpu_s"] for o in outs if "registered" not in o) * 1e3 / max(cycles, 1),
+        "load_average_1m": load0,
     }
     print(f"coordinator load ({res['db']}, {res['clients']} cycling clients, {args.workers} idle workers "
           f"heartbeating every {args.interval:g} s, {args.duration:g} s, {os.cpu_count()} CPUs)")
     print(f"{'metric':<26}{'value':>12}")
     for key in ("cycles_per_s", "p50_heartbeat_ms", "p99_heartbeat_ms", "p99_idle_heartbeat_ms", "p50_cycle_ms",
-                "p99_cycle_ms", "server_rss_mb", "server_peak_rss_mb"):
+                "p99_cycle_ms", "server_rss_mb", "server_peak_rss_mb", "server_cpu_ms_per_cycle", "server_cpu_cores",
+                "cycler_cpu_ms_per_cycle", "load_average_1m"):
         print(f"{key:<26}{res[key]:>12.1f}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

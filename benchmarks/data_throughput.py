@@ -1,18 +1,25 @@
 """Data pipeline benchmark: `mujina-data shard` against plain SentencePiece, packing quality, peak memory.
 
-    python benchmarks/data_throughput.py                  # about 2-3 minutes on a 2-core CPU
-    python benchmarks/data_throughput.py --docs 1500 --repeats 2 --mem-factor 5 --profile
+    python benchmarks/data_throughput.py                  # about 2 minutes on an idle 2-core CPU
+    python benchmarks/data_throughput.py --docs 3000 --repeats 2 --mem-factor 5 --profile
 
 Everything runs in one process on one machine, from a bilingual corpus written by
 tests/data_shards/corpus.py (templates, no downloads): Japanese and English documents about 2:1
-(distinct seeds), `--docs` documents (about 1.6 KB each: 3,000 documents are ~5 MB of text),
-as two JSONL files in a temporary directory. A tokenizer is trained once on a sample of it.
+(distinct seeds), `--docs` documents (about 1.6 KB each: the default 20,000 documents are ~32 MB of
+text), as two JSONL files in a temporary directory. A tokenizer is trained once on a sample of it.
+The default size makes one shard run last several seconds, so that the interpreter start-up and
+imports (~0.3 s, paid once per run; workers are forked, not spawned) are a small part of it, as in
+a real run of minutes; the "pipeline" figures leave them out altogether (steady state).
 
 1. Throughput. (a) `python -m data_shards.cli shard --workers W` as a subprocess, end to end:
    interpreter start, reading JSONL, normalising, language identification, quality filters,
    MinHash dedup, tokenising, writing shards and the manifest. Filters and dedup are on (the
-   CLI's defaults). (b) The baseline: `SentencePieceProcessor.encode(texts, num_threads=W)` on
-   the same texts, read into memory beforehand (untimed). Both use W = `--workers` cores (2).
+   CLI's defaults). (b) The baseline: one plain call `SentencePieceProcessor.encode(texts,
+   num_threads=W)` (Python lists of ids, SentencePiece's default) on the same texts, read into
+   memory beforehand (untimed). Both use W = `--workers` cores (2): the CLI W worker processes
+   plus its main process, SentencePiece W threads. A second row encodes with
+   return_type="numpy" (ids written into numpy arrays, what the workers use), for reference;
+   the ratio is against the default call.
    MB/s counts the UTF-8 bytes of the documents' text (the same numerator for both);
    tokens/s counts text tokens (the shards' tokens minus the BOS and EOS of each document),
    which equal the baseline's when no document is dropped. The runs are interleaved (shard,
@@ -21,6 +28,8 @@ as two JSONL files in a temporary directory. A tokenizer is trained once on a sa
    MB/s" uses the time build_shards itself reports (OUT/report.json), without interpreter
    start-up and imports; the gap to the end-to-end figure shrinks as the corpus grows.
    The single-worker run shows how the CLI scales with cores (2 workers / 1 worker).
+   `--compare CHECKOUT` also runs another checkout's CLI (e.g. `git worktree add /tmp/old
+   b7dcef9`) in every repeat: before/after ratios taken in the same run, under the same load.
    "CPU s" is user + system time of the CLI and all its workers (or of the encoding threads):
    cpu_ratio = baseline CPU s / shard CPU s compares the work per MB and moves much less than
    the wall-clock ratio when other jobs share the machine. On a shared machine with the
@@ -35,22 +44,23 @@ as two JSONL files in a temporary directory. A tokenizer is trained once on a sa
    goal >= 0.99. "cut" columns: documents split across sequences by best fit (only those longer
    than seq_len) and by concatenate-and-chunk.
 
-3. Peak memory as the corpus grows: the same CLI run on `--docs` and `--mem-factor` x `--docs`
+3. Peak memory as the corpus grows: the same CLI run on `--docs` / `--mem-factor` and `--docs`
    documents (an order of magnitude apart by default). "largest process" is ru_maxrss of
    RUSAGE_CHILDREN in a small wrapper process that runs the CLI: it covers the CLI and every
    worker the CLI waited for, and is the peak RSS of the single biggest of them. "process
    tree" is the peak of the summed RSS of the CLI and its workers (pages they share, such as
    libraries, count once per process), sampled from /proc every 50 ms (it can miss a shorter
-   spike). Each size runs twice: with the CLI's default --shard-tokens (16M tokens: the open
-   shard of each (source, language) is held in memory until it is full, so below that size
-   memory grows with the corpus by design, by several bytes a token), and with
-   `--mem-shard-tokens` (256K), small enough that both sizes write many shards, so that any
+   spike). Each size runs twice: with the CLI's default --shard-tokens (16M tokens: one open
+   shard per (source, language), its tokens streamed to a temporary file, its document
+   offsets in memory), and with `--mem-shard-tokens` (256K), small enough that both sizes
+   write many shards, so that any
    remaining growth is what the pipeline keeps per document: the dedup index, ~1.1 KB per
    kept document, up to 2x that while its arrays double (O(documents) by design, not flat).
 
-`--profile` also times each per-document stage of build_shards directly on the corpus (one core,
-no profiler: seconds, ms per document, share), the start-up of one worker process, and runs
-build_shards in this process with one worker under cProfile (cumulative time per stage).
+`--profile` also times each stage of build_shards directly on the corpus, batched as the workers
+run them (one core, no profiler: CPU seconds, ms per document, share), the start-up of a fresh
+process that imports the pipeline and loads the tokenizer, and runs build_shards in this process
+with one worker under cProfile (cumulative time per stage).
 
 Results go to JSON (--json) with the machine they were taken on. Timings on a shared 2-core
 machine vary by 10-20% or more: compare runs, not single figures.
@@ -84,7 +94,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing the package
 from data_shards.build import ShardConfig, build_shards  # noqa: E402
 from data_shards.dedup import Deduplicator  # noqa: E402
-from data_shards.filters import detect_language, normalize, quality_reason  # noqa: E402
+from data_shards.filters import detect_language, normalize, quality_reasons  # noqa: E402
 from data_shards.packing import packing_stats  # noqa: E402
 from data_shards.shards import Manifest, ShardReader  # noqa: E402
 from data_shards.tokenizer import Tokenizer, TokenizerTrainConfig, train_tokenizer  # noqa: E402
@@ -181,7 +191,7 @@ SAMPLE_EVERY_S = 0.05  # one /proc scan takes ~4 ms: every 50 ms it costs <10% o
 
 
 def run_shard(inputs: list[Path], tokenizer: Path, out: Path, workers: int, log: Path,
-              shard_tokens: int | None = None, sample_tree: bool = False) -> dict[str, Any]:
+              shard_tokens: int | None = None, sample_tree: bool = False, repo: Path = REPO) -> dict[str, Any]:
     """`mujina-data shard` in a fresh subprocess: wall time, peak RSS, the manifest's counts.
 
     sample_tree: also sample the summed RSS of the CLI and its workers from /proc (costs CPU: not while timing).
@@ -191,11 +201,11 @@ def run_shard(inputs: list[Path], tokenizer: Path, out: Path, workers: int, log:
            "--tokenizer", str(tokenizer), "--out", str(out), "--workers", str(workers)]
     if shard_tokens is not None:
         cmd += ["--shard-tokens", str(shard_tokens)]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(repo)}
     usage_file = log.with_suffix(".usage.json")
     peak_tree, stop = [0], threading.Event()
     with open(log, "w") as logf:
-        proc = subprocess.Popen([sys.executable, "-c", _WRAPPER, str(usage_file), *cmd], cwd=REPO, env=env,
+        proc = subprocess.Popen([sys.executable, "-c", _WRAPPER, str(usage_file), *cmd], cwd=repo, env=env,
                                 stdout=logf, stderr=subprocess.STDOUT)
 
         def sample() -> None:
@@ -224,21 +234,27 @@ def run_shard(inputs: list[Path], tokenizer: Path, out: Path, workers: int, log:
 
 # ---- part 1: throughput ---------------------------------------------------------------------------
 
-def bench_throughput(corpus: dict[str, Any], tok_dir: Path, work: Path, workers: int, repeats: int) -> dict:
+def bench_throughput(corpus: dict[str, Any], tok_dir: Path, work: Path, workers: int, repeats: int,
+                     compare: Path | None = None) -> dict:
+    """compare: another checkout whose CLI also runs, with `workers`, in every repeat (ratios in the same run)."""
     texts = corpus["texts"]  # in memory before anything is timed
     sp = spm.SentencePieceProcessor(model_file=str(tok_dir / "tokenizer.model"))
     sp.encode(texts[:64], num_threads=workers)  # warm-up: first-call allocations
-    runs: dict[str, list[dict]] = {"shard": [], "baseline": [], "shard_1": []}
+    runs: dict[str, list[dict]] = {"shard": [], "baseline": [], "baseline_numpy": [], "shard_1": []}
     for r in range(repeats):
-        print(f"  repeat {r + 1}/{repeats}: shard --workers {workers}, sentencepiece, shard --workers 1",
-              file=sys.stderr, flush=True)
+        print(f"  repeat {r + 1}/{repeats}: shard --workers {workers}, sentencepiece (lists, numpy), "
+              "shard --workers 1", file=sys.stderr, flush=True)
         runs["shard"].append(run_shard(corpus["files"], tok_dir, work / "out", workers, work / "shard.log"))
-        c0, t0 = _cpu_self(), time.perf_counter()
-        ids = sp.encode(texts, num_threads=workers)
-        wall, cpu = time.perf_counter() - t0, _cpu_self() - c0
-        runs["baseline"].append({"wall_s": wall, "cpu_s": cpu, "text_tokens": sum(map(len, ids))})
-        del ids
+        for name, kw in (("baseline", {}), ("baseline_numpy", {"return_type": "numpy"})):
+            c0, t0 = _cpu_self(), time.perf_counter()
+            ids = sp.encode(texts, num_threads=workers, **kw)
+            wall, cpu = time.perf_counter() - t0, _cpu_self() - c0
+            runs[name].append({"wall_s": wall, "cpu_s": cpu, "text_tokens": sum(map(len, ids))})
+            del ids
         runs["shard_1"].append(run_shard(corpus["files"], tok_dir, work / "out", 1, work / "shard.log"))
+        if compare is not None:
+            runs.setdefault("compare", []).append(run_shard(corpus["files"], tok_dir, work / "out", workers,
+                                                            work / "shard.log", repo=compare))
     mb = corpus["text_bytes"] / 1e6
 
     def med(name: str, key: str = "wall_s") -> float:
@@ -253,6 +269,7 @@ def bench_throughput(corpus: dict[str, Any], tok_dir: Path, work: Path, workers:
         "shard_text_tokens": last["text_tokens"], "baseline_tokens": runs["baseline"][-1]["text_tokens"],
         "shard_s": shard, "baseline_s": base, "shard_1_s": one, "shard_pipeline_s": med("shard", "pipeline_s"),
         "shard_mb_per_s": mb / shard, "baseline_mb_per_s": mb / base, "shard_1_mb_per_s": mb / one,
+        "baseline_numpy_s": med("baseline_numpy"), "baseline_numpy_mb_per_s": mb / med("baseline_numpy"),
         "shard_pipeline_mb_per_s": mb / med("shard", "pipeline_s"),
         "shard_1_pipeline_mb_per_s": mb / med("shard_1", "pipeline_s"),
         "shard_tokens_per_s": last["text_tokens"] / shard,
@@ -260,9 +277,15 @@ def bench_throughput(corpus: dict[str, Any], tok_dir: Path, work: Path, workers:
         "shard_1_tokens_per_s": last["text_tokens"] / one,
         "ratio": base / shard,  # = shard MB/s / baseline MB/s
         "shard_cpu_s": cpu["shard"], "baseline_cpu_s": cpu["baseline"], "shard_1_cpu_s": cpu["shard_1"],
+        "baseline_numpy_cpu_s": cpu["baseline_numpy"],
         "cpu_ratio": cpu["baseline"] / cpu["shard"],  # MB per CPU-second, shard over baseline
-        "pipeline_ratio": base / med("shard", "pipeline_s"),
+        "pipeline_ratio": base / med("shard", "pipeline_s"),  # steady state: no interpreter start-up, imports
+        "ratio_vs_numpy": med("baseline_numpy") / shard,
+        "load_avg_1m": os.getloadavg()[0],
         "worker_scaling": one / shard,  # 2 workers' speed over 1 worker's
+        **({"compare": str(compare), "compare_s": med("compare"), "compare_cpu_s": med("compare", "cpu_s"),
+            "compare_ratio": base / med("compare"), "compare_cpu_ratio": cpu["baseline"] / med("compare", "cpu_s"),
+            "compare_pipeline_ratio": base / med("compare", "pipeline_s")} if compare is not None else {}),
         "runs": runs,
     }
 
@@ -318,13 +341,15 @@ STAGES = (  # (label, file suffix, function): cumulative time of each, inside _p
     ("read JSONL", "ingest.py", "_read_all"),
     ("normalize", "filters.py", "normalize"),
     ("detect_language", "filters.py", "detect_language"),
-    ("quality_reason (filters)", "filters.py", "quality_reason"),
-    ("  of which _ngram_repetition", "filters.py", "_ngram_repetition"),
-    ("dedup fingerprint (MinHash)", "dedup.py", "fingerprint"),
-    ("dedup check_fingerprint", "dedup.py", "check_fingerprint"),
-    ("SentencePiece encode", "tokenizer.py", "encode"),
-    ("write_shard", "shards.py", "write_shard"),
+    ("quality_reasons (filters)", "filters.py", "quality_reasons"),
+    ("  of which _cleared (n-gram bounds)", "filters.py", "_cleared"),
+    ("dedup fingerprint_arrays (MinHash)", "dedup.py", "fingerprint_arrays"),
+    ("dedup check_arrays", "dedup.py", "check_arrays"),
+    ("SentencePiece encode_arrays", "tokenizer.py", "encode_arrays"),
+    ("ShardWriter.add + close", "shards.py", "add"),
+    ("", "shards.py", "close"),
 )
+
 
 
 def profile_build(corpus: dict[str, Any], tok_dir: Path, out: Path) -> list[dict]:
@@ -338,37 +363,41 @@ def profile_build(corpus: dict[str, Any], tok_dir: Path, out: Path) -> list[dict
     rows = []
     for label, suffix, name in STAGES:
         ct = sum(v[3] for (file, _, fn), v in stats.items() if fn == name and file.endswith(suffix))
-        rows.append({"stage": label, "seconds": ct, "share": ct / total})
+        if label:
+            rows.append({"stage": label, "seconds": ct, "share": ct / total})
+        else:  # a second function of the row above
+            rows[-1]["seconds"] += ct
+            rows[-1]["share"] += ct / total
     rows.append({"stage": "build_shards total (profiled)", "seconds": total, "share": 1.0})
     return rows
 
 
-def time_stages(corpus: dict[str, Any], tok_dir: Path) -> list[dict]:
-    """Each per-document stage of build_shards run alone over the corpus on one core, without a profiler.
+def time_stages(corpus: dict[str, Any], tok_dir: Path, batch: int = 256) -> list[dict]:
+    """Each stage of build_shards run alone over the corpus on one core, without a profiler, in CPU seconds.
 
-    The same public functions, in the same order, as build._prepare (in the workers) and the main loop
-    (dedup decisions, in input order). Also: one worker's start-up (spawn: a fresh interpreter imports
-    data_shards, builds the character table and loads the tokenizer), measured in a subprocess.
+    The same public functions, batched as in build._prepare (in the workers: `batch` documents a call) and the
+    main loop (dedup decisions, in input order). Also: the start-up of a fresh process that imports the pipeline
+    and loads the tokenizer (what a spawned worker would pay; forked workers inherit it), in a subprocess.
     """
     texts = corpus["texts"]
     tok, dedup = Tokenizer(tok_dir), Deduplicator()
+    batches = [texts[i: i + batch] for i in range(0, len(texts), batch)]
     timings: list[tuple[str, str, float]] = []
 
-    def timed(stage: str, where: str, fn):
-        t0 = time.perf_counter()
-        result = fn()
-        timings.append((stage, where, time.perf_counter() - t0))
+    def timed(stage: str, where: str, fn, inputs):
+        c0 = time.process_time()
+        result = [fn(x) for x in inputs]
+        timings.append((stage, where, time.process_time() - c0))
         return result
 
-    norm = timed("normalize", "worker", lambda: [normalize(t) for t in texts])
-    langs = timed("detect_language", "worker", lambda: [detect_language(t) for t in norm])
-    timed("quality_reason (filters)", "worker",
-          lambda: [quality_reason(t, lang) for t, lang in zip(norm, langs, strict=True)])
-    fps = timed("dedup fingerprint (MinHash)", "worker", lambda: [dedup.fingerprint(t) for t in norm])
-    ids = timed("SentencePiece encode", "worker", lambda: [tok.encode(t) for t in norm])
-    timed("ids -> numpy [BOS] ids [EOS]", "worker",
-          lambda: [np.array([tok.bos_id, *x, tok.eos_id], dtype=np.int32) for x in ids])
-    timed("dedup check_fingerprint", "main", lambda: [dedup.check_fingerprint(*fp) for fp in fps])
+    norm = timed("normalize", "worker", lambda b: [normalize(t) for t in b], batches)
+    langs = timed("detect_language", "worker", lambda b: [detect_language(t) for t in b], norm)
+    timed("quality_reasons (filters)", "worker", lambda bl: quality_reasons(*bl), list(zip(norm, langs, strict=True)))
+    fps = timed("dedup fingerprint_arrays (MinHash)", "worker", dedup.fingerprint_arrays, norm)
+    ids = timed("SentencePiece encode_arrays", "worker", tok.encode_arrays, norm)
+    timed("ids -> one [BOS] ids [EOS] array a batch", "worker",
+          lambda b: np.concatenate([p for x in b for p in (tok.bos_array, x, tok.eos_array)]), ids)
+    timed("dedup check_arrays", "main", lambda f: dedup.check_arrays(*f), fps)
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", "import sys; from data_shards.build import ShardConfig, _init_worker; "
                     "_init_worker(sys.argv[1], ShardConfig())", str(tok_dir)], cwd=REPO, check=True,
@@ -380,7 +409,7 @@ def time_stages(corpus: dict[str, Any], tok_dir: Path) -> list[dict]:
              "mb_per_s_alone": mb / t} for stage, where, t in timings]
     rows.append({"stage": "sum of the stages", "process": "", "seconds": total, "ms_per_doc": 1e3 * total / n,
                  "share": 1.0, "mb_per_s_alone": mb / total})
-    rows.append({"stage": "start-up of one worker (once per run)", "process": "worker", "seconds": startup,
+    rows.append({"stage": "start-up of a fresh process (wall)", "process": "", "seconds": startup,
                  "ms_per_doc": None, "share": None, "mb_per_s_alone": None})
     return rows
 
@@ -419,6 +448,9 @@ def throughput_table(t: dict[str, Any]) -> str:
          t["shard_1_pipeline_mb_per_s"], t["shard_1_cpu_s"], t["baseline_s"] / t["shard_1_s"]),
         (f"sentencepiece encode, {w} threads", t["baseline_s"], t["baseline_mb_per_s"], t["baseline_tokens_per_s"],
          t["baseline_mb_per_s"], t["baseline_cpu_s"], 1.0),
+        ("  same, return_type=numpy", t["baseline_numpy_s"], t["baseline_numpy_mb_per_s"],
+         t["baseline_tokens_per_s"] * t["baseline_s"] / t["baseline_numpy_s"], t["baseline_numpy_mb_per_s"],
+         t["baseline_numpy_cpu_s"], t["baseline_s"] / t["baseline_numpy_s"]),
     ]
     return format_table(("", "seconds", "MB/s", "tokens/s", "pipeline MB/s", "CPU s", "MB/CPU-s", "vs sentencepiece"),
                         [(n, f"{s:.2f}", f"{mbs:.2f}", f"{tps:,.0f}", f"{p:.2f}", f"{c:.2f}", f"{mb / c:.2f}",
@@ -446,8 +478,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Throughput of `mujina-data shard` (filters + dedup + tokenising) against plain SentencePiece "
         "encoding of the same text, packing fill rate, and peak memory at two corpus sizes. "
         "ratio = shard MB/s / sentencepiece MB/s; goal >= 0.5.")
-    p.add_argument("--docs", type=int, default=3000,
-                   help="documents in the throughput corpus, ja:en = 2:1, ~1.6 KB each (default: 3000, ~5 MB)")
+    p.add_argument("--docs", type=int, default=20000,
+                   help="documents in the throughput corpus, ja:en = 2:1, ~1.6 KB each (default: 20000, ~32 MB)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each timed run (default: 3)")
     p.add_argument("--workers", type=int, default=2,
                    help="shard --workers and sentencepiece num_threads (default: 2, the cores of the dev machine)")
@@ -461,10 +493,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--median-length", type=float, default=600, help="median synthetic length in tokens (default: 600)")
     p.add_argument("--sigma", type=float, default=1.0, help="lognormal sigma of the synthetic lengths (default: 1.0)")
     p.add_argument("--mem-factor", type=int, default=10,
-                   help="the large memory run has this many times --docs documents (default: 10)")
+                   help="the small memory run has --docs / this many documents, the large one --docs (default: 10)")
     p.add_argument("--mem-shard-tokens", type=int, default=1 << 18,
                    help="--shard-tokens of the second pair of memory runs (default: 262144)")
     p.add_argument("--no-memory", action="store_true", help="skip part 3 (peak memory)")
+    p.add_argument("--compare", type=Path, metavar="CHECKOUT",
+                   help="also run the shard CLI of another checkout of the repository (e.g. a `git worktree` of an "
+                   "older commit) in every repeat, for before/after ratios taken in the same run")
     p.add_argument("--profile", action="store_true",
                    help="also profile build_shards in-process (one worker) and print each stage's share")
     p.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "data_throughput.json",
@@ -487,6 +522,7 @@ def main(argv: list[str] | None = None) -> None:
                                                               for k, v in vars(args).items()}}
     with tempfile.TemporaryDirectory(prefix="mujina-data-bench-") as tmp:
         work = Path(tmp)
+        print(f"load average (1 min) at the start: {machine['load_avg_1m_start']:.1f}", file=sys.stderr, flush=True)
         print(f"writing a {args.docs:,}-document corpus and training a tokenizer ...", file=sys.stderr, flush=True)
         corpus = make_corpus(work / "small", args.docs)
         vocab = train(corpus["texts"], work / "tok", args.vocab_size, sample=1500, mecab=args.mecab)
@@ -494,7 +530,7 @@ def main(argv: list[str] | None = None) -> None:
         results["tokenizer"] = {"vocab_size": vocab, "mecab": args.mecab}
 
         print("part 1: throughput", file=sys.stderr, flush=True)
-        t = bench_throughput(corpus, work / "tok", work, args.workers, args.repeats)
+        t = bench_throughput(corpus, work / "tok", work, args.workers, args.repeats, args.compare)
         results["throughput"] = t
 
         print("part 2: packing", file=sys.stderr, flush=True)
@@ -506,9 +542,9 @@ def main(argv: list[str] | None = None) -> None:
 
         memory: list[dict] = []
         if not args.no_memory:
-            print(f"part 3: memory ({args.mem_factor}x corpus)", file=sys.stderr, flush=True)
-            large = make_corpus(work / "large", args.docs * args.mem_factor)
-            memory = bench_memory(corpus, large, work / "tok", work, args.workers, args.mem_shard_tokens)
+            print(f"part 3: memory (corpus / {args.mem_factor} and corpus)", file=sys.stderr, flush=True)
+            small = make_corpus(work / "mem_small", max(1, args.docs // args.mem_factor))
+            memory = bench_memory(small, corpus, work / "tok", work, args.workers, args.mem_shard_tokens)
             results["memory"] = memory
 
         profile: list[dict] = []
@@ -525,7 +561,7 @@ def main(argv: list[str] | None = None) -> None:
     real = {r["seq_len"]: r for r in packing if r["lengths"].startswith("shards")}
     flat = {k: t[k] for k in ("shard_mb_per_s", "baseline_mb_per_s", "shard_tokens_per_s", "baseline_tokens_per_s",
                               "ratio", "cpu_ratio", "shard_1_mb_per_s", "worker_scaling", "shard_pipeline_mb_per_s",
-                              "pipeline_ratio")}
+                              "pipeline_ratio", "ratio_vs_numpy")}
     for L in SEQ_LENS:
         flat[f"fill_rate_{L}"] = synth[L]["fill_rate"]
         flat[f"split_best_fit_{L}"] = synth[L]["split_documents"]
@@ -557,18 +593,26 @@ def main(argv: list[str] | None = None) -> None:
     print("pipeline MB/s: build_shards' own time (report.json), without interpreter start-up. CPU s: user+sys of "
           "the CLI and its workers, or of the encoding threads")
     print(f"cpu_ratio = sentencepiece CPU s / shard CPU s = {t['cpu_ratio']:.3f} (less sensitive to other load "
-          "than the wall-clock ratio)\n")
+          "than the wall-clock ratio)")
+    print(f"steady state (pipeline_ratio, without start-up) = {t['pipeline_ratio']:.3f}; against the numpy encode: "
+          f"{t['ratio_vs_numpy']:.3f}; load average (1 min) after part 1: {t['load_avg_1m']:.1f}\n")
+    if "compare" in t:
+        print(f"{t['compare']}, shard --workers {args.workers} in the same repeats: {t['compare_s']:.2f} s, "
+              f"{t['compare_cpu_s']:.2f} CPU s; ratio {t['compare_ratio']:.3f}, "
+              f"cpu_ratio {t['compare_cpu_ratio']:.3f}, steady state {t['compare_pipeline_ratio']:.3f}\n")
     print("2. packing (best-fit decreasing)")
     print(packing_table(packing))
     print("fill_rate goal >= 0.99; cut = documents split across sequences\n")
     if memory:
-        print(f"3. peak memory, {args.docs:,} vs {args.docs * args.mem_factor:,} documents, --workers {args.workers}")
+        print(f"3. peak memory, {max(1, args.docs // args.mem_factor):,} vs {args.docs:,} documents, "
+              f"--workers {args.workers}")
         print(memory_table(memory))
         print("largest process: ru_maxrss (exact); process tree: summed RSS sampled every 50 ms. "
               f"RSS ratio large/small: {flat['rss_ratio']:.2f} (default shards), {flat['rss_ratio_small_shards']:.2f} "
               f"(--shard-tokens {args.mem_shard_tokens})\n")
     if stages:
-        print(f"stages of build_shards, each alone over the {args.docs:,} documents on one core (no profiler)")
+        print(f"stages of build_shards, each alone over the {args.docs:,} documents on one core, batched as in the "
+              "workers (CPU seconds, no profiler)")
         print(format_table(
             ("stage", "process", "seconds", "ms/doc", "share", "MB/s alone"),
             [(r["stage"], r["process"], f"{r['seconds']:.2f}",

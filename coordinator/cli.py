@@ -7,6 +7,7 @@
                               [--needs-cuda] [--min-speed S] | list [--state S] | retry TASK_ID
     mujina-coordinator plan   (synthetic data: generate/judge tasks from the project's `synthetic` section)
     mujina-coordinator status
+    mujina-coordinator init-swarm --checkpoint UPCYCLED_MOE   (needs a `swarm:` section; `serve` runs the rounds)
     mujina-coordinator ledger [--csv]
 
 Every subcommand takes the same --config and --db as `serve`. Exit codes: 0 ok, 2 a user error
@@ -87,6 +88,10 @@ def _parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="synthetic data: add generate and judge tasks (idempotent), shard results")
     _common(pl)
+    sw = sub.add_parser("init-swarm", help="start swarm training of an upcycled MoE checkpoint (round 0)")
+    _common(sw)
+    sw.add_argument("--checkpoint", required=True, type=Path, help="the upcycled MoE (mujina-model upcycle)")
+
     st = sub.add_parser("status", help="a readable summary of tasks, leases, workers and credit")
     _common(st)
     lg = sub.add_parser("ledger", help="validated contributions per volunteer, kind and unit")
@@ -111,9 +116,20 @@ def cmd_serve(args) -> int:
     for flag, port in (("--metrics-port", args.metrics_port), ("--http-port", args.http_port)):
         if port is not None and not 0 <= port <= 65535:
             raise ValueError(f"{flag} must be a TCP port (0-65535; 0 picks a free one), got {port}")
+    swarm = None
+    if cfg.swarm is not None:  # the bootstrap DHT peer: its addresses go to every worker at Register
+        from .swarm import start_bootstrap_dht
+
+        dht, maddrs = start_bootstrap_dht((args.listen or cfg.server.listen).rpartition(":")[0] or "0.0.0.0")
+        cfg = cfg.model_copy(update={"server": cfg.server.model_copy(
+            update={"bootstrap_peers": [*cfg.server.bootstrap_peers, *maddrs]})})
     srv = CoordinatorServer(cfg, db_url=args.db, listen=args.listen, metrics_port=args.metrics_port,
                             tls_cert=args.tls_cert, tls_key=args.tls_key, metrics_host=args.metrics_host,
                             http_port=args.http_port, http_host=args.http_host).start()
+    if cfg.swarm is not None:
+        from .swarm import SwarmDriver
+
+        swarm = SwarmDriver(cfg, srv.store, srv.scheduler).start()
     if args.port_file:
         args.port_file.write_text(str(srv.port))
     stop = threading.Event()
@@ -126,8 +142,23 @@ def cmd_serve(args) -> int:
     signal.signal(signal.SIGINT, on_signal)
     while not stop.wait(1.0):
         pass
+    if swarm is not None:
+        swarm.stop()
+        dht.shutdown()
     srv.stop(grace=5.0)
     log.info("stopped")
+    return 0
+
+
+def cmd_init_swarm(args) -> int:
+    from .config import load_project
+    from .swarm import init_swarm
+
+    cfg = load_project(args.config)
+    if cfg.swarm is None:
+        raise ValueError(f"{args.config} has no `swarm:` section: add one (see configs/project.yaml)")
+    name = init_swarm(cfg.state_dir, cfg.run, args.checkpoint)
+    print(f"swarm run {cfg.run!r} starts from checkpoints/{name}; `mujina-coordinator serve` runs the rounds")
     return 0
 
 
@@ -280,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     try:
         return {"serve": cmd_serve, "token": cmd_token, "tasks": cmd_tasks, "status": cmd_status,
-                "ledger": cmd_ledger, "plan": cmd_plan}[args.cmd](args)
+                "ledger": cmd_ledger, "plan": cmd_plan, "init-swarm": cmd_init_swarm}[args.cmd](args)
     except ValueError as e:  # user errors: the message names the fix
         print(f"mujina-coordinator: {e}", file=sys.stderr)
         return 2

@@ -21,6 +21,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .swarm import SwarmSection  # also registers the `train` validator
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -134,6 +136,8 @@ class ProjectConfig(_Strict):
     limits: LimitConfig = Field(default_factory=LimitConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
     synthetic: SyntheticConfig | None = Field(None, description="persona-driven synthetic data (`plan`)")
+    swarm: SwarmSection | None = Field(None, description="swarm training settings (see coordinator/swarm.py); "
+                                                         "start a run with `mujina-coordinator init-swarm`")
 
     def db_url(self) -> str:
         return self.db or f"sqlite:///{self.state_dir / 'coordinator.db'}"

@@ -18,8 +18,9 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
-from sqlalchemy import Boolean, and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import and_, func, insert, select, update
 
 from . import store as S
 from .config import ProjectConfig
@@ -29,30 +30,34 @@ from .validate import Credit, ValidationError, Validator, validator_for
 log = logging.getLogger(__name__)
 
 
-# The hot path's statements, built once: constructing SQLAlchemy statements costs more Python time
-# per call than SQLite spends running them.
-_RENEW = update(S.leases).where(S.leases.c.id == bindparam("lid"), S.leases.c.worker_id == bindparam("wid"),
-                                S.leases.c.state == "active").values(deadline=bindparam("dl"), progress=bindparam("p"))
-_HELD = select(func.count()).select_from(S.leases).where(S.leases.c.token == bindparam("tok"),
-                                                         S.leases.c.state == "active")
-_TOKEN_LIMIT = select(S.tokens.c.max_leases).where(S.tokens.c.name == bindparam("tok"))
-_PICK = (select(S.tasks.c.id, S.tasks.c.kind, S.tasks.c.payload, S.tasks.c.attempts)
-         .where(S.tasks.c.state == "pending", S.tasks.c.kind.in_(bindparam("kinds", expanding=True)),
-                S.tasks.c.min_gpu_memory <= bindparam("gpu"), S.tasks.c.min_speed <= bindparam("speed"),
-                or_(S.tasks.c.needs_cuda.is_(False), bindparam("cuda", type_=Boolean)))
-         .order_by(S.tasks.c.priority.desc(), S.tasks.c.created, S.tasks.c.id).limit(1))
-_PICK_LOCKED = _PICK.with_for_update(skip_locked=True)  # PostgreSQL: concurrent pickers skip each other's rows
-_TAKE = update(S.tasks).where(S.tasks.c.id == bindparam("tid"), S.tasks.c.state == "pending") \
-    .values(state="leased", lease_id=bindparam("lid"), updated=bindparam("now"))
-_NEW_LEASE = insert(S.leases)
-_LEASE = select(S.leases).where(S.leases.c.id == bindparam("lid"))
-_TASK = select(S.tasks).where(S.tasks.c.id == bindparam("tid"))
-_NEW_RESULT = insert(S.results)
-_LEASE_DONE = update(S.leases).where(S.leases.c.id == bindparam("lid")).values(state="completed")
-_TASK_DONE = update(S.tasks).where(S.tasks.c.id == bindparam("tid")).values(state="done", lease_id=None,
-                                                                          updated=bindparam("now"))
-_CREDIT = insert(S.ledger)
-_RESULT = select(S.results.c.lease_id, S.results.c.credited).where(S.results.c.task_id == bindparam("tid"))
+# The hot path's statements, as plain SQL run on a DBAPI cursor (Store.hot; :name parameters,
+# Store.sql converts them for psycopg): SQLAlchemy's per-statement Python cost is several times what
+# SQLite spends running them. A cycle (lease, heartbeat, complete) is 9 statements and 3 commits.
+_RENEW = ("UPDATE leases SET deadline = :dl, progress = :p WHERE id = :lid AND worker_id = :wid "
+          "AND state = 'active'")
+_HELD_AND_LIMIT = ("SELECT (SELECT count(*) FROM leases WHERE token = :tok AND state = 'active'), "
+                   "(SELECT max_leases FROM tokens WHERE name = :tok)")
+# Pick and take in one statement; ix_tasks_pick serves the order. On PostgreSQL concurrent pickers
+# skip each other's rows ({lock}); the outer `state = 'pending'` makes the take safe against writers
+# in other processes either way.
+_PICK_TAKE = ("UPDATE tasks SET state = 'leased', lease_id = :lid, updated = :now WHERE state = 'pending' AND id = "
+              "(SELECT id FROM tasks WHERE state = 'pending' AND kind IN ({kinds}) AND min_gpu_memory <= :gpu "
+              "AND min_speed <= :speed{cuda} ORDER BY priority DESC, created, id LIMIT 1{lock}) "
+              "RETURNING id, kind, payload, attempts")
+_NEW_LEASE = ("INSERT INTO leases (id, task_id, worker_id, token, state, granted, deadline, progress) "
+              "VALUES (:id, :tid, :wid, :tok, 'active', :now, :dl, 0.0)")
+# Everything Complete checks, in one read: the lease, its task, and the task's result if any.
+_LEASE_TASK_RESULT = ("SELECT l.token, l.task_id, l.state, l.granted, l.worker_id, t.kind, t.run, t.payload, "
+                      "t.lease_id, r.lease_id, r.credited FROM leases l JOIN tasks t ON t.id = l.task_id "
+                      "LEFT JOIN results r ON r.task_id = l.task_id WHERE l.id = :lid")
+_NEW_RESULT = ("INSERT INTO results (task_id, lease_id, worker_id, token, sha256, size, path, metrics, metadata, "
+               "credited, at) VALUES (:tid, :lid, :wid, :tok, :sha, :size, :path, :metrics, :meta, :credited, :now)")
+_LEASE_DONE = "UPDATE leases SET state = 'completed' WHERE id = :lid"
+_CANCEL_NEWER = "UPDATE leases SET state = 'cancelled' WHERE id = :lid AND state = 'active'"
+_TASK_DONE = "UPDATE tasks SET state = 'done', lease_id = NULL, updated = :now WHERE id = :tid"
+_SEEN = "UPDATE workers SET last_seen = :seen WHERE id = :wid"
+_CREDIT = ("INSERT INTO ledger (task_id, volunteer, kind, unit, amount, at) "
+           "VALUES (:tid, :vol, :kind, :unit, :amount, :now)")
 
 
 class RequestError(Exception):
@@ -65,6 +70,14 @@ class RequestError(Exception):
 
 def new_id() -> str:
     return uuid.uuid4().hex
+
+
+class WorkerRow(NamedTuple):
+    """What the hot path needs of a worker (rows never change after Register, so they are cached)."""
+    token: str
+    gpu_memory: int
+    cuda: bool
+    speed: float
 
 
 @dataclass
@@ -113,8 +126,9 @@ class Scheduler:
         # Workers never change after Register, so their rows are cached; `last_seen` is gathered in
         # memory and written in one statement per sweep (flush_seen): an idle worker's heartbeat
         # (2,000 workers every 10 s is 200 a second) then costs no write transaction.
-        self._workers: dict[str, object] = {}
+        self._workers: dict[str, WorkerRow] = {}
         self._seen: dict[str, float] = {}
+        self._pick_sql: dict[tuple[int, bool], str] = {}  # (number of kinds, worker has CUDA) -> statement
 
     # workers
 
@@ -124,16 +138,18 @@ class Scheduler:
             conn.execute(insert(S.workers).values(id=worker_id, token=token, name=name[:256],
                                                   capabilities=json.dumps(capabilities), gpu_memory=gpu_memory,
                                                   cuda=cuda, speed=speed, registered=now, last_seen=now))
+        self._workers[worker_id] = WorkerRow(token, gpu_memory, bool(cuda), speed)
         return worker_id
 
     def _worker(self, token: str, worker_id: str):
         w = self._workers.get(worker_id)
         if w is None:
             with self.store.read() as conn:
-                w = conn.execute(select(S.workers).where(S.workers.c.id == worker_id)).first()
-            if w is None:
+                c = S.workers.c
+                row = conn.execute(select(c.token, c.gpu_memory, c.cuda, c.speed).where(c.id == worker_id)).first()
+            if row is None:
                 raise RequestError("NOT_FOUND", f"unknown worker id {worker_id!r}: register again")
-            self._workers[worker_id] = w
+            w = self._workers[worker_id] = WorkerRow(row.token, row.gpu_memory, bool(row.cuda), row.speed)
         if w.token != token:
             raise RequestError("PERMISSION_DENIED", f"worker {worker_id} belongs to another token")
         return w
@@ -147,17 +163,23 @@ class Scheduler:
         self._seen[worker_id] = now
         if not progress:
             return self.draining, out
-        with self.store.tx() as conn:
+        renew = self.store.sql(_RENEW)
+        with self.store.hot() as cur:
             for lease_id, frac in progress:
-                n = conn.execute(_RENEW, {"lid": lease_id, "wid": worker_id, "dl": deadline, "p": frac}).rowcount
+                n = cur.execute(renew, {"lid": lease_id, "wid": worker_id, "dl": deadline, "p": frac}).rowcount
                 out.append((lease_id, n == 1, deadline if n == 1 else 0.0))
         return self.draining, out
 
     # leasing
 
-    def _lease_limit(self, conn, token: str) -> int:
-        own = conn.execute(_TOKEN_LIMIT, {"tok": token}).scalar()
-        return own or self.cfg.limits.max_leases_per_token
+    def _pick_take(self, n_kinds: int, cuda: bool) -> str:
+        key = (n_kinds, cuda)
+        stmt = self._pick_sql.get(key)
+        if stmt is None:
+            stmt = self._pick_sql[key] = self.store.sql(_PICK_TAKE.format(
+                kinds=", ".join(f":k{i}" for i in range(n_kinds)), cuda="" if cuda else " AND NOT needs_cuda",
+                lock="" if self.store.is_sqlite else " FOR UPDATE SKIP LOCKED"))
+        return stmt
 
     def lease(self, token: str, worker_id: str, kinds: list[str]) -> Grant | NoWork:
         if self.draining:
@@ -165,23 +187,24 @@ class Scheduler:
         now = time.time()
         w = self._worker(token, worker_id)
         self._seen[worker_id] = now
-        with self.store.tx() as conn:
-            held = conn.execute(_HELD, {"tok": token}).scalar_one()
-            limit = self._lease_limit(conn, token)
+        lease_id, deadline = new_id(), now + self.cfg.leases.duration_s
+        with self.store.hot() as cur:
+            held, own_limit = cur.execute(self.store.sql(_HELD_AND_LIMIT), {"tok": token}).fetchone()
+            limit = own_limit or self.cfg.limits.max_leases_per_token
             if held >= limit:
                 return NoWork(f"token {token!r} already holds {held} leases, its limit is {limit}")
-            t = conn.execute(_PICK if self.store.is_sqlite else _PICK_LOCKED,
-                             {"kinds": kinds, "gpu": w.gpu_memory, "speed": w.speed, "cuda": bool(w.cuda)}).first()
-            if t is None:
+            params = {"lid": lease_id, "now": now, "gpu": w.gpu_memory, "speed": w.speed}
+            params.update((f"k{i}", k) for i, k in enumerate(kinds))
+            t = cur.execute(self._pick_take(len(kinds), w.cuda), params).fetchone()
+            if t is not None:
+                task_id, kind, payload, attempts = t
+                cur.execute(self.store.sql(_NEW_LEASE), {"id": lease_id, "tid": task_id, "wid": worker_id,
+                                                         "tok": token, "now": now, "dl": deadline})
+        if t is None:  # nothing this worker can run: say why (a read of its own, off the write lock)
+            with self.store.read() as conn:
                 return NoWork(self._why_nothing(conn, w, kinds))
-            lease_id, deadline = new_id(), now + self.cfg.leases.duration_s
-            n = conn.execute(_TAKE, {"tid": t.id, "lid": lease_id, "now": now}).rowcount
-            if n != 1:  # taken by another process between select and update; the worker asks again
-                return NoWork("contention: retry")
-            conn.execute(_NEW_LEASE, dict(id=lease_id, task_id=t.id, worker_id=worker_id, token=token,
-                                          state="active", granted=now, deadline=deadline, progress=0.0))
-        self.metrics.lease_granted(t.kind)
-        return Grant(t.id, lease_id, t.kind, t.payload, deadline, t.attempts + 1)
+        self.metrics.lease_granted(kind)
+        return Grant(task_id, lease_id, kind, payload, deadline, attempts + 1)
 
     def _why_nothing(self, conn, w, kinds: list[str]) -> str:
         pending = select(func.count()).select_from(S.tasks).where(S.tasks.c.state == "pending",
@@ -214,7 +237,7 @@ class Scheduler:
         return state
 
     def _owned_lease(self, conn, token: str, task_id: str, lease_id: str):
-        lease = conn.execute(_LEASE, {"lid": lease_id}).first()
+        lease = conn.execute(select(S.leases).where(S.leases.c.id == lease_id)).first()
         if lease is None:
             raise RequestError("NOT_FOUND", f"unknown lease id {lease_id!r}")
         if lease.token != token:
@@ -244,10 +267,8 @@ class Scheduler:
         """Write the gathered last_seen times (one executemany); returns how many workers."""
         seen, self._seen = self._seen, {}
         if seen:
-            with self.store.tx() as conn:
-                conn.execute(update(S.workers).where(S.workers.c.id == bindparam("wid"))
-                             .values(last_seen=bindparam("seen")),
-                             [{"wid": w, "seen": t} for w, t in seen.items()])
+            with self.store.hot() as cur:
+                cur.executemany(self.store.sql(_SEEN), [{"wid": w, "seen": t} for w, t in seen.items()])
         return len(seen)
 
     def sweep_expired(self) -> int:
@@ -269,22 +290,34 @@ class Scheduler:
 
     # completion
 
+    def _lease_task_result(self, cur, token: str, task_id: str, lease_id: str) -> tuple:
+        """The lease (owned by `token`, for `task_id`), its task and the task's result, in one read:
+        (lease token, task id, lease state, granted, worker id, kind, run, payload, task's lease id,
+        result's lease id or None, result credited or None)."""
+        row = cur.execute(self.store.sql(_LEASE_TASK_RESULT), {"lid": lease_id}).fetchone()
+        if row is None:
+            raise RequestError("NOT_FOUND", f"unknown lease id {lease_id!r}")
+        if row[0] != token:
+            raise RequestError("PERMISSION_DENIED", f"lease {lease_id} belongs to another token")
+        if row[1] != task_id:
+            raise RequestError("INVALID_ARGUMENT", f"lease {lease_id} is for task {row[1]}, not {task_id!r}")
+        return row
+
     def lease_for_complete(self, token: str, task_id: str, lease_id: str) -> LeaseInfo:
         """Check a Complete's header before its upload is read."""
-        with self.store.read() as conn:
-            lease = self._owned_lease(conn, token, task_id, lease_id)
-            task = conn.execute(_TASK, {"tid": task_id}).first()
-            done = conn.execute(_RESULT, {"tid": task_id}).first()
-        info = dict(lease_id=lease_id, task_id=task_id, kind=task.kind, run=task.run,
-                    payload=json.loads(task.payload), granted=lease.granted, worker_id=lease.worker_id)
-        if done is not None:
-            if done.lease_id == lease_id:
+        with self.store.hot() as cur:
+            _, _, state, granted, worker_id, kind, run, payload, _, done_lease, done_credited = \
+                self._lease_task_result(cur, token, task_id, lease_id)
+        info = dict(lease_id=lease_id, task_id=task_id, kind=kind, run=run, payload=json.loads(payload),
+                    granted=granted, worker_id=worker_id)
+        if done_lease is not None:
+            if done_lease == lease_id:
                 return LeaseInfo(**info, duplicate=CompleteOutcome(
-                    True, done.credited, True, "already completed by this lease; the first result stands"))
+                    True, bool(done_credited), True, "already completed by this lease; the first result stands"))
             raise RequestError("FAILED_PRECONDITION", f"task {task_id} was already completed by another lease; "
                                "this result is refused without credit")
-        if lease.state in ("failed", "released"):
-            raise RequestError("FAILED_PRECONDITION", f"lease {lease_id} was given back ({lease.state}); "
+        if state in ("failed", "released"):
+            raise RequestError("FAILED_PRECONDITION", f"lease {lease_id} was given back ({state}); "
                                "its result is refused")
         return LeaseInfo(**info, duplicate=None)
 
@@ -317,33 +350,31 @@ class Scheduler:
     def complete(self, info: LeaseInfo, sha256: str, size: int, rel_path: str, metrics: dict[str, float],
                  credits: list[Credit], commit_file, metadata_json: str = "{}", data: bytes = b"") -> CompleteOutcome:
         """Record an uploaded, validated result. `commit_file()` moves the upload into place; it runs
-        inside the transaction so that a refused completion leaves no file behind."""
+        inside the transaction so that a refused completion leaves no file behind. The transaction is
+        committed before this returns, so an acknowledged completion survives a crash."""
         now = time.time()
-        with self.store.tx() as conn:
-            done = conn.execute(_RESULT, {"tid": info.task_id}).first()
-            if done is not None:  # a concurrent completion won while this upload was streaming
-                if done.lease_id == info.lease_id:
-                    return CompleteOutcome(True, done.credited, True, "already completed by this lease")
+        with self.store.hot() as cur:
+            token, _, state, _, worker_id, _, _, _, task_lease, done_lease, done_credited = \
+                cur.execute(self.store.sql(_LEASE_TASK_RESULT), {"lid": info.lease_id}).fetchone()
+            if done_lease is not None:  # a concurrent completion won while this upload was streaming
+                if done_lease == info.lease_id:
+                    return CompleteOutcome(True, bool(done_credited), True, "already completed by this lease")
                 raise RequestError("FAILED_PRECONDITION", f"task {info.task_id} was already completed by another "
                                    "lease; this result is refused without credit")
-            task = conn.execute(_TASK, {"tid": info.task_id}).first()
-            lease = conn.execute(_LEASE, {"lid": info.lease_id}).first()
-            if lease.state in ("failed", "released"):
-                raise RequestError("FAILED_PRECONDITION", f"lease {info.lease_id} was given back ({lease.state})")
-            token = lease.token
-            conn.execute(_NEW_RESULT, dict(task_id=info.task_id, lease_id=info.lease_id, worker_id=lease.worker_id,
-                                           token=token, sha256=sha256, size=size, path=rel_path,
-                                           metrics=json.dumps(metrics), metadata=metadata_json, credited=True,
-                                           at=now))
-            conn.execute(_LEASE_DONE, {"lid": info.lease_id})
-            if task.lease_id and task.lease_id != info.lease_id:
+            if state in ("failed", "released"):
+                raise RequestError("FAILED_PRECONDITION", f"lease {info.lease_id} was given back ({state})")
+            cur.execute(self.store.sql(_NEW_RESULT), {
+                "tid": info.task_id, "lid": info.lease_id, "wid": worker_id, "tok": token, "sha": sha256, "size": size,
+                "path": rel_path, "metrics": json.dumps(metrics), "meta": metadata_json, "credited": True, "now": now})
+            cur.execute(self.store.sql(_LEASE_DONE), {"lid": info.lease_id})
+            if task_lease and task_lease != info.lease_id:
                 # A late result for an expired lease won: the newer lease is cancelled at its next heartbeat.
-                conn.execute(update(S.leases).where(S.leases.c.id == task.lease_id, S.leases.c.state == "active")
-                             .values(state="cancelled"))
-            conn.execute(_TASK_DONE, {"tid": info.task_id, "now": now})
+                cur.execute(self.store.sql(_CANCEL_NEWER), {"lid": task_lease})
+            cur.execute(self.store.sql(_TASK_DONE), {"tid": info.task_id, "now": now})
             if credits:
-                conn.execute(_CREDIT, [dict(task_id=info.task_id, volunteer=token, kind=info.kind, unit=c.unit,
-                                            amount=c.amount, at=now) for c in credits])
+                cur.executemany(self.store.sql(_CREDIT), [
+                    {"tid": info.task_id, "vol": token, "kind": info.kind, "unit": c.unit, "amount": c.amount,
+                     "now": now} for c in credits])
             self.validator(info.kind).commit(info.task_id, info.payload, data)
             commit_file()
         self.metrics.lease_completed(info.kind)

@@ -4,8 +4,8 @@
     srv.start(); print(srv.port); ...; srv.stop()
 
 Every handler runs inside `_guard`: a RequestError becomes its gRPC status, any other exception
-becomes INTERNAL with a log line, so no request can take the server down. Uploads are written to
-results/.tmp/ and moved into results/ inside the transaction that records them; start-up deletes
+becomes INTERNAL with a log line, so no request can take the server down. Uploads are held in
+memory, written to results/.tmp/ and moved into results/ inside the transaction that records them; start-up deletes
 whatever a crash left half-way.
 """
 
@@ -98,8 +98,13 @@ def _finite(value: float, field: str, minimum: float = 0.0) -> float:
     return value
 
 
-async def _inline(fn, *args):
-    return fn(*args)
+async def _inline(store: S.Store, fn, *args):
+    uses = store.group_uses
+    out = fn(*args)
+    group = store.pending_commit()
+    if group is not None and store.group_uses != uses:  # answer once what this call wrote (or read) is committed
+        await asyncio.shield(group)
+    return out
 
 
 async def _in_pool(pool, fn, *args):
@@ -114,13 +119,14 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         # fsync, which would stall every other RPC (idle heartbeats included), so they run in threads.
         self._pool = None
         if store.is_sqlite:
-            self._db = _inline
+            self._db = functools.partial(_inline, store)
         else:
             self._pool = futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="store")
             self._db = functools.partial(_in_pool, self._pool)
         self.state_dir = Path(cfg.state_dir)
         self.results_dir = self.state_dir / "results"
         self.tmp_dir = self.results_dir / ".tmp"
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self._tokens: dict[str, tuple[str | None, float]] = {}
         self._sha_cache: dict[tuple, str] = {}
 
@@ -228,38 +234,45 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             return pb.CompleteResponse(accepted=d.accepted, credited=d.credited, duplicate=True, message=d.message)
         metrics = dict(h.metrics)
 
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.tmp_dir / f"{h.lease_id}.{uuid.uuid4().hex}"  # unique: the same lease may be uploading twice
-        try:
-            digest, size = hashlib.sha256(), 0
-            with open(tmp, "wb") as f:
-                async for msg in request_iterator:
-                    if not msg.HasField("data"):
-                        raise RequestError("INVALID_ARGUMENT", "only the first Complete message may be a header")
-                    size += len(msg.data)
-                    if size > h.size_bytes:
-                        raise RequestError("DATA_LOSS", f"upload sent more than the declared {h.size_bytes} bytes")
-                    digest.update(msg.data)
-                    f.write(msg.data)
-            if size != h.size_bytes:
-                raise RequestError("DATA_LOSS", f"upload truncated: received {size} of {h.size_bytes} bytes; "
-                                   "send it again")
-            if digest.hexdigest() != h.sha256:
-                raise RequestError("DATA_LOSS", f"SHA-256 mismatch: received data hashes to {digest.hexdigest()}, "
-                                   f"header says {h.sha256}; send it again")
-            # The validator sees the verified bytes (results are bounded by limits.max_upload_bytes).
-            data = tmp.read_bytes()
-            credits = await self._db(self.scheduler.check_result, info, metrics, data)
-            # No fsync: like the store's synchronous=NORMAL, the file survives a crash or kill -9 of the
-            # coordinator (it is in the OS cache); a power cut may lose the newest results.
-            rel = f"results/{h.task_id}.{h.lease_id}.bin"
-            out = await self._db(functools.partial(
-                self.scheduler.complete, info, h.sha256, size, rel, metrics, credits,
-                commit_file=lambda: os.replace(tmp, self.state_dir / rel), metadata_json=metadata_json, data=data))
-        finally:
-            tmp.unlink(missing_ok=True)
+        # The upload is kept in memory (it is bounded by limits.max_upload_bytes, and the validator
+        # reads all of it anyway); it reaches the disk only inside the transaction that records it.
+        chunks, digest, size = [], hashlib.sha256(), 0
+        async for msg in request_iterator:
+            if not msg.HasField("data"):
+                raise RequestError("INVALID_ARGUMENT", "only the first Complete message may be a header")
+            size += len(msg.data)
+            if size > h.size_bytes:
+                raise RequestError("DATA_LOSS", f"upload sent more than the declared {h.size_bytes} bytes")
+            digest.update(msg.data)
+            chunks.append(msg.data)
+        if size != h.size_bytes:
+            raise RequestError("DATA_LOSS", f"upload truncated: received {size} of {h.size_bytes} bytes; "
+                               "send it again")
+        if digest.hexdigest() != h.sha256:
+            raise RequestError("DATA_LOSS", f"SHA-256 mismatch: received data hashes to {digest.hexdigest()}, "
+                               f"header says {h.sha256}; send it again")
+        data = b"".join(chunks)
+        credits = await self._db(self.scheduler.check_result, info, metrics, data)
+        rel = f"results/{h.task_id}.{h.lease_id}.bin"
+        out = await self._db(functools.partial(
+            self.scheduler.complete, info, h.sha256, size, rel, metrics, credits,
+            commit_file=functools.partial(self._write_result, h.lease_id, data, rel), metadata_json=metadata_json,
+            data=data))
         return pb.CompleteResponse(accepted=out.accepted, credited=out.credited, duplicate=out.duplicate,
                                    message=out.message)
+
+    def _write_result(self, lease_id: str, data: bytes, rel: str) -> None:
+        """Write an accepted upload to STATE_DIR/`rel` atomically (a temporary file, then a rename).
+
+        No fsync: like the store's synchronous=NORMAL, the file survives a crash or kill -9 of the
+        coordinator (it is in the OS cache); a power cut may lose the newest results."""
+        tmp = self.tmp_dir / f"{lease_id}.{uuid.uuid4().hex}"  # unique: the same lease may be uploading twice
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, self.state_dir / rel)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     @_guard
     async def Fail(self, token, request, context):
@@ -339,9 +352,10 @@ class CoordinatorServer:
     """The whole service: store, scheduler, expiry sweeper, gRPC + health, optional metrics and status page.
 
     gRPC runs on grpc.aio in an event loop of its own thread: one thread serves every RPC, so calls
-    do not queue for a thread pool or fight over the GIL, and a slow upload holds no thread. The
-    handlers call the store directly (SQLite and loopback PostgreSQL answer in well under a
-    millisecond per statement, and writes are serialised by Store.tx anyway)."""
+    do not queue for a thread pool or fight over the GIL, and a slow upload holds no thread. With
+    SQLite the handlers call the store on that thread, and the transactions of one loop turn share
+    a commit (Store.group_commits) that each handler awaits before it answers; PostgreSQL calls run
+    in a small thread pool. WAL checkpoints run in the sweeper thread."""
 
     def __init__(self, cfg: ProjectConfig, db_url: str | None = None, listen: str | None = None,
                  metrics_port: int | None = None, tls_cert: Path | None = None, tls_key: Path | None = None,
@@ -383,6 +397,8 @@ class CoordinatorServer:
         self.server = grpc.aio.server(options=opts)
         self.health = HealthServicer()
         self.service = CoordinatorService(self.cfg, self.store, self.scheduler, self.metrics)
+        if self.store.is_sqlite:  # the handlers' transactions share a commit per loop turn (Store.group_commits)
+            self.store.group_commits(asyncio.get_running_loop())
         pb_grpc.add_CoordinatorServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if self.tls[0]:
@@ -395,6 +411,7 @@ class CoordinatorServer:
             try:
                 self.scheduler.flush_seen()
                 self.scheduler.sweep_expired()
+                self.store.checkpoint()
             except Exception:  # e.g. PostgreSQL restarting: log and try again at the next interval
                 log.exception("lease sweep failed; retrying in %.1f s", self.cfg.leases.sweep_interval_s)
 

@@ -9,9 +9,11 @@ Chat records ({"messages": [...]}) are rendered with the chat template and store
 shards with a loss mask (assistant turns only).
 
 Parallelism: the per-document work (normalising, language identification, quality filters,
-MinHash fingerprints and tokenisation) runs in `workers` processes on batches of documents;
-the main process reads the input and makes the order-dependent decisions (duplicates, shard
-boundaries) in input order.
+MinHash fingerprints and tokenisation) runs in `workers` processes on batches of documents,
+each stage batched (numpy over the whole batch, one SentencePiece call writing numpy ids);
+a batch comes back as a few flat arrays. The main process reads the input and makes the
+order-dependent decisions (duplicates, shard boundaries) in input order. Workers are forked
+(no imports to repeat) unless the caller runs threads or has torch loaded; then spawned.
 
 Determinism: documents are decided in input order and shards are cut at fixed token counts,
 so the same input gives byte-identical shards (and therefore the same SHA-256 names),
@@ -31,6 +33,8 @@ import logging
 import multiprocessing
 import os
 import shutil
+import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -43,7 +47,7 @@ from .chat import render_chat
 from .dedup import Deduplicator
 from .filters import FilterConfig, detect_language, normalize, quality_reasons
 from .ingest import Document, DropCounter, read_documents
-from .shards import Manifest, ShardInfo, ShardWriter
+from .shards import Manifest, ShardInfo, ShardWriter, token_dtype
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -71,18 +75,23 @@ class ShardConfig:
 
 
 @dataclass
-class _Prepared:
-    """One document after the per-document work, as a worker sends it back."""
+class _Batch:
+    """A batch of documents after the per-document work, as a worker sends it back: a few lists and flat arrays,
+    not an object per document (pickling a few hundred small objects and arrays per batch cost about as much CPU
+    as the quality filters). Everything from `exact` on follows the documents that passed the filters (drop
+    None), in input order: K of them."""
 
-    source: str
-    kind: str  # "text" or "chat"
-    drop: str | None  # reason, if the document is dropped before deduplication
-    lang: str = ""
-    fingerprint: tuple[int, np.ndarray] | None = None
-    ids: np.ndarray | None = None  # [BOS] tokens [EOS]; None when tokenisation was skipped (resume)
-    mask: np.ndarray | None = None
-    chars: int = 0
-    text: str | None = None  # the normalised text, sent back only when tokenisation was skipped
+    sources: list[str]
+    kinds: list[str]  # "text" or "chat"
+    drops: list[str | None]  # reason, if the document is dropped before deduplication
+    langs: list[str]
+    exact: np.ndarray | None  # (K,) uint64 exact-duplicate keys (Deduplicator.fingerprint_arrays); None: no dedup
+    sigs: np.ndarray | None  # (K, num_perm) uint32 MinHash signatures
+    chars: list[int]  # (K,) characters of each normalised text
+    ids: np.ndarray  # the K documents' [BOS] tokens [EOS], one after another (int32)
+    ends: np.ndarray  # (K,) end of each document in `ids`; a text left untokenised (resume) has length 0
+    masks: dict[int, np.ndarray]  # loss masks of chat records, by position among the K
+    texts: list[str] | None  # the K normalised texts, sent back only when tokenisation was skipped
 
 
 class _Bucket:
@@ -118,54 +127,74 @@ def _init_worker(tokenizer_dir: str, cfg: ShardConfig) -> None:
     _W["dedup"] = Deduplicator() if cfg.dedup else None  # only for fingerprints: same parameters as main
 
 
-def _prepare(job: tuple[list[Document], bool]) -> list[_Prepared]:
-    """Per-document work for a batch; the filters and fingerprints run batched (a constant number of numpy
-    calls per batch, data_shards/filters.py and dedup.py), which is what makes them cheap per document."""
+def _prepare(job: _Job) -> _Batch:
+    """Per-document work for a batch. The filters, fingerprints and tokenisation each run
+    batched (a constant number of numpy / SentencePiece calls per batch, data_shards/filters.py and dedup.py),
+    which is what makes them cheap per document."""
     docs, tokenize = job
     tok, cfg, dedup = _W["tok"], _W["cfg"], _W["dedup"]
-    out: list[_Prepared] = []
+    kinds: list[str] = []
+    drops: list[str | None] = []
     texts: list[str] = []
-    for doc in docs:
-        if "messages" in doc.meta:
-            try:
-                ids, mask = render_chat({"messages": doc.meta["messages"]}, tok.encode, tok.marker_ids,
-                                        tok.bos_id, tok.eos_id)
-            except ValueError:
-                out.append(_Prepared(doc.source, "chat", "invalid_chat"))
-                texts.append("")
-                continue
-            text = normalize("\n".join(str(m.get("content", "")) for m in doc.meta["messages"]))
-            p = _Prepared(doc.source, "chat", None, ids=ids, mask=mask)
+    rendered: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for i, (text, _, messages) in enumerate(docs):
+        if messages is None:
+            kinds.append("text")
+            texts.append(normalize(text))
+            drops.append(None)
+            continue
+        kinds.append("chat")
+        try:
+            rendered[i] = render_chat({"messages": messages}, tok.encode, tok.marker_ids,
+                                      tok.bos_id, tok.eos_id)
+        except ValueError:
+            drops.append("invalid_chat")
+            texts.append("")
+            continue
+        texts.append(normalize("\n".join(str(m.get("content", "")) for m in messages)))
+        drops.append(None)
+    langs = list(map(detect_language, texts))
+    for i, lang in enumerate(langs):
+        if drops[i] is None and (lang not in ("ja", "en") or (cfg.lang != "auto" and lang != cfg.lang)):
+            drops[i] = "language" if cfg.lang == "auto" else "language_mismatch"
+
+    check = [i for i, k in enumerate(kinds) if drops[i] is None and k == "text"]
+    for i, reason in zip(check, quality_reasons([texts[i] for i in check], [langs[i] for i in check], cfg.filters),
+                         strict=True):
+        drops[i] = reason
+    kept = [i for i, d in enumerate(drops) if d is None]
+    kept_texts = [texts[i] for i in kept]
+    exact, sigs = dedup.fingerprint_arrays(kept_texts) if dedup is not None else (None, None)
+    encoded = iter(tok.encode_arrays([texts[i] for i in kept if kinds[i] == "text"]) if tokenize else ())
+    parts: list[np.ndarray] = []
+    lengths: list[int] = []
+    masks: dict[int, np.ndarray] = {}
+    for k, i in enumerate(kept):
+        if i in rendered:  # chat records always come rendered, also while resuming
+            ids, masks[k] = rendered[i]
+            parts.append(ids.astype(np.int32))
+            lengths.append(len(ids))
+        elif tokenize:
+            ids = next(encoded)
+            parts += (tok.bos_array, ids, tok.eos_array)
+            lengths.append(len(ids) + 2)
         else:
-            text = normalize(doc.text)
-            p = _Prepared(doc.source, "text", None)
-        p.lang = detect_language(text)
-        if p.lang not in ("ja", "en") or (cfg.lang != "auto" and p.lang != cfg.lang):
-            p.drop = "language" if cfg.lang == "auto" else "language_mismatch"
-        out.append(p)
-        texts.append(text)
-
-    check = [i for i, p in enumerate(out) if p.drop is None and p.kind == "text"]
-    for i, reason in zip(check, quality_reasons([texts[i] for i in check], [out[i].lang for i in check],
-                                                cfg.filters), strict=True):
-        out[i].drop = reason
-    kept = [i for i, p in enumerate(out) if p.drop is None]
-    fps = dedup.fingerprints([texts[i] for i in kept], normalized=True) if dedup is not None else [None] * len(kept)
-    for i, fp in zip(kept, fps, strict=True):
-        p, text = out[i], texts[i]
-        p.fingerprint, p.chars = fp, len(text)
-        if p.kind == "text":
-            if tokenize:
-                p.ids = np.array([tok.bos_id, *tok.encode(text), tok.eos_id], dtype=np.int32)
-            else:
-                p.text = text  # the main process tokenises it if it turns out to be past the resume point
-    return out
+            lengths.append(0)  # the main process tokenises it if it turns out to be past the resume point
+    return _Batch(sources=[source for _, source, _ in docs], kinds=kinds, drops=drops, langs=langs, exact=exact,
+                  sigs=sigs, chars=list(map(len, kept_texts)),
+                  ids=np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32),
+                  ends=np.cumsum(lengths, dtype=np.int64), masks=masks, texts=None if tokenize else kept_texts)
 
 
-def _batches(docs: Iterator[Document], size: int, tokenize: Callable[[], bool]) -> Iterator[tuple[list, bool]]:
-    batch: list[Document] = []
+_Job = tuple[list[tuple[str, str, list | None]], bool]  # [(text, source, chat messages or None)], tokenize
+
+
+def _batches(docs: Iterator[Document], size: int, tokenize: Callable[[], bool]) -> Iterator[_Job]:
+    """Jobs for the workers: what _prepare needs of each document as plain tuples (they pickle about twice as
+    fast as Document objects, and the records' other fields stay behind)."""
+    batch: list[tuple[str, str, list | None]] = []
     for d in docs:
-        batch.append(d)
+        batch.append((d.text, d.source, d.meta.get("messages") if "messages" in d.meta else None))
         if len(batch) == size:
             yield batch, tokenize()
             batch = []
@@ -201,29 +230,34 @@ def build_shards(inputs: list[str | os.PathLike], tokenizer_dir: str | os.PathLi
     docs = read_documents(inputs, text_field=cfg.text_field, source=cfg.source, drops=drops)
     jobs = _batches(docs, cfg.batch_docs, lambda: not resuming())
     workers = cfg.workers or os.cpu_count() or 1
+    dtype = token_dtype(tok.vocab_size)
     with _pool(workers, str(tokenizer_dir), cfg) as prepare:
         for batch in prepare(jobs):
             # duplicate decisions for the whole batch at once, in input order (the order is all they depend on)
-            survivors = [p for p in batch if p.drop is None]
-            if dedup is not None and survivors:
-                for p, dup in zip(survivors, dedup.check_fingerprints([p.fingerprint for p in survivors]),
-                                  strict=True):
-                    p.drop = dup
-            for p in batch:
+            reasons = iter(dedup.check_arrays(batch.exact, batch.sigs) if dedup is not None and batch.ends.size
+                           else ())
+            ids_all = batch.ids.astype(dtype)  # the shard's token type, converted once per batch
+            k = -1
+            for i, drop in enumerate(batch.drops):
                 n_read += 1
-                if p.drop is not None:
-                    drops.add(p.drop)
+                if drop is None:
+                    k += 1
+                    drop = next(reasons, None)
+                if drop is not None:
+                    drops.add(drop)
                     continue
-                key = (p.source, p.lang, p.kind)
+                key = (batch.sources[i], batch.langs[i], batch.kinds[i])
                 bucket = buckets.setdefault(key, _Bucket(key, 0, 0))
                 bucket.seen += 1
-                kept[f"{p.source}/{p.lang}"] += 1
+                kept[f"{key[0]}/{key[1]}"] += 1
                 if bucket.seen <= bucket.done_docs:
                     continue  # already in a journaled shard
-                ids = p.ids
-                if ids is None:  # a worker skipped it while resuming; chat records always come rendered
-                    ids = np.array([tok.bos_id, *tok.encode(p.text), tok.eos_id], dtype=np.int32)
-                if bucket.add(out, tok.vocab_size, ids, p.mask, p.chars) >= cfg.shard_tokens:
+                start, end = (int(batch.ends[k - 1]) if k else 0), int(batch.ends[k])
+                if start == end:  # a worker skipped it while resuming
+                    ids = np.array([tok.bos_id, *tok.encode(batch.texts[k]), tok.eos_id], dtype=dtype)
+                else:
+                    ids = ids_all[start:end]
+                if bucket.add(out, tok.vocab_size, ids, batch.masks.get(k), batch.chars[k]) >= cfg.shard_tokens:
                     finished.append(_close(out, bucket, tok))
             now = time.perf_counter()
             if now - last_log > 10:
@@ -253,8 +287,14 @@ def _pool(workers: int, tokenizer_dir: str, cfg: ShardConfig):
         _init_worker(tokenizer_dir, cfg)
         yield lambda jobs: map(_prepare, jobs)
         return
-    # spawn, not fork: the parent may hold threads (SentencePiece, BLAS) that fork would copy mid-state
-    with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (tokenizer_dir, cfg)) as pool:
+    # Workers are forked when that is safe: they start at once, with everything imported and built (numpy, the
+    # character tables), instead of paying ~0.3 s of imports each. The parent holds no thread that fork could
+    # copy mid-state: SentencePiece's threads live only inside an encode call, and OpenBLAS (idle here) handles
+    # fork itself. A caller that runs other Python threads or has torch loaded (its thread pools) gets spawn.
+    safe = threading.active_count() == 1 and "torch" not in sys.modules
+    ctx = multiprocessing.get_context("fork" if safe else "spawn")
+    log.info("%d worker processes (%s)", workers, ctx.get_start_method())
+    with ctx.Pool(workers, _init_worker, (tokenizer_dir, cfg)) as pool:
         yield lambda jobs: pool.imap(_prepare, jobs, chunksize=1)
 
 

@@ -28,6 +28,8 @@ Batches (the same results, a fixed number of numpy calls per batch): fingerprint
 decisions in one process, in input order:
     fps = dedup.fingerprints(batch, normalized=True)      # [(exact key, signature)], as fingerprint()
     reasons = dedup.check_fingerprints(fps)               # as check_fingerprint() called in order
+    keys, sigs = dedup.fingerprint_arrays(batch)          # the same, as two arrays (what build's workers send)
+    reasons = dedup.check_arrays(keys, sigs)
 """
 
 from __future__ import annotations
@@ -278,6 +280,13 @@ class Deduplicator:
         keys = [int.from_bytes(hashlib.sha256(t.encode("utf-8")).digest()[:8], "little") | 1 for t in texts]
         return list(zip(keys, self.signatures(texts), strict=True))
 
+    def fingerprint_arrays(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """`fingerprints(texts, normalized=True)` as two arrays, (D,) uint64 exact keys and (D, num_perm) uint32
+        signatures: what a worker process sends back for a batch (two arrays pickle faster than D tuples)."""
+        keys = np.fromiter((int.from_bytes(hashlib.sha256(t.encode("utf-8")).digest()[:8], "little") | 1
+                            for t in texts), dtype=np.uint64, count=len(texts))
+        return keys, self.signatures(texts)
+
     def _band_keys(self, sig: np.ndarray) -> list[int]:
         rows = sig.astype(np.uint64).reshape(self.bands, self.rows)  # (bands, rows)
         with np.errstate(over="ignore"):
@@ -317,50 +326,74 @@ class Deduplicator:
 
     def check_fingerprints(self, fingerprints: list[tuple[int, np.ndarray]]) -> list[str | None]:
         """[self.check_fingerprint(k, sig) for k, sig in fingerprints]: the same decisions, in order (a document
-        may duplicate an earlier one of the same batch), and the same state afterwards, for about a third of the
-        cost: band keys, the lookups of what was kept before the batch and the index writes are vectorised; keys
-        first seen in this batch are looked up in a dict."""
+        may duplicate an earlier one of the same batch), and the same state afterwards, for a fraction of the
+        cost (see `check_arrays`)."""
         if not fingerprints:
             return []
-        sigs = np.stack([sig for _, sig in fingerprints])  # (D, K)
-        rows = sigs.astype(np.uint64).reshape(len(sigs), self.bands, self.rows)  # (D, bands, rows)
+        return self.check_arrays(np.array([k for k, _ in fingerprints], dtype=np.uint64),
+                                 np.stack([sig for _, sig in fingerprints]))
+
+    def check_arrays(self, exact: np.ndarray, sigs: np.ndarray) -> list[str | None]:
+        """`check_fingerprints` for the arrays of `fingerprint_arrays`: (D,) exact keys and (D, num_perm) sigs.
+
+        Band keys, the lookups of what was kept before the batch and the index writes are vectorised. A document
+        none of whose keys was kept before nor occurs in an earlier document of the batch (most of them) is kept
+        with no per-band Python work; the others are decided one by one as `check_fingerprint` does, with the
+        keys that occur in more than one document of the batch looked up in dicts."""
+        n = len(exact)
+        if not n:
+            return []
+        rows = sigs.astype(np.uint64).reshape(n, self.bands, self.rows)  # (D, bands, rows)
         with np.errstate(over="ignore"):
             bands = _mix64((rows * self._row_mult).sum(axis=2, dtype=np.uint64) + self._band_salt) | np.uint64(1)
-        exact = np.array([k for k, _ in fingerprints], dtype=np.uint64)  # (D,)
-        old_exact = self._exact.get_many(exact).tolist()  # (D,) kept before this batch, or -1
-        old_bands = self._band_index.get_many(bands.ravel()).reshape(bands.shape).tolist()  # (D, bands)
-        new_exact: dict[int, int] = {}  # keys first kept in this batch -> document
+        old_exact = self._exact.get_many(exact)  # (D,) kept before this batch, or -1
+        old_bands = self._band_index.get_many(bands.ravel()).reshape(bands.shape)  # (D, bands)
+        # Keys met in more than one document of this batch, and whether an earlier document had them.
+        _, first, inverse, count = np.unique(exact, return_index=True, return_inverse=True, return_counts=True)
+        exact_shared, exact_earlier = count[inverse] > 1, first[inverse] < np.arange(n)
+        _, first, inverse, count = np.unique(bands.ravel(), return_index=True, return_inverse=True,
+                                             return_counts=True)
+        band_shared = (count[inverse] > 1).reshape(bands.shape)  # (D, bands)
+        band_earlier = (first[inverse] // self.bands < np.repeat(np.arange(n), self.bands)).reshape(bands.shape)
+        simple = ((old_exact < 0) & ~exact_earlier & (old_bands < 0).all(axis=1) & ~band_earlier.any(axis=1)).tolist()
+        any_shared = band_shared.any(axis=1).tolist()
+        new_exact: dict[int, int] = {}  # keys met more than once in this batch, first kept -> document
         new_bands: dict[int, int] = {}
-        kept: list[tuple[int, int]] = []  # (exact key, document) of each kept document
+        kept: list[int] = []  # rows of the kept documents
         out: list[str | None] = []
-        for (exact_key, sig), band_keys, before, before_bands in zip(fingerprints, bands.tolist(), old_exact,
-                                                                     old_bands, strict=True):
-            first = before if before >= 0 else new_exact.get(exact_key, -1)
-            if first >= 0 and np.array_equal(self._sigs[first], sig):
-                out.append("exact_duplicate")
-                continue
-            cands = {c if c >= 0 else new_bands.get(k, -1) for k, c in zip(band_keys, before_bands, strict=True)}
-            cands.discard(-1)
-            if cands:
-                same = (self._sigs[np.fromiter(cands, dtype=np.int64, count=len(cands))] == sig).mean(axis=1)
-                if same.max() >= self.threshold:
-                    out.append("near_duplicate")
+        for d, (exact_key, is_simple) in enumerate(zip(exact.tolist(), simple, strict=True)):
+            sig = sigs[d]
+            if not is_simple:
+                before = int(old_exact[d])
+                first_doc = before if before >= 0 else new_exact.get(exact_key, -1)
+                if first_doc >= 0 and np.array_equal(self._sigs[first_doc], sig):
+                    out.append("exact_duplicate")
                     continue
+                cands = {c if c >= 0 else new_bands.get(k, -1)
+                         for k, c in zip(bands[d].tolist(), old_bands[d].tolist(), strict=True)}
+                cands.discard(-1)
+                if cands:
+                    same = (self._sigs[np.fromiter(cands, dtype=np.int64, count=len(cands))] == sig).mean(axis=1)
+                    if same.max() >= self.threshold:
+                        out.append("near_duplicate")
+                        continue
             doc = self._kept
             if doc == len(self._sigs):
                 self._sigs = np.concatenate([self._sigs, np.zeros_like(self._sigs)])
             self._sigs[doc] = sig
             self._kept += 1
-            new_exact.setdefault(exact_key, doc)
-            for k in band_keys:
-                new_bands.setdefault(k, doc)
-            kept.append((exact_key, doc))
+            if exact_shared[d]:
+                new_exact.setdefault(exact_key, doc)
+            if any_shared[d]:
+                for k, shared in zip(bands[d].tolist(), band_shared[d].tolist(), strict=True):
+                    if shared:
+                        new_bands.setdefault(k, doc)
+            kept.append(d)
             out.append(None)
         if kept:  # the index writes _remember makes, in the same order, vectorised
-            keys, docs = np.array(kept, dtype=np.uint64).T
-            self._exact.setdefault_many(keys, docs.astype(np.int32))
-            rows = [i for i, r in enumerate(out) if r is None]
-            self._band_index.setdefault_many(bands[rows].ravel(), np.repeat(docs.astype(np.int32), self.bands))
+            docs = np.arange(self._kept - len(kept), self._kept, dtype=np.int32)
+            self._exact.setdefault_many(exact[kept], docs)
+            self._band_index.setdefault_many(bands[kept].ravel(), np.repeat(docs, self.bands))
         return out
 
     def _remember(self, exact_key: int, sig: np.ndarray, keys: list[int]) -> None:

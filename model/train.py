@@ -249,6 +249,7 @@ class Trainer:
         self.device = self.dist.device
         world = self.dist.world_size
         use_bf16 = t.dtype == "bf16" or (t.dtype == "auto" and self.device.type == "cuda")
+        self.bf16 = use_bf16
         # One process: autocast. FSDP: bf16 parameters by the mixed-precision policy (parallelize).
         self.autocast_dtype = torch.bfloat16 if use_bf16 and not self.dist.distributed else None
         if t.batch_size % (t.micro_batch_size * world):
@@ -448,8 +449,7 @@ class Trainer:
         log.info("model: %s parameters (%s active), %s on %s%s%s; %d steps of %d x %d tokens",
                  f"{n:,}", f"{self.mcfg.num_active_params():,}", "MoE" if self.mcfg.is_moe else "dense",
                  f"{self.dist.world_size} processes (FSDP2), " if self.dist.distributed else "", self.device,
-                 " (bf16)" if self.autocast_dtype or (self.dist.distributed and self.device.type == "cuda"
-                                                      and t.dtype != "fp32") else "",
+                 " (bf16)" if self.bf16 else "",
                  t.steps, t.batch_size, self.cfg.data.seq_len)
         exporter = None
         if main and t.metrics_port:

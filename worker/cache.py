@@ -6,7 +6,11 @@
 Layout: `objects/SHA256` holds each file once, whatever its name; `index.json` maps (what, name) to
 the object and remembers when it was last used; `partial/` holds interrupted downloads, which the
 next fetch resumes (CoordinatorClient.fetch continues from the bytes already on disk and checks the
-SHA-256 the server announces, deleting a corrupt file). After each download the least recently
+SHA-256 the server announces, deleting a corrupt file). Checkpoint names are mutable on the coordinator
+(a run rewrites its checkpoint directory; config.json and model.safetensors are fetched one by one), so
+with a client a cached checkpoint file is reused only while the coordinator announces the same
+SHA-256 (one chunk read); otherwise it is fetched again. Shard files are named by their content's hash,
+so a cached shard is used without asking. After each download the least recently
 used objects are evicted until the cache fits `max_bytes`; a single file larger than the cap is
 refused with a message naming --max-disk. One process uses a cache directory at a time.
 """
@@ -67,13 +71,18 @@ class FileCache:
         key = f"{what}:{name}"
         with self._lock:
             entry = self._index.get(key)
+            part = self.partial / hashlib.sha256(key.encode()).hexdigest()
+            if entry is not None and what == "checkpoint" and self.client is not None \
+                    and self._remote_sha256(what, name) != entry["sha256"]:
+                log.info("cache: %s %s changed on the coordinator; fetching it again", what, name)
+                part.unlink(missing_ok=True)  # an interrupted download of the old version, if any
+                entry = None
             if entry is not None and (self.objects / entry["sha256"]).is_file():
                 entry["used"] = time.time()
                 self._save()
                 return self.objects / entry["sha256"]
             if self.client is None:
                 raise FileNotFoundError(f"{what} {name!r} is not cached and this cache has no coordinator client")
-            part = self.partial / hashlib.sha256(key.encode()).hexdigest()
             try:
                 self.client.fetch(what, name, part)  # resumes from part's bytes; checks the announced SHA-256
             except grpc.RpcError as err:
@@ -91,6 +100,14 @@ class FileCache:
             self._evict(keep=sha)
             self._save()
             return self.objects / sha
+
+    def _remote_sha256(self, what: str, name: str) -> str:
+        try:
+            return self.client.remote_sha256(what, name)
+        except grpc.RpcError as err:
+            if err.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+                raise FileNotFoundError(f"the coordinator has no {what} {name!r}: {err.details()}") from None
+            raise
 
     def _evict(self, keep: str) -> None:
         """Remove least recently used objects until the cache fits max_bytes (never `keep`)."""

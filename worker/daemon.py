@@ -207,7 +207,7 @@ class Daemon:
     def __init__(self, cfg: WorkerConfig, metrics: NullMetrics | None = None):
         self.cfg = cfg
         self.client = CoordinatorClient(cfg.coordinator, cfg.token, timeout=30.0, retry_for=1.0)
-        self.metrics = metrics or make_metrics(cfg.metrics_port)
+        self.metrics = metrics or make_metrics(cfg.metrics_port, kinds=tuple(cfg.kinds))
         self.probe = probe_devices(cfg.devices)
         self.device = self.probe.devices[0]
         cfg.cache_dir.mkdir(parents=True, exist_ok=True)

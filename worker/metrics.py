@@ -3,7 +3,8 @@
 Chosen once at start-up (`make_metrics`); the daemon calls the same methods on either. Names are the
 agreed ones (notes/metrics.md): mujina_worker_tasks_total{kind,outcome}, mujina_worker_state{state},
 mujina_worker_task_seconds{kind}, mujina_worker_output_tokens_total{kind}, mujina_worker_pending_uploads.
-The swarm code registers its own metrics in `registry`.
+The swarm code registers its own metrics in `registry`. Every (kind, outcome) series of the worker's task
+kinds exists from start-up at 0, so rate() and alerts on failures have a series before the first failure.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class NullMetrics:
 
 
 class PrometheusMetrics(NullMetrics):
-    def __init__(self, port: int, host: str = "0.0.0.0"):
+    def __init__(self, port: int, host: str = "0.0.0.0", kinds: tuple[str, ...] = ()):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
         self.registry = CollectorRegistry()
@@ -42,6 +43,11 @@ class PrometheusMetrics(NullMetrics):
                               registry=self.registry)
         for s in STATES:
             self._state.labels(s).set(0)
+        for kind in kinds:
+            for outcome in OUTCOMES:
+                self._tasks.labels(kind, outcome)
+            self._seconds.labels(kind)
+            self._tokens.labels(kind)
         self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
         log.info("metrics on http://%s:%d/metrics", host, port)
 
@@ -62,5 +68,5 @@ class PrometheusMetrics(NullMetrics):
         self._server.shutdown()
 
 
-def make_metrics(port: int | None, host: str = "0.0.0.0") -> NullMetrics:
-    return NullMetrics() if port is None else PrometheusMetrics(port, host)
+def make_metrics(port: int | None, host: str = "0.0.0.0", kinds: tuple[str, ...] = ()) -> NullMetrics:
+    return NullMetrics() if port is None else PrometheusMetrics(port, host, kinds)

@@ -110,6 +110,20 @@ class CoordinatorClient:
         """Send Complete messages as given (no retry): for tests of malformed uploads."""
         return self.stub.Complete(iter(chunks), metadata=self.metadata, timeout=timeout or self.timeout)
 
+    def remote_sha256(self, what: str, name: str, *, timeout: float | None = None) -> str:
+        """The SHA-256 the coordinator announces for shards/NAME or checkpoints/NAME, reading one chunk
+        of it (a cache asks this before reusing a copy of a file that may have been rewritten)."""
+        rpc = {"shard": self.stub.FetchShard, "checkpoint": self.stub.FetchCheckpoint}[what]
+
+        def attempt():
+            call = rpc(pb.FetchRequest(name=name, offset=0), metadata=self.metadata, timeout=timeout or self.timeout)
+            try:
+                return next(iter(call)).sha256
+            finally:
+                call.cancel()
+
+        return self._retrying(f"Fetch{what.title()} {name}", attempt)
+
     def fetch(self, what: str, name: str, dest: str | Path, *, timeout: float | None = None) -> Path:
         """Download shards/NAME (what="shard") or checkpoints/NAME (what="checkpoint") into `dest`,
         resuming from the bytes already there, and check its SHA-256. Raises ValueError on a mismatch

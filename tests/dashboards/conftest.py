@@ -11,8 +11,12 @@ not exist yet dropped, see catalog.PENDING_JOBS), then drives a short scenario t
     alice holds 1 lease (heartbeated)            -> 1 leased task
     bob leases 3 tasks and never heartbeats them -> 3 expired leases of 8 granted
 
-Workers heartbeat in a background thread throughout, as daemons do. Adding the worker/swarm/cluster
-exporters later means starting them here and adding their job to `scrape_jobs`.
+Workers heartbeat in a background thread throughout, as daemons do. Beside them a real worker daemon
+(`mujina-worker run --metrics-port`, volunteer carol, kinds generate) runs one generate task with the
+tiny teacher of tests/worker/teacher.py and stays up, scraped as job mujina-workers; and the
+cluster trainer's rank 0 (`python -m model.train`, train.metrics_port) trains a tiny model throughout,
+scraped as job mujina-cluster. Adding the swarm exporters later means starting them here and adding
+their job to `scrape_jobs`.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ from tests.dashboards.catalog import PENDING_JOBS, PROMETHEUS_YML, RULES_YML, sc
 
 LOSSES = [2.0, 2.4, 2.8]   # alice, bob, alice
 EXPIRED = 3
+WORKER_TOKEN = "mj_test_token_carol"
+WORKER_NAME = "carol-cpu"
 
 
 def http_get(url: str, timeout: float = 10.0) -> bytes:
@@ -197,11 +203,68 @@ def _scenario(target: str, store, scheduler, stop: threading.Event) -> threading
     return thread
 
 
+def generate_payload(teacher: Path) -> dict:
+    """One generate task of two Japanese prompts for the tiny teacher (validated like a planned one)."""
+    from data_shards.synthetic import model_files_hash
+
+    prompts = [{"id": f"dash-{i}", "lang": "ja", "template": "qa",
+                "messages": [{"role": "user", "content": f"{topic}について説明してください。"}]}
+               for i, topic in enumerate(["天気", "料理"])]
+    return {"teacher": {"name": "tiny", "sha256": model_files_hash(teacher)}, "answer": 0, "prompts": prompts,
+            "sampling": {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 40, "seed": 0},
+            "limits": {"min_chars": 10, "max_chars": 2000}, "batch_size": 2}
+
+
+def start_worker(target: str, root: Path, metrics_port: int, teacher: Path) -> subprocess.Popen:
+    """A real worker daemon, once its metrics endpoint answers; it leases the pending generate task."""
+    from tests.worker.conftest import spawn_worker
+
+    proc = spawn_worker(target, root / "worker", "--name", WORKER_NAME, "--kinds", "generate", "--teacher",
+                        f"tiny={teacher}", "--metrics-port", str(metrics_port), token=WORKER_TOKEN)
+
+    def serving() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"the worker exited {proc.returncode}:\n{(root / 'worker.log').read_text()[-3000:]}")
+        try:
+            return b"mujina_worker_state" in http_get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=1)
+        except OSError:
+            return False
+
+    wait_until(serving, "the worker's metrics endpoint", limit=60)
+    return proc
+
+
+def start_trainer(root: Path, metrics_port: int) -> subprocess.Popen:
+    """The cluster trainer's rank 0 (`python -m model.train`, a tiny model, steps enough to outlast the
+    session) once its gauges include an eval loss and MFU (CPU has no peak-FLOPS entry: one is given)."""
+    over = {"train.steps": 10**7, "train.metrics_port": metrics_port, "train.peak_tflops": 1, "train.log_every": 1,
+            "train.eval_every": 5, "train.eval_batches": 1, "train.save_every": 0, "train.batch_size": 2,
+            "train.micro_batch_size": 2, "data.seq_len": 32}
+    log = open(root / "trainer.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "model.train", "--config", str(REPO / "configs" / "debug.yaml"),
+                             "--out", str(root / "cluster"), *(f"--set={k}={v}" for k, v in over.items())],
+                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    def serving() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"the trainer exited {proc.returncode}:\n{(root / 'trainer.log').read_text()[-3000:]}")
+        try:
+            text = http_get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=1)
+        except OSError:
+            return False
+        return b"mujina_train_eval_loss" in text and b"mujina_train_mfu" in text
+
+    wait_until(serving, "the trainer's metrics endpoint", limit=120)
+    return proc
+
+
 @pytest.fixture(scope="session")
 def live(tmp_path_factory):
     from coordinator import store as S
     from coordinator.config import load_project
     from coordinator.scheduler import Scheduler
+    from tests.data_shards.corpus import japanese_documents
+    from tests.worker.teacher import build_teacher
 
     root = tmp_path_factory.mktemp("dashboards")
     project = write_project(root, run="dash")
@@ -211,33 +274,54 @@ def live(tmp_path_factory):
     proc, grpc_port = start_coordinator(project, db_url, root / "coordinator.log",
                                         "--metrics-port", str(metrics_port), "--metrics-host", "127.0.0.1",
                                         "--http-port", str(http_port), "--http-host", "127.0.0.1")
-    stop, prom, beats, store = threading.Event(), None, None, None
+    worker_port, cluster_port = free_port(), free_port()
+    stop, prom, beats, store, worker, trainer = threading.Event(), None, None, None, None, None
     try:
-        missing = "" if shutil.which("prometheus") else ("Debian's prometheus is not installed "
-                                                          "(apt-get install prometheus; .ci/run does it)")
-        if not missing:
-            prom = Prometheus(root / "prometheus", {"mujina-coordinator": [f"127.0.0.1:{metrics_port}"]})
-            # Targets appear a few seconds after start-up; the scenario must happen while it scrapes.
-            wait_until(lambda: prom.value('up{job="mujina-coordinator"}') == 1, "the first scrape")
         store = S.Store.open(db_url)
         store.add_token("alice", TOKEN)
         store.add_token("bob", OTHER_TOKEN)
-        beats = _scenario(f"127.0.0.1:{grpc_port}", store, Scheduler(store, cfg), stop)
+        store.add_token("carol", WORKER_TOKEN)
+        scheduler = Scheduler(store, cfg)
+        # the worker first, so that Prometheus never sees its target down (MujinaTargetDown stays quiet)
+        teacher = build_teacher(root / "teacher", japanese_documents(30, seed=3))
+        scheduler.add_task("generate", generate_payload(teacher))
+        worker = start_worker(f"127.0.0.1:{grpc_port}", root, worker_port, teacher)
+        trainer = start_trainer(root, cluster_port)
+        missing = "" if shutil.which("prometheus") else ("Debian's prometheus is not installed "
+                                                          "(apt-get install prometheus; .ci/run does it)")
+        if not missing:
+            prom = Prometheus(root / "prometheus", {"mujina-coordinator": [f"127.0.0.1:{metrics_port}"],
+                                                    "mujina-workers": [f"127.0.0.1:{worker_port}"],
+                                                    "mujina-cluster": [f"127.0.0.1:{cluster_port}"]})
+            # Targets appear a few seconds after start-up; the scenario must happen while it scrapes.
+            wait_until(lambda: prom.value("min(up)") == 1 and len(prom.query("up")) == 3,
+                       "the first scrape of every target")
+        beats = _scenario(f"127.0.0.1:{grpc_port}", store, scheduler, stop)
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        worker_url = f"http://127.0.0.1:{worker_port}/metrics"
         wait_until(lambda: f"mujina_leases_expired_total {EXPIRED}.0" in http_get(metrics_url).decode(),
                    f"{EXPIRED} leases to expire")
-        lv = Live(root, f"http://127.0.0.1:{http_port}/", {"mujina-coordinator": metrics_url}, db_url, prom,
-                  missing)
+        done = 'mujina_worker_tasks_total{kind="generate",outcome="completed"} 1.0'
+        wait_until(lambda: done in http_get(worker_url).decode(), "the worker's generate task", limit=120)
+        lv = Live(root, f"http://127.0.0.1:{http_port}/",
+                  {"mujina-coordinator": metrics_url, "mujina-workers": worker_url,
+                   "mujina-cluster": f"http://127.0.0.1:{cluster_port}/metrics"}, db_url, prom, missing)
         for url in lv.metrics_urls.values():
             lv.metric_names |= scrape_names(http_get(url).decode())
         if prom is not None:  # Prometheus has scraped the final state
             wait_until(lambda: prom.value("mujina_leases_expired_total") == EXPIRED
-                       and prom.value('sum(mujina_tasks{state="leased"})') == 1, "Prometheus to scrape the run")
+                       and prom.value('sum(mujina_tasks{state="leased"})') == 1
+                       and prom.value('sum(mujina_worker_tasks_total{outcome="completed"})') == 1,
+                       "Prometheus to scrape the run")
         yield lv
     finally:
         stop.set()
         if beats is not None:
             beats.join(timeout=5)
+        for child in (worker, trainer):
+            if child is not None:
+                child.terminate()
+                child.wait(timeout=30)
         if prom is not None:
             prom.stop()
         if store is not None:

@@ -83,3 +83,18 @@ def test_prometheus_loads_the_rules_and_the_run_triggers_the_right_alerts(prom):
     states = {a["labels"]["alertname"]: a for a in prom.api("alerts")["alerts"]}
     assert states["MujinaTasksDead"]["labels"]["kind"] == "eval"
     assert states["MujinaEvalLossRising"]["labels"]["run"] == "dash"
+
+
+def test_the_worker_daemon_exports_its_task_and_state_series(prom):
+    # One generate task completed; the other outcomes exist at 0 from start-up, so failure panels and
+    # alerts have a series before the first failure; the daemon idles waiting for work afterwards.
+    from worker.metrics import OUTCOMES, STATES
+
+    for outcome in OUTCOMES:
+        want = 1.0 if outcome == "completed" else 0.0
+        assert prom.value(f'mujina_worker_tasks_total{{kind="generate",outcome="{outcome}"}}') == want, outcome
+    assert prom.value('mujina_worker_output_tokens_total{kind="generate"}') > 0
+    assert prom.value('mujina_worker_task_seconds_count{kind="generate"}') == 1
+    assert prom.value("mujina_worker_pending_uploads") == 0
+    assert {s["metric"]["state"]: float(s["value"][1]) for s in prom.query("mujina_worker_state")} == \
+        {s: float(s == "waiting_for_work") for s in STATES}

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import func, select
 
 from tests.coordinator.conftest import coordinator_cli, free_port, write_project
-from tests.dashboards.conftest import EXPIRED, LOSSES, http_get
+from tests.dashboards.conftest import EXPIRED, LOSSES, WORKER_NAME, http_get
 
 
 def status(live) -> dict:
@@ -39,15 +39,17 @@ def test_api_status_reports_the_store(live):
                 .group_by(S.ledger.c.volunteer, S.ledger.c.unit))}
     finally:
         store.close()
-    assert [e["volunteer"] for e in d["leaderboard"]] == ["alice", "bob"]  # 2 validated tasks before 1
+    # 2 validated tasks before 1; ties by name (carol: the worker daemon's generate task)
+    assert [e["volunteer"] for e in d["leaderboard"]] == ["alice", "bob", "carol"]
     assert {(e["volunteer"], u): a for e in d["leaderboard"] for u, a in e["credit"].items()} == ledger
     assert ledger[("alice", "tasks")] == 2 and ledger[("bob", "tokens_evaluated")] == 500
-    assert d["units"] == ["gpu_seconds", "tasks", "tokens_evaluated"]
+    assert ledger[("carol", "tasks")] == 1 and ledger[("carol", "tokens_generated")] > 0
+    assert d["units"] == ["gpu_seconds", "tasks", "tokens_evaluated", "tokens_generated"]
 
     counts = {t["state"]: t["count"] for t in d["tasks"] if t["kind"] == "eval"}
     assert counts == {"dead": 1, "done": len(LOSSES), "leased": 1, "pending": EXPIRED + 2}
     workers = {w["name"]: w for w in d["workers"]}
-    assert set(workers) == {"alice-gpu", "bob-laptop"} and d["active_workers"] == 2
+    assert set(workers) == {"alice-gpu", "bob-laptop", WORKER_NAME} and d["active_workers"] == 3
     assert workers["alice-gpu"]["leases"] == 1 and workers["alice-gpu"]["volunteer"] == "alice"
     assert workers["alice-gpu"]["gpu_memory"] == 24 << 30 and workers["bob-laptop"]["leases"] == 0
 

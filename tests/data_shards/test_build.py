@@ -3,12 +3,15 @@ dropped is counted by reason, the output is byte-identical for the same input, a
 without rewriting finished shards."""
 
 import json
+import logging
 import os
 import shutil
+import threading
 
 import numpy as np
 import pytest
 
+from data_shards.build import ShardConfig, build_shards
 from data_shards.filters import normalize
 from data_shards.shards import Manifest, ShardReader
 from data_shards.tokenizer import Tokenizer
@@ -67,6 +70,25 @@ def test_same_input_gives_byte_identical_shards(tmp_path, corpus, tokenizer_dir)
     assert [s.file for s in a.shards] == [s.file for s in b.shards] and len(a.shards) > 4
     for s in a.shards:
         assert (tmp_path / "a" / s.file).read_bytes() == (tmp_path / "b" / s.file).read_bytes()
+
+
+def test_forked_and_spawned_workers_give_the_same_shards(tmp_path, corpus, tokenizer_dir, caplog):
+    """Workers are forked when the caller runs no other thread (the CLI) and spawned when it does: the same bytes."""
+    r = mujina_data("shard", "--input", *map(str, corpus["files"]), "--tokenizer", str(tokenizer_dir),
+                    "--out", str(tmp_path / "fork"), "--shard-tokens", "5000", "--workers", "2")
+    assert "2 worker processes (fork)" in r.stderr
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    try:
+        with caplog.at_level(logging.INFO, logger="data_shards.build"):
+            spawned = build_shards(corpus["files"], tokenizer_dir, tmp_path / "spawn",
+                                   ShardConfig(shard_tokens=5000, workers=2))
+    finally:
+        stop.set()
+        other.join()
+    assert "2 worker processes (spawn)" in caplog.text
+    assert [s.file for s in spawned.shards] == [s.file for s in Manifest.load(tmp_path / "fork").shards]
 
 
 def test_interrupted_run_resumes_without_rewriting_finished_shards(tmp_path, corpus, tokenizer_dir):

@@ -142,20 +142,25 @@ def test_batch_check_fingerprints_matches_check_fingerprint():
     included) and leave the same state: signatures, both indexes (the same keys -> documents, size and capacity;
     a probe run may be filled in another order), and nbytes."""
     stream = FP_DOCS + FP_DOCS[::3] + [corpus.near_duplicate(d, seed=9) for d in JA[:60] + EN[:60]]
-    reference, batched = Deduplicator(), Deduplicator()
+    reference = Deduplicator()
     fps = reference.fingerprints(stream)
     expected = [reference.check_fingerprint(*fp) for fp in fps]
-    got = [r for i in range(0, len(fps), 100) for r in batched.check_fingerprints(fps[i: i + 100])]
-    assert got == expected
     assert {"exact_duplicate", "near_duplicate", None} <= set(expected)
-    assert len(batched) == len(reference) and np.array_equal(batched._sigs, reference._sigs)
-    for a, b in ((batched._exact, reference._exact), (batched._band_index, reference._band_index)):
-        keys = b.keys[b.keys != 0]
-        assert a.size == b.size == len(keys) and len(a.keys) == len(b.keys)
-        assert np.array_equal(np.sort(a.keys[a.keys != 0]), np.sort(keys))
-        assert np.array_equal(a.get_many(keys), b.get_many(keys))
-    assert batched.nbytes() == reference.nbytes()
+    # batches of 100 meet most duplicates in an earlier batch; one batch of everything meets them all inside it
+    for size in (100, len(fps)):
+        batched = Deduplicator()
+        got = [r for i in range(0, len(fps), size) for r in batched.check_fingerprints(fps[i: i + size])]
+        assert got == expected
+        assert len(batched) == len(reference) and np.array_equal(batched._sigs, reference._sigs)
+        for a, b in ((batched._exact, reference._exact), (batched._band_index, reference._band_index)):
+            keys = b.keys[b.keys != 0]
+            assert a.size == b.size == len(keys) and len(a.keys) == len(b.keys)
+            assert np.array_equal(np.sort(a.keys[a.keys != 0]), np.sort(keys))
+            assert np.array_equal(a.get_many(keys), b.get_many(keys))
+        assert batched.nbytes() == reference.nbytes()
     assert batched.check_fingerprints([]) == []
+    keys, sigs = reference.fingerprint_arrays([normalize(d) for d in stream[:50]])
+    assert [(int(k), s.tolist()) for k, s in zip(keys, sigs, strict=True)] == [(k, s.tolist()) for k, s in fps[:50]]
 
 
 def test_index_get_many_matches_get():

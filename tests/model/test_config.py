@@ -79,10 +79,10 @@ def test_info_cli_json_and_errors(tmp_path):
 
 
 def _training_configs():
-    # configs/ also holds other programs' files (project.yaml: tests/coordinator); a training config
-    # is one with a model or a checkpoint to start from.
-    return [p for p in sorted((REPO / "configs").glob("*.yaml"))
-            if {"model", "init_from"} & set(yaml.safe_load(p.read_text()) or {})]
+    # configs/ also holds other programs' files (project.yaml: tests/coordinator; personas lists:
+    # tests/worker); a training config is a mapping with a model or a checkpoint to start from.
+    docs = {p: yaml.safe_load(p.read_text()) for p in sorted((REPO / "configs").glob("*.yaml"))}
+    return [p for p, d in docs.items() if isinstance(d, dict) and {"model", "init_from"} & set(d)]
 
 
 @pytest.mark.parametrize("path", _training_configs(), ids=lambda p: p.name)

@@ -55,12 +55,45 @@ def test_eval_task_runs_through_the_daemon_and_is_credited(coord, tmp_path):
     assert len(list((tmp_path / "w1" / "files" / "objects").iterdir())) == 3
 
 
+def test_eval_refetches_a_checkpoint_directory_the_coordinator_rewrote(coord, tmp_path):
+    """checkpoints/tiny/ (config.json + model.safetensors, fetched file by file) is evaluated, then
+    overwritten by another model: the same worker cache must not evaluate its stale copy."""
+    from model import Transformer
+    from model.checkpoint import save_checkpoint
+
+    inputs = make_eval_inputs(coord.cfg.state_dir)
+    first = coord.scheduler.add_task("eval", inputs["payload"])
+    run_worker(coord.target, tmp_path / "w", "--once", "--kinds", "eval")
+    torch.manual_seed(1)
+    other = Transformer(inputs["net"].cfg)
+    save_checkpoint(coord.cfg.state_dir / "checkpoints" / "tiny", other)
+    second = coord.scheduler.add_task("eval", inputs["payload"])
+    log = run_worker(coord.target, tmp_path / "w", "--once", "--kinds", "eval")
+    res = results(coord.store)
+    for tid, net in ((first, inputs["net"]), (second, other)):
+        loss, n = direct_loss(net.eval(), inputs["docs"], 32)
+        assert json.loads(res[tid].metrics) == pytest.approx({"loss": loss, "tokens": float(n)}, rel=1e-4)
+    assert "checkpoint tiny/model.safetensors changed on the coordinator" in log
+    assert "tiny/config.json changed" not in log  # same config: the cached copy is still current
+    # shard, config and both weights files, each once
+    assert len(list((tmp_path / "w" / "files" / "objects").iterdir())) == 4
+
+
 def test_bad_eval_payload_is_handed_back_as_invalid_task(coord, tmp_path):
     tid = coord.scheduler.add_task("eval", {"checkpoint": "nope", "shard": "s", "shard_tokens": 5}, max_attempts=1)
-    log = run_worker(coord.target, tmp_path / "w", "--once", "--kinds", "eval")
+    # a torchrun (DCP) checkpoint directory: config.json beside .distcp files, no model.safetensors
+    dcp = coord.cfg.state_dir / "checkpoints" / "dcp"
+    dcp.mkdir(parents=True)
+    (dcp / "config.json").write_text("{}")
+    (dcp / "__0_0.distcp").write_bytes(b"x")
+    tid_dcp = coord.scheduler.add_task("eval", {"checkpoint": "dcp", "shard": "s", "shard_tokens": 5},
+                                       max_attempts=1)
+    log = run_worker(coord.target, tmp_path / "w", "--max-tasks", "2", "--kinds", "eval")
     with coord.store.read() as conn:
-        task = conn.execute(select(S.tasks).where(S.tasks.c.id == tid)).first()
+        task, task_dcp = (conn.execute(select(S.tasks).where(S.tasks.c.id == t)).first() for t in (tid, tid_dcp))
     assert task.state == "dead" and task.last_error.startswith("INVALID_TASK") and "no checkpoint" in task.last_error
+    assert task_dcp.state == "dead" and "no model.safetensors" in task_dcp.last_error
+    assert "mujina-model convert --dcp" in task_dcp.last_error
     assert "gave lease" in log
 
 
@@ -82,12 +115,16 @@ def test_backoff_while_unreachable_then_spooled_result_uploaded(tmp_path):
     first, second = sched.add_task("eval", inputs["payload"]), sched.add_task("eval", inputs["payload"])
     store.close()
     worker = spawn_worker(f"127.0.0.1:{port}", tmp_path / "w", "--max-tasks", "2", "--kinds", "eval")
-    time.sleep(3.0)  # the worker is backing off now
+    # start the server only once the worker has found it away (on a loaded machine its start-up takes a while)
+    end = time.monotonic() + 120
+    while "unreachable during Register" not in (tmp_path / "w.log").read_text():
+        assert worker.poll() is None and time.monotonic() < end, (tmp_path / "w.log").read_text()
+        time.sleep(0.2)
     server = spawn_server(project, db, port, tmp_path / "server.log")
     try:
         assert worker.wait(timeout=120) == 0
         log = (tmp_path / "w.log").read_text()
-        assert "unreachable during Register" in log and "retrying with back-off" in log
+        assert "retrying with back-off" in log and "registered as worker" in log
         store = Store.open(db)
         done = results(store)
         assert set(done) == {first, second}

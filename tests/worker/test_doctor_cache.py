@@ -1,5 +1,6 @@
 """`mujina-worker doctor` (devices, why no GPU, coordinator and token check, exit code) and the cache's
-resume, checksum and least-recently-used eviction against a real coordinator's FetchShard."""
+resume, checksum and least-recently-used eviction against a real coordinator's FetchShard, and its
+re-fetch of checkpoint files the coordinator rewrote (FetchCheckpoint)."""
 
 from __future__ import annotations
 
@@ -51,3 +52,26 @@ def test_cache_resumes_verifies_and_evicts_least_recently_used(coord, tmp_path):
     # a reopened cache finds what it holds without the coordinator
     again = FileCache(tmp_path / "c", max_bytes=900_000, client=None)
     assert again.fetch("shard", "s2.bin").read_bytes() == blobs["s2.bin"]
+
+
+def test_cache_refetches_a_checkpoint_file_the_coordinator_rewrote(coord, tmp_path):
+    import hashlib
+
+    from worker.cache import FileCache
+
+    ckpt = coord.cfg.state_dir / "checkpoints" / "run1"
+    ckpt.mkdir(parents=True)
+    (ckpt / "config.json").write_bytes(b'{"v": 1}')
+    client = coord.client()
+    assert client.remote_sha256("checkpoint", "run1/config.json") == hashlib.sha256(b'{"v": 1}').hexdigest()
+    cache = FileCache(tmp_path / "c", max_bytes=1 << 20, client=client)
+    assert cache.fetch("checkpoint", "run1/config.json").read_bytes() == b'{"v": 1}'
+    (ckpt / "config.json").write_bytes(b'{"v": 22}')
+    assert cache.fetch("checkpoint", "run1/config.json").read_bytes() == b'{"v": 22}'
+    # gone from the coordinator: an error naming it, never the stale copy
+    (ckpt / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="has no checkpoint 'run1/config.json'"):
+        cache.fetch("checkpoint", "run1/config.json")
+    # offline (no client), the cache serves what it holds
+    assert FileCache(tmp_path / "c", max_bytes=1 << 20).fetch("checkpoint", "run1/config.json").read_bytes() \
+        == b'{"v": 22}'

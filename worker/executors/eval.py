@@ -2,6 +2,7 @@
 
 payload: {"checkpoint": NAME, "shard": NAME, "shard_tokens": N [, "seq_len": L, "batch_size": B]}
   checkpoint  a directory under the coordinator's checkpoints/ holding config.json + model.safetensors
+              (both fetched through the cache, which re-fetches them when the coordinator rewrote them)
   shard       a shard file under shards/ (data_shards format)
 Result metrics: {"loss": mean next-token cross-entropy (nats), "tokens": predicted tokens, "gpu_seconds"}.
 
@@ -44,8 +45,13 @@ def run_eval(ctx: TaskContext) -> Result:
     ckpt = ctx.work_dir / "checkpoint"
     ckpt.mkdir()
     try:
-        for name in (CONFIG, WEIGHTS):
-            _link(ctx.fetch("checkpoint", f"{p['checkpoint']}/{name}"), ckpt / name)
+        _link(ctx.fetch("checkpoint", f"{p['checkpoint']}/{CONFIG}"), ckpt / CONFIG)
+        try:
+            _link(ctx.fetch("checkpoint", f"{p['checkpoint']}/{WEIGHTS}"), ckpt / WEIGHTS)
+        except FileNotFoundError:
+            raise TaskError(f"eval: checkpoint {p['checkpoint']!r} on the coordinator has {CONFIG} but no {WEIGHTS}; "
+                            "a checkpoint written under torchrun must be converted first (mujina-model convert "
+                            "--dcp DIR --out DIR)") from None
         net = load_checkpoint(ckpt, device=ctx.device).eval()
         reader = ShardReader(ctx.fetch("shard", p["shard"]))
     except (ValueError, ShardError, FileNotFoundError) as err:

@@ -1,0 +1,212 @@
+"""Swarm training against the single-process reference, on the same tokens (the headline figure).
+
+    python benchmarks/swarm_quality.py [--json PATH] [--rounds 4 --inner-steps 100]
+
+1. train the `debug` dense model on the synthetic source, upcycle it to a 4-expert top-2 MoE;
+2. (a) continue it with the reference trainer (model/train.py) for R·H steps of 4·b sequences;
+   (b) continue it with 4 swarm workers on 127.0.0.1 (one process each, real hivemind DHT and averagers,
+       a bootstrap DHT peer in this process as the coordinator would run), each holding the trunk and half
+       of the experts (2 of 4 per layer, every expert held by 2 workers), for R rounds of H inner steps of
+       b sequences. Worker w reads sequences [w·b, (w+1)·b) of every step, so together the workers see
+       exactly the reference's batches;
+3. evaluate both on the same held-out batches.
+
+Figures (JSON keys):
+    loss_ratio      swarm eval loss / reference eval loss (goal <= 1.03)
+    comm_reduction  bytes a per-step data-parallel ring all-reduce of all parameters in fp32 would send per
+                    worker (2·(n−1)/n · P · 4 bytes per step) / mean bytes each swarm worker sent (goal >= 100)
+    utilization     mean over workers of time in inner steps / wall time of its rounds (goal >= 0.9)
+
+Swarm bytes are the compressed sizes of what each peer sends in hivemind's butterfly all-reduce (its Δ to
+the other reducers and its share's averages back), counted per module; DHT traffic (a few hundred bytes of
+Δ norms per module and round) is left out. Four workers share this machine's cores, so inner steps are
+slower than the reference's; utilization measures the time lost to averaging, not the speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from model.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from model.train import RunConfig, Trainer  # noqa: E402
+from model.upcycle import upcycle  # noqa: E402
+
+# per worker, the same experts in every layer: half of the experts each (the headline), or all of them
+# (plain DiLoCo, to separate the cost of expert sharding from that of infrequent averaging)
+ASSIGNMENTS = {"half": [[0, 1], [2, 3], [0, 2], [1, 3]], "all": [[0, 1, 2, 3]] * 4}
+CONTINUE_OPTIM = dict(lr=1e-3, min_lr=1e-4, warmup_steps=10)
+
+
+def run_worker(spec_path: str) -> None:
+    """One swarm worker (a subprocess): ready -> wait for `go` -> R rounds -> export its modules."""
+    from worker.executors.train import InnerConfig, SwarmWorker
+    from worker.swarm import SwarmSettings
+
+    torch.set_num_threads(1)
+    spec = json.loads(Path(spec_path).read_text())
+    layers = spec["layers"]
+    assignment = {i: spec["experts"] for i in range(layers)}
+    w = SwarmWorker(spec["checkpoint"], assignment, SwarmSettings(**spec["settings"]), InnerConfig(**spec["inner"]),
+                    initial_peers=spec["peers"], expected_holders=spec["expected"])
+    print("ready", flush=True)
+    sys.stdin.readline()
+    t0 = time.perf_counter()
+    rounds = [w.run_round(r) for r in range(spec["rounds"])]
+    wall = time.perf_counter() - t0
+    full = load_checkpoint(spec["checkpoint"])
+    w.export_into(full, {})
+    save_checkpoint(spec["out"], full)
+    print(json.dumps({"rounds": rounds, "wall": wall}), flush=True)
+    w.shutdown()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--json", type=Path, help="write the figures and settings here")
+    p.add_argument("--dense-steps", type=int, default=300)
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--inner-steps", type=int, default=100)
+    p.add_argument("--batch", type=int, default=4, help="sequences per inner step per worker (reference: 4x)")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--compression", default="fp16")
+    p.add_argument("--outer-lr", type=float, default=0.7)
+    p.add_argument("--outer-momentum", type=float, default=0.9)
+    p.add_argument("--experts", choices=list(ASSIGNMENTS), default="half", help="experts each worker holds")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        run_worker(args.worker)
+        return
+    import logging
+
+    import hivemind
+
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(2)
+    assignments = ASSIGNMENTS[args.experts]
+    R, H, b, n = args.rounds, args.inner_steps, args.batch, len(assignments)
+    tmp = Path(tempfile.mkdtemp(prefix="swarm_quality_"))
+    data = {"source": "synthetic", "seq_len": args.seq_len}
+    eval_cfg = {"eval_every": 0, "eval_batches": 8, "save_every": 0, "log_every": 1000}
+
+    t = time.perf_counter()
+    dense = Trainer(RunConfig.from_dict({
+        "model": {"preset": "debug"}, "out": str(tmp / "dense"), "data": data,
+        "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 30},
+        "train": {"steps": args.dense_steps, "batch_size": 16, "micro_batch_size": 16, "seed": 0, **eval_cfg}}))
+    final = dense.run()
+    moe = upcycle(load_checkpoint(final), num_experts=4, top_k=2)
+    ckpt = save_checkpoint(tmp / "moe", moe)
+    dense_s = time.perf_counter() - t
+
+    def trainer(init: Path, steps: int, out: str) -> Trainer:
+        return Trainer(RunConfig.from_dict({
+            "init_from": str(init), "out": str(tmp / out), "data": data, "optim": CONTINUE_OPTIM,
+            "train": {"steps": steps, "batch_size": n * b, "micro_batch_size": n * b, "seed": 1, **eval_cfg}}))
+
+    start_loss = trainer(ckpt, 1, "start").evaluate()
+    t = time.perf_counter()
+    ref = trainer(ckpt, R * H, "reference")
+    torch.set_num_threads(2)
+    ref.run()
+    ref_s = time.perf_counter() - t
+    ref_loss = ref.evaluate()
+
+    # ---- swarm ----
+    boot = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    peers = [str(a) for a in boot.get_visible_maddrs()]
+    layers = moe.cfg.num_layers
+    expected = {"trunk": n} | {f"l{i}e{e}": sum(e in a for a in assignments) for i in range(layers) for e in range(4)}
+    settings = dict(run="bench", compression=args.compression, outer_lr=args.outer_lr,
+                    outer_momentum=args.outer_momentum, matchmaking_time=3.0, request_timeout=1.0,
+                    averaging_timeout=30.0, stats_timeout=30.0)
+    procs = []
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"}
+    for w, experts in enumerate(assignments):
+        spec = {"checkpoint": str(ckpt), "layers": layers, "experts": experts, "peers": peers, "expected": expected,
+                "rounds": R, "out": str(tmp / f"worker{w}"), "settings": settings,
+                "inner": {"inner_steps": H, "total_steps": R * H, "batch_size": b, "micro_batch_size": b,
+                          "seq_len": args.seq_len, "data_seed": 1, "data_offset": w * b, "optim": CONTINUE_OPTIM}}
+        (tmp / f"worker{w}.json").write_text(json.dumps(spec))
+        procs.append(subprocess.Popen([sys.executable, __file__, "--worker", str(tmp / f"worker{w}.json")],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env))
+    for proc in procs:
+        if proc.stdout.readline().strip() != "ready":
+            raise SystemExit("a swarm worker failed to start; see its stderr above")
+    t = time.perf_counter()
+    for proc in procs:
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    results = [json.loads(proc.stdout.readline()) for proc in procs]
+    for proc in procs:
+        proc.wait()
+    swarm_s = time.perf_counter() - t
+    boot.shutdown()
+
+    # assemble the swarm's model: the trunk from worker 0, each expert from its first holder
+    full = load_checkpoint(ckpt)
+    with torch.no_grad():
+        for w, experts in reversed(list(enumerate(assignments))):
+            got = dict(load_checkpoint(tmp / f"worker{w}").named_parameters())
+            for name, param in full.named_parameters():
+                if "feed_forward" not in name:
+                    param.copy_(got[name])
+                else:
+                    for e in experts:
+                        param[e].copy_(got[name][e])
+    swarm_ckpt = save_checkpoint(tmp / "swarm", full)
+    swarm_loss = trainer(swarm_ckpt, 1, "swarm_eval").evaluate()
+
+    P = sum(q.numel() for q in full.parameters())
+    dp_bytes = R * H * 2 * (n - 1) / n * P * 4
+    sent = [sum(r["bytes_sent"] for r in res["rounds"]) for res in results]
+    util = [sum(r["inner_seconds"] for r in res["rounds"]) / res["wall"] for res in results]
+    failed = sum(r["modules_failed"] + r["modules_refused"] for res in results for r in res["rounds"])
+    figures = {
+        "loss_ratio": swarm_loss / ref_loss,
+        "comm_reduction": dp_bytes / (sum(sent) / n),
+        "utilization": sum(util) / n,
+    }
+    detail = {
+        "start_eval_loss": start_loss, "reference_eval_loss": ref_loss, "swarm_eval_loss": swarm_loss,
+        "swarm_last_inner_loss": [res["rounds"][-1]["loss_last"] for res in results],
+        "bytes_sent_per_worker": sent, "dp_bytes_per_worker": dp_bytes, "utilization_per_worker": util,
+        "module_averagings_failed_or_refused": failed, "params": P,
+        "seconds": {"dense_and_upcycle": dense_s, "reference": ref_s, "swarm": swarm_s},
+    }
+    settings_used = {"model": "debug dense (164k params) -> 4 experts top-2 MoE", "dense_steps": args.dense_steps,
+                     "rounds": R, "inner_steps": H, "workers": n, "experts_per_worker": assignments,
+                     "batch_per_worker": b, "reference_batch": n * b, "seq_len": args.seq_len,
+                     "tokens_each": R * H * n * b * args.seq_len, "inner_optim": CONTINUE_OPTIM,
+                     "outer": f"Nesterov SGD lr {args.outer_lr} momentum {args.outer_momentum}",
+                     "compression": args.compression,
+                     "machine_cpus": os.cpu_count(), "load_avg": os.getloadavg()}
+    print("\nsettings:", json.dumps(settings_used))
+    print(f"\n{'':24s}{'reference':>12s}{'swarm':>12s}")
+    label = f"eval loss (start {start_loss:.4f})"
+    print(f"{label:24s}{ref_loss:12.4f}{swarm_loss:12.4f}")
+    print(f"{'seconds':24s}{ref_s:12.1f}{swarm_s:12.1f}")
+    print(f"{'bytes sent / worker':24s}{dp_bytes:12.3g}{sum(sent) / n:12.3g}")
+    print(f"\n{'figure':16s}{'value':>10s}{'goal':>10s}")
+    for key, goal in (("loss_ratio", "<= 1.03"), ("comm_reduction", ">= 100"), ("utilization", ">= 0.9")):
+        print(f"{key:16s}{figures[key]:10.3f}{goal:>10s}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({**figures, "detail": detail, "settings": settings_used}, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Tiny MoE and in-process swarm workers on 127.0.0.1 (each with its own hivemind DHT and averagers)."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import pytest
+import torch
+
+from model.checkpoint import save_checkpoint
+from model.config import ModelConfig
+from model.transformer import Transformer
+from worker.executors.train import InnerConfig, SwarmWorker
+from worker.swarm import SwarmSettings
+
+TINY = dict(preset="debug", num_layers=1, hidden_size=32, intermediate_size=64, vocab_size=64, max_seq_len=64,
+            moe=dict(num_experts=4, top_k=2))
+
+
+def tiny_model(seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig.from_dict(TINY))
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    return save_checkpoint(tmp_path / "moe", tiny_model())
+
+
+def settings(**kw) -> SwarmSettings:
+    base = dict(run="t", matchmaking_time=3.0, request_timeout=1.0, averaging_timeout=10.0, stats_timeout=8.0)
+    return SwarmSettings(**{**base, **kw})
+
+
+def inner(**kw) -> InnerConfig:
+    base = dict(inner_steps=3, total_steps=30, batch_size=2, micro_batch_size=2, seq_len=32)
+    return InnerConfig(**{**base, **kw})
+
+
+def holders(assignments: list[dict[int, list[int]]]) -> dict[str, int]:
+    count = {"trunk": len(assignments)}
+    for a in assignments:
+        for layer, experts in a.items():
+            for e in experts:
+                count[f"l{layer}e{e}"] = count.get(f"l{layer}e{e}", 0) + 1
+    return count
+
+
+def start_workers(checkpoint, assignments, s: SwarmSettings, cfg: InnerConfig, cls=SwarmWorker, peers=(),
+                  expected=None) -> list[SwarmWorker]:
+    """One worker per assignment; worker i reads batch indices [i*B, (i+1)*B). The first bootstraps the DHT."""
+    expected = expected or holders(assignments)
+    workers: list[SwarmWorker] = []
+    for i, a in enumerate(assignments):
+        c = dataclasses.replace(cfg, data_offset=i * cfg.batch_size)
+        boot = list(peers) or (workers[0].averager.visible_maddrs() if workers else [])
+        workers.append(cls(checkpoint, a, s, c, initial_peers=boot, expected_holders=expected))
+    return workers
+
+
+def run_round(workers: list[SwarmWorker], round_: int) -> list[dict]:
+    """Run one round on every worker at once (threads: torch and hivemind release the GIL)."""
+    results: list = [None] * len(workers)
+    errors: list = []
+
+    def go(i):
+        try:
+            results[i] = workers[i].run_round(round_)
+        except BaseException as e:  # re-raised in the test thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(workers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+@pytest.fixture
+def shutdown():
+    """Collects workers to shut down at the end of the test, whatever happened."""
+    started: list = []
+    yield started.extend
+    for w in started:
+        w.shutdown()

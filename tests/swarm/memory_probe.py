@@ -1,0 +1,30 @@
+"""Runs one swarm round in a fresh process and prints its baseline and peak RSS as JSON:
+`python -m tests.swarm.memory_probe CHECKPOINT EXPERTS_PER_LAYER`."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+from tests.swarm.conftest import inner, settings
+from worker.executors.train import SwarmWorker
+from worker.memory import peak_rss_bytes, warm_baseline_rss
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    checkpoint, k = sys.argv[1], int(sys.argv[2])
+    base = warm_baseline_rss()
+    from model.checkpoint import load_config
+
+    layers = load_config(checkpoint).num_layers
+    w = SwarmWorker(checkpoint, {i: list(range(k)) for i in range(layers)}, settings(averaging=False),
+                    inner(inner_steps=2, batch_size=2, micro_batch_size=2, seq_len=32))
+    w.run_round(0)
+    print(json.dumps({"base": base, "peak": peak_rss_bytes()}))
+
+
+if __name__ == "__main__":
+    main()

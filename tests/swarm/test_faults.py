@@ -1,0 +1,53 @@
+"""A worker killed mid-round (its whole process group, SIGKILL) must not stop the others' round."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+from tests.swarm.conftest import holders, inner, run_round, settings, start_workers
+
+
+def test_killing_one_of_three_workers_mid_round_does_not_stop_the_round(tiny_checkpoint, shutdown):
+    assignments = [{0: [0, 1, 2]}, {0: [1, 2, 3]}, {0: [0, 1, 3]}]
+    expected = holders(assignments)
+    survivors = start_workers(tiny_checkpoint, assignments[:2], settings(compression="none"), inner(),
+                              expected=expected)
+    shutdown(survivors)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    victim = subprocess.Popen(
+        [sys.executable, "-m", "tests.swarm.peer", "--checkpoint", str(tiny_checkpoint),
+         "--assignment", json.dumps(assignments[2]), "--expected", json.dumps(expected), "--offset", "4",
+         *[arg for m in survivors[0].averager.visible_maddrs() for arg in ("--peer", m)]],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        assert victim.stdout.readline().strip() == "ready"
+        killed = threading.Event()
+
+        def kill_when_published():
+            victim.stdin.write("go\n")
+            victim.stdin.flush()
+            if victim.stdout.readline().strip() == "published":
+                os.killpg(victim.pid, signal.SIGKILL)  # the worker and its averager/DHT processes
+                killed.set()
+
+        killer = threading.Thread(target=kill_when_published)
+        killer.start()
+        metrics = run_round(survivors, 0)
+        killer.join()
+        assert killed.is_set()
+    finally:
+        if victim.poll() is None:
+            os.killpg(victim.pid, signal.SIGKILL)
+        victim.wait()
+    # the survivors averaged what they share, and agree on it; the expert each shared only with the victim
+    # (l0e0 for the first, l0e3 for the second) found no group within averaging_timeout and failed
+    for m in metrics:
+        assert m["modules_averaged"] == 3 and m["modules_failed"] == 1, m
+    for module in ("trunk", "l0e1", "l0e2"):
+        a, b = survivors[0].module_state(module), survivors[1].module_state(module)
+        assert (a - b).abs().max() <= 1e-7, module

@@ -1,0 +1,141 @@
+"""How much memory a swarm round needs for a given expert assignment, and how many experts fit a budget.
+
+The coordinator sizes each worker's assignment with `experts_that_fit`; the worker checks its budget with
+`estimate_round_memory` before it starts. What a round keeps, per parameter held (trunk + k experts per
+layer, each with its router row), in bytes:
+
+    weights 4 (fp32 master weights)        grads 4 (freed after each inner step)
+    AdamW   8 (exp_avg, exp_avg_sq)        8-bit AdamW (bitsandbytes, CUDA): 2
+    scratch 8 torch's multi-tensor AdamW computes the step in per-tensor temporaries (sqrt of exp_avg_sq,
+              the update), and the stacked expert weights' backward adds one more expert-sized buffer:
+              8 per trunk parameter, 12 per expert parameter, measured on CPU (37 bytes per expert
+              parameter in all at the inner peak, against 25 for the tensors above)
+    outer   8 (θ_start and momentum)       averaging 4 (one shared buffer per module, hivemind's copy)
+    Δ       8 during the outer step only (the flat Δ and the flat θ_local it is computed from)
+
+The peak is the larger of the inner step (weights + grads + optimizer + scratch + outer + averaging +
+activations) and the outer step (weights + optimizer + outer + averaging + Δ), plus the process's
+baseline: on CPU the RSS of the process once it has imported everything and run one tiny training step
+(`warm_baseline_rss`: the kernels' code pages count as resident), 0 for CUDA's max_memory_allocated.
+
+Activations, per micro-batch of N = micro_batch_size · seq_len tokens, in fp32 floats: per layer about
+16·D (norms, attention projections, residuals) + K·(2·D + 4·F) for the routed slots (gathered inputs,
+w1/w3 outputs, SiLU, product, expert outputs), and 4·V for the logits, their fp32 copy and the
+cross-entropy's softmax and gradient. Activation checkpointing keeps one layer's worth plus the D-wide
+input of every layer. tests/swarm/test_memory.py measures two assignment sizes against the prediction.
+"""
+
+from __future__ import annotations
+
+import resource
+from dataclasses import dataclass
+
+from model.config import ModelConfig
+
+FP32 = 4
+
+
+@dataclass
+class MemoryEstimate:
+    base: int
+    weights: int
+    grads: int
+    optimizer: int
+    outer: int
+    averaging: int
+    delta: int
+    activations: int
+    scratch: int = 0
+
+    @property
+    def inner_peak(self) -> int:
+        return (self.weights + self.grads + self.optimizer + self.scratch + self.outer + self.averaging
+                + self.activations)
+
+    @property
+    def outer_peak(self) -> int:
+        return self.weights + self.optimizer + self.outer + self.averaging + self.delta
+
+    @property
+    def total(self) -> int:
+        return self.base + max(self.inner_peak, self.outer_peak)
+
+
+def held_params(cfg: ModelConfig, experts_per_layer: int) -> tuple[int, int]:
+    """(trunk, expert) parameters a worker holds: k experts per layer, each with its router row."""
+    if cfg.moe is None:
+        raise ValueError("memory estimates are for MoE swarm workers: upcycle the dense model first")
+    D, F = cfg.hidden_size, cfg.intermediate_size
+    experts_all = cfg.num_layers * cfg.moe.num_experts * (3 * D * F + D)
+    return cfg.num_params() - experts_all, cfg.num_layers * experts_per_layer * (3 * D * F + D)
+
+
+def activation_bytes(cfg: ModelConfig, experts_per_layer: int, tokens: int, checkpointing: bool) -> int:
+    D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    K = min(cfg.moe.top_k, experts_per_layer)
+    per_layer = 16 * D + K * (2 * D + 4 * F)
+    layers = (cfg.num_layers * D + per_layer) if checkpointing else cfg.num_layers * per_layer
+    return tokens * (layers + 4 * V) * FP32
+
+
+def estimate_round_memory(cfg: ModelConfig, experts_per_layer: int, *, micro_batch_size: int, seq_len: int,
+                          optimizer: str = "adamw", averaging: bool = True, activation_checkpointing: bool = False,
+                          base_bytes: int = 0) -> MemoryEstimate:
+    """Peak memory of one round on a worker holding `experts_per_layer` experts in every layer."""
+    if cfg.moe is None:
+        raise ValueError("memory estimates are for MoE swarm workers: upcycle the dense model first")
+    if not cfg.moe.top_k <= experts_per_layer <= cfg.moe.num_experts:
+        raise ValueError(f"experts_per_layer must be in [top_k={cfg.moe.top_k}, {cfg.moe.num_experts}], "
+                         f"got {experts_per_layer}")
+    trunk, experts = held_params(cfg, experts_per_layer)
+    P = trunk + experts
+    opt_bytes = {"adamw": 2 * FP32, "adamw8bit": 2}[optimizer]
+    return MemoryEstimate(
+        base=base_bytes, weights=P * FP32, grads=P * FP32, optimizer=P * opt_bytes, outer=2 * P * FP32,
+        scratch=(2 * P + experts) * FP32,
+        averaging=P * FP32 if averaging else 0, delta=2 * P * FP32,
+        activations=activation_bytes(cfg, experts_per_layer, micro_batch_size * seq_len, activation_checkpointing))
+
+
+def experts_that_fit(cfg: ModelConfig, budget_bytes: int, **kw) -> int:
+    """The most experts per layer whose round fits in `budget_bytes` (0 if not even top_k fit)."""
+    best = 0
+    for k in range(cfg.moe.top_k, cfg.moe.num_experts + 1):
+        if estimate_round_memory(cfg, k, **kw).total <= budget_bytes:
+            best = k
+    return best
+
+
+def warm_baseline_rss() -> int:
+    """RSS after one training step of a tiny MoE through the swarm code path: what a worker's process
+    occupies before its own model (interpreter, libraries, the kernels' code pages)."""
+    import torch
+    import torch.nn.functional as F
+
+    from model.train import OptimConfig, build_optimizer
+    from model.transformer import Transformer
+
+    cfg = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+                      num_kv_heads=1, max_seq_len=16, moe={"num_experts": 2, "top_k": 2})
+    net = Transformer(cfg)
+    opt = build_optimizer(net, OptimConfig())
+    ids = torch.randint(0, 32, (2, 16))
+    logits, aux = net(ids, doc_ids=torch.zeros_like(ids), return_aux=True)
+    (F.cross_entropy(logits.flatten(0, 1), ids.flatten()) + aux.loss(cfg)).backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    opt.step()
+    return current_rss_bytes()
+
+
+def current_rss_bytes() -> int:
+    """Resident set size now (Linux /proc; falls back to the peak elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return peak_rss_bytes()
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -1,0 +1,606 @@
+"""Swarm training: expert-sharded DiLoCo over hivemind.
+
+A worker holds the shared *trunk* (embeddings, attention, norms, output head) and some experts of each
+MoE layer. Every module group is averaged only among its holders, by its own hivemind
+`DecentralizedAverager` with prefix `{run}/{module}`:
+
+    trunk        every parameter outside the MoE blocks' experts and routers
+    l{i}e{e}     expert e of layer i: its w1/w3/w2 slices and its router row
+
+One round (DiLoCo, Douillard et al. 2023), per module m held:
+
+    Δ_m       = θ_start_m − θ_local_m                 (after H inner AdamW steps, see executors/train.py)
+    Δ̄_m       = Σ_p w_p Δ_m,p / Σ_p w_p             over the holders p; w_p = tokens module m processed on p
+    mom_m     = μ · mom_m + Δ̄_m                       (outer Nesterov SGD, lr 0.7, μ 0.9 by default)
+    θ_start_m = θ_start_m − lr · (Δ̄_m + μ · mom_m)    the next round's start, the same on every holder
+
+Holders that start from the same θ and momentum and receive the same Δ̄ end the round with the same
+parameters. hivemind returns each peer the *difference* between the average and its own Δ, compressed
+(fp16 by default), so two holders' Δ̄ agree to the compression's rounding of that difference (fp32
+rounding with compression "none"); we do not paper over that with a second broadcast.
+
+Bad updates. Before averaging, every holder publishes its Δ's norm and token count for (module, round)
+in the DHT (key `{run}/{module}/stats/{round}`, subkey = its peer id) and reads the others'. A Δ with
+NaN/Inf, or (with >= 3 reports) a norm above `outlier_factor` × the median norm, is refused: the peer
+that owns it does not join the group (its module goes back to θ_start), every holder logs the peer id,
+and after all-reduce a holder whose group contained a peer it refused discards the average and follows
+the failure policy. This keeps a faulty worker's Δ out; a malicious peer could lie about its norm, which
+only the coordinator's validator (Δ norms are reported with each result) can catch.
+
+Faults. A peer that dies before publishing its norms delays the others' wait by at most `stats_timeout`;
+`averaging_timeout` bounds matchmaking and all-reduce (hivemind bans a sender that stalls for
+`averaging_timeout / 3`), so a peer dying mid-round delays the others by at most the sum. A group that
+does not form follows `failure_policy`: "retry" keeps the module's reference θ_start and its local
+progress, so the next round's Δ carries both rounds of work; "local" applies the outer step with the
+local Δ alone. Either way a warning names the module.
+
+The local model holds only the experts assigned to this worker (`local_model`): a MoE with k experts
+whose router rows are the held rows of the full router. Softmax over the held logits equals softmax over
+all logits with the others masked to -inf, so this is exactly the full model with `active_experts`
+set to the held experts, at a fraction of the memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import statistics
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from model.checkpoint import atomic_write
+from model.config import MoEConfig
+from model.transformer import Transformer
+
+log = logging.getLogger(__name__)
+
+TRUNK = "trunk"
+OUTER_STATE = "outer_momentum.safetensors"   # next to model.safetensors in a swarm round checkpoint
+Assignment = dict[int, list[int]]            # layer -> global expert indices held (sorted, same count per layer)
+
+
+@dataclass
+class SwarmSettings:
+    """Per-run swarm settings; the coordinator's `swarm` section of project.yaml carries the same fields."""
+
+    run: str
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    compression: str = "fp16"          # fp16 | 8bit | none
+    averaging: bool = True             # False: every module takes the outer step with its local Δ alone
+    matchmaking_time: float = 2.0      # seconds a group leader waits for peers
+    request_timeout: float = 1.0       # must stay below matchmaking_time (hivemind)
+    averaging_timeout: float = 30.0    # bound on matchmaking + all-reduce; the delay a dead peer can cause
+    stats_timeout: float = 10.0        # how long to wait for the other holders' Δ norms in the DHT
+    failure_policy: str = "retry"      # retry | local
+    outlier_factor: float = 10.0       # refuse a Δ whose norm exceeds this × the group's median
+    target_group_size: int = 64
+
+    def __post_init__(self) -> None:
+        if "." in self.run or "/" in self.run or not self.run:
+            raise ValueError(f"swarm run name {self.run!r} must be non-empty without '.' or '/'")
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(f"swarm compression must be one of {', '.join(COMPRESSIONS)}, got {self.compression!r}")
+        if self.failure_policy not in ("retry", "local"):
+            raise ValueError(f"swarm failure_policy must be retry or local, got {self.failure_policy!r}")
+        if not (self.outer_lr > 0 and 0 <= self.outer_momentum < 1):
+            raise ValueError("swarm outer_lr must be > 0 and outer_momentum in [0, 1)")
+        if self.request_timeout >= self.matchmaking_time:
+            raise ValueError(f"swarm request_timeout ({self.request_timeout}) must be below matchmaking_time "
+                             f"({self.matchmaking_time}), or hivemind's matchmaking can deadlock")
+        if self.outlier_factor <= 1:
+            raise ValueError("swarm outlier_factor must be > 1")
+
+
+def _compressions():
+    from hivemind.compression import Float16Compression, NoCompression, Uniform8BitQuantization
+    return {"fp16": Float16Compression, "8bit": Uniform8BitQuantization, "none": NoCompression}
+
+
+COMPRESSIONS = ("fp16", "8bit", "none")
+
+
+# ---- module groups -------------------------------------------------------------------------------
+
+def expert_module(layer: int, expert: int) -> str:
+    return f"l{layer}e{expert}"
+
+
+def check_assignment(cfg_moe: MoEConfig | None, num_layers: int, assignment: Assignment) -> Assignment:
+    """Validate and normalise an assignment: every layer, the same number >= top_k of distinct experts."""
+    if cfg_moe is None:
+        raise ValueError("swarm training needs a MoE checkpoint: upcycle the dense model first "
+                         "(mujina-model upcycle)")
+    assignment = {int(k): sorted(int(e) for e in v) for k, v in assignment.items()}
+    if sorted(assignment) != list(range(num_layers)):
+        raise ValueError(f"the expert assignment must name every layer 0..{num_layers - 1}, got {sorted(assignment)}")
+    counts = {len(v) for v in assignment.values()}
+    if len(counts) != 1:
+        raise ValueError(f"hold the same number of experts in every layer, got {counts}")
+    k = counts.pop()
+    for layer, experts in assignment.items():
+        if len(set(experts)) != len(experts) or not all(0 <= e < cfg_moe.num_experts for e in experts):
+            raise ValueError(f"layer {layer}: experts {experts} must be distinct and in 0..{cfg_moe.num_experts - 1}")
+    if k < cfg_moe.top_k:
+        raise ValueError(f"hold at least top_k={cfg_moe.top_k} experts per layer (got {k})")
+    return assignment
+
+
+def full_assignment(model: Transformer) -> Assignment:
+    return {i: list(range(model.cfg.moe.num_experts)) for i in range(model.cfg.num_layers)}
+
+
+def is_expert_param(name: str) -> bool:
+    return name.endswith(("feed_forward.w1_EFD", "feed_forward.w3_EFD", "feed_forward.w2_EDF",
+                          "feed_forward.router.weight"))
+
+
+def trunk_names(model: Transformer) -> list[str]:
+    return [n for n, _ in model.named_parameters() if not is_expert_param(n)]
+
+
+def module_tensors(model: Transformer, module: str, index: dict[str, int] | None = None) -> list[Tensor]:
+    """Views of `module`'s parameters in `model`.
+
+    For an expert module "l{i}e{e}", `index` maps it to the expert's position in the model's stacked
+    tensors (the local model's position, which differs from e when the model holds a subset).
+    """
+    params = dict(model.named_parameters())
+    if module == TRUNK:
+        return [params[n].data for n in trunk_names(model)]
+    layer, expert = (int(x) for x in module[1:].split("e"))
+    j = expert if index is None else index[module]
+    ff = model.layers[layer].feed_forward
+    return [ff.w1_EFD.data[j], ff.w3_EFD.data[j], ff.w2_EDF.data[j], ff.router.weight.data[j]]
+
+
+def flatten(tensors: Sequence[Tensor]) -> Tensor:
+    return torch.cat([t.reshape(-1).float() for t in tensors])
+
+
+def unflatten_into(flat: Tensor, tensors: Sequence[Tensor]) -> None:
+    """Copy a flat vector back into `tensors` (views of the model's parameters)."""
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset:offset + n].view_as(t))
+        offset += n
+    assert offset == flat.numel(), "flat vector does not match the module's size"
+
+
+# ---- the local model: trunk + held experts -------------------------------------------------------
+
+@torch.no_grad()
+def local_model(full: Transformer, assignment: Assignment) -> Transformer:
+    """A MoE holding only the assigned experts (k per layer) with their router rows; trunk copied."""
+    assignment = check_assignment(full.cfg.moe, full.cfg.num_layers, assignment)
+    with torch.device("meta"):
+        local = Transformer(_local_config(full.cfg, assignment))
+    local.to_empty(device=next(full.parameters()).device)
+    local = local.to(next(full.parameters()).dtype)
+    src = dict(full.named_parameters())
+    for name, p in local.named_parameters():
+        if not is_expert_param(name):
+            p.copy_(src[name])
+    for i, experts in assignment.items():
+        sf, df = full.layers[i].feed_forward, local.layers[i].feed_forward
+        idx = torch.tensor(experts, device=sf.w1_EFD.device)
+        for dst, s in ((df.w1_EFD, sf.w1_EFD), (df.w3_EFD, sf.w3_EFD), (df.w2_EDF, sf.w2_EDF),
+                       (df.router.weight, sf.router.weight)):
+            dst.copy_(s[idx])
+    return local
+
+
+def _local_config(full_cfg, assignment: Assignment):
+    k = len(assignment[0])
+    return dataclasses.replace(full_cfg, moe=dataclasses.replace(full_cfg.moe, num_experts=k))
+
+
+@torch.no_grad()
+def local_model_from_checkpoint(directory: str | Path, assignment: Assignment) -> Transformer:
+    """`local_model` straight from a checkpoint directory, reading only the trunk and the held experts'
+    slices (safetensors slicing), so a worker never holds the full MoE in memory. Weights in fp32."""
+    from safetensors import safe_open
+
+    from model.checkpoint import WEIGHTS, load_config
+
+    full_cfg = load_config(directory)
+    assignment = check_assignment(full_cfg.moe, full_cfg.num_layers, assignment)
+    with torch.device("meta"):
+        local = Transformer(_local_config(full_cfg, assignment))
+    local.to_empty(device="cpu")
+    with safe_open(str(Path(directory) / WEIGHTS), framework="pt") as f:
+        for name, p in local.named_parameters():
+            if not is_expert_param(name):
+                key = "tok_embeddings.weight" if name == "output.weight" and full_cfg.tie_word_embeddings else name
+                p.copy_(f.get_tensor(key))
+                continue
+            layer = int(name.split(".")[1])
+            sl = f.get_slice(name)
+            for j, e in enumerate(assignment[layer]):
+                p[j].copy_(sl[e:e + 1][0])
+    if full_cfg.tie_word_embeddings:
+        local.output.weight = local.tok_embeddings.weight
+    return local
+
+
+def local_momentum_from_checkpoint(directory: str | Path, modules: Iterable[str], template: Transformer,
+                                   index: dict[str, int]) -> dict[str, Tensor]:
+    """Flat per-module outer momentum read from a round checkpoint (zeros where it has none: round 0)."""
+    from safetensors import safe_open
+
+    path = Path(directory) / OUTER_STATE
+    zeros = {m: torch.zeros_like(flatten(module_tensors(template, m, index))) for m in modules}
+    if not path.exists():
+        return zeros
+    out = {}
+    with safe_open(str(path), framework="pt") as f:
+        if not set(f.keys()):
+            return zeros
+        for m in modules:
+            if m == TRUNK:
+                out[m] = torch.cat([f.get_tensor(n).reshape(-1).float() for n in trunk_names(template)])
+                continue
+            layer, e = (int(x) for x in m[1:].split("e"))
+            pre = f"layers.{layer}.feed_forward."
+            out[m] = torch.cat([f.get_slice(pre + n)[e:e + 1][0].reshape(-1).float()
+                                for n in ("w1_EFD", "w3_EFD", "w2_EDF", "router.weight")])
+    return out
+
+
+def read_round(directory: str | Path) -> int:
+    """The round a swarm checkpoint starts (0 for a plain checkpoint, e.g. freshly upcycled)."""
+    from safetensors import safe_open
+
+    path = Path(directory) / OUTER_STATE
+    if not path.exists():
+        return 0
+    with safe_open(str(path), framework="pt") as f:
+        return int(f.metadata().get("round", "0"))
+
+
+@torch.no_grad()
+def merge_into(full: Transformer, local: Transformer, assignment: Assignment) -> None:
+    """Write the local model's trunk and held experts back into the full model."""
+    src = dict(local.named_parameters())
+    for name, p in full.named_parameters():
+        if not is_expert_param(name):
+            p.copy_(src[name])
+    for i, experts in assignment.items():
+        sf, df = local.layers[i].feed_forward, full.layers[i].feed_forward
+        for j, e in enumerate(experts):
+            for dst, s in ((df.w1_EFD, sf.w1_EFD), (df.w3_EFD, sf.w3_EFD), (df.w2_EDF, sf.w2_EDF),
+                           (df.router.weight, sf.router.weight)):
+                dst[e].copy_(s[j])
+
+
+def held_modules(assignment: Assignment) -> list[str]:
+    return [TRUNK] + [expert_module(i, e) for i, experts in sorted(assignment.items()) for e in experts]
+
+
+def local_index(assignment: Assignment) -> dict[str, int]:
+    return {expert_module(i, e): j for i, experts in assignment.items() for j, e in enumerate(experts)}
+
+
+def tokens_per_module(tokens: int, tokens_per_expert_LE: Tensor, assignment: Assignment) -> dict[str, float]:
+    """Averaging weights: the trunk saw every token; expert modules the token slots routed to them."""
+    out = {TRUNK: float(tokens)}
+    for i, experts in assignment.items():
+        for j, e in enumerate(experts):
+            out[expert_module(i, e)] = float(tokens_per_expert_LE[i, j])
+    return out
+
+
+# ---- outer state: momentum, saved with a round checkpoint ---------------------------------------
+
+def save_outer_state(directory: str | Path, momentum_full: dict[str, Tensor], round_: int) -> None:
+    """Momentum in the full model's parameter layout (same names and shapes), plus the round number."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in momentum_full.items()}
+    atomic_write(Path(directory) / OUTER_STATE,
+                 lambda p: save_file(tensors, str(p), metadata={"round": str(round_)}))
+
+
+def save_round_checkpoint(directory: str | Path, full: Transformer, momentum_full: dict[str, Tensor],
+                          round_: int) -> Path:
+    """The project checkpoint format plus the outer momentum: what a newcomer starts round `round_` from."""
+    from model.checkpoint import save_checkpoint
+
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    save_outer_state(directory, momentum_full, round_)  # before config.json, which marks a complete checkpoint
+    return save_checkpoint(directory, full, trainer_state={"swarm_round": round_})
+
+
+def load_outer_state(directory: str | Path) -> tuple[dict[str, Tensor], int]:
+    from safetensors import safe_open
+
+    path = Path(directory) / OUTER_STATE
+    if not path.exists():
+        return {}, 0
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, int(f.metadata().get("round", "0"))
+
+
+def momentum_views(momentum_full: dict[str, Tensor], template: Transformer, module: str) -> list[Tensor]:
+    """Views of one module's momentum inside full-layout momentum tensors (same naming as parameters)."""
+    if module == TRUNK:
+        return [momentum_full[n] for n in trunk_names(template)]
+    layer, expert = (int(x) for x in module[1:].split("e"))
+    pre = f"layers.{layer}.feed_forward."
+    return [momentum_full[pre + "w1_EFD"][expert], momentum_full[pre + "w3_EFD"][expert],
+            momentum_full[pre + "w2_EDF"][expert], momentum_full[pre + "router.weight"][expert]]
+
+
+def momentum_into(momentum_full: dict[str, Tensor], full: Transformer, momentum: dict[str, Tensor]) -> None:
+    """Write flat per-module momentum into full-layout tensors (created as zeros when missing)."""
+    if not momentum_full:
+        momentum_full.update({n: torch.zeros_like(p, dtype=torch.float32) for n, p in full.named_parameters()})
+    for m, flat in momentum.items():
+        unflatten_into(flat, momentum_views(momentum_full, full, m))
+
+
+# ---- averaging -----------------------------------------------------------------------------------
+
+@dataclass
+class ModuleOutcome:
+    module: str
+    outcome: str                 # ok | failed | refused | local (averaging off or sole holder)
+    delta_norm: float
+    group_size: int = 1
+    bytes_sent: int = 0
+    refused_peers: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RoundReport:
+    round: int
+    modules: list[ModuleOutcome]
+    seconds: float
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(m.bytes_sent for m in self.modules)
+
+    def count(self, outcome: str) -> int:
+        return sum(m.outcome == outcome for m in self.modules)
+
+
+def is_outlier(norms: dict[str, float], factor: float) -> set[str]:
+    """Peers whose Δ is non-finite, or (with >= 3 finite reports) above factor × the median norm."""
+    bad = {p for p, n in norms.items() if not math.isfinite(n)}
+    finite = [n for p, n in norms.items() if p not in bad]
+    if len(finite) >= 3:
+        med = statistics.median(finite)
+        bad |= {p for p, n in norms.items() if p not in bad and n > factor * max(med, 1e-12)}
+    return bad
+
+
+class SwarmAverager:
+    """One worker's membership of the swarm: a DHT node and one `DecentralizedAverager` per held module.
+
+    `modules` maps module name -> number of floats; `expected_holders` (module -> count, from the
+    coordinator's assignment) lets a round stop waiting for Δ norms once every holder has published.
+    """
+
+    def __init__(self, settings: SwarmSettings, modules: dict[str, int], *, initial_peers: Sequence[str] = (),
+                 dht=None, client_mode: bool = False, host: str = "127.0.0.1",
+                 expected_holders: dict[str, int] | None = None):
+        import hivemind
+
+        self.settings = settings
+        self.expected_holders = expected_holders or {}
+        self._own_dht = dht is None
+        self.dht = dht or hivemind.DHT(initial_peers=list(initial_peers), start=True, client_mode=client_mode,
+                                       host_maddrs=[f"/ip4/{host}/tcp/0"])
+        self.peer_id = str(self.dht.peer_id)
+        self.compression = _compressions()[settings.compression]()
+        self.averagers = {}
+        for name, size in modules.items():
+            if not settings.averaging:
+                break
+            s = settings
+            self.averagers[name] = hivemind.averaging.DecentralizedAverager(
+                [torch.zeros(size)], self.dht, prefix=f"{s.run}/{name}", start=False,
+                # a group starts as soon as every expected holder joined, else after matchmaking_time
+                target_group_size=min(s.target_group_size, self.expected_holders.get(name, s.target_group_size)),
+                min_group_size=2,
+                min_matchmaking_time=s.matchmaking_time, request_timeout=s.request_timeout,
+                allreduce_timeout=s.averaging_timeout, next_chunk_timeout=s.averaging_timeout / 3,
+                compression=self.compression, client_mode=client_mode)
+        # Not start=True: hivemind's run_in_background sets SIGINT to SIG_IGN in *this* process (the daemon's
+        # handler would be lost) and raises outside the main thread, where the daemon runs executors.
+        for a in self.averagers.values():
+            a.start()
+        for a in self.averagers.values():
+            a.wait_until_ready()
+
+    def visible_maddrs(self) -> list[str]:
+        return [str(a) for a in self.dht.get_visible_maddrs()]
+
+    def shutdown(self) -> None:
+        for a in self.averagers.values():
+            a.shutdown()
+        if self._own_dht:
+            self.dht.shutdown()
+
+    # -- one round --
+
+    def _publish_and_collect(self, round_: int, stats: dict[str, dict]) -> dict[str, dict[str, float]]:
+        """Publish this peer's Δ norm per module and gather every holder's (module -> peer -> norm)."""
+        from hivemind.utils import get_dht_time
+
+        s = self.settings
+        expire = get_dht_time() + max(60.0, 4 * s.averaging_timeout)
+        futures = [self.dht.store(f"{s.run}/{m}/stats/{round_}", v, expire, subkey=self.peer_id, return_future=True)
+                   for m, v in stats.items()]
+        for f in futures:
+            f.result()
+        # Wait until every expected holder has published, at most stats_timeout; without a count from the
+        # coordinator, one matchmaking period (holders finish their inner steps at about the same time).
+        wait = s.stats_timeout if self.expected_holders else s.matchmaking_time
+        deadline = time.monotonic() + wait
+        seen: dict[str, dict[str, float]] = {}
+        pending = set(stats)
+        while True:
+            for m in list(pending):
+                found = self.dht.get(f"{s.run}/{m}/stats/{round_}", latest=True)
+                entries = found.value if found is not None and isinstance(found.value, dict) else {}
+                seen[m] = {str(p): float(v.value["norm"]) for p, v in entries.items()
+                           if isinstance(v.value, dict) and "norm" in v.value}
+                if len(seen[m]) >= self.expected_holders.get(m, math.inf):
+                    pending.discard(m)
+            if not pending or time.monotonic() >= deadline:
+                return seen
+            time.sleep(0.2)
+
+    def average(self, round_: int, deltas: dict[str, Tensor], weights: dict[str, float]) -> dict[str, ModuleOutcome]:
+        """Average each module's Δ among its holders, weighted; returns outcome per module and writes the
+        averaged Δ into `deltas` in place (left untouched where averaging did not happen)."""
+        s = self.settings
+        norms = {m: float(d.norm()) for m, d in deltas.items()}
+        out = {m: ModuleOutcome(m, "local", norms[m]) for m in deltas}
+        if not s.averaging:
+            return out
+        to_average = [m for m in deltas if self.expected_holders.get(m, 2) > 1]
+        stats = {m: {"norm": norms[m] if math.isfinite(norms[m]) else float("inf"), "tokens": weights[m]}
+                 for m in to_average}
+        seen = self._publish_and_collect(round_, stats) if to_average else {}
+
+        steps = {}
+        refused_by_module = {}
+        for m in to_average:
+            refused = is_outlier(seen.get(m, {}), s.outlier_factor)
+            refused_by_module[m] = refused
+            for p in sorted(refused):
+                log.warning("round %d, module %s: refusing the Δ of peer %s (norm %s, group median %s)", round_, m,
+                            p, seen[m][p], statistics.median([v for v in seen[m].values() if math.isfinite(v)] or [0]))
+            if self.peer_id in refused or not math.isfinite(norms[m]):
+                out[m] = ModuleOutcome(m, "refused", norms[m], refused_peers=sorted(refused))
+                continue
+            with self.averagers[m].get_tensors() as (t,):
+                t.copy_(deltas[m])
+            steps[m] = self.averagers[m].step(weight=max(weights[m], 1e-6), gather={"norm": norms[m]},
+                                              timeout=s.averaging_timeout, allow_retries=True, wait=False)
+        for m, control in steps.items():
+            try:
+                gathered = control.result(timeout=2 * s.averaging_timeout + s.matchmaking_time)
+            except Exception as e:  # hivemind raises AllreduceException, MatchmakingException, TimeoutError...
+                log.warning("round %d, module %s: averaging failed (%s: %s); policy %s", round_, m,
+                            type(e).__name__, e, s.failure_policy)
+                out[m] = ModuleOutcome(m, "failed", norms[m])
+                continue
+            if gathered is None:
+                log.warning("round %d, module %s: no group formed; policy %s", round_, m, s.failure_policy)
+                out[m] = ModuleOutcome(m, "failed", norms[m])
+                continue
+            members = {str(p) for p in gathered}
+            intruders = members & refused_by_module[m]
+            if intruders:
+                log.warning("round %d, module %s: refused peer(s) %s joined the group anyway; discarding the "
+                            "average (policy %s)", round_, m, sorted(intruders), s.failure_policy)
+                out[m] = ModuleOutcome(m, "failed", norms[m], refused_peers=sorted(refused_by_module[m]))
+                continue
+            with self.averagers[m].get_tensors() as (t,):
+                deltas[m].copy_(t)
+            n = len(members)
+            out[m] = ModuleOutcome(m, "ok", norms[m], group_size=n, bytes_sent=self._bytes_sent(deltas[m], n),
+                                   refused_peers=sorted(refused_by_module[m]))
+        return out
+
+    def _bytes_sent(self, delta: Tensor, group_size: int) -> int:
+        """What this peer sends in one butterfly all-reduce of `delta` in a group of n: (n-1)/n of its Δ,
+        compressed, to the other reducers, and (n-1)/n of its own share's averages back to them."""
+        from hivemind.compression import CompressionInfo
+
+        size = self.compression.compress(delta, CompressionInfo.from_tensor(delta)).ByteSize()
+        return int(2 * size * (group_size - 1) / group_size)
+
+
+# ---- the outer optimizer -------------------------------------------------------------------------
+
+class OuterState:
+    """θ_start and Nesterov momentum per module (flat fp32), and the outer step."""
+
+    def __init__(self, model: Transformer, modules: list[str], index: dict[str, int],
+                 momentum: dict[str, Tensor] | None = None):
+        self.model, self.modules, self.index = model, modules, index
+        self.theta = {m: flatten(module_tensors(model, m, index)).clone() for m in modules}
+        self.momentum = momentum or {m: torch.zeros_like(self.theta[m]) for m in modules}
+
+    def deltas(self) -> dict[str, Tensor]:
+        return {m: self.theta[m] - flatten(module_tensors(self.model, m, self.index)) for m in self.modules}
+
+    @torch.no_grad()
+    def step(self, m: str, delta: Tensor, lr: float, mu: float) -> None:
+        """Nesterov SGD on θ_start with the averaged pseudo-gradient; writes the result into the model."""
+        buf = self.momentum[m].mul_(mu).add_(delta)
+        self.theta[m] -= lr * (delta + mu * buf)
+        unflatten_into(self.theta[m], module_tensors(self.model, m, self.index))
+
+    @torch.no_grad()
+    def revert(self, m: str) -> None:
+        unflatten_into(self.theta[m], module_tensors(self.model, m, self.index))
+
+
+def outer_round(averager: SwarmAverager | None, state: OuterState, settings: SwarmSettings, round_: int,
+                weights: dict[str, float]) -> RoundReport:
+    """Δ per module, averaging among holders, outer step (see the module docstring for the policies)."""
+    t0 = time.perf_counter()
+    deltas = state.deltas()
+    if averager is None:
+        outcomes = {m: ModuleOutcome(m, "local", float(d.norm())) for m, d in deltas.items()}
+    else:
+        outcomes = averager.average(round_, deltas, weights)
+    for m, o in outcomes.items():
+        if o.outcome in ("ok", "local") or (o.outcome == "failed" and settings.failure_policy == "local"):
+            state.step(m, deltas[m], settings.outer_lr, settings.outer_momentum)
+        elif o.outcome == "refused":
+            state.revert(m)  # a bad Δ never reaches the weights; this holder resumes from θ_start
+        # failed + retry: keep θ_start as the reference and the local progress; next round's Δ carries both
+    return RoundReport(round_, [outcomes[m] for m in state.modules], time.perf_counter() - t0)
+
+
+# ---- Prometheus (the daemon's registry) ----------------------------------------------------------
+
+class NullSwarmMetrics:
+    """What the executor records into when the daemon serves no metrics."""
+
+    def record_round(self, report: RoundReport, inner_loss: float, inner_seconds: float, round_seconds: float) -> None:
+        ...
+
+
+class SwarmMetrics(NullSwarmMetrics):
+    """The agreed swarm metrics (dashboards depend on these names), registered in the daemon's registry."""
+
+    def __init__(self, registry):
+        from prometheus_client import Counter, Gauge
+
+        kw = {"registry": registry}
+        self.rounds = Counter("mujina_swarm_rounds", "swarm rounds by outcome", ["outcome"], **kw)
+        self.averaging = Counter("mujina_swarm_averaging", "module averagings by group and outcome",
+                                 ["group", "outcome"], **kw)
+        self.bytes_sent = Counter("mujina_swarm_bytes_sent", "bytes sent in all-reduce (compressed)", **kw)
+        self.inner_loss = Gauge("mujina_swarm_inner_loss", "mean inner loss of the last round", **kw)
+        self.inner_seconds = Counter("mujina_swarm_inner_seconds", "time in inner steps", **kw)
+        self.round_seconds = Counter("mujina_swarm_round_seconds", "wall time of rounds", **kw)
+
+    def record_round(self, report: RoundReport, inner_loss: float, inner_seconds: float, round_seconds: float) -> None:
+        outcomes = {m.outcome for m in report.modules}
+        # averaged: some module was averaged; local_only: nothing to average with (averaging off, sole
+        # holders); failed: every averaging failed or was refused
+        label = "averaged" if "ok" in outcomes else "local_only" if outcomes == {"local"} else "failed"
+        self.rounds.labels(label).inc()
+        for m in report.modules:
+            if m.outcome in ("ok", "failed", "refused"):
+                self.averaging.labels("trunk" if m.module == TRUNK else "expert", m.outcome).inc()
+        self.bytes_sent.inc(report.bytes_sent)
+        self.inner_loss.set(inner_loss)
+        self.inner_seconds.inc(inner_seconds)
+        self.round_seconds.inc(round_seconds)
