@@ -11,10 +11,12 @@ Stages (each prints a header, its commands' progress lines and its elapsed time)
    6 synthetic    export the dense model as the teacher (a Hugging Face Llama + chat template), start a
                   coordinator (status page, metrics) and 3 workers with their own tokens; they generate and
                   judge synthetic data, the coordinator validates it and credits the volunteers
-   7 moe          train the MoE on the corpus shards + the accepted synthetic records (the swarm stage)
-   8 results      the leaderboard (mujina-coordinator ledger) and the losses
-   9 sample       mujina-model export to Hugging Face (Mixtral) and a sample generated with transformers
-  10 watch        where the status page is, how to point Prometheus and Grafana at it
+   7 swarm        mujina-coordinator init-swarm on the upcycled MoE; the same 3 workers run DiLoCo rounds
+                  (local steps, then each module averaged among its holders over hivemind on loopback)
+   8 moe          the swarm's MoE continues on the corpus shards + the accepted synthetic records
+   9 results      the leaderboard (mujina-coordinator ledger) and the losses
+  10 sample       mujina-model export to Hugging Face (Mixtral) and a sample generated with transformers
+  11 watch        where the status page is, how to point Prometheus and Grafana at it
 
 Every child runs in its own process group; Ctrl-C (SIGINT) or SIGTERM stops them all (SIGTERM, then
 SIGKILL after a grace period) before the demo exits. Outputs live under --out; rerunning skips finished
@@ -51,6 +53,8 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 PROMETHEUS_PORTS = {"metrics": 9401, "workers": (9402, 9403, 9404), "train": 9405}  # dashboards/prometheus
 STATUS_PORT = 8080
+STAGES = 11
+PAGE_CACHE_S = 2.5  # /api/status answers from a reading of the store up to 2 s old
 STALL_S = 300  # the workers stage gives up when no task changes state for this long
 
 
@@ -66,14 +70,16 @@ class Scale:
     moe_steps: int
     prompts: int          # synthetic prompts planned (two answers each)
     max_new_tokens: int
+    swarm_rounds: int
+    swarm_inner_steps: int
     workers: int = 3
 
 
 SCALES = {
     "full": Scale(ja_docs=4000, en_docs=1000, vocab=1024, seq_len=256, pretrain_steps=300, moe_steps=100,
-                  prompts=24, max_new_tokens=64),
+                  prompts=24, max_new_tokens=64, swarm_rounds=3, swarm_inner_steps=10),
     "tiny": Scale(ja_docs=300, en_docs=60, vocab=1024, seq_len=128, pretrain_steps=30, moe_steps=10,
-                  prompts=4, max_new_tokens=48),
+                  prompts=4, max_new_tokens=48, swarm_rounds=2, swarm_inner_steps=3),
 }
 
 
@@ -213,17 +219,18 @@ class Demo:
         self.out = Path(args.out).resolve()
         self.fixed_ports = args.ports == "fixed"
         self.serve = args.serve
-        self.swarm = None
         (self.out / "logs").mkdir(parents=True, exist_ok=True)
         self.children = Children(self.out / "logs")
         self.t0 = time.monotonic()
         self.timings: list[tuple[str, float, str]] = []
         self.coordinator: subprocess.Popen | None = None
+        self.workers: list[subprocess.Popen] = []
+        self.worker_ports: list[int] = []
 
     # ---- helpers ---------------------------------------------------------------------------------
 
     def stage(self, n: int, title: str, done: bool, fn) -> None:
-        print(f"\n== {n}/10 {title}" + ("  (done before: skipped)" if done else ""), flush=True)
+        print(f"\n== {n}/{STAGES} {title}" + ("  (done before: skipped)" if done else ""), flush=True)
         start = time.monotonic()
         if not done:
             fn()
@@ -315,6 +322,10 @@ class Demo:
                 "sampling": {"temperature": 1.0, "top_p": 0.95, "max_new_tokens": s.max_new_tokens, "seed": 0},
                 "batch_size": 2, "judge_batch_size": 4, "max_prompts": s.prompts, "max_seed_chars": 120,
                 "min_output_chars": 20, "tokenizer": str(self.out / "tokenizer")},
+            "swarm": {"inner_steps": s.swarm_inner_steps, "rounds": s.swarm_rounds, "batch_size": 4,
+                      "micro_batch_size": 4, "seq_len": 64, "inner_lr": 1.0e-3, "inner_warmup_steps": 2,
+                      "matchmaking_time": 3.0, "averaging_timeout": 30.0, "replication": 2, "checkpoint_every": 1,
+                      "workers": s.workers},
         })
         self.grpc_port_file = state / "grpc.port"
         self.grpc_port_file.unlink(missing_ok=True)
@@ -349,70 +360,116 @@ class Demo:
         return out
 
     def coordinator_and_workers(self) -> None:
-        self.start_coordinator()  # always: the status page and the ledger need it in the later stages too
+        self.start_coordinator()  # always: the swarm stage, the status page and the ledger need it too
         if (self.out / "synthetic.done").exists():
             print("  synthetic data: done before (skipped)")
         else:
             self.synthetic()
 
-    def synthetic(self) -> None:
-        tokens = self.tokens()
-        print("  " + self.children.capture(self.coord_cli("plan")).strip())
+    def start_workers(self) -> None:
+        """3 worker daemons, each with its own volunteer token and metrics port; they stay up for the swarm."""
+        if self.workers:
+            return
         teacher = self.out / "teacher"
-        workers, self.worker_ports = [], []
-        for i, (name, token) in enumerate(sorted(tokens.items())):
+        for i, (name, token) in enumerate(sorted(self.tokens().items())):
             port = self.port(PROMETHEUS_PORTS["workers"][i % 3])
             self.worker_ports.append(port)
-            workers.append(self.children.start(f"worker-{i + 1}", py(
+            self.workers.append(self.children.start(f"worker-{i + 1}", py(
                 "worker.cli", "run", "--coordinator", self.target, "--token", token, "--name", f"demo-{name}",
-                "--teacher", f"demo-dense={teacher}", "--kinds", "generate,judge", "--no-benchmark",
+                "--teacher", f"demo-dense={teacher}", "--kinds", "generate,judge,train", "--no-benchmark",
                 "--cache-dir", str(self.out / "workers" / name), "--metrics-port", str(port)),
                 quiet=("heartbeat",)))
             print(f"  worker-{i + 1} ({name}) metrics on :{port}")
+
+    def stop_workers(self) -> None:
+        print("  stopping the workers (SIGTERM: each hands back what it holds)")
+        for w in self.workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(w.pid, signal.SIGTERM)
+        for w in self.workers:
+            self.children.stop(w)
+        self.workers = []
+
+    def watch_tasks(self, what: str, done) -> None:
+        """Print the task counts whenever they change until `done(counts)`; fail when a worker dies or nothing
+        moves for STALL_S seconds."""
         last, changed = None, time.monotonic()
         while True:
-            for i, w in enumerate(workers):
+            for i, w in enumerate(self.workers):
                 if w.poll() is not None:
                     raise SystemExit(f"demo: worker-{i + 1} exited {w.returncode}; "
                                      f"see {self.out}/logs/worker-{i + 1}.log")
             c = self.counts()
-            busy = sum(c.get(k, {}).get(s, 0) for k in c for s in ("pending", "leased"))
             line = "  tasks: " + "; ".join(f"{k} " + ", ".join(f"{s} {n}" for s, n in sorted(v.items()))
                                          for k, v in sorted(c.items()))
             if line != last:
                 print(line, flush=True)
                 last, changed = line, time.monotonic()
             elif time.monotonic() - changed > STALL_S:
-                raise SystemExit(f"demo: no synthetic task changed state in {STALL_S} s; see {self.out}/logs/")
-            if busy == 0:
-                # generate done -> plan adds judge tasks and shards what was accepted; nothing added twice: done
-                plan = self.children.capture(self.coord_cli("plan")).strip()
-                print("  " + plan)
-                added = re.search(r"added (\d+) generate and (\d+) judge", plan)
-                if added is None:
-                    raise SystemExit(f"demo: unexpected output of `mujina-coordinator plan`: {plan}")
-                if added.groups() == ("0", "0"):
-                    break
+                raise SystemExit(f"demo: no {what} task changed state in {STALL_S} s; see {self.out}/logs/")
+            if done(c):
+                return
             time.sleep(1.0)
-        print("  all synthetic tasks are done: stopping the workers (SIGTERM)")
-        for w in workers:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(w.pid, signal.SIGTERM)
-        for w in workers:
-            self.children.stop(w)
+
+    def synthetic(self) -> None:
+        print("  " + self.children.capture(self.coord_cli("plan")).strip())
+        self.start_workers()
+
+        def settled(c: dict) -> bool:
+            if any(c.get(k, {}).get(s, 0) for k in c for s in ("pending", "leased")):
+                return False
+            # generate done -> plan adds judge tasks and shards what was accepted; nothing added: done
+            plan = self.children.capture(self.coord_cli("plan")).strip()
+            print("  " + plan)
+            added = re.search(r"added (\d+) generate and (\d+) judge", plan)
+            if added is None:
+                raise SystemExit(f"demo: unexpected output of `mujina-coordinator plan`: {plan}")
+            if added.groups() == ("0", "0"):
+                return True
+            time.sleep(PAGE_CACHE_S)  # the status page may still show the counts from before this plan
+            return False
+
+        self.watch_tasks("synthetic", settled)
+        print("  all synthetic tasks are done")
         (self.out / "synthetic.done").write_text("ok\n")
 
+    def swarm(self) -> None:
+        """Swarm rounds (issue 6): the workers train the upcycled MoE, each round H local steps and then an
+        average of every module among its holders over hivemind; the coordinator merges each round."""
+        status_path = self.out / "coordinator" / "swarm" / "demo.json"
+        if not status_path.exists():
+            print("  " + self.children.capture(self.coord_cli("init-swarm", "--checkpoint",
+                                                          str(self.out / "moe-init"))).strip())
+        self.start_workers()
+        rounds = self.scale.swarm_rounds
+        seen = [None]
+
+        def finished(_c: dict) -> bool:
+            st = json.loads(status_path.read_text())
+            if st["round"] != seen[0]:
+                seen[0] = st["round"]
+                print(f"  swarm round {st['round']}/{rounds}: start {st['checkpoint']}; holders "
+                      f"{ {w[:8]: e for w, e in (st.get('assignment') or {}).items()} }", flush=True)
+            return st["round"] >= rounds
+
+        self.watch_tasks("swarm", finished)
+        self.stop_workers()
+        (self.out / "swarm.done").write_text(json.loads(status_path.read_text())["checkpoint"] + "\n")
+
     def moe(self) -> None:
-        # SWARM STAGE: issue 6 (hivemind swarm training of the upcycled MoE) has not landed on main yet.
-        # Until it does, the MoE is trained here by the reference trainer on the same data the swarm
-        # would use: the corpus shards plus the volunteers' accepted synthetic records.
+        """The MoE after the swarm continues on the corpus and the volunteers' accepted synthetic records:
+        the swarm's rounds train on the built-in synthetic source (its `swarm:` section has no data option)."""
         s = self.scale
+        start = self.out / "moe-init"
+        if (self.out / "swarm.done").exists():
+            start = self.out / "coordinator" / "checkpoints" / (self.out / "swarm.done").read_text().strip()
+        print(f"  from {start}")
         mixture = [{"path": str(self.out / "shards" / "train"), "weight": 0.8}]
         synth = self.out / "coordinator" / "synthetic" / "shards"
         if (synth / "manifest.json").exists():
             mixture.append({"path": str(synth), "weight": 0.2})
             print(f"  mixture: corpus shards 0.8 + synthetic shards 0.2 ({synth})")
-        cfg = {"init_from": str(self.out / "moe-init"), "out": str(self.out / "moe"),
+        cfg = {"init_from": str(start), "out": str(self.out / "moe"),
                "data": {"source": "shards", "seq_len": s.seq_len, "mixture": mixture,
                         "eval_mixture": [{"path": str(self.out / "shards" / "eval"), "weight": 1.0}]},
                "optim": {"lr": 1.0e-3, "min_lr": 1.0e-4, "warmup_steps": max(1, s.moe_steps // 10)},
@@ -431,6 +488,9 @@ class Demo:
                 ev = [r["eval_loss"] for r in m if "eval_loss" in r]
                 print(f"  {name}: loss {m[0]['loss']:.3f} (step {m[0]['step']}) -> {m[-1]['loss']:.3f} "
                       f"(step {m[-1]['step']})" + (f"; eval loss {ev[-1]:.3f}" if ev else ""))
+        for series in http_json(f"http://127.0.0.1:{self.http_port}/api/status")["loss"]:
+            pts = series["points"]
+            print(f"  {series['kind']} results ({len(pts)}): loss {pts[0][1]:.3f} -> {pts[-1][1]:.3f}")
         stats = self.out / "coordinator" / "synthetic" / "stats.json"
         if stats.exists():
             for kind, v in sorted(json.loads(stats.read_text()).items()):
@@ -446,7 +506,7 @@ class Demo:
                                        "--max-new-tokens", "40", "--temperature", "0.8"))
 
     def watch(self) -> None:
-        ports = ", ".join(f":{p}" for p in getattr(self, "worker_ports", [])) or "(not started this time)"
+        ports = ", ".join(f":{p}" for p in self.worker_ports) or "(not started this time)"
         print(f"""  status page (leaderboard, loss, tasks, workers):  http://127.0.0.1:{self.http_port}/
   its JSON:                                        http://127.0.0.1:{self.http_port}/api/status
   Prometheus metrics: coordinator :{self.metrics_port}, workers {ports} and trainer rank 0 (while they run)
@@ -487,11 +547,13 @@ class Demo:
                    self.upcycle)
         self.stage(6, "coordinator + 3 workers: synthetic data from the dense model as teacher", False,
                    self.coordinator_and_workers)
-        self.stage(7, f"MoE training ({self.scale.moe_steps} steps) [swarm stage: see moe()]",
+        self.stage(7, f"swarm: {self.scale.swarm_rounds} DiLoCo rounds of the MoE over hivemind by the 3 workers",
+                   (o / "swarm.done").exists(), self.swarm)
+        self.stage(8, f"MoE training on the corpus + synthetic data ({self.scale.moe_steps} steps)",
                    (o / "moe" / "final" / "config.json").exists(), self.moe)
-        self.stage(8, "leaderboard and loss", False, self.results)
-        self.stage(9, "export to Hugging Face and sample with transformers", False, self.sample)
-        self.stage(10, "watch it: status page, Prometheus, Grafana", False, self.watch)
+        self.stage(9, "leaderboard and loss", False, self.results)
+        self.stage(10, "export to Hugging Face and sample with transformers", False, self.sample)
+        self.stage(11, "watch it: status page, Prometheus, Grafana", False, self.watch)
         total = time.monotonic() - self.t0
         print(f"\n== done in {total:.0f} s: " + ", ".join(f"{i + 1}) {s:.0f} s" for i, (_, s, _) in
                                                       enumerate(self.timings)), flush=True)
