@@ -88,8 +88,33 @@ class SyntheticCollector:
         yield g
 
 
+class SwarmCollector:
+    """mujina_swarm_round{run} and mujina_swarm_expert_holders{run,layer,expert} (0: frozen), read from the
+    run's swarm status (STATE_DIR/swarm/RUN.json, written by the round driver) at scrape time."""
+
+    def __init__(self, state_dir, run: str):
+        self.state_dir, self.run = state_dir, run
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        from .swarm import expert_holders, read_status
+
+        status = read_status(self.state_dir, self.run)
+        if status is None:
+            return
+        rnd = GaugeMetricFamily("mujina_swarm_round", "The swarm run's current round", labels=["run"])
+        rnd.add_metric([self.run], status["round"])
+        holders = GaugeMetricFamily("mujina_swarm_expert_holders", "Workers holding each expert this round",
+                                    labels=["run", "layer", "expert"])
+        for row in expert_holders(self.state_dir, self.run):
+            holders.add_metric([self.run, str(row["layer"]), str(row["expert"])], len(row["holders"]))
+        yield rnd
+        yield holders
+
+
 class PrometheusMetrics(NullMetrics):
-    def __init__(self, port: int, store: S.Store, host: str = "0.0.0.0", state_dir=None):
+    def __init__(self, port: int, store: S.Store, host: str = "0.0.0.0", state_dir=None, run: str | None = None):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
         self.registry = CollectorRegistry()
@@ -105,6 +130,8 @@ class PrometheusMetrics(NullMetrics):
         self.registry.register(StoreCollector(store))
         if state_dir is not None:
             self.registry.register(SyntheticCollector(state_dir))
+            if run is not None:
+                self.registry.register(SwarmCollector(state_dir, run))
         self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
         log.info("metrics on http://%s:%d/metrics", host, port)
 
@@ -127,5 +154,6 @@ class PrometheusMetrics(NullMetrics):
         self._server.shutdown()
 
 
-def make_metrics(port: int | None, store: S.Store, host: str = "0.0.0.0", state_dir=None) -> NullMetrics:
-    return NullMetrics() if port is None else PrometheusMetrics(port, store, host, state_dir)
+def make_metrics(port: int | None, store: S.Store, host: str = "0.0.0.0", state_dir=None,
+                 run: str | None = None) -> NullMetrics:
+    return NullMetrics() if port is None else PrometheusMetrics(port, store, host, state_dir, run)

@@ -368,9 +368,15 @@ class CoordinatorServer:
         Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
         self.store = S.Store.open(db_url or cfg.db_url())
         clean_state_dir(self.store, Path(cfg.state_dir))
-        self.metrics = make_metrics(metrics_port, self.store, metrics_host, state_dir=cfg.state_dir)
+        self.metrics = make_metrics(metrics_port, self.store, metrics_host, state_dir=cfg.state_dir, run=cfg.run)
         # The status page runs on threads of its own and only reads the store (coordinator/status_page.py).
-        self.status_page = None if http_port is None else StatusPage(self.store, cfg.run, http_host, http_port)
+        experts = None
+        if cfg.swarm is not None:
+            from .swarm import expert_holders
+
+            experts = lambda: expert_holders(cfg.state_dir, cfg.run, self._worker_names())  # noqa: E731
+        self.status_page = (None if http_port is None
+                            else StatusPage(self.store, cfg.run, http_host, http_port, experts=experts))
         self.scheduler = Scheduler(self.store, cfg, self.metrics)
         self._stop = threading.Event()
         self._sweeper = threading.Thread(target=self._sweep_loop, name="lease-sweeper", daemon=True)
@@ -405,6 +411,11 @@ class CoordinatorServer:
             creds = grpc.ssl_server_credentials([(Path(self.tls[1]).read_bytes(), Path(self.tls[0]).read_bytes())])
             return self.server.add_secure_port(self.listen, creds)
         return self.server.add_insecure_port(self.listen)
+
+    def _worker_names(self) -> dict[str, str]:
+        """worker id -> the name it registered with (for the status page's expert holders)."""
+        with self.store.read() as conn:
+            return dict(conn.execute(select(S.workers.c.id, S.workers.c.name)).all())
 
     def _sweep_loop(self):
         while not self._stop.wait(self.cfg.leases.sweep_interval_s):

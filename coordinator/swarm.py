@@ -175,7 +175,8 @@ class TrainValidator(Validator):
             if not isinstance(inner.get(key), int) or inner[key] < 1:
                 raise ValidationError(f"train payload.inner.{key} must be a positive integer")
 
-    def check_result(self, payload: dict, metrics: dict[str, float], elapsed_s: float) -> list[Credit]:
+    def check_result(self, payload: dict, metrics: dict[str, float], elapsed_s: float,
+                     data: bytes = b"") -> list[Credit]:
         finite_number(metrics, "loss")
         for key in ("delta_norm_trunk", "delta_norm_max"):
             finite_number(metrics, key)
@@ -209,8 +210,35 @@ def init_swarm(state_dir: Path, run: str, checkpoint: Path) -> str:
     name = round_name(run, 0)
     save_round_checkpoint(Path(state_dir) / "checkpoints" / name, net, {}, 0)
     status_path.parent.mkdir(parents=True, exist_ok=True)
-    status_path.write_text(json.dumps({"round": 0, "checkpoint": name, "assignment": {}, "tasks": []}, indent=2))
+    status_path.write_text(json.dumps({"round": 0, "checkpoint": name, "assignment": {}, "tasks": [],
+                                       "num_layers": net.cfg.num_layers, "num_experts": net.cfg.moe.num_experts},
+                                      indent=2))
     return name
+
+
+def read_status(state_dir: Path, run: str) -> dict | None:
+    """The run's swarm status (STATE_DIR/swarm/{run}.json), or None when it is not a swarm run (yet)."""
+    path = Path(state_dir) / "swarm" / f"{run}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def expert_holders(state_dir: Path, run: str, names: dict[str, str] | None = None) -> list[dict]:
+    """Every (layer, expert) of the current round with the workers that hold it (names where known):
+    rows {run, layer, expert, holders}; an expert nobody holds has holders [] (frozen). Read by the status
+    page and the mujina_swarm_expert_holders gauge; no torch."""
+    status = read_status(state_dir, run)
+    if not status or "num_layers" not in status:
+        return []
+    names = names or {}
+    by_expert: dict[int, list[str]] = {e: [] for e in range(status["num_experts"])}
+    for slot, experts in sorted(status.get("assignment", {}).items()):
+        for e in experts:
+            by_expert[e].append(names.get(slot, slot))
+    return [{"run": run, "layer": layer, "expert": e, "holders": by_expert[e]}
+            for layer in range(status["num_layers"]) for e in sorted(by_expert)]
 
 
 def merge_uploads(full, momentum_full: dict, uploads: list[bytes]) -> set[str]:
@@ -329,6 +357,7 @@ class SwarmDriver:
         payloads = round_payloads(self.s, self.cfg.run, status["round"], status["checkpoint"], plan, mcfg.num_layers)
         status["tasks"] = [self.scheduler.add_task("train", p) for p in payloads]
         status["assignment"], status["frozen"] = plan.assignment, plan.frozen
+        status["num_layers"], status["num_experts"] = mcfg.num_layers, mcfg.moe.num_experts
         self._write_status(status)
         log.info("swarm round %d: %d train tasks; holders per expert %s; frozen %s", status["round"],
                  len(payloads), plan.holders, plan.frozen or "none")

@@ -144,6 +144,17 @@ def test_two_rounds_through_the_coordinator(tiny_checkpoint, tmp_path):
         driver.step()  # the run is complete: nothing more
         assert json.loads((state / "swarm" / "demo.json").read_text())["tasks"] == []
         assert name == "demo/round_000000"
+        # What the status page and the Prometheus gauges show: every expert of every layer held by both.
+        from coordinator.metrics import SwarmCollector
+        from coordinator.swarm import expert_holders
+
+        rows = expert_holders(state, "demo", {wid: who for who, wid in workers})
+        layers, experts = merged.cfg.num_layers, merged.cfg.moe.num_experts
+        assert len(rows) == layers * experts and all(sorted(r["holders"]) == ["alice", "bob"] for r in rows)
+        families = {f.name: f for f in SwarmCollector(state, "demo").collect()}
+        assert [s.value for s in families["mujina_swarm_round"].samples] == [2]
+        assert [s.value for s in families["mujina_swarm_expert_holders"].samples] == [2] * (layers * experts)
+        assert expert_holders(state, "other-run") == [] and list(SwarmCollector(state, "other-run").collect()) == []
     finally:
         from worker.executors.train import shutdown_workers
 
