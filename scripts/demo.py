@@ -143,9 +143,10 @@ class Children:
         return out
 
     def stop(self, proc: subprocess.Popen, grace: float = 20.0) -> None:
-        """SIGTERM the process group, wait `grace` seconds, then SIGKILL whatever is left of it."""
+        """SIGTERM the leader (it stops its own children: torchrun its ranks, a worker its hivemind peers),
+        wait `grace` seconds, then SIGKILL whatever is left of its process group."""
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
+            proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
@@ -164,7 +165,7 @@ class Children:
         others = [p for n, p in live if not n.startswith("worker")]
         for p in workers:  # SIGTERM all workers at once: each hands its lease back
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGTERM)
+                p.send_signal(signal.SIGTERM)
         for p in workers + others:
             self.stop(p)
         for _, p in self.procs:  # groups whose leader already exited
@@ -385,7 +386,7 @@ class Demo:
         print("  stopping the workers (SIGTERM: each hands back what it holds)")
         for w in self.workers:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(w.pid, signal.SIGTERM)
+                w.send_signal(signal.SIGTERM)
         for w in self.workers:
             self.children.stop(w)
         self.workers = []
