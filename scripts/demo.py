@@ -142,18 +142,22 @@ class Children:
             raise SystemExit(f"demo: `{' '.join(cmd[2:])}` exited {proc.returncode}: {err.strip()}")
         return out
 
-    def stop(self, proc: subprocess.Popen, grace: float = 20.0) -> None:
-        """SIGTERM the leader (it stops its own children: torchrun its ranks, a worker its hivemind peers),
-        wait `grace` seconds, then SIGKILL whatever is left of its process group."""
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-        with contextlib.suppress(ProcessLookupError):  # members of the group may outlive the leader
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    def stop(self, procs: list[subprocess.Popen], grace: float = 20.0) -> None:
+        """SIGTERM each leader (it stops its own children: torchrun its ranks, a worker its hivemind peers),
+        wait up to `grace` seconds for all of them, then SIGKILL whatever is left of their process groups."""
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGTERM)
+        end = time.monotonic() + grace
+        for p in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=max(0.0, end - time.monotonic()))
+        for p in procs:
+            if p.poll() is None:
+                print(f"  pid {p.pid} did not stop within {grace:.0f} s of SIGTERM: SIGKILL", flush=True)
+            with contextlib.suppress(ProcessLookupError):  # members of the group may outlive the leader
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
 
     def stop_all(self) -> None:
         with self.lock:
@@ -161,13 +165,8 @@ class Children:
         self.stopping = True
         if live:
             print(f"\n== stopping {len(live)} child processes: {', '.join(n for n, _ in live)}", flush=True)
-        workers = [p for n, p in live if n.startswith("worker")]
-        others = [p for n, p in live if not n.startswith("worker")]
-        for p in workers:  # SIGTERM all workers at once: each hands its lease back
-            with contextlib.suppress(ProcessLookupError):
-                p.send_signal(signal.SIGTERM)
-        for p in workers + others:
-            self.stop(p)
+        self.stop([p for n, p in live if n.startswith("worker")])  # first: each hands its lease back
+        self.stop([p for n, p in live if not n.startswith("worker")])
         for _, p in self.procs:  # groups whose leader already exited
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(p.pid, signal.SIGKILL)
@@ -384,11 +383,7 @@ class Demo:
 
     def stop_workers(self) -> None:
         print("  stopping the workers (SIGTERM: each hands back what it holds)")
-        for w in self.workers:
-            with contextlib.suppress(ProcessLookupError):
-                w.send_signal(signal.SIGTERM)
-        for w in self.workers:
-            self.children.stop(w)
+        self.children.stop(self.workers)
         self.workers = []
 
     def watch_tasks(self, what: str, done) -> None:

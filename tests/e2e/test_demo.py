@@ -22,6 +22,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import REPO
 
@@ -129,7 +130,9 @@ def test_ctrl_c_during_the_workers_stage_stops_every_child(demo):
     assert rc == 130, output
     assert "SIGINT: stopping" in output, output
     assert re.search(r"stopping \d+ child processes: .*worker-3.*coordinator", output), output
-    assert output.count("SIGTERM: leasing nothing more") == 3, output  # every worker handed its lease back
+    for i in (1, 2, 3):  # every worker handed its lease back
+        assert f"[worker-{i}] " in output and any(f"[worker-{i}] " in x and "SIGTERM: leasing nothing more" in x
+                                                  for x in output.splitlines()), output
     assert left == [], f"processes left after Ctrl-C: {left}\n{output}"
 
 
@@ -146,7 +149,7 @@ def test_rerun_resumes_and_the_pipeline_produced_everything(demo):
     rc, output = demo["resumed"]
     assert rc == 0, output
     for n in (1, 2, 3, 4, 5):  # finished before the interrupt: skipped, not redone
-        assert next(x for x in output.splitlines() if x.startswith(f"== {n}/10")).endswith("(done before: skipped)")
+        assert next(x for x in output.splitlines() if x.startswith(f"== {n}/11")).endswith("(done before: skipped)")
     # shards with a manifest
     manifest = json.loads((out / "shards" / "train" / "manifest.json").read_text())
     assert manifest["shards"] and sum(s["documents"] for s in manifest["shards"]) > 300
@@ -167,7 +170,15 @@ def test_rerun_resumes_and_the_pipeline_produced_everything(demo):
     assert sum(float(r["amount"]) for r in generated_credit) > 0
     assert {r["volunteer"] for r in rows} <= {"volunteer-1", "volunteer-2", "volunteer-3"}
     assert "leaderboard (mujina-coordinator ledger)" in output and "volunteer-" in output
-    # the MoE trained on the corpus and the synthetic shards, exported, and sampled with transformers
+    # swarm rounds by the workers over hivemind, credited as tokens_trained, merged into round checkpoints
+    trained = [r for r in rows if r["kind"] == "train" and r["unit"] == "tokens_trained"]
+    assert len(trained) == 3 and all(float(r["amount"]) > 0 for r in trained), rows
+    last_round = (out / "swarm.done").read_text().strip()
+    assert last_round == "demo/round_000002"
+    assert (out / "coordinator" / "checkpoints" / last_round / "config.json").exists()
+    # the swarm's MoE trained on the corpus and the synthetic shards, exported, and sampled with transformers
+    moe_cfg = yaml.safe_load((out / "moe.yaml").read_text())
+    assert moe_cfg["init_from"].endswith(last_round)
     assert "synthetic shards 0.2" in output
     assert json.loads((out / "hf" / "config.json").read_text())["model_type"] == "mixtral"
     sample = json.loads(next(x for x in (out / "logs" / "sample.log").read_text().splitlines()
