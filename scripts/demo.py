@@ -79,7 +79,7 @@ SCALES = {
     "full": Scale(ja_docs=4000, en_docs=1000, vocab=1024, seq_len=256, pretrain_steps=300, moe_steps=100,
                   prompts=24, max_new_tokens=64, swarm_rounds=3, swarm_inner_steps=10),
     "tiny": Scale(ja_docs=300, en_docs=60, vocab=1024, seq_len=128, pretrain_steps=30, moe_steps=10,
-                  prompts=4, max_new_tokens=48, swarm_rounds=2, swarm_inner_steps=3),
+                  prompts=4, max_new_tokens=48, swarm_rounds=1, swarm_inner_steps=3),
 }
 
 

@@ -174,7 +174,7 @@ def test_rerun_resumes_and_the_pipeline_produced_everything(demo):
     trained = [r for r in rows if r["kind"] == "train" and r["unit"] == "tokens_trained"]
     assert len(trained) == 3 and all(float(r["amount"]) > 0 for r in trained), rows
     last_round = (out / "swarm.done").read_text().strip()
-    assert last_round == "demo/round_000002"
+    assert last_round == "demo/round_000001"
     assert (out / "coordinator" / "checkpoints" / last_round / "config.json").exists()
     # the swarm's MoE trained on the corpus and the synthetic shards, exported, and sampled with transformers
     moe_cfg = yaml.safe_load((out / "moe.yaml").read_text())
