@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	PATH="$(abspath $(BIN)):$$PATH" bash scripts/demo.sh
+	$(BIN)/python scripts/demo.py $(DEMO_ARGS)
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
