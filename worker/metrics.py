@@ -1,7 +1,7 @@
 """Prometheus metrics of the worker daemon (`--metrics-port P`), or a null version when off.
 
 Chosen once at start-up (`make_metrics`); the daemon calls the same methods on either. Names are the
-agreed ones (notes/metrics.md): mujina_worker_tasks_total{kind,outcome}, mujina_worker_state{state},
+names the dashboards query (dashboards/README.md): mujina_worker_tasks_total{kind,outcome}, mujina_worker_state{state},
 mujina_worker_task_seconds{kind}, mujina_worker_output_tokens_total{kind}, mujina_worker_pending_uploads.
 The swarm code registers its own metrics in `registry`. Every (kind, outcome) series of the worker's task
 kinds exists from start-up at 0, so rate() and alerts on failures have a series before the first failure.

@@ -3,7 +3,7 @@
 Expressions are read from the shipped files (Grafana JSON, rules.yml), so renaming a metric in the
 code or in a file breaks the tests. Each metric an expression names belongs either to an exporter
 the tests run live (its names are read from its /metrics) or to PENDING, the agreed names
-(/work/notes/metrics.md) of exporters that other issues build. An expression is queried only when
+of exporters that do not run in the tests yet. An expression is queried only when
 all its metrics are live; the rest are reported as skipped, naming the missing exporter.
 
 When an exporter lands: start it in tests/dashboards/conftest.py (`live` fixture: add its scrape job
