@@ -268,7 +268,10 @@ def start_bootstrap_dht(host: str = "0.0.0.0", port: int = 0):
     """The swarm's bootstrap DHT peer, run by the coordinator; returns (dht, multiaddrs to hand out)."""
     import hivemind
 
-    dht = hivemind.DHT(start=True, host_maddrs=[f"/ip4/{host}/tcp/{port}"])
+    from worker.swarm import fork_safely
+
+    with fork_safely():  # the DHT is a fork()ed child of this gRPC server's process
+        dht = hivemind.DHT(start=True, host_maddrs=[f"/ip4/{host}/tcp/{port}"])
     return dht, [str(a) for a in dht.get_visible_maddrs()]
 
 

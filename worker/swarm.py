@@ -43,11 +43,13 @@ set to the held experts, at a fraction of the memory.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import math
 import statistics
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -382,6 +384,23 @@ def is_outlier(norms: dict[str, float], factor: float) -> set[str]:
     return bad
 
 
+@contextmanager
+def fork_safely() -> Iterator[None]:
+    """Around the start of hivemind's DHT and averagers, which are fork()ed child processes.
+
+    A forked child runs the garbage collector on its copy of the parent's objects; freeing some of them
+    there (gRPC's channels and calls, held by the worker daemon and by test processes) is not safe after
+    fork and crashed a DHT child with SIGSEGV in a full test run, leaving its parent waiting. So: collect
+    the parent's garbage first, then freeze every object, so the child's collector never touches them
+    (the recipe of the `gc.freeze` documentation); the parent unfreezes once its children exist."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 class SwarmAverager:
     """One worker's membership of the swarm: a DHT node and one `DecentralizedAverager` per held module.
 
@@ -397,8 +416,11 @@ class SwarmAverager:
         self.settings = settings
         self.expected_holders = expected_holders or {}
         self._own_dht = dht is None
-        self.dht = dht or hivemind.DHT(initial_peers=list(initial_peers), start=True, client_mode=client_mode,
-                                       host_maddrs=[f"/ip4/{host}/tcp/0"])
+        if dht is None:
+            with fork_safely():
+                dht = hivemind.DHT(initial_peers=list(initial_peers), start=True, client_mode=client_mode,
+                                   host_maddrs=[f"/ip4/{host}/tcp/0"])
+        self.dht = dht
         self.peer_id = str(self.dht.peer_id)
         self.compression = _compressions()[settings.compression]()
         self.averagers = {}
@@ -416,8 +438,9 @@ class SwarmAverager:
                 compression=self.compression, client_mode=client_mode)
         # Not start=True: hivemind's run_in_background sets SIGINT to SIG_IGN in *this* process (the daemon's
         # handler would be lost) and raises outside the main thread, where the daemon runs executors.
-        for a in self.averagers.values():
-            a.start()
+        with fork_safely():
+            for a in self.averagers.values():
+                a.start()
         for a in self.averagers.values():
             a.wait_until_ready()
 
