@@ -52,7 +52,11 @@ def _assert_holders_agree(workers, assignments, atol, shared):
 def test_after_a_round_every_holder_of_a_module_has_the_same_parameters(tiny_checkpoint, shutdown):
     """Two rounds, three workers, overlapping expert sets; exact without compression, fp16-close with it."""
     assignments = [{0: [0, 1]}, {0: [1, 2, 3]}, {0: [0, 2, 3]}]
-    workers = start_workers(tiny_checkpoint, assignments, settings(compression="none"), inner())
+    # A generous chunk timeout (averaging_timeout / 3): on a loaded machine hivemind may finish an
+    # all-reduce with parts missing (it logs "received N% results" and keeps local values there); the
+    # swarm does not detect that yet (see benchmarks/RESULTS.md), and these tests check agreement.
+    workers = start_workers(tiny_checkpoint, assignments, settings(compression="none", averaging_timeout=30.0),
+                            inner())
     shutdown(workers)
     start = workers[0].module_state("trunk").clone()
     for r in range(2):
@@ -66,7 +70,8 @@ def test_after_a_round_every_holder_of_a_module_has_the_same_parameters(tiny_che
 
 def test_fp16_compression_keeps_holders_within_rounding(tiny_checkpoint, shutdown):
     assignments = [{0: [0, 1, 2]}, {0: [1, 2, 3]}]
-    workers = start_workers(tiny_checkpoint, assignments, settings(compression="fp16"), inner())
+    workers = start_workers(tiny_checkpoint, assignments, settings(compression="fp16", averaging_timeout=30.0),
+                            inner())
     shutdown(workers)
     metrics = run_round(workers, 0)
     assert all(m["modules_failed"] == 0 for m in metrics)
