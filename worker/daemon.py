@@ -216,6 +216,10 @@ class Daemon:
             train_executor.METRICS = SwarmMetrics(self.metrics.registry)
         self.probe = probe_devices(cfg.devices)
         self.device = self.probe.devices[0]
+        if "train" in cfg.kinds and self.device.torch_device == "cpu":
+            from .memory import pin_allocator
+
+            pin_allocator()  # RSS follows live tensors, as the coordinator's memory model assumes
         cfg.cache_dir.mkdir(parents=True, exist_ok=True)
         self.cache = FileCache(cfg.cache_dir / "files", cfg.max_disk, self.client)
         self.spool = Spool(cfg.cache_dir / "spool")

@@ -6,17 +6,21 @@ layer, each with its router row), in bytes:
 
     weights 4 (fp32 master weights)        grads 4 (freed after each inner step)
     AdamW   8 (exp_avg, exp_avg_sq)        8-bit AdamW (bitsandbytes, CUDA): 2
-    scratch 8 torch's multi-tensor AdamW computes the step in per-tensor temporaries (sqrt of exp_avg_sq,
-              the update), and the stacked expert weights' backward adds one more expert-sized buffer:
-              8 per trunk parameter, 12 per expert parameter, measured on CPU (37 bytes per expert
-              parameter in all at the inner peak, against 25 for the tensors above)
     outer   8 (θ_start and momentum)       averaging 4 (one shared buffer per module, hivemind's copy)
     Δ       8 during the outer step only (the flat Δ and the flat θ_local it is computed from)
+
+plus scratch: two temporaries the size of the largest held tensor (a layer's stacked expert weight,
+k·F·D, or the embedding): AdamW's step and the stacked weights' backward each hold one at a time.
 
 The peak is the larger of the inner step (weights + grads + optimizer + scratch + outer + averaging +
 activations) and the outer step (weights + optimizer + outer + averaging + Δ), plus the process's
 baseline: on CPU the RSS of the process once it has imported everything and run one tiny training step
 (`warm_baseline_rss`: the kernels' code pages count as resident), 0 for CUDA's max_memory_allocated.
+
+On CPU that holds only with the allocator pinned (`pin_allocator`, which the worker daemon calls): glibc's
+default raises its mmap threshold as large blocks are freed, after which freed temporaries stay resident
+in the heap, by an amount that differs between machines. The same k=8 round of tests/swarm/test_memory.py
+peaked 461 MB above its baseline on one machine and 353 MB on another; pinned, 336 MB on the first.
 
 Activations, per micro-batch of N = micro_batch_size · seq_len tokens, in fp32 floats: per layer about
 16·D (norms, attention projections, residuals) + K·(2·D + 4·F) for the routed slots (gathered inputs,
@@ -70,6 +74,11 @@ def held_params(cfg: ModelConfig, experts_per_layer: int) -> tuple[int, int]:
     return cfg.num_params() - experts_all, cfg.num_layers * experts_per_layer * (3 * D * F + D)
 
 
+def largest_tensor(cfg: ModelConfig, experts_per_layer: int) -> int:
+    """Elements of the largest parameter tensor a worker holds: a layer's stacked w1/w2/w3 or the embedding."""
+    return max(experts_per_layer * cfg.intermediate_size * cfg.hidden_size, cfg.vocab_size * cfg.hidden_size)
+
+
 def activation_bytes(cfg: ModelConfig, experts_per_layer: int, tokens: int, checkpointing: bool) -> int:
     D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     K = min(cfg.moe.top_k, experts_per_layer)
@@ -92,7 +101,7 @@ def estimate_round_memory(cfg: ModelConfig, experts_per_layer: int, *, micro_bat
     opt_bytes = {"adamw": 2 * FP32, "adamw8bit": 2}[optimizer]
     return MemoryEstimate(
         base=base_bytes, weights=P * FP32, grads=P * FP32, optimizer=P * opt_bytes, outer=2 * P * FP32,
-        scratch=(2 * P + experts) * FP32,
+        scratch=2 * largest_tensor(cfg, experts_per_layer) * FP32,
         averaging=P * FP32 if averaging else 0, delta=2 * P * FP32,
         activations=activation_bytes(cfg, experts_per_layer, micro_batch_size * seq_len, activation_checkpointing))
 
@@ -104,6 +113,23 @@ def experts_that_fit(cfg: ModelConfig, budget_bytes: int, **kw) -> int:
         if estimate_round_memory(cfg, k, **kw).total <= budget_bytes:
             best = k
     return best
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def pin_allocator(threshold: int = 64 * 1024) -> bool:
+    """Fix glibc's mmap threshold so that every block from `threshold` bytes up is mmap()ed and returned to
+    the OS when freed: a CPU process's RSS then follows its live tensors, which the memory model predicts,
+    instead of the heap high-water mark. Process-wide; False where the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
 
 
 def warm_baseline_rss() -> int:

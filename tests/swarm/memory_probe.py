@@ -10,11 +10,12 @@ import torch
 
 from tests.swarm.conftest import inner, settings
 from worker.executors.train import SwarmWorker
-from worker.memory import peak_rss_bytes, warm_baseline_rss
+from worker.memory import peak_rss_bytes, pin_allocator, warm_baseline_rss
 
 
 def main() -> None:
     torch.set_num_threads(1)
+    assert pin_allocator(), "glibc's mallopt is needed for the memory model's CPU measurements"
     checkpoint, k = sys.argv[1], int(sys.argv[2])
     base = warm_baseline_rss()
     from model.checkpoint import load_config

@@ -37,11 +37,9 @@ def test_predicted_peak_rss_is_within_15_percent_for_two_assignment_sizes(tmp_pa
         est = estimate_round_memory(cfg, k, micro_batch_size=2, seq_len=32, averaging=False, base_bytes=got["base"])
         measured[k], predicted[k] = got["peak"], est.total
         assert abs(est.total - got["peak"]) <= 0.15 * got["peak"], (k, est, got)
-    # The part the assignment adds (6 more experts in each of 2 layers, ~340 MB) is predicted too. A
-    # difference of two peaks carries both peaks' allocator noise (one merged run measured 294 MB
-    # against 340 MB predicted): 25% here, the issue's 15% applies to the peaks above.
+    # The part the assignment adds (6 more experts in each of 2 layers) is predicted as closely.
     grow_measured, grow_predicted = measured[8] - measured[2], predicted[8] - predicted[2]
-    assert abs(grow_predicted - grow_measured) <= 0.25 * grow_measured, (grow_predicted, grow_measured)
+    assert abs(grow_predicted - grow_measured) <= 0.15 * grow_measured, (grow_predicted, grow_measured)
 
 
 def test_experts_that_fit_a_budget():
