@@ -133,14 +133,13 @@ class _Index:
         mask = np.uint64(len(self.keys) - 1)
         slot = (keys >> np.uint64(1)) & mask
         while len(keys):
-            # Place, per free slot, the first key that wants it; the others probe on (keys are distinct).
-            free = np.flatnonzero(self.keys[slot] == 0)
-            _, first = np.unique(slot[free], return_index=True)
-            chosen = free[first]
-            self.keys[slot[chosen]] = keys[chosen]
-            self.vals[slot[chosen]] = vals[chosen]
-            rest = np.ones(len(keys), dtype=bool)
-            rest[chosen] = False
+            # Scatter every key whose slot is free into it: where several want one slot, one write lands
+            # (numpy keeps one of them), the others see another key there and probe on (keys are distinct).
+            free = self.keys[slot] == 0
+            self.keys[slot[free]] = keys[free]
+            won = free & (self.keys[slot] == keys)
+            self.vals[slot[won]] = vals[won]
+            rest = ~won
             keys, vals, slot = keys[rest], vals[rest], (slot[rest] + np.uint64(1)) & mask
 
     def nbytes(self) -> int:
