@@ -18,11 +18,12 @@ epoch cannot fill a lease, the next lease starts the next epoch (the epoch's tai
     lease.to_dict()                                  # the JSON a train payload carries
     seqs, tokens = lease_sequences(Lease.from_dict(d), readers)    # the worker's H·B packed sequences
 
-Pure: numpy and this package only.
+Pure: numpy and this package only (no torch: the coordinator plans and validates leases without it).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -30,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .loader import seeded_rng
 from .packing import Chunk, PackedSequence, build_sequence, pack
 from .shards import Manifest, ShardError, ShardReader
 
@@ -85,7 +85,8 @@ class Lease:
 
 def shard_order(seed: int, epoch: int, n_shards: int) -> np.ndarray:
     """The order epoch `epoch` visits the shards in: a permutation seeded by (seed, epoch)."""
-    return seeded_rng(seed, "swarm-shards", epoch).permutation(n_shards)
+    digest = hashlib.sha256(repr((seed, "swarm-shards", epoch)).encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little")).permutation(n_shards)
 
 
 def pack_lease(lengths: np.ndarray, seq_len: int, sequences: int) -> list[list[Chunk]]:

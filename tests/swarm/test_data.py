@@ -234,3 +234,24 @@ def test_two_daemons_train_on_disjoint_leases_and_a_corrupted_shard_fails_its_ta
             driver.stop()
         coord.close()
         dht.shutdown()
+
+
+def test_the_swarm_shards_key_resolves_against_the_project_file_and_is_published(tmp_path):
+    import yaml
+
+    from coordinator.config import load_project
+    from coordinator.swarm import publish_shards
+
+    make_shards(tmp_path / "data" / "train")
+    project = tmp_path / "project.yaml"
+    project.write_text(yaml.safe_dump({"run": "r", "state_dir": "state", "swarm": {"shards": "data/train"}}))
+    cfg = load_project(project)
+    assert cfg.swarm.shards == (tmp_path / "data" / "train").resolve()
+    project.write_text(yaml.safe_dump({"run": "r", "state_dir": "state", "swarm": {"shards": "data/nope"}}))
+    with pytest.raises(ValueError, match="swarm.shards: .*no manifest.json"):
+        load_project(project)
+    # outside the state directory: linked into shards/NAME; inside shards/: served where it is
+    assert publish_shards(cfg.swarm.shards, cfg.state_dir, "swarm-r") == "swarm-r"
+    files = sorted(p.name for p in (cfg.state_dir / "shards" / "swarm-r").iterdir())
+    assert files == sorted(p.name for p in cfg.swarm.shards.iterdir())
+    assert publish_shards(cfg.state_dir / "shards" / "swarm-r", cfg.state_dir, "other") == "swarm-r"

@@ -421,8 +421,8 @@ def _fetch_lease(ctx: TaskContext, lease_dict: dict, shards_at: str | None) -> L
             readers[seg.shard] = ShardReader(path, expected_sha256=None if key in _VERIFIED else seg.sha256)
         except ShardError as e:
             path.unlink(missing_ok=True)  # the cache fetches it again next time
-            raise TaskError(f"shard {name} is corrupted, nothing was trained (its cached copy was deleted): "
-                            f"{e}") from None
+            raise TaskError(f"shard {name} is corrupted, nothing was trained (its cached copy was deleted; if this "
+                            f"recurs, the coordinator's copy is damaged and the organizer rebuilds it): {e}") from None
         _VERIFIED.add(key)
     try:
         seqs, tokens = lease_sequences(lease, readers)
