@@ -147,15 +147,18 @@ class Corpus:
         return len(pack_lease(self._len[start:end], seq_len, sequences)) >= sequences
 
     def _lease_end(self, start: int, seq_len: int, sequences: int) -> int | None:
-        """The smallest end whose documents pack into `sequences` bins, or None if the epoch's rest cannot."""
+        """The smallest end whose documents pack into `sequences` bins, or None if the epoch's rest cannot.
+        Only documents up to the first end holding `sequences · seq_len` tokens are ever packed."""
         n = len(self._len)
-        if start >= n or not self._fills(start, n, seq_len, sequences):
-            return None
-        # At least `sequences` chunks are needed; `sequences · seq_len` tokens always suffice.
-        chunks = np.concatenate([[0], np.cumsum(-(-self._len[start:] // seq_len))])
-        lo = start + int(np.searchsorted(chunks, sequences, side="left"))
-        hi = start + int(np.searchsorted(self._cum[start:] - self._cum[start], sequences * seq_len, side="left"))
-        hi = min(max(hi, lo), n)
+        # `sequences · seq_len` tokens always fill the bins; at least `sequences` chunks are needed
+        hi = int(np.searchsorted(self._cum, self._cum[start] + sequences * seq_len, side="left"))
+        if hi > n:
+            if start >= n or not self._fills(start, n, seq_len, sequences):
+                return None
+            hi = n
+        chunks = np.cumsum(-(-self._len[start:hi] // seq_len))
+        lo = start + 1 + int(np.searchsorted(chunks, sequences, side="left"))
+        lo = min(lo, hi)
         while lo < hi:  # binary search for the first end that fills (BFD's bin count grows with the documents)
             mid = (lo + hi) // 2
             if self._fills(start, mid, seq_len, sequences):

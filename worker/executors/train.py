@@ -226,7 +226,7 @@ class SwarmWorker:
         """This worker's micro-batches of global inner step `step` and the real tokens in them."""
         inner = self.inner
         accum, m = inner.batch_size // inner.micro_batch_size, inner.micro_batch_size
-        if self.data is None:
+        if self.lease is not None or self.data is None:
             if self.lease is None:
                 raise ValueError("inner.data_source=shards needs a lease (use_lease) before the round")
             first = (step % inner.inner_steps) * inner.batch_size
