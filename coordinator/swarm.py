@@ -453,8 +453,10 @@ class SwarmDriver:
         status["assignment"], status["frozen"] = plan.assignment, plan.frozen
         status["num_layers"], status["num_experts"] = mcfg.num_layers, mcfg.moe.num_experts
         self._write_status(status)
-        log.info("swarm round %d: %d train tasks; holders per expert %s; frozen %s", status["round"],
-                 len(payloads), plan.holders, plan.frozen or "none")
+        log.info("swarm round %d: %d train tasks; holders per expert %s; frozen %s; data %s", status["round"],
+                 len(payloads), plan.holders, plan.frozen or "none",
+                 "synthetic" if leases is None else f"{sum(x['tokens'] for x in leases)} tokens of leases up to epoch "
+                 f"{status['data_cursor']['epoch']} document {status['data_cursor']['position']}")
 
     def _close_round(self, status: dict) -> None:
         from sqlalchemy import select
