@@ -174,6 +174,12 @@ def load_project(path: str | Path, **overrides) -> ProjectConfig:
         cfg = cfg.model_copy(update={"state_dir": (path.parent / cfg.state_dir).resolve()})
     if cfg.synthetic is not None:
         cfg = cfg.model_copy(update={"synthetic": _resolve_synthetic(cfg.synthetic, path.parent)})
+    if cfg.swarm is not None and cfg.swarm.shards is not None and not cfg.swarm.shards.is_absolute():
+        cfg = cfg.model_copy(update={"swarm": cfg.swarm.model_copy(
+            update={"shards": (path.parent / cfg.swarm.shards).resolve()})})
+    if cfg.swarm is not None and cfg.swarm.shards is not None and not (cfg.swarm.shards / "manifest.json").is_file():
+        raise ValueError(f"{path}: swarm.shards: {cfg.swarm.shards} has no manifest.json; point it at the output "
+                         "directory of `mujina-data shard`, or remove it to train on synthetic data")
     return cfg
 
 

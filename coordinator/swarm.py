@@ -9,9 +9,15 @@ While `serve` runs, `SwarmDriver` then, once per round:
 1. plans the expert assignment from the registered workers' memory (`plan_assignment`: every worker holds
    the trunk and as many experts as its budget fits, experts with the fewest holders first, so each gets
    >= `replication` holders where the workers allow; an expert nobody holds stays frozen, is logged and
-   shown by the `mujina_swarm_expert_holders` gauge as 0);
+   shown by the `mujina_swarm_expert_holders` gauge as 0). Only live workers get a slot: those seen
+   (heartbeat or lease request) within `SwarmDriver.live_window_s`;
 2. adds one `train` task per slot (payload: round, checkpoint, assignment, settings, inner loop, expected
-   holders per module; `min_gpu_memory` from the memory model on CUDA runs);
+   holders per module; `min_gpu_memory` from the memory model on CUDA runs). With `swarm.shards` set, each
+   task's inner loop carries a *lease* (data_shards/lease.py): a disjoint range of the shard corpus that
+   packs into exactly inner_steps · batch_size sequences; leases advance round by round through the
+   corpus (the cursor is kept in the status file), wrapping into a new epoch with a new shard order. The
+   shard files are served as shards/swarm-{run}/ (`publish_shards`). The validator refuses a result that
+   claims more tokens than its lease holds; credit is the tokens trained;
 3. when every task of the round is done (or dead), merges the uploaded module states into its full copy
    (each holder uploads its modules' parameters and outer momentum, safetensors), writes
    `round_{r+1}` every `checkpoint_every` rounds (and always `latest/`), served by FetchCheckpoint so a
@@ -51,7 +57,7 @@ class SwarmSection(BaseModel):
     batch_size: int = Field(8, ge=1, description="sequences per inner step on each worker")
     micro_batch_size: int = Field(8, ge=1, description="sequences per forward/backward on a worker")
     seq_len: int = Field(128, ge=2, description="tokens per sequence")
-    data_seed: int = Field(0, description="seed of the synthetic/token-file data stream")
+    data_seed: int = Field(0, description="seed of the synthetic data stream, or of the shard order of each epoch")
     inner_lr: float = Field(1e-3, gt=0, description="peak inner AdamW learning rate")
     inner_min_lr: float = Field(1e-4, ge=0, description="inner learning rate at the end of the cosine decay")
     inner_warmup_steps: int = Field(10, ge=0, description="inner warmup steps (counted over the whole run)")
@@ -68,6 +74,9 @@ class SwarmSection(BaseModel):
     checkpoint_every: int = Field(10, ge=1, description="K: write a round checkpoint every K rounds")
     workers: int = Field(2, ge=1, description="train slots per round when no worker has registered yet")
     memory_budget_bytes: int = Field(8 * 2**30, ge=0, description="memory budget of a worker that reports none")
+    shards: Path | None = Field(None, description="a shard directory (`mujina-data shard` output: manifest.json + "
+                                "shards) the rounds train on, relative to the project file; each train task gets a "
+                                "disjoint lease of it. Unset: the built-in synthetic arithmetic data")
 
     @model_validator(mode="after")
     def _checks(self):
@@ -134,21 +143,27 @@ def expected_holders(assignment: dict[str, list[int]], num_layers: int) -> dict[
     return out
 
 
-def round_payloads(s: SwarmSection, run: str, round_: int, checkpoint: str, plan: Plan,
-                   num_layers: int) -> list[dict]:
-    """One `train` payload per slot; slot i reads sequence indices [i·B, (i+1)·B) of every inner step."""
+def round_payloads(s: SwarmSection, run: str, round_: int, checkpoint: str, plan: Plan, num_layers: int,
+                   leases: list[dict] | None = None, shards_at: str | None = None) -> list[dict]:
+    """One `train` payload per slot (slots in sorted order). With `leases` (one per slot, `Lease.to_dict()`),
+    slot i trains on leases[i], its shards fetched as shards/{shards_at}/FILE; without, on the synthetic
+    stream, reading sequence indices [i·B, (i+1)·B) of every inner step."""
     holders = expected_holders(plan.assignment, num_layers)
     settings = {"run": run, "outer_lr": s.outer_lr, "outer_momentum": s.outer_momentum,
                 "compression": s.compression, "matchmaking_time": s.matchmaking_time,
                 "request_timeout": min(3.0, s.matchmaking_time / 2), "averaging_timeout": s.averaging_timeout,
                 "stats_timeout": s.averaging_timeout, "failure_policy": s.failure_policy,
                 "outlier_factor": s.outlier_factor}
+    if leases is not None and len(leases) != len(plan.assignment):
+        raise ValueError(f"{len(leases)} leases for {len(plan.assignment)} slots")
     out = []
     for i, (slot, experts) in enumerate(sorted(plan.assignment.items())):
         inner = {"inner_steps": s.inner_steps, "total_steps": s.rounds * s.inner_steps, "batch_size": s.batch_size,
                  "micro_batch_size": s.micro_batch_size, "seq_len": s.seq_len, "data_seed": s.data_seed,
                  "data_offset": i * s.batch_size,
                  "optim": {"lr": s.inner_lr, "min_lr": s.inner_min_lr, "warmup_steps": s.inner_warmup_steps}}
+        if leases is not None:
+            inner.update(data_source="shards", data_offset=0, lease=leases[i], shards_at=shards_at)
         out.append({"round": round_, "checkpoint": checkpoint, "slot": slot,
                     "assignment": {str(layer): experts for layer in range(num_layers)},
                     "settings": settings, "inner": inner, "expected_holders": holders})
@@ -159,10 +174,10 @@ def round_payloads(s: SwarmSection, run: str, round_: int, checkpoint: str, plan
 class TrainValidator(Validator):
     """A worker reports one swarm round.
 
-    payload: as built by `round_payloads`. metrics: loss (finite, >= 0), tokens (whole, 0 < T <= the lease's
-    inner_steps · batch_size · seq_len), delta_norm_trunk and delta_norm_max (finite, >= 0: a worker whose Δ
-    was refused reports the norms of the modules it kept, and modules_refused). Credit: 1 task and T
-    tokens_trained."""
+    payload: as built by `round_payloads`. metrics: loss (finite, >= 0), tokens (whole, 0 < T <= inner_steps ·
+    batch_size · seq_len, and with a shard lease T <= the lease's tokens: a worker cannot claim more data than
+    it was given), delta_norm_trunk and delta_norm_max (finite, >= 0: a worker whose Δ was refused reports the
+    norms of the modules it kept, and modules_refused). Credit: 1 task and T tokens_trained."""
 
     def check_payload(self, payload: dict) -> None:
         for key in ("round", "checkpoint", "assignment", "settings", "inner"):
@@ -174,6 +189,16 @@ class TrainValidator(Validator):
         for key in ("inner_steps", "batch_size", "seq_len"):
             if not isinstance(inner.get(key), int) or inner[key] < 1:
                 raise ValidationError(f"train payload.inner.{key} must be a positive integer")
+        if "lease" in inner:
+            from data_shards.lease import Lease
+
+            try:
+                lease = Lease.from_dict(inner["lease"])
+            except ValueError as e:
+                raise ValidationError(f"train payload.inner.lease: {e}") from None
+            if lease.sequences != inner["inner_steps"] * inner["batch_size"] or lease.seq_len != inner["seq_len"]:
+                raise ValidationError("train payload.inner.lease must hold inner_steps · batch_size sequences of "
+                                      "seq_len tokens")
 
     def check_result(self, payload: dict, metrics: dict[str, float], elapsed_s: float,
                      data: bytes = b"") -> list[Credit]:
@@ -183,9 +208,11 @@ class TrainValidator(Validator):
         tokens = finite_number(metrics, "tokens")
         inner = payload["inner"]
         lease = inner["inner_steps"] * inner["batch_size"] * inner["seq_len"]
+        what = "inner_steps · batch_size · seq_len"
+        if "lease" in inner:
+            lease, what = min(lease, int(inner["lease"]["tokens"])), "the tokens of the leased shard range"
         if tokens != int(tokens) or not 0 < tokens <= lease:
-            raise ValidationError(f"metrics.tokens ({tokens!r}) must be a whole number in (0, {lease}] "
-                                  "(inner_steps · batch_size · seq_len of the lease)")
+            raise ValidationError(f"metrics.tokens ({tokens!r}) must be a whole number in (0, {lease}] ({what})")
         return [Credit("tasks", 1), Credit("tokens_trained", tokens)]
 
 
@@ -275,12 +302,42 @@ def start_bootstrap_dht(host: str = "0.0.0.0", port: int = 0):
     return dht, [str(a) for a in dht.get_visible_maddrs()]
 
 
+def publish_shards(directory: Path, state_dir: Path, name: str) -> str:
+    """Make a shard directory's files fetchable (FetchShard serves STATE_DIR/shards/...); returns the name of
+    the directory under shards/. A directory already inside STATE_DIR/shards is served in place; any other is
+    hard-linked (copied across file systems) into shards/{name}/, file by file; shard files are named by
+    their content, so a file already there is kept."""
+    import os
+
+    from data_shards.shards import MANIFEST, Manifest
+
+    base = (state_dir / "shards").resolve()
+    src = directory.resolve()
+    if src.is_relative_to(base) and src != base:
+        return src.relative_to(base).as_posix()
+    dest = base / name
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in [s.file for s in Manifest.load(src).shards] + [MANIFEST]:
+        target = dest / f
+        if f != MANIFEST and target.exists() and target.stat().st_size == (src / f).stat().st_size:
+            continue
+        tmp = dest / f".{f}.tmp"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(src / f, tmp)
+        except OSError:
+            shutil.copyfile(src / f, tmp)
+        os.replace(tmp, target)
+    return name
+
+
 class SwarmDriver:
     """Advances a swarm run round by round from inside `serve` (a thread polling the store)."""
 
     def __init__(self, cfg, store, scheduler, poll_s: float = 1.0):
         self.cfg, self.store, self.scheduler, self.s = cfg, store, scheduler, cfg.swarm
         self.poll_s = poll_s
+        self._corpus_at = None  # (data_shards.lease.Corpus, its directory under shards/), opened on first use
         self.status_path = Path(cfg.state_dir) / "swarm" / f"{cfg.run}.json"
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="swarm-driver", daemon=True)
@@ -308,7 +365,15 @@ class SwarmDriver:
 
         write_json(self.status_path, status)
 
+    def live_window_s(self) -> float:
+        """A worker last seen longer ago than this has left: its leases would have expired (leases.duration_s),
+        and an idle daemon asks for work every limits.no_work_retry_s."""
+        return max(self.cfg.leases.duration_s, 2 * self.cfg.limits.no_work_retry_s)
+
     def _capacities(self) -> dict[str, int]:
+        """Experts each live worker can hold this round (workers seen within `live_window_s`)."""
+        import time
+
         from sqlalchemy import select
 
         from model.checkpoint import load_config
@@ -319,7 +384,8 @@ class SwarmDriver:
         status = self._status()
         mcfg = load_config(Path(self.cfg.state_dir) / "checkpoints" / status["checkpoint"])
         with self.store.engine.connect() as conn:
-            rows = conn.execute(select(S.workers.c.id, S.workers.c.capabilities)).all()
+            rows = conn.execute(select(S.workers.c.id, S.workers.c.capabilities).where(
+                S.workers.c.last_seen >= time.time() - self.live_window_s())).all()
         kw = dict(micro_batch_size=self.s.micro_batch_size, seq_len=self.s.seq_len)
         caps = {}
         for wid, capabilities in rows:
@@ -328,6 +394,21 @@ class SwarmDriver:
         if not caps:
             caps = {f"slot{i}": experts_that_fit(mcfg, self.s.memory_budget_bytes, **kw) for i in range(self.s.workers)}
         return caps
+
+    def _corpus(self, vocab_size: int):
+        """The swarm's shard corpus (opened once) and where the coordinator serves it under shards/."""
+        if self._corpus_at is None:
+            from data_shards.lease import Corpus
+
+            corpus = Corpus.open(self.s.shards, self.s.data_seed)
+            if corpus.manifest.vocab_size > vocab_size:
+                raise ValueError(f"swarm.shards {self.s.shards} were made with a {corpus.manifest.vocab_size}-piece "
+                                 f"tokenizer but the model's vocab_size is {vocab_size}: use the model's tokenizer")
+            at = publish_shards(Path(self.s.shards), Path(self.cfg.state_dir), f"swarm-{self.cfg.run}")
+            log.info("swarm data: %d shards, %d documents, %d tokens in %s, served as shards/%s/",
+                     len(corpus.manifest.shards), corpus.manifest.documents, corpus.manifest.tokens, self.s.shards, at)
+            self._corpus_at = (corpus, at)
+        return self._corpus_at
 
     def step(self) -> None:
         """Add the current round's tasks if it has none; close the round once all of them finished."""
@@ -357,13 +438,25 @@ class SwarmDriver:
         mcfg = load_config(Path(self.cfg.state_dir) / "checkpoints" / status["checkpoint"])
         plan = plan_assignment(self._capacities(), mcfg.moe.num_experts, mcfg.moe.top_k, self.s.replication,
                                status.get("assignment"))
-        payloads = round_payloads(self.s, self.cfg.run, status["round"], status["checkpoint"], plan, mcfg.num_layers)
+        leases = shards_at = None
+        if self.s.shards is not None:
+            from data_shards.lease import Cursor
+
+            corpus, shards_at = self._corpus(mcfg.vocab_size)
+            planned, cursor = corpus.plan(Cursor(**status.get("data_cursor", {})), len(plan.assignment),
+                                          self.s.inner_steps * self.s.batch_size, self.s.seq_len)
+            leases = [lease.to_dict() for lease in planned]
+            status["data_cursor"] = {"epoch": cursor.epoch, "position": cursor.position}
+        payloads = round_payloads(self.s, self.cfg.run, status["round"], status["checkpoint"], plan, mcfg.num_layers,
+                                  leases, shards_at)
         status["tasks"] = [self.scheduler.add_task("train", p) for p in payloads]
         status["assignment"], status["frozen"] = plan.assignment, plan.frozen
         status["num_layers"], status["num_experts"] = mcfg.num_layers, mcfg.moe.num_experts
         self._write_status(status)
-        log.info("swarm round %d: %d train tasks; holders per expert %s; frozen %s", status["round"],
-                 len(payloads), plan.holders, plan.frozen or "none")
+        log.info("swarm round %d: %d train tasks; holders per expert %s; frozen %s; data %s", status["round"],
+                 len(payloads), plan.holders, plan.frozen or "none",
+                 "synthetic" if leases is None else f"{sum(x['tokens'] for x in leases)} tokens of leases up to epoch "
+                 f"{status['data_cursor']['epoch']} document {status['data_cursor']['position']}")
 
     def _close_round(self, status: dict) -> None:
         from sqlalchemy import select

@@ -325,7 +325,7 @@ class Demo:
             "swarm": {"inner_steps": s.swarm_inner_steps, "rounds": s.swarm_rounds, "batch_size": 4,
                       "micro_batch_size": 4, "seq_len": 64, "inner_lr": 1.0e-3, "inner_warmup_steps": 2,
                       "matchmaking_time": 3.0, "averaging_timeout": 30.0, "replication": 2, "checkpoint_every": 1,
-                      "workers": s.workers},
+                      "workers": s.workers, "shards": str(self.out / "shards" / "train")},
         })
         self.grpc_port_file = state / "grpc.port"
         self.grpc_port_file.unlink(missing_ok=True)
@@ -454,7 +454,7 @@ class Demo:
 
     def moe(self) -> None:
         """The MoE after the swarm continues on the corpus and the volunteers' accepted synthetic records:
-        the swarm's rounds train on the built-in synthetic source (its `swarm:` section has no data option)."""
+        the swarm's rounds trained on leases of the corpus shards only."""
         s = self.scale
         start = self.out / "moe-init"
         if (self.out / "swarm.done").exists():

@@ -12,9 +12,14 @@ momentum between rounds, so the daemon reuses one `SwarmWorker` for consecutive 
 with the same assignment, and builds a new one (from the coordinator's round checkpoint, momentum
 included) when it joins or its assignment changes.
 
-Data: sequence indices [data_offset, data_offset + batch_size) of global inner step round·H + s of a
-stateless source (model/data.py), so workers given disjoint offsets together see exactly the batches
-a single process would see with their summed batch size.
+Data, `inner.data_source`:
+  shards     the task's lease (data_shards/lease.py): a range of the coordinator's shard corpus, fetched
+             through the daemon's cache, checked against the manifest's SHA-256 and packed best-fit into
+             exactly H·B sequences; inner step s trains on sequences [s·B, (s+1)·B). Tokens counted are
+             the real (non-padding) tokens, so a round reports exactly the lease's tokens.
+  synthetic  sequence indices [data_offset, data_offset + batch_size) of global inner step round·H + s of a
+  / tokens   stateless source (model/data.py), so workers given disjoint offsets together see exactly the
+             batches a single process would see with their summed batch size.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from model.checkpoint import load_config
-from model.data import IGNORE, StatelessData, SyntheticSource, TokenFileSource
+from model.data import IGNORE, Batch, StatelessData, SyntheticSource, TokenFileSource
 from model.train import OptimConfig, build_optimizer, lr_at
 from model.transformer import Transformer
 from worker.executors import Result, TaskContext, TaskError, register
@@ -71,8 +76,10 @@ class InnerConfig:
     batch_size: int = 8                     # sequences per inner step on this worker
     micro_batch_size: int = 8
     seq_len: int = 128
-    data_source: str = "synthetic"          # synthetic | tokens
+    data_source: str = "synthetic"          # synthetic | tokens | shards
     data_path: str | None = None            # token file for data_source=tokens
+    lease: dict | None = None               # data_source=shards: this task's lease (data_shards.lease.Lease)
+    shards_at: str | None = None            # data_source=shards: the lease's directory under the coordinator's shards/
     data_dtype: str = "uint16"
     data_seed: int = 0
     data_offset: int = 0                    # first sequence index of this worker's share
@@ -122,7 +129,10 @@ def enable_activation_checkpointing(model: Transformer) -> None:
         layer.forward = lambda *args, _f=forward: checkpoint(_f, *args, use_reentrant=False)
 
 
-def make_data(vocab_size: int, inner: InnerConfig) -> StatelessData:
+def make_data(vocab_size: int, inner: InnerConfig) -> StatelessData | None:
+    """The stateless source of synthetic/tokens data; None for shards (each round brings its lease)."""
+    if inner.data_source == "shards":
+        return None
     if inner.data_source == "synthetic":
         return StatelessData(SyntheticSource(vocab_size, inner.seq_len, inner.data_seed))
     if inner.data_source == "tokens":
@@ -130,7 +140,28 @@ def make_data(vocab_size: int, inner: InnerConfig) -> StatelessData:
             raise ValueError("inner.data_source=tokens needs inner.data_path")
         return StatelessData(TokenFileSource(inner.data_path, inner.data_dtype, inner.seq_len, inner.data_seed,
                                              0.0, None, vocab_size))
-    raise ValueError(f"inner.data_source must be synthetic or tokens, got {inner.data_source!r}")
+    raise ValueError(f"inner.data_source must be synthetic, tokens or shards, got {inner.data_source!r}")
+
+
+@dataclass
+class LeaseBatches:
+    """A lease's packed sequences as tensors, each (H·B, T), and the real tokens of each sequence (H·B,)."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    doc_ids: torch.Tensor
+    tokens: torch.Tensor
+
+    @classmethod
+    def from_sequences(cls, seqs: list, tokens: list[int]) -> LeaseBatches:
+        import numpy as np
+
+        stack = lambda name: torch.from_numpy(np.stack([getattr(q, name) for q in seqs])).long()  # noqa: E731
+        return cls(stack("input_ids"), stack("labels"), stack("doc_ids"), torch.tensor(tokens, dtype=torch.long))
+
+    def batch(self, rows: range) -> Batch:
+        return Batch(self.input_ids[rows.start:rows.stop], self.labels[rows.start:rows.stop],
+                     self.doc_ids[rows.start:rows.stop])
 
 
 class SwarmWorker:
@@ -161,6 +192,7 @@ class SwarmWorker:
             enable_activation_checkpointing(self.model)
         self.optimizer = build_inner_optimizer(self.model, inner)
         self.data = make_data(self.model.cfg.vocab_size, inner)
+        self.lease: LeaseBatches | None = None   # data_source=shards: the current round's sequences (use_lease)
         if inner.seq_len > self.model.cfg.max_seq_len:
             raise ValueError(f"inner.seq_len={inner.seq_len} exceeds the model's max_seq_len")
         sizes = {m: t.numel() for m, t in self.outer.theta.items()}
@@ -179,6 +211,32 @@ class SwarmWorker:
 
     # -- inner loop --
 
+    def use_lease(self, lease: LeaseBatches) -> None:
+        """Train the next round on a lease's sequences (data_source=shards): H·B of them, step s on [s·B, (s+1)·B)."""
+        n = self.inner.inner_steps * self.inner.batch_size
+        if lease.input_ids.shape != (n, self.inner.seq_len):
+            raise ValueError(f"a lease of {tuple(lease.input_ids.shape)} sequences does not fit inner_steps · "
+                             f"batch_size = {n} sequences of seq_len {self.inner.seq_len}")
+        if int(lease.input_ids.max()) >= self.model.cfg.vocab_size:
+            raise ValueError(f"the leased shards hold token id {int(lease.input_ids.max())} >= the model's vocab_size "
+                             f"{self.model.cfg.vocab_size}: they were made with another tokenizer")
+        self.lease = lease
+
+    def _micro_batches(self, step: int) -> tuple[list[Batch], int]:
+        """This worker's micro-batches of global inner step `step` and the real tokens in them."""
+        inner = self.inner
+        accum, m = inner.batch_size // inner.micro_batch_size, inner.micro_batch_size
+        if self.lease is not None or self.data is None:
+            if self.lease is None:
+                raise ValueError("inner.data_source=shards needs a lease (use_lease) before the round")
+            first = (step % inner.inner_steps) * inner.batch_size
+            rows = [range(first + i * m, first + (i + 1) * m) for i in range(accum)]
+            return [self.lease.batch(r) for r in rows], int(self.lease.tokens[first:first + inner.batch_size].sum())
+        first = inner.data_offset
+        batches = [self.data.source.batch("train", step, range(first + i * m, first + (i + 1) * m))
+                   for i in range(accum)]
+        return batches, sum(b.input_ids.numel() for b in batches)
+
     def inner_step(self, step: int) -> tuple[float, int, torch.Tensor]:
         """One AdamW step as in model.train.Trainer.train_step; returns (loss, tokens, tokens_per_expert_LE)."""
         inner, dev = self.inner, torch.device(self.inner.device)
@@ -186,9 +244,7 @@ class SwarmWorker:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         accum = inner.batch_size // inner.micro_batch_size
-        m, first = inner.micro_batch_size, inner.data_offset
-        batches = [self.data.source.batch("train", step, range(first + i * m, first + (i + 1) * m))
-                   for i in range(accum)]
+        batches, n_tokens = self._micro_batches(step)
         n_targets = sum(b.num_targets for b in batches)
         lm_total = torch.zeros((), device=dev)
         counts_LE = torch.zeros(self.model.cfg.num_layers, self.model.cfg.moe.num_experts, dtype=torch.long)
@@ -211,7 +267,7 @@ class SwarmWorker:
                                      f"step {step}; weights were not updated: lower the inner lr")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return lm, sum(b.input_ids.numel() for b in batches), counts_LE
+        return lm, n_tokens, counts_LE
 
     def before_outer(self, round_: int) -> None:
         """Hook between the inner steps and averaging (tests inject faults by overriding it)."""
@@ -230,6 +286,7 @@ class SwarmWorker:
             losses.append(loss)
             tokens += n
             counts_LE += c
+        self.lease = None  # a lease is trained on once
         inner_seconds = time.perf_counter() - t0
         self.before_outer(round_)
         weights = tokens_per_module(tokens, counts_LE, self.assignment)
@@ -333,11 +390,61 @@ def _fetch_checkpoint(ctx: TaskContext, name: str) -> Path:
     return local
 
 
+_VERIFIED: set[tuple] = set()  # (path, size, mtime, sha256) of shard files already hashed by this process
+
+
+def _fetch_lease(ctx: TaskContext, lease_dict: dict, shards_at: str | None) -> LeaseBatches:
+    """Fetch the lease's shards through the daemon's cache, check each against the SHA-256 the coordinator's
+    manifest gave, and pack the lease. A corrupted shard is a TaskError, and its cached copy is deleted so
+    the next attempt downloads it again."""
+    from data_shards.lease import Lease, lease_sequences
+    from data_shards.shards import ShardError, ShardReader
+
+    try:
+        lease = Lease.from_dict(lease_dict)
+    except ValueError as e:
+        raise TaskError(f"train payload.inner.lease: {e}") from None
+    if not shards_at:
+        raise TaskError("train payload.inner.shards_at is missing: where the lease's shards are on the coordinator")
+    readers = {}
+    for seg in lease.segments:
+        if seg.shard in readers:
+            continue
+        name = f"{shards_at}/{seg.shard}"
+        try:
+            path = ctx.fetch("shard", name)
+        except (FileNotFoundError, ValueError, OSError) as e:
+            raise TaskError(f"shard {name} of the lease could not be fetched: {e}") from None
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns, seg.sha256)
+        try:
+            readers[seg.shard] = ShardReader(path, expected_sha256=None if key in _VERIFIED else seg.sha256)
+        except ShardError as e:
+            path.unlink(missing_ok=True)  # the cache fetches it again next time
+            raise TaskError(f"shard {name} is corrupted, nothing was trained (its cached copy was deleted; if this "
+                            f"recurs, the coordinator's copy is damaged and the organizer rebuilds it): {e}") from None
+        _VERIFIED.add(key)
+    try:
+        seqs, tokens = lease_sequences(lease, readers)
+    except ShardError as e:
+        raise TaskError(f"lease of shards/{shards_at}: {e}") from None
+    return LeaseBatches.from_sequences(seqs, tokens)
+
+
 @register("train")
 def run_train(ctx: TaskContext) -> Result:
     """One round. Payload: round, checkpoint, assignment {layer: [experts]}, settings (SwarmSettings fields),
-    inner (InnerConfig fields), expected_holders {module: count}."""
+    inner (InnerConfig fields; with data_source=shards a lease and shards_at), expected_holders
+    {module: count}."""
     w, round_ = _payload_worker(ctx)
+    inner = ctx.payload["inner"]
+    if inner.get("data_source") == "shards":
+        if ctx.fetch is None:
+            raise TaskError("train tasks on shards need the daemon's file fetcher")
+        try:
+            w.use_lease(_fetch_lease(ctx, inner.get("lease") or {}, inner.get("shards_at")))
+        except ValueError as e:
+            raise TaskError(str(e)) from None
     ctx.check_stop()
     metrics = w.run_round(round_)
     METRICS.record_round(w.last_report, metrics["loss"], metrics["inner_seconds"], metrics["round_seconds"])
