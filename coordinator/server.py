@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 SERVICE = "mujina.v1.Coordinator"
 CHUNK = 1 << 20          # fetch chunk size; below the default 4 MiB message limit
 MAX_METADATA_CHARS = 65536  # Complete's metadata_json; results themselves go in the upload
+MAX_KINDS = 32  # Register's capabilities.kinds
 TOKEN_CACHE_S = 5.0      # a revoked token stops working within this many seconds
 _NAME_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -162,8 +163,11 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         if gpu_memory >= 2**63:
             raise RequestError("INVALID_ARGUMENT", "capabilities.devices.memory_bytes is implausibly large")
         cuda = any(d.kind == "cuda" for d in caps.devices)
+        if len(caps.kinds) > MAX_KINDS or not all(0 < len(k) <= 64 for k in caps.kinds):
+            raise RequestError("INVALID_ARGUMENT", f"capabilities.kinds: at most {MAX_KINDS} names of 1-64 characters")
         record = {"devices": [{"kind": d.kind, "name": d.name, "memory_bytes": d.memory_bytes} for d in caps.devices],
-                  "host_memory_bytes": caps.host_memory_bytes, "speed": caps.speed, "software": dict(caps.software)}
+                  "host_memory_bytes": caps.host_memory_bytes, "speed": caps.speed, "software": dict(caps.software),
+                  "kinds": sorted(set(caps.kinds))}
         worker_id = await self._db(self.scheduler.register, token, request.name or "unnamed", record, gpu_memory,
                                    cuda, caps.speed)
         log.info("registered worker %s (%s) for %s: gpu_memory=%d cuda=%s speed=%g", worker_id, request.name, token,

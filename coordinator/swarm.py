@@ -371,7 +371,8 @@ class SwarmDriver:
         return max(self.cfg.leases.duration_s, 2 * self.cfg.limits.no_work_retry_s)
 
     def _capacities(self) -> dict[str, int]:
-        """Experts each live worker can hold this round (workers seen within `live_window_s`)."""
+        """Experts each live worker that runs train tasks can hold this round (workers seen within
+        `live_window_s`; a worker that registered without saying its kinds counts as one)."""
         import time
 
         from sqlalchemy import select
@@ -389,7 +390,10 @@ class SwarmDriver:
         kw = dict(micro_batch_size=self.s.micro_batch_size, seq_len=self.s.seq_len)
         caps = {}
         for wid, capabilities in rows:
-            budget = worker_budget(json.loads(capabilities), self.s.memory_budget_bytes)
+            capabilities = json.loads(capabilities)
+            if capabilities.get("kinds") and "train" not in capabilities["kinds"]:
+                continue  # it said which kinds it runs, and train is not one of them
+            budget = worker_budget(capabilities, self.s.memory_budget_bytes)
             caps[wid] = experts_that_fit(mcfg, budget, **kw)
         if not caps:
             caps = {f"slot{i}": experts_that_fit(mcfg, self.s.memory_budget_bytes, **kw) for i in range(self.s.workers)}

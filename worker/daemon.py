@@ -275,7 +275,7 @@ class Daemon:
         devices = [(self.device.kind, self.device.name, mem)]
         r = self._retry("Register", lambda: self.client.register(
             self.cfg.name, speed=speed, devices=devices, host_memory_bytes=self.probe.host_memory_bytes,
-            software=self.probe.software))
+            software=self.probe.software, kinds=self.cfg.kinds))
         if r is None:
             return False
         self.worker_id, self.heartbeat_interval = r.worker_id, r.heartbeat_interval_s

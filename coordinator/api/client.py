@@ -72,10 +72,11 @@ class CoordinatorClient:
     # RPCs
 
     def register(self, name: str, *, speed: float = 0.0, devices: Iterable[tuple[str, str, int]] = (),
-                 host_memory_bytes: int = 0, software: dict[str, str] | None = None,
+                 host_memory_bytes: int = 0, software: dict[str, str] | None = None, kinds: Iterable[str] = (),
                  timeout: float | None = None) -> pb.RegisterResponse:
         caps = pb.Capabilities(devices=[pb.Device(kind=k, name=n, memory_bytes=m) for k, n, m in devices],
-                               host_memory_bytes=host_memory_bytes, speed=speed, software=software or {})
+                               host_memory_bytes=host_memory_bytes, speed=speed, software=software or {},
+                               kinds=list(kinds))
         return self._call(self.stub.Register, pb.RegisterRequest(name=name, capabilities=caps), timeout)
 
     def heartbeat(self, worker_id: str, leases: Iterable[tuple[str, float]] = (), *,

@@ -42,7 +42,7 @@ class Device(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., name: _Optional[str] = ..., memory_bytes: _Optional[int] = ...) -> None: ...
 
 class Capabilities(_message.Message):
-    __slots__ = ("devices", "host_memory_bytes", "speed", "software")
+    __slots__ = ("devices", "host_memory_bytes", "speed", "software", "kinds")
     class SoftwareEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -54,11 +54,13 @@ class Capabilities(_message.Message):
     HOST_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     SPEED_FIELD_NUMBER: _ClassVar[int]
     SOFTWARE_FIELD_NUMBER: _ClassVar[int]
+    KINDS_FIELD_NUMBER: _ClassVar[int]
     devices: _containers.RepeatedCompositeFieldContainer[Device]
     host_memory_bytes: int
     speed: float
     software: _containers.ScalarMap[str, str]
-    def __init__(self, devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., host_memory_bytes: _Optional[int] = ..., speed: _Optional[float] = ..., software: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    kinds: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., host_memory_bytes: _Optional[int] = ..., speed: _Optional[float] = ..., software: _Optional[_Mapping[str, str]] = ..., kinds: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("name", "capabilities")

@@ -164,6 +164,9 @@ def test_bad_numbers_elsewhere(leased):
     code, msg = code_of(lambda: c.register("x", speed=math.nan))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "capabilities.speed" in msg
     assert code_of(lambda: c.register("x", speed=-1.0))[0] == grpc.StatusCode.INVALID_ARGUMENT
+    for kinds in ([""], ["k" * 65], [f"k{i}" for i in range(33)]):
+        code, msg = code_of(lambda kinds=kinds: c.register("x", kinds=kinds))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "capabilities.kinds" in msg
     w = c.register("ok").worker_id
     code, msg = code_of(lambda: c.heartbeat(w, [(t.lease_id, 1.5)]))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "progress must be in [0, 1]" in msg

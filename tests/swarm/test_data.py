@@ -108,7 +108,8 @@ def _swarm_section(shards: Path | None = None, **kw) -> dict:
 
 def test_a_departed_worker_gets_no_slot(tmp_path):
     """Two workers register over gRPC; only bob keeps talking to the coordinator. Once alice is silent for
-    longer than the lease duration, the next round is planned for bob alone."""
+    longer than the lease duration, the next round is planned for bob alone. A worker that said it runs
+    no train tasks never gets a slot."""
     coord = Coord(tmp_path, f"sqlite:///{tmp_path / 'state' / 'coordinator.db'}", swarm=_swarm_section())
     try:
         init_swarm(coord.cfg.state_dir, coord.cfg.run, save_checkpoint(tmp_path / "moe", tiny_model()))
@@ -116,7 +117,8 @@ def test_a_departed_worker_gets_no_slot(tmp_path):
         caps = {"devices": [("cpu", "cpu", 0)], "host_memory_bytes": 8 * 2**30}
         alice, bob = coord.client(TOKEN), coord.client(OTHER_TOKEN)
         a = alice.register("alice", **caps).worker_id
-        b = bob.register("bob", **caps).worker_id
+        b = bob.register("bob", kinds=["generate", "train"], **caps).worker_id
+        bob.register("bob-writer", kinds=["generate", "judge"], **caps)  # live, but runs no train tasks
         time.sleep(0.3)  # the sweeper writes last_seen
         assert set(driver._capacities()) == {a, b}
         end = time.monotonic() + driver.live_window_s() + 1.0
