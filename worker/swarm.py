@@ -485,13 +485,16 @@ def _verdict_mismatch(mine: dict, theirs: dict) -> str:
     return "" if sketches_agree(mine, theirs) else "checksum differs"
 
 
+@lru_cache(maxsize=1)
 def _checked_averager_class():
     """hivemind's DecentralizedAverager whose `step()` result is (gathered, received): received is the
     fraction of this peer's averaged parts that arrived. hivemind counts the parts that did not
     (`TensorPartContainer.failed_size`, the "received N% results" warning) but does not return it."""
-    from hivemind.averaging import DecentralizedAverager
+    import hivemind
 
-    class CheckedAverager(DecentralizedAverager):
+    # Named as hivemind's class: hivemind names its RPC handlers after the class ("DecentralizedAverager.
+    # rpc_join_group"), so another name could not average with peers that run hivemind's own class.
+    class DecentralizedAverager(hivemind.averaging.DecentralizedAverager):
         def __init__(self, *args, **kwargs):
             self._received: dict[bytes, float] = {}   # group id -> fraction; lives in the averager's process
             super().__init__(*args, **kwargs)
@@ -507,7 +510,7 @@ def _checked_averager_class():
             gathered = await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
             return gathered, self._received.pop(group_info.group_id, 0.0)
 
-    return CheckedAverager
+    return DecentralizedAverager
 
 
 @contextmanager
