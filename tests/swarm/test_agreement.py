@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 import worker.swarm as swarm
 from tests.swarm.conftest import inner, run_round, settings, start_workers
+from worker.executors.train import SwarmWorker
 from worker.swarm import SwarmAverager, SwarmMetrics, agreement_sketch, sketches_agree
 
 
@@ -157,3 +158,29 @@ def test_the_sketch_tolerates_rounding_and_catches_a_part_left_local():
     partial[5000:7000] = local_BN[1, 5000:7000]
     assert not sketches_agree(a, agreement_sketch(partial, local_BN[1], "fp16"))
     assert not sketches_agree(a, {"proj": [float("nan")] * len(a["proj"]), "tol": a["tol"]})
+
+
+class RecordingWorker(SwarmWorker):
+    """Keeps each round's local Δ (taken just before averaging) for comparison."""
+
+    def before_outer(self, round_):
+        self.local_delta = {m: d.clone() for m, d in self.outer.deltas().items()}
+
+
+def test_with_policy_local_a_mismatched_module_steps_with_each_holders_own_delta(tiny_checkpoint, shutdown):
+    """'local': neither holder applies the corrupted average; each takes the outer step with its own Δ,
+    θ = θ_start − lr·(Δ + μ·Δ) with fresh momentum, while the trunk uses the agreed average."""
+    assignments = [{0: [0, 1]}, {0: [1, 2]}]
+    workers = start_workers(tiny_checkpoint, assignments, settings(failure_policy="local", averaging_timeout=30.0),
+                            inner(), cls=RecordingWorker)
+    shutdown(workers)
+    workers[0].averager.averagers["l0e1"] = CorruptedAverage(workers[0].averager.averagers["l0e1"], rounds={0})
+    start = workers[0].outer.theta["l0e1"].clone()
+    metrics = run_round(workers, 0)
+    for w, m in zip(workers, metrics, strict=True):
+        assert (m["modules_mismatch"], m["modules_averaged"]) == (1, 1), m
+        own = w.local_delta["l0e1"]
+        assert torch.equal(w.outer.momentum["l0e1"], own)  # after one step from zero, the momentum is the Δ used
+        torch.testing.assert_close(w.outer.theta["l0e1"], start - 0.7 * (1 + 0.9) * own, rtol=0, atol=1e-6)
+        assert not torch.equal(w.outer.momentum["trunk"], w.local_delta["trunk"])  # the trunk was averaged
+    torch.testing.assert_close(workers[0].outer.theta["trunk"], workers[1].outer.theta["trunk"], rtol=0, atol=1e-6)
