@@ -107,7 +107,7 @@ def main() -> None:
     print(f"\n{'compression':12s}{'outcomes':>28s}{'bit-identical':>15s}{'max|diff|':>12s}{'rel L2':>10s}"
           f"{'margin':>8s}")
     for row in rows:
-        cells = [f"{row[k]:>15}" if k == "bit_identical" else f"{row[k]:>{w}.2g}"
+        cells = [f"{str(row[k]):>15}" if k == "bit_identical" else f"{row[k]:>{w}.2g}"
                  for k, w in (("bit_identical", 15), ("max_abs_diff", 12), ("rel_l2_diff", 10), ("sketch_margin", 8))
                  ] if "max_abs_diff" in row else ["   (no holders agreed on a full average)"]
         print(f"{row['compression']:12s}{','.join(row['outcomes']):>28s}" + "".join(cells))
