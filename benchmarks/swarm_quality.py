@@ -173,7 +173,8 @@ def main() -> None:
     dp_bytes = R * H * 2 * (n - 1) / n * P * 4
     sent = [sum(r["bytes_sent"] for r in res["rounds"]) for res in results]
     util = [sum(r["inner_seconds"] for r in res["rounds"]) / res["wall"] for res in results]
-    failed = sum(r["modules_failed"] + r["modules_refused"] for res in results for r in res["rounds"])
+    failed = sum(r["modules_failed"] + r["modules_refused"] + r["modules_mismatch"]
+                 for res in results for r in res["rounds"])
     figures = {
         "loss_ratio": swarm_loss / ref_loss,
         "comm_reduction": dp_bytes / (sum(sent) / n),

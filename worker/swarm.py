@@ -16,8 +16,19 @@ One round (DiLoCo, Douillard et al. 2023), per module m held:
 
 Holders that start from the same θ and momentum and receive the same Δ̄ end the round with the same
 parameters. hivemind returns each peer the *difference* between the average and its own Δ, compressed
-(fp16 by default), so two holders' Δ̄ agree to the compression's rounding of that difference (fp32
-rounding with compression "none"); we do not paper over that with a second broadcast.
+(fp16 by default), so two holders' Δ̄ agree to the compression's rounding only, never bit for bit (not
+even with compression "none": fp32 rounding); we do not paper over that with a second broadcast.
+
+Agreement. hivemind 1.1.12 can finish an all-reduce with parts missing (a reducer that misses
+`next_chunk_timeout`, a part that fails to deserialise): it logs "Averaging: received N% results", leaves
+those parts at the local values, and `step()` reports success. Two checks keep such a Δ̄ out: (1) our
+averager subclass reads how much of its result arrived (hivemind counts it but does not return it); (2)
+after the all-reduce every member of the group publishes `agreement_sketch` of its Δ̄ in the DHT (key
+`{run}/{module}/check/{round}`), or that its result is partial or failed, and compares with the others'.
+A reducer that dropped a slow sender returns a complete but different average to the rest, which only
+(2) sees. A partial result, a sketch outside the rounding bound, or a member that does not report within
+`averaging_timeout + stats_timeout` makes the module's outcome "mismatch" on every member, which follows
+the failure policy below with its local Δ, as a failed averaging does.
 
 Bad updates. Before averaging, every holder publishes its Δ's norm and token count for (module, round)
 in the DHT (key `{run}/{module}/stats/{round}`, subkey = its peer id) and reads the others'. A Δ with
@@ -30,9 +41,10 @@ only the coordinator's validator (Δ norms are reported with each result) can ca
 Faults. A peer that dies before publishing its norms delays the others' wait by at most `stats_timeout`;
 `averaging_timeout` bounds matchmaking and all-reduce (hivemind bans a sender that stalls for
 `averaging_timeout / 3`), so a peer dying mid-round delays the others by at most the sum. A group that
-does not form follows `failure_policy`: "retry" keeps the module's reference θ_start and its local
-progress, so the next round's Δ carries both rounds of work; "local" applies the outer step with the
-local Δ alone. Either way a warning names the module.
+does not form (or whose result does not agree, above) follows `failure_policy`: "retry" keeps the
+module's reference θ_start and momentum, identical on every holder, and its local progress, so the next
+round's Δ carries both rounds of work; "local" applies the outer step with the local Δ alone (holders then
+differ until their next agreed average). Either way a warning names the module.
 
 The local model holds only the experts assigned to this worker (`local_model`): a MoE with k experts
 whose router rows are the held rows of the full router. Softmax over the held logits equals softmax over
@@ -51,6 +63,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -353,7 +366,8 @@ def momentum_into(momentum_full: dict[str, Tensor], full: Transformer, momentum:
 @dataclass
 class ModuleOutcome:
     module: str
-    outcome: str                 # ok | failed | refused | local (averaging off or sole holder)
+    outcome: str                 # ok | failed | refused | mismatch (partial or disagreeing Δ̄) | local (averaging
+                                 # off or sole holder)
     delta_norm: float
     group_size: int = 1
     bytes_sent: int = 0
@@ -382,6 +396,121 @@ def is_outlier(norms: dict[str, float], factor: float) -> set[str]:
         med = statistics.median(finite)
         bad |= {p for p, n in norms.items() if p not in bad and n > factor * max(med, 1e-12)}
     return bad
+
+
+# ---- agreement of the holders' averages ---------------------------------------------------------
+
+SKETCH_CHUNK = 1 << 16       # elements per chunk; every chunk is projected on the same sign vectors
+SKETCH_PROJECTIONS = 4       # ±1 projections per block: a missing part escapes all four with tiny probability
+SKETCH_MAX_BLOCKS = 32       # a module's sketch is at most 32 blocks × (4 projections + 1 bound) floats
+SKETCH_SIGMAS = 10.0         # tolerance in units of the rounding bound's norm (sub-Gaussian tail: e^-50)
+FP32_EPS = 2.0 ** -23
+
+
+@lru_cache(maxsize=1)
+def _signs() -> Tensor:
+    """(SKETCH_PROJECTIONS, SKETCH_CHUNK) fp64 of ±1 from murmur3's integer finaliser: plain int64
+    arithmetic, so every holder builds the same signs whatever its torch version or platform."""
+    h = torch.arange(SKETCH_PROJECTIONS * SKETCH_CHUNK, dtype=torch.int64)
+    mask = 0xFFFFFFFF
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & mask
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & mask
+    h = h ^ (h >> 16)
+    return ((h & 1) * 2 - 1).double().view(SKETCH_PROJECTIONS, SKETCH_CHUNK)
+
+
+def _rounding_bound(x: Tensor, compression: str) -> Tensor:
+    """Per element, a bound on |x − decompress(compress(x))| for hivemind's compressions: fp16 rounds to
+    11 significant bits (2^-25 in the subnormal range); Uniform8BitQuantization maps mean ± 3σ onto 256
+    buckets (each decoded as its members' mean, so off by at most a bucket, 6σ/256) and clamps the rest
+    into the edge buckets. For 8-bit this is an estimate: hivemind takes σ per part, we per chunk."""
+    if compression == "none":
+        return torch.zeros_like(x)
+    if compression == "fp16":
+        return x.abs() * 2.0 ** -11 + 2.0 ** -25
+    mean, std = x.mean(), x.std() if x.numel() > 1 else x.new_zeros(())
+    return 6 * std / 256 + ((x - mean).abs() - 3 * std).clamp_min(0)
+
+
+@torch.no_grad()
+def agreement_sketch(averaged: Tensor, local: Tensor, compression: str) -> dict[str, list[float]]:
+    """A few numbers that tell whether two holders' averaged Δ̄ differ by more than rounding.
+
+    hivemind gives each holder p the result r_p = Δ_p + C(avg − C(Δ_p)) (C: the compression), so the
+    holders of one module differ by at most b_p + b_q element-wise, with b_p = the rounding of C(Δ_p) and of
+    the returned difference d_p = r_p − Δ_p, plus fp32 rounding. Per block of the flat vector the sketch
+    holds `proj`, the projections Σ g_i r_i on fixed pseudo-random signs g, and `tol`, ‖b‖₂. For signs
+    independent of the data, Σ g_i (r_p − r_q)_i is sub-Gaussian with scale ≤ ‖b_p‖ + ‖b_q‖, so
+    `sketches_agree` tolerates SKETCH_SIGMAS × (tol_p + tol_q). A part left at the local values moves the
+    projections by about ‖d_part‖₂: detected once it exceeds the tolerance, for fp16 a part carrying more
+    than ~1e-4 of its block's squared norm. Cost: one pass over the module in chunks of 64 Ki elements.
+    """
+    n = averaged.numel()
+    chunks = max(1, math.ceil(n / SKETCH_CHUNK))
+    blocks = min(SKETCH_MAX_BLOCKS, chunks)
+    proj = torch.zeros(blocks, SKETCH_PROJECTIONS, dtype=torch.float64)
+    tol2 = torch.zeros(blocks, dtype=torch.float64)
+    signs = _signs()
+    for c in range(chunks):
+        lo, hi = c * SKETCH_CHUNK, min(n, (c + 1) * SKETCH_CHUNK)
+        r, x = averaged[lo:hi].float().cpu(), local[lo:hi].float().cpu()
+        d = r - x
+        k = c * blocks // chunks
+        proj[k] += signs[:, :hi - lo] @ r.double()
+        b = _rounding_bound(x, compression) + _rounding_bound(d, compression) + 2 * FP32_EPS * (d.abs() + r.abs())
+        tol2[k] += b.double().square().sum()
+    return {"proj": proj.flatten().tolist(), "tol": tol2.sqrt().tolist()}
+
+
+def sketches_agree(a: dict, b: dict) -> bool:
+    """Whether two `agreement_sketch`es are within rounding of each other (False for malformed ones, NaN)."""
+    try:
+        pa, pb, ta, tb = (list(map(float, v)) for v in (a["proj"], b["proj"], a["tol"], b["tol"]))
+    except (KeyError, TypeError, ValueError):
+        return False
+    if len(pa) != len(pb) or len(ta) != len(tb) or len(pa) != SKETCH_PROJECTIONS * len(ta):
+        return False
+    return all(abs(x - y) <= SKETCH_SIGMAS * (ta[i // SKETCH_PROJECTIONS] + tb[i // SKETCH_PROJECTIONS])
+               for i, (x, y) in enumerate(zip(pa, pb, strict=True)))
+
+
+def _verdict_mismatch(mine: dict, theirs: dict) -> str:
+    """Why another member's verdict (a sketch, or partial / failed) disagrees with this peer's sketch; '' if not."""
+    if "partial" in theirs:
+        return f"received {100 * float(theirs['partial']):.1f}% of the average"
+    if "failed" in theirs:
+        return "its averaging failed"
+    return "" if sketches_agree(mine, theirs) else "checksum differs"
+
+
+@lru_cache(maxsize=1)
+def _checked_averager_class():
+    """hivemind's DecentralizedAverager whose `step()` result is (gathered, received): received is the
+    fraction of this peer's averaged parts that arrived. hivemind counts the parts that did not
+    (`TensorPartContainer.failed_size`, the "received N% results" warning) but does not return it."""
+    import hivemind
+
+    # Named as hivemind's class: hivemind names its RPC handlers after the class ("DecentralizedAverager.
+    # rpc_join_group"), so another name could not average with peers that run hivemind's own class.
+    class DecentralizedAverager(hivemind.averaging.DecentralizedAverager):
+        def __init__(self, *args, **kwargs):
+            self._received: dict[bytes, float] = {}   # group id -> fraction; lives in the averager's process
+            super().__init__(*args, **kwargs)
+
+        async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
+            gid = group_info.group_id if group_id is None else group_id
+            running = self._running_groups[gid]       # resolves to the AllReduceRunner that super() builds
+            await super()._run_allreduce_inplace_(tensors, group_info, group_id, **kwargs)
+            parts = running.result().tensor_part_container
+            self._received[gid] = 1.0 - parts.failed_size / max(parts.total_size, 1)
+
+        async def _aggregate_with_group(self, group_info, min_vector_size, **kwargs):
+            gathered = await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
+            return gathered, self._received.pop(group_info.group_id, 0.0)
+
+    return DecentralizedAverager
 
 
 @contextmanager
@@ -424,11 +553,12 @@ class SwarmAverager:
         self.peer_id = str(self.dht.peer_id)
         self.compression = _compressions()[settings.compression]()
         self.averagers = {}
+        averager_class = _checked_averager_class()
         for name, size in modules.items():
             if not settings.averaging:
                 break
             s = settings
-            self.averagers[name] = hivemind.averaging.DecentralizedAverager(
+            self.averagers[name] = averager_class(
                 [torch.zeros(size)], self.dht, prefix=f"{s.run}/{name}", start=False,
                 # a group starts as soon as every expected holder joined, else after matchmaking_time
                 target_group_size=min(s.target_group_size, self.expected_holders.get(name, s.target_group_size)),
@@ -511,31 +641,91 @@ class SwarmAverager:
                 t.copy_(deltas[m])
             steps[m] = self.averagers[m].step(weight=max(weights[m], 1e-6), gather={"norm": norms[m]},
                                               timeout=s.averaging_timeout, allow_retries=True, wait=False)
+        checks = {}      # module -> (group members, this peer's sketch): compared with the group's below
+        published = []
         for m, control in steps.items():
             try:
-                gathered = control.result(timeout=2 * s.averaging_timeout + s.matchmaking_time)
+                result = control.result(timeout=2 * s.averaging_timeout + s.matchmaking_time)
             except Exception as e:  # hivemind raises AllreduceException, MatchmakingException, TimeoutError...
                 log.warning("round %d, module %s: averaging failed (%s: %s); policy %s", round_, m,
                             type(e).__name__, e, s.failure_policy)
                 out[m] = ModuleOutcome(m, "failed", norms[m])
+                published.append(self._publish_check(round_, m, {"failed": 1.0}))
                 continue
-            if gathered is None:
+            if result is None:
                 log.warning("round %d, module %s: no group formed; policy %s", round_, m, s.failure_policy)
                 out[m] = ModuleOutcome(m, "failed", norms[m])
+                published.append(self._publish_check(round_, m, {"failed": 1.0}))
                 continue
+            gathered, received = result
             members = {str(p) for p in gathered}
             intruders = members & refused_by_module[m]
             if intruders:
                 log.warning("round %d, module %s: refused peer(s) %s joined the group anyway; discarding the "
                             "average (policy %s)", round_, m, sorted(intruders), s.failure_policy)
                 out[m] = ModuleOutcome(m, "failed", norms[m], refused_peers=sorted(refused_by_module[m]))
+                published.append(self._publish_check(round_, m, {"failed": 1.0}))
+                continue
+            out[m] = ModuleOutcome(m, "ok", norms[m], group_size=len(members),
+                                   bytes_sent=self._bytes_sent(deltas[m], len(members)),
+                                   refused_peers=sorted(refused_by_module[m]))
+            if received < 1.0:
+                log.warning("round %d, module %s: this peer %s received only %.1f%% of the average (group %s); "
+                            "policy %s", round_, m, self.peer_id, 100 * received, sorted(members), s.failure_policy)
+                out[m].outcome = "mismatch"
+                published.append(self._publish_check(round_, m, {"partial": received}))
                 continue
             with self.averagers[m].get_tensors() as (t,):
-                deltas[m].copy_(t)
-            n = len(members)
-            out[m] = ModuleOutcome(m, "ok", norms[m], group_size=n, bytes_sent=self._bytes_sent(deltas[m], n),
-                                   refused_peers=sorted(refused_by_module[m]))
+                sketch = agreement_sketch(t, deltas[m], s.compression)
+            checks[m] = (members, sketch)
+            published.append(self._publish_check(round_, m, sketch))
+        for f in published:
+            f.result()
+        for m, why in self._disagreements(round_, checks).items():
+            log.warning("round %d, module %s: the group's averages disagree (%s); policy %s", round_, m,
+                        "; ".join(f"peer {p}: {w}" for p, w in sorted(why.items())), s.failure_policy)
+            out[m].outcome = "mismatch"
+        for m in checks:
+            if out[m].outcome == "ok":
+                with self.averagers[m].get_tensors() as (t,):
+                    deltas[m].copy_(t)
         return out
+
+    def _publish_check(self, round_: int, module: str, value: dict):
+        """Store this peer's verdict on its average of `module` (a sketch, partial or failed) in the DHT."""
+        from hivemind.utils import get_dht_time
+
+        s = self.settings
+        return self.dht.store(f"{s.run}/{module}/check/{round_}", value,
+                              get_dht_time() + max(60.0, 4 * s.averaging_timeout), subkey=self.peer_id,
+                              return_future=True)
+
+    def _disagreements(self, round_: int, checks: dict[str, tuple[set[str], dict]]) -> dict[str, dict[str, str]]:
+        """module -> {peer: why} for the modules where a group member's verdict differs from this peer's.
+
+        Waits until every member has reported or one disagrees, at most averaging_timeout + stats_timeout:
+        hivemind ends every member's all-reduce within averaging_timeout of the others', so a living member
+        has reported by then, and one that has not is counted as disagreeing (it may yet fail)."""
+        s = self.settings
+        deadline = time.monotonic() + s.averaging_timeout + s.stats_timeout
+        pending, bad = dict(checks), {}
+        while True:
+            for m, (members, mine) in list(pending.items()):
+                found = self.dht.get(f"{s.run}/{m}/check/{round_}", latest=True)
+                entries = found.value if found is not None and isinstance(found.value, dict) else {}
+                verdicts = {str(p): v.value for p, v in entries.items() if isinstance(v.value, dict)}
+                others = members - {self.peer_id}
+                why = {p: _verdict_mismatch(mine, verdicts[p]) for p in others & verdicts.keys()}
+                why = {p: w for p, w in why.items() if w}
+                if why or others <= verdicts.keys():
+                    del pending[m]
+                elif time.monotonic() >= deadline:
+                    why = {p: "no report" for p in others - verdicts.keys()}
+                if why:
+                    bad[m] = why
+            if not pending or time.monotonic() >= deadline:
+                return bad
+            time.sleep(0.2)
 
     def _bytes_sent(self, delta: Tensor, group_size: int) -> int:
         """What this peer sends in one butterfly all-reduce of `delta` in a group of n: (n-1)/n of its Δ,
@@ -582,11 +772,13 @@ def outer_round(averager: SwarmAverager | None, state: OuterState, settings: Swa
     else:
         outcomes = averager.average(round_, deltas, weights)
     for m, o in outcomes.items():
-        if o.outcome in ("ok", "local") or (o.outcome == "failed" and settings.failure_policy == "local"):
+        failed = o.outcome in ("failed", "mismatch")  # deltas[m] is then this holder's own Δ
+        if o.outcome in ("ok", "local") or (failed and settings.failure_policy == "local"):
             state.step(m, deltas[m], settings.outer_lr, settings.outer_momentum)
         elif o.outcome == "refused":
             state.revert(m)  # a bad Δ never reaches the weights; this holder resumes from θ_start
-        # failed + retry: keep θ_start as the reference and the local progress; next round's Δ carries both
+        # failed/mismatch + retry: keep θ_start and momentum (the same on every holder) as the reference and
+        # the local progress; next round's Δ carries both rounds
     return RoundReport(round_, [outcomes[m] for m in state.modules], time.perf_counter() - t0)
 
 
@@ -617,17 +809,17 @@ class SwarmMetrics(NullSwarmMetrics):
         for outcome in ("averaged", "local_only", "failed"):
             self.rounds.labels(outcome)
         for group in ("trunk", "expert"):
-            for outcome in ("ok", "failed", "refused"):
+            for outcome in ("ok", "failed", "refused", "mismatch"):
                 self.averaging.labels(group, outcome)
 
     def record_round(self, report: RoundReport, inner_loss: float, inner_seconds: float, round_seconds: float) -> None:
         outcomes = {m.outcome for m in report.modules}
         # averaged: some module was averaged; local_only: nothing to average with (averaging off, sole
-        # holders); failed: every averaging failed or was refused
+        # holders); failed: every averaging failed, was refused or disagreed (mismatch)
         label = "averaged" if "ok" in outcomes else "local_only" if outcomes == {"local"} else "failed"
         self.rounds.labels(label).inc()
         for m in report.modules:
-            if m.outcome in ("ok", "failed", "refused"):
+            if m.outcome in ("ok", "failed", "refused", "mismatch"):
                 self.averaging.labels("trunk" if m.module == TRUNK else "expert", m.outcome).inc()
         self.bytes_sent.inc(report.bytes_sent)
         self.inner_loss.set(inner_loss)

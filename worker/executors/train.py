@@ -304,6 +304,7 @@ class SwarmWorker:
             "inner_seconds": inner_seconds, "round_seconds": time.perf_counter() - t0,
             "modules_averaged": float(report.count("ok")), "modules_failed": float(report.count("failed")),
             "modules_refused": float(report.count("refused")), "modules_local": float(report.count("local")),
+            "modules_mismatch": float(report.count("mismatch")),
         }
 
     def export_into(self, full: Transformer, momentum_full: dict[str, torch.Tensor]) -> None:
