@@ -63,7 +63,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import torch
@@ -114,8 +114,34 @@ class SwarmSettings:
 
 
 def _compressions():
-    from hivemind.compression import Float16Compression, NoCompression, Uniform8BitQuantization
-    return {"fp16": Float16Compression, "8bit": Uniform8BitQuantization, "none": NoCompression}
+    from hivemind.compression import Float16Compression, NoCompression
+
+    return {"fp16": Float16Compression, "8bit": _uniform_8bit(), "none": NoCompression}
+
+
+@cache
+def _uniform_8bit():
+    """hivemind 1.1.12's Uniform8BitQuantization, with a decoder that works under numpy 2: the original reads
+    the codebook length with int() of a 1-element array, which numpy 2 refuses, so every 8-bit part a peer
+    received was lost (and the average silently partial). Registered as hivemind's decoder for UNIFORM_8BIT,
+    which is what a receiving peer looks up by the message's compression type."""
+    import numpy as np
+    import torch
+    from hivemind.compression import serialization
+    from hivemind.compression.quantization import Uniform8BitQuantization
+
+    class Uniform8Bit(Uniform8BitQuantization):
+        def extract(self, serialized_tensor):
+            buf = serialized_tensor.buffer
+            n = int(np.frombuffer(buf, count=1, dtype=np.int64)[0])
+            codebook = np.frombuffer(buf, offset=8, count=n, dtype=self.codebook_dtype)
+            quantized = np.frombuffer(buf, offset=8 + codebook.nbytes, dtype=self.indices_dtype)
+            indices = torch.from_numpy(quantized.astype(np.int64)).reshape(tuple(serialized_tensor.size))
+            values = torch.from_numpy(codebook.copy()).to(dtype=getattr(torch, serialized_tensor.dtype))
+            return values[indices].requires_grad_(serialized_tensor.requires_grad)
+
+    serialization._BASE_COMPRESSION_TYPES["UNIFORM_8BIT"] = Uniform8Bit()
+    return Uniform8Bit
 
 
 COMPRESSIONS = ("fp16", "8bit", "none")
