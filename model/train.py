@@ -161,7 +161,7 @@ class TrainConfig:
                              f"train.micro_batch_size={self.micro_batch_size}: make it a multiple")
         if self.metrics_port < 0 or self.peak_tflops < 0:
             raise ValueError("train.metrics_port and train.peak_tflops must be >= 0")
-        if not re.fullmatch(r"[A-Za-z0-9._-]{1,32}", self.phase):
+        if not isinstance(self.phase, str) or not re.fullmatch(r"[A-Za-z0-9._-]{1,32}", self.phase):
             raise ValueError(f"train.phase must be 1-32 letters, digits or ._- (e.g. pretrain), got {self.phase!r}")
         if self.dtype not in ("auto", "bf16", "fp32"):
             raise ValueError(f"train.dtype must be auto, bf16 or fp32, got {self.dtype!r}")

@@ -124,3 +124,13 @@ def test_the_worker_daemon_exports_its_task_and_state_series(prom):
     assert prom.value("mujina_worker_pending_uploads") == 0
     assert {s["metric"]["state"]: float(s["value"][1]) for s in prom.query("mujina_worker_state")} == \
         {s: float(s == "waiting_for_work") for s in STATES}
+
+
+def test_the_phase_of_a_validated_loss():
+    from coordinator.metrics import loss_phase
+
+    assert loss_phase("train", {}) == "swarm" and loss_phase("eval", {}) == "eval"
+    assert loss_phase("eval", {"phase": "sft"}) == "sft"
+    # a label value the dashboards could not show (spaces, too long, not a string) falls back to the kind's
+    for bad in ("pre train", "x" * 33, 3, ""):
+        assert loss_phase("eval", {"phase": bad}) == "eval"
