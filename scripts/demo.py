@@ -91,13 +91,14 @@ class Stop(Exception):
 
 
 MARKER = "MUJINA_DEMO"  # environment variable naming the output directory, in every descendant of the demo
+HAS_PROC = Path("/proc/self/environ").exists()  # Linux; elsewhere (macOS) leftovers are found by process group only
 
 
 def marked_processes(value: str) -> dict[int, str]:
     """Live processes (not zombies) whose environment holds MUJINA_DEMO=value: pid -> command line. Linux
     /proc; only this user's processes are readable, which are the only ones the demo can have started."""
     want, found = f"{MARKER}={value}".encode(), {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
+    for pid in filter(str.isdigit, os.listdir("/proc") if HAS_PROC else []):
         try:
             if want not in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
                 continue
@@ -182,6 +183,9 @@ class Children:
                 print(f"  pid {p.pid} did not stop within {grace:.0f} s of SIGTERM: SIGKILL", flush=True)
         self._kill(self._members({p.pid for p in procs}), f"left within {grace:.0f} s of SIGTERM")
         for p in procs:
+            if not HAS_PROC:  # no /proc to look in: whatever is left of the group goes, unnamed
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(p.pid, signal.SIGKILL)
             p.wait()
         if procs:
             print(f"  {len(procs)} stopped in {time.monotonic() - t0:.1f} s", flush=True)
@@ -217,6 +221,9 @@ class Children:
         while (left := marked_processes(self.marker)) and time.monotonic() < end:
             time.sleep(0.2)
         self._kill(left, "outlived its leader")
+        for _, p in self.procs if not HAS_PROC else []:  # groups whose leader already exited
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, signal.SIGKILL)
 
 
 def py(*args: str) -> list[str]:
