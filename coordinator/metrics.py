@@ -11,6 +11,7 @@ read from it at scrape time by a collector, so they are right after a restart to
 from __future__ import annotations
 
 import logging
+import re
 import time
 
 from sqlalchemy import func, select
@@ -20,6 +21,16 @@ from . import store as S
 log = logging.getLogger(__name__)
 
 ACTIVE_WORKER_WINDOW_S = 60.0  # a worker seen within this is "active"
+KIND_PHASES = {"train": "swarm"}  # the coordinator's train tasks are swarm rounds
+_PHASE_RE = re.compile(r"[A-Za-z0-9._-]{1,32}")
+
+
+def loss_phase(kind: str, payload: dict) -> str:
+    """The `phase` label of a result's loss (as on mujina_train_* and mujina_swarm_inner_loss): payload.phase
+    when the task names one (an eval task of a pretrain or sft checkpoint: {"phase": "pretrain", ...}), else
+    by kind: train tasks are swarm rounds ("swarm"); any other kind is its own phase ("eval")."""
+    phase = payload.get("phase")
+    return phase if isinstance(phase, str) and _PHASE_RE.fullmatch(phase) else KIND_PHASES.get(kind, kind)
 
 
 class NullMetrics:
@@ -27,7 +38,7 @@ class NullMetrics:
     def lease_granted(self, kind: str) -> None: ...
     def lease_expired(self, n: int) -> None: ...
     def lease_completed(self, kind: str) -> None: ...
-    def latest_loss(self, run: str, kind: str, loss: float) -> None: ...
+    def latest_loss(self, run: str, kind: str, phase: str, loss: float) -> None: ...
     def close(self) -> None: ...
 
 
@@ -125,8 +136,8 @@ class PrometheusMetrics(NullMetrics):
         self._expired = Counter("mujina_leases_expired_total", "Leases that expired unrenewed", registry=self.registry)
         self._completed = Counter("mujina_leases_completed_total", "Leases whose result was accepted", ["kind"],
                                   registry=self.registry)
-        self._loss = Gauge("mujina_latest_loss", "Latest validated loss reported per run", ["run", "kind"],
-                           registry=self.registry)
+        self._loss = Gauge("mujina_latest_loss", "Latest validated loss per run, task kind and phase",
+                           ["run", "kind", "phase"], registry=self.registry)
         self.registry.register(StoreCollector(store))
         if state_dir is not None:
             self.registry.register(SyntheticCollector(state_dir))
@@ -147,8 +158,8 @@ class PrometheusMetrics(NullMetrics):
     def lease_completed(self, kind):
         self._completed.labels(kind).inc()
 
-    def latest_loss(self, run, kind, loss):
-        self._loss.labels(run, kind).set(loss)
+    def latest_loss(self, run, kind, phase, loss):
+        self._loss.labels(run, kind, phase).set(loss)
 
     def close(self):
         self._server.shutdown()

@@ -24,7 +24,7 @@ from sqlalchemy import and_, func, insert, select, update
 
 from . import store as S
 from .config import ProjectConfig
-from .metrics import NullMetrics
+from .metrics import NullMetrics, loss_phase
 from .validate import Credit, ValidationError, Validator, validator_for
 
 log = logging.getLogger(__name__)
@@ -379,7 +379,7 @@ class Scheduler:
             commit_file()
         self.metrics.lease_completed(info.kind)
         if "loss" in metrics:
-            self.metrics.latest_loss(info.run, info.kind, metrics["loss"])
+            self.metrics.latest_loss(info.run, info.kind, loss_phase(info.kind, info.payload), metrics["loss"])
         return CompleteOutcome(True, True, False, "result accepted", credits)
 
     # organizer operations (CLI)

@@ -4,7 +4,7 @@ model/ stays free of prometheus-client (it is also imported by the worker's exec
 their own registry): the trainer's figures are a handful of gauges, and the text exposition format
 for gauges is a HELP line, a TYPE line and one sample line each. Scraped at /metrics:
 
-    mujina_train_loss{run="pretrain"} 2.31
+    mujina_train_loss{run="dense",phase="pretrain"} 2.31
 """
 
 from __future__ import annotations
@@ -30,10 +30,11 @@ def _escape(value: str) -> str:
 
 
 class TrainExporter:
-    """Serves the latest value of each gauge (mujina_train_*) with a `run` label; update() replaces them."""
+    """Serves the latest value of each gauge (mujina_train_*) with labels `run` (the output directory's name)
+    and `phase` (train.phase: pretrain, moe, sft...); update() replaces them."""
 
-    def __init__(self, run: str, port: int, host: str = "0.0.0.0"):
-        self.run = run
+    def __init__(self, run: str, port: int, host: str = "0.0.0.0", phase: str = "pretrain"):
+        self.run, self.phase = run, phase
         self._values: dict[str, float] = {}
         self._lock = threading.Lock()
         exporter = self
@@ -65,7 +66,7 @@ class TrainExporter:
                     self._values[k] = float(v)
 
     def render(self) -> str:
-        label = f'{{run="{_escape(self.run)}"}}'
+        label = f'{{run="{_escape(self.run)}",phase="{_escape(self.phase)}"}}'
         lines = []
         with self._lock:
             for name, help_text in GAUGES.items():

@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -146,6 +147,8 @@ class TrainConfig:
     compile: bool = help_field("torch.compile each transformer block.", default=False)
     metrics_port: int = help_field("Serve Prometheus gauges (mujina_train_*) on this port from rank 0; 0: off.",
                               default=0)
+    phase: str = help_field("The project phase this run belongs to (pretrain, moe, sft...): the `phase` label "
+                            "of the Prometheus gauges, beside `run`.", default="pretrain")
     peak_tflops: float = help_field("Peak TFLOP/s of one device for MFU; 0: from the built-in table (CUDA "
                                "devices; CPU has no entry, so no MFU).", default=0.0)
 
@@ -158,6 +161,8 @@ class TrainConfig:
                              f"train.micro_batch_size={self.micro_batch_size}: make it a multiple")
         if self.metrics_port < 0 or self.peak_tflops < 0:
             raise ValueError("train.metrics_port and train.peak_tflops must be >= 0")
+        if not isinstance(self.phase, str) or not re.fullmatch(r"[A-Za-z0-9._-]{1,32}", self.phase):
+            raise ValueError(f"train.phase must be 1-32 letters, digits or ._- (e.g. pretrain), got {self.phase!r}")
         if self.dtype not in ("auto", "bf16", "fp32"):
             raise ValueError(f"train.dtype must be auto, bf16 or fp32, got {self.dtype!r}")
 
@@ -455,7 +460,7 @@ class Trainer:
         if main and t.metrics_port:
             from .exporter import TrainExporter
 
-            exporter = TrainExporter(self.out.name, t.metrics_port)
+            exporter = TrainExporter(self.out.name, t.metrics_port, phase=t.phase)
             log.info("Prometheus gauges on :%d/metrics", exporter.port)
         self.model.train()
         t_last, tok_last, t_start, step_start = time.perf_counter(), self.tokens_seen, time.perf_counter(), self.step

@@ -18,8 +18,11 @@ Stages (each prints a header, its commands' progress lines and its elapsed time)
   10 sample       mujina-model export to Hugging Face (Mixtral) and a sample generated with transformers
   11 watch        where the status page is, how to point Prometheus and Grafana at it
 
-Every child runs in its own process group; Ctrl-C (SIGINT) or SIGTERM stops them all (SIGTERM, then
-SIGKILL after a grace period) before the demo exits. Outputs live under --out; rerunning skips finished
+Every child runs in its own process group and carries MUJINA_DEMO=OUT in its environment (inherited by
+everything it starts: torchrun's ranks, hivemind's DHT processes and p2pd daemons). Ctrl-C (SIGINT) or SIGTERM
+stops them all before the demo exits: SIGTERM to each leader, which stops its own children; whatever is still
+alive after a grace period (a leader, or a descendant its leader left behind) is named and SIGKILLed, so
+nothing outlives the demo. Outputs live under --out; rerunning skips finished
 stages and resumes the others (the trainer resumes from its checkpoints, sharding skips finished shards,
 the coordinator keeps its SQLite store, `plan` is idempotent).
 """
@@ -87,12 +90,32 @@ class Stop(Exception):
     """SIGINT/SIGTERM arrived: unwind and stop every child."""
 
 
+MARKER = "MUJINA_DEMO"  # environment variable naming the output directory, in every descendant of the demo
+HAS_PROC = Path("/proc/self/environ").exists()  # Linux; elsewhere (macOS) leftovers are found by process group only
+
+
+def marked_processes(value: str) -> dict[int, str]:
+    """Live processes (not zombies) whose environment holds MUJINA_DEMO=value: pid -> command line. Linux
+    /proc; only this user's processes are readable, which are the only ones the demo can have started."""
+    want, found = f"{MARKER}={value}".encode(), {}
+    for pid in filter(str.isdigit, os.listdir("/proc") if HAS_PROC else []):
+        try:
+            if want not in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                continue
+            if Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z":
+                continue
+            found[int(pid)] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone meanwhile, or another user's
+            continue
+    return found
+
+
 class Children:
     """Every process the demo starts, each the leader of its own process group (so the terminal's Ctrl-C
     reaches only the demo, which then stops them in reverse order: workers before the coordinator)."""
 
-    def __init__(self, logs: Path):
-        self.logs = logs
+    def __init__(self, logs: Path, marker: str):
+        self.logs, self.marker = logs, marker
         self.procs: list[tuple[str, subprocess.Popen]] = []
         self.threads: list[threading.Thread] = []
         self.lock = threading.Lock()
@@ -101,7 +124,7 @@ class Children:
     def start(self, name: str, cmd: list[str], quiet: tuple[str, ...] = ()) -> subprocess.Popen:
         """Start `cmd`; its output goes to LOGS/name.log and, prefixed with [name], to the console
         (lines containing any of `quiet` only to the log)."""
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", MARKER: self.marker,
                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
@@ -134,7 +157,7 @@ class Children:
     def capture(self, cmd: list[str]) -> str:
         """A short command's stdout (e.g. `token add`, `ledger`), run in its own process group too."""
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
+                                start_new_session=True, env={**os.environ, MARKER: self.marker})
         with self.lock:
             self.procs.append((cmd[2], proc))
         out, err = proc.communicate()
@@ -143,21 +166,45 @@ class Children:
         return out
 
     def stop(self, procs: list[subprocess.Popen], grace: float = 20.0) -> None:
-        """SIGTERM each leader (it stops its own children: torchrun its ranks, a worker its hivemind peers),
-        wait up to `grace` seconds for all of them, then SIGKILL whatever is left of their process groups."""
+        """SIGTERM each leader (it stops its own children: torchrun its ranks, a worker its hivemind peers) and
+        wait up to `grace` seconds for each group to be empty; SIGKILL what is left, naming it."""
         for p in procs:
             with contextlib.suppress(ProcessLookupError):
                 p.send_signal(signal.SIGTERM)
-        end = time.monotonic() + grace
+        t0 = time.monotonic()
         for p in procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(timeout=max(0.0, end - time.monotonic()))
+                p.wait(timeout=max(0.0, t0 + grace - time.monotonic()))
+        # A leader's children are in its group; they may still be exiting when it has: give them the grace too.
+        while time.monotonic() < t0 + grace and self._members({p.pid for p in procs}):
+            time.sleep(0.1)
         for p in procs:
             if p.poll() is None:
                 print(f"  pid {p.pid} did not stop within {grace:.0f} s of SIGTERM: SIGKILL", flush=True)
-            with contextlib.suppress(ProcessLookupError):  # members of the group may outlive the leader
-                os.killpg(p.pid, signal.SIGKILL)
+        self._kill(self._members({p.pid for p in procs}), f"left within {grace:.0f} s of SIGTERM")
+        for p in procs:
+            if not HAS_PROC:  # no /proc to look in: whatever is left of the group goes, unnamed
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(p.pid, signal.SIGKILL)
             p.wait()
+        if procs:
+            print(f"  {len(procs)} stopped in {time.monotonic() - t0:.1f} s", flush=True)
+
+    def _members(self, groups: set[int]) -> dict[int, str]:
+        """Live processes of the demo (MUJINA_DEMO) in the given process groups: pid -> command line."""
+        out = {}
+        for pid, cmd in marked_processes(self.marker).items():
+            with contextlib.suppress(ProcessLookupError):
+                if os.getpgid(pid) in groups:
+                    out[pid] = cmd
+        return out
+
+    @staticmethod
+    def _kill(procs: dict[int, str], why: str) -> None:
+        for pid, cmd in procs.items():
+            print(f"  pid {pid} ({cmd[:100]}) {why}: SIGKILL", flush=True)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     def stop_all(self) -> None:
         with self.lock:
@@ -167,7 +214,14 @@ class Children:
             print(f"\n== stopping {len(live)} child processes: {', '.join(n for n, _ in live)}", flush=True)
         self.stop([p for n, p in live if n.startswith("worker")])  # first: each hands its lease back
         self.stop([p for n, p in live if not n.startswith("worker")])
-        for _, p in self.procs:  # groups whose leader already exited
+        # What is left of the demo escaped its leader's group: torch's shared-memory manager (hivemind shares
+        # tensors through it) daemonizes and exits by itself a moment after its last client. Anything alive
+        # after a few seconds more is a leftover.
+        end = time.monotonic() + 5.0
+        while (left := marked_processes(self.marker)) and time.monotonic() < end:
+            time.sleep(0.2)
+        self._kill(left, "outlived its leader")
+        for _, p in self.procs if not HAS_PROC else []:  # groups whose leader already exited
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(p.pid, signal.SIGKILL)
 
@@ -220,7 +274,7 @@ class Demo:
         self.fixed_ports = args.ports == "fixed"
         self.serve = args.serve
         (self.out / "logs").mkdir(parents=True, exist_ok=True)
-        self.children = Children(self.out / "logs")
+        self.children = Children(self.out / "logs", str(self.out))
         self.t0 = time.monotonic()
         self.timings: list[tuple[str, float, str]] = []
         self.coordinator: subprocess.Popen | None = None

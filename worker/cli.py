@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -73,9 +74,18 @@ def cmd_run(args) -> int:
                             max_tasks=1 if args.once else args.max_tasks, teachers=teachers or None,
                             benchmark=False if args.no_benchmark else None)
     daemon = Daemon(cfg)
-    interrupts = []
+    interrupts, daemon_pid = [], os.getpid()
 
     def on_signal(signum, _frame):
+        if os.getpid() != daemon_pid:
+            # A fork()ed child (hivemind's DHT and averager processes) inherits this handler but has no daemon
+            # to stop: a SIGTERM sent to the whole process group (systemd, `kill -- -PGID`) ends it as it ends
+            # any process, else the daemon would wait for it forever at exit; a SIGINT (a terminal's Ctrl-C) is
+            # ignored, as hivemind's own handlers do, and the daemon shuts its children down in order.
+            if signum == signal.SIGTERM:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+            return
         name = signal.Signals(signum).name
         if signum == signal.SIGINT:
             interrupts.append(signum)

@@ -828,7 +828,9 @@ class SwarmMetrics(NullSwarmMetrics):
         self.averaging = Counter("mujina_swarm_averaging", "module averagings by group and outcome",
                                  ["group", "outcome"], **kw)
         self.bytes_sent = Counter("mujina_swarm_bytes_sent", "bytes sent in all-reduce (compressed)", **kw)
-        self.inner_loss = Gauge("mujina_swarm_inner_loss", "mean inner loss of the last round", **kw)
+        # phase: the project phase the loss belongs to, as on mujina_train_* and mujina_latest_loss
+        self.inner_loss = Gauge("mujina_swarm_inner_loss", "mean inner loss of the last round", ["phase"],
+                                **kw).labels("swarm")
         self.inner_seconds = Counter("mujina_swarm_inner_seconds", "time in inner steps", **kw)
         self.round_seconds = Counter("mujina_swarm_round_seconds", "wall time of rounds", **kw)
         # every labelled series exists from start-up at 0, so rates and alerts have a series before the first event

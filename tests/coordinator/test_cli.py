@@ -80,7 +80,7 @@ def test_tasks_status_ledger_through_a_served_coordinator(tmp_path, db_url):
         samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in fams.values() for s in f.samples}
         assert samples[("mujina_leases_granted_total", (("kind", "eval"),))] == 2
         assert samples[("mujina_leases_completed_total", (("kind", "eval"),))] == 1
-        assert samples[("mujina_latest_loss", (("kind", "eval"), ("run", "test")))] == 3.25
+        assert samples[("mujina_latest_loss", (("kind", "eval"), ("phase", "eval"), ("run", "test")))] == 3.25
         assert samples[("mujina_tasks", (("kind", "eval"), ("state", "done")))] == 1
         assert samples[("mujina_tasks", (("kind", "eval"), ("state", "pending")))] == 2
         assert samples[("mujina_active_workers", ())] == 1

@@ -9,14 +9,20 @@ not exist yet dropped, see catalog.PENDING_JOBS), then drives a short scenario t
     a task with max_attempts=1 fails            -> 1 dead task
     3 eval results with losses 2.0, 2.4, 2.8     -> ledger credit, a rising eval loss
     alice holds 1 lease (heartbeated)            -> 1 leased task
-    bob leases 3 tasks and never heartbeats them -> 3 expired leases of 8 granted
+    bob leases 3 tasks and never heartbeats them -> 3 expired leases of 8 granted (5 s leases)
 
-Workers heartbeat in a background thread throughout, as daemons do. Beside them a real worker daemon
+Workers heartbeat in a background thread throughout, as daemons do. Before them a real worker daemon
 (`mujina-worker run --metrics-port`, volunteer carol, kinds generate,train) runs one generate task with the
-tiny teacher of tests/worker/teacher.py and stays up, scraped as job mujina-workers; and the
-cluster trainer's rank 0 (`python -m model.train`, train.metrics_port) trains a tiny model throughout,
-scraped as job mujina-cluster. Adding the swarm exporters later means starting them here and adding
-their job to `scrape_jobs`.
+tiny teacher of tests/worker/teacher.py and one swarm round, and stays up, scraped as job mujina-workers;
+and the cluster trainer's rank 0 (`python -m model.train`, train.metrics_port) trains a tiny model
+throughout, scraped as job mujina-cluster.
+
+The swarm: the project has a `swarm:` section of one round of 2 inner steps with one train slot, and
+`mujina-coordinator init-swarm` starts it from a tiny upcycled MoE (1 layer, 4 experts, top-2) before
+`serve`, whose SwarmDriver opens round 0 before any worker registers. The slot's memory budget fits 2
+experts: experts 2 and 3 have no holder (frozen), so MujinaExpertWithoutHolders fires; carol holds the
+trunk and experts 0 and 1 alone (no peer to average with), trains, uploads, and the driver closes the round
+(mujina_swarm_round 1). One round only: the next would be planned for alice and bob too, who never train.
 """
 
 from __future__ import annotations
@@ -44,6 +50,9 @@ LOSSES = [2.0, 2.4, 2.8]   # alice, bob, alice
 EXPIRED = 3
 WORKER_TOKEN = "mj_test_token_carol"
 WORKER_NAME = "carol-cpu"
+SWARM = {"inner_steps": 2, "rounds": 1, "batch_size": 2, "micro_batch_size": 2, "seq_len": 32, "workers": 1,
+         "matchmaking_time": 2.0, "averaging_timeout": 10.0, "compression": "none", "checkpoint_every": 1}
+HELD = 2  # experts the one slot's memory budget fits (of 4): the other 2 are frozen
 
 
 def http_get(url: str, timeout: float = 10.0) -> bytes:
@@ -169,7 +178,8 @@ def _scenario(target: str, store, scheduler, stop: threading.Event) -> threading
     from coordinator.api import mujina_pb2 as pb
     from coordinator.api.client import CoordinatorClient
 
-    payload = {"checkpoint": "c", "shard": "s", "shard_tokens": 1000}
+    # eval tasks of a pretrain checkpoint: the organizer names the phase (mujina_latest_loss{phase})
+    payload = {"checkpoint": "c", "shard": "s", "shard_tokens": 1000, "phase": "pretrain"}
     scheduler.add_task("eval", payload, priority=10, max_attempts=1)
     for _ in range(len(LOSSES) + 1 + EXPIRED + 2):
         scheduler.add_task("eval", payload)
@@ -259,17 +269,46 @@ def start_trainer(root: Path, metrics_port: int) -> subprocess.Popen:
     return proc
 
 
+def sample(metrics_text: str, name: str) -> float:
+    """The value of an unlabelled series in a Prometheus text exposition."""
+    return next(float(line.split()[1]) for line in metrics_text.splitlines() if line.startswith(name + " "))
+
+
+def swarm_budget(experts: int) -> int:
+    """The memory budget (bytes) in which a round of the tiny MoE fits `experts` experts and no more."""
+    from tests.swarm.conftest import tiny_model
+    from worker.memory import estimate_round_memory
+
+    cfg = tiny_model().cfg
+    return estimate_round_memory(cfg, experts, micro_batch_size=SWARM["micro_batch_size"],
+                                 seq_len=SWARM["seq_len"]).total
+
+
+def init_swarm(project: Path, root: Path) -> None:
+    """`mujina-coordinator init-swarm` on a tiny upcycled MoE (tests/swarm's: 1 layer, 4 experts, top-2)."""
+    from model.checkpoint import save_checkpoint
+    from tests.conftest import run_cli
+    from tests.swarm.conftest import tiny_model
+
+    moe = save_checkpoint(root / "moe", tiny_model())
+    run_cli("coordinator.cli", "init-swarm", "--config", str(project), "--checkpoint", str(moe))
+
+
 @pytest.fixture(scope="session")
 def live(tmp_path_factory):
     from coordinator import store as S
     from coordinator.config import load_project
     from coordinator.scheduler import Scheduler
+    from coordinator.swarm import read_status
     from tests.data_shards.corpus import japanese_documents
     from tests.worker.teacher import build_teacher
 
     root = tmp_path_factory.mktemp("dashboards")
-    project = write_project(root, run="dash")
+    # leases of 5 s: a worker whose heartbeats stall while hivemind starts on a loaded machine keeps its lease
+    project = write_project(root, run="dash", leases={"duration_s": 5.0},
+                            swarm={**SWARM, "memory_budget_bytes": swarm_budget(HELD)})
     cfg = load_project(project)
+    init_swarm(project, root)
     db_url = cfg.db_url()
     metrics_port, http_port = free_port(), free_port()
     proc, grpc_port = start_coordinator(project, db_url, root / "coordinator.log",
@@ -286,6 +325,8 @@ def live(tmp_path_factory):
         # the worker first, so that Prometheus never sees its target down (MujinaTargetDown stays quiet)
         teacher = build_teacher(root / "teacher", japanese_documents(30, seed=3))
         scheduler.add_task("generate", generate_payload(teacher))
+        # round 0 is planned before anyone registers: one slot, sized by swarm.memory_budget_bytes
+        wait_until(lambda: (read_status(cfg.state_dir, "dash") or {}).get("tasks"), "the swarm's round 0")
         worker = start_worker(f"127.0.0.1:{grpc_port}", root, worker_port, teacher)
         trainer = start_trainer(root, cluster_port)
         missing = "" if shutil.which("prometheus") else ("Debian's prometheus is not installed "
@@ -297,22 +338,28 @@ def live(tmp_path_factory):
             # Targets appear a few seconds after start-up; the scenario must happen while it scrapes.
             wait_until(lambda: prom.value("min(up)") == 1 and len(prom.query("up")) == 3,
                        "the first scrape of every target")
-        beats = _scenario(f"127.0.0.1:{grpc_port}", store, scheduler, stop)
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         worker_url = f"http://127.0.0.1:{worker_port}/metrics"
-        wait_until(lambda: f"mujina_leases_expired_total {EXPIRED}.0" in http_get(metrics_url).decode(),
-                   f"{EXPIRED} leases to expire")
+        # carol's two tasks first: a lease of hers that expired (a loaded machine starving her heartbeats
+        # while hivemind starts) must not change the scenario's count of expired leases
         done = 'mujina_worker_tasks_total{kind="generate",outcome="completed"} 1.0'
         wait_until(lambda: done in http_get(worker_url).decode(), "the worker's generate task", limit=120)
+        wait_until(lambda: read_status(cfg.state_dir, "dash")["round"] == 1, "the swarm's round 0 to close",
+                   limit=120)
+        expired = EXPIRED + sample(http_get(metrics_url).decode(), "mujina_leases_expired_total")
+        beats = _scenario(f"127.0.0.1:{grpc_port}", store, scheduler, stop)
+        wait_until(lambda: sample(http_get(metrics_url).decode(), "mujina_leases_expired_total") == expired,
+                   f"{EXPIRED} leases to expire")
         lv = Live(root, f"http://127.0.0.1:{http_port}/",
                   {"mujina-coordinator": metrics_url, "mujina-workers": worker_url,
                    "mujina-cluster": f"http://127.0.0.1:{cluster_port}/metrics"}, db_url, prom, missing)
         for url in lv.metrics_urls.values():
             lv.metric_names |= scrape_names(http_get(url).decode())
         if prom is not None:  # Prometheus has scraped the final state
-            wait_until(lambda: prom.value("mujina_leases_expired_total") == EXPIRED
+            wait_until(lambda: prom.value("mujina_leases_expired_total") == expired
                        and prom.value('sum(mujina_tasks{state="leased"})') == 1
-                       and prom.value('sum(mujina_worker_tasks_total{outcome="completed"})') == 1,
+                       and prom.value('sum(mujina_worker_tasks_total{outcome="completed"})') == 2
+                       and prom.value("mujina_swarm_round") == 1,
                        "Prometheus to scrape the run")
         yield lv
     finally:

@@ -2,9 +2,9 @@
 scraping a live coordinator (tests/dashboards/conftest.py).
 
 Every PromQL expression of every dashboard panel and alert rule is read from the files and must
-return at least one series after the run, so a renamed metric or a typo breaks the test. Expressions
-that need exporters which do not exist yet are skipped with the name of the missing exporter
-(catalog.PENDING)."""
+return at least one series after the run, so a renamed metric or a typo breaks the test. Every exporter
+runs (coordinator with a swarm run, worker daemon, cluster trainer); an exporter added later without a
+test run would make its expressions skip, naming it (catalog.PENDING)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from tests.dashboards.conftest import wait_until
 
 EXPRS = all_exprs()
 # Alerts the run must trigger (pending: true but `for` has not elapsed) and one it must not.
-EXPECTED_ALERTS = {"MujinaTasksDead", "MujinaLeaseExpiryHigh", "MujinaEvalLossRising"}
+EXPECTED_ALERTS = {"MujinaTasksDead", "MujinaLeaseExpiryHigh", "MujinaEvalLossRising", "MujinaExpertWithoutHolders"}
 QUIET_ALERTS = {"MujinaNoActiveWorkers", "MujinaTargetDown"}
 
 
@@ -83,6 +83,32 @@ def test_prometheus_loads_the_rules_and_the_run_triggers_the_right_alerts(prom):
     states = {a["labels"]["alertname"]: a for a in prom.api("alerts")["alerts"]}
     assert states["MujinaTasksDead"]["labels"]["kind"] == "eval"
     assert states["MujinaEvalLossRising"]["labels"]["run"] == "dash"
+    assert states["MujinaEvalLossRising"]["labels"]["phase"] == "pretrain"
+    frozen = {(a["labels"]["layer"], a["labels"]["expert"]) for a in prom.api("alerts")["alerts"]
+              if a["labels"]["alertname"] == "MujinaExpertWithoutHolders"}
+    assert frozen == {("0", "2"), ("0", "3")}
+
+
+def test_the_coordinator_exports_the_swarm_round_and_the_holders_of_each_expert(prom):
+    # One round closed; the one slot held experts 0 and 1 of the tiny MoE's one layer, 2 and 3 were frozen.
+    assert prom.value('mujina_swarm_round{run="dash"}') == 1
+    holders = {s["metric"]["expert"]: float(s["value"][1])
+               for s in prom.query('mujina_swarm_expert_holders{run="dash",layer="0"}')}
+    assert holders == {"0": 1.0, "1": 1.0, "2": 0.0, "3": 0.0}
+    assert prom.value('mujina_swarm_rounds_total{outcome="local_only"}') == 1
+
+
+def test_every_loss_carries_run_and_phase(prom):
+    # The cluster trainer (train.phase, default pretrain), the swarm round's loss as validated by the
+    # coordinator, the eval tasks (payload.phase) and the worker's inner loss: one label set for the overview.
+    def labels(promql):
+        return [(s["metric"].get("run"), s["metric"]["phase"]) for s in prom.query(promql)]
+
+    assert labels("mujina_train_loss") == [("cluster", "pretrain")] == labels("mujina_train_eval_loss")
+    assert labels('mujina_latest_loss{kind="train"}') == [("dash", "swarm")]
+    assert labels('mujina_latest_loss{kind="eval"}') == [("dash", "pretrain")]
+    assert labels("mujina_swarm_inner_loss") == [(None, "swarm")]
+    assert prom.value('mujina_latest_loss{kind="train"}') > 0 and prom.value("mujina_swarm_inner_loss") > 0
 
 
 def test_the_worker_daemon_exports_its_task_and_state_series(prom):
@@ -98,3 +124,13 @@ def test_the_worker_daemon_exports_its_task_and_state_series(prom):
     assert prom.value("mujina_worker_pending_uploads") == 0
     assert {s["metric"]["state"]: float(s["value"][1]) for s in prom.query("mujina_worker_state")} == \
         {s: float(s == "waiting_for_work") for s in STATES}
+
+
+def test_the_phase_of_a_validated_loss():
+    from coordinator.metrics import loss_phase
+
+    assert loss_phase("train", {}) == "swarm" and loss_phase("eval", {}) == "eval"
+    assert loss_phase("eval", {"phase": "sft"}) == "sft"
+    # a label value the dashboards could not show (spaces, too long, not a string) falls back to the kind's
+    for bad in ("pre train", "x" * 33, 3, ""):
+        assert loss_phase("eval", {"phase": bad}) == "eval"

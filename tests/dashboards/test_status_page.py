@@ -25,9 +25,13 @@ def test_api_status_reports_the_store(live):
     from coordinator import store as S
 
     d = status(live)
-    assert d["run"] == "dash" and d["experts"] == []
-    (series,) = d["loss"]
-    assert (series["run"], series["kind"]) == ("dash", "eval")
+    assert d["run"] == "dash"
+    # the swarm's round 0 was planned for one slot (no worker had registered yet) that fits 2 experts
+    assert d["experts"] == [{"run": "dash", "layer": 0, "expert": e, "holders": ["slot0"] if e < 2 else []}
+                            for e in range(4)]
+    series, train = d["loss"]
+    assert (series["run"], series["kind"]) == ("dash", "eval") and (train["run"], train["kind"]) == ("dash", "train")
+    assert len(train["points"]) == 1 and train["points"][0][1] > 0
     assert [v for _, v in series["points"]] == LOSSES
     assert [t for t, _ in series["points"]] == sorted(t for t, _ in series["points"])
 
@@ -39,12 +43,13 @@ def test_api_status_reports_the_store(live):
                 .group_by(S.ledger.c.volunteer, S.ledger.c.unit))}
     finally:
         store.close()
-    # 2 validated tasks before 1; ties by name (carol: the worker daemon's generate task)
-    assert [e["volunteer"] for e in d["leaderboard"]] == ["alice", "bob", "carol"]
+    # 2 validated tasks before 1; ties by name (carol: the worker daemon's generate task and swarm round)
+    assert [e["volunteer"] for e in d["leaderboard"]] == ["alice", "carol", "bob"]
     assert {(e["volunteer"], u): a for e in d["leaderboard"] for u, a in e["credit"].items()} == ledger
     assert ledger[("alice", "tasks")] == 2 and ledger[("bob", "tokens_evaluated")] == 500
-    assert ledger[("carol", "tasks")] == 1 and ledger[("carol", "tokens_generated")] > 0
-    assert d["units"] == ["gpu_seconds", "tasks", "tokens_evaluated", "tokens_generated"]
+    assert ledger[("carol", "tasks")] == 2 and ledger[("carol", "tokens_generated")] > 0
+    assert ledger[("carol", "tokens_trained")] == 2 * 2 * 32  # inner_steps x batch_size x seq_len
+    assert d["units"] == ["gpu_seconds", "tasks", "tokens_evaluated", "tokens_generated", "tokens_trained"]
 
     counts = {t["state"]: t["count"] for t in d["tasks"] if t["kind"] == "eval"}
     assert counts == {"dead": 1, "done": len(LOSSES), "leased": 1, "pending": EXPIRED + 2}
@@ -84,11 +89,11 @@ def test_page_renders_real_data_in_chromium(live, tmp_path):
     assert 'data-state="ok"' in body and 'data-errors="0"' in body, body
     assert int(re.search(r'data-updates="(\d+)"', body).group(1)) >= 1
     canvas = re.search(r'<canvas id="loss-chart"([^>]*)>', html).group(1)
-    assert f'data-points="{len(LOSSES)}"' in canvas and 'data-series="1"' in canvas, canvas
+    assert f'data-points="{len(LOSSES) + 1}"' in canvas and 'data-series="2"' in canvas, canvas
     assert f"dash / eval: {len(LOSSES)} points, latest 2.8" in html
     leaderboard = re.search(r'<table id="leaderboard">(.*?)</table>', html, re.S).group(1)
     assert leaderboard.index("alice") < leaderboard.index("bob")
-    assert "alice-gpu" in html and "bob-laptop" in html and "no swarm experts yet" in html
+    assert "alice-gpu" in html and "bob-laptop" in html and "nobody: frozen" in html
     console = [line for line in dom.stderr.splitlines() if ":CONSOLE" in line]
     assert not console, "the page logged to the console:\n" + "\n".join(console)
 

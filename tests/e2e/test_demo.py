@@ -2,9 +2,11 @@
 (tokenizer, shards, torchrun with 2 processes, upcycling, a coordinator and 3 worker daemons generating
 synthetic data, MoE training, ledger, Hugging Face export and a transformers sample).
 
-One demo run serves both tests: it is interrupted with SIGINT while the workers generate (the first
-test checks that no child process survives), then the same command is run again, which must skip the
-finished stages, resume the synthetic stage and finish (the second test checks the real outcomes)."""
+One demo run serves the tests: it is interrupted with SIGINT while the workers generate, run again and
+interrupted while the swarm's workers start their round (hivemind DHT, averagers, p2pd daemons), then run
+a third time, which must skip the finished stages, resume and finish. After each, no process of the demo
+may be left (every descendant carries MUJINA_DEMO=OUT in its environment, p2pd and torch's shared-memory
+manager included), and none may have needed SIGKILL: the workers exit by themselves on SIGTERM."""
 
 from __future__ import annotations
 
@@ -30,17 +32,19 @@ DEMO = [sys.executable, str(REPO / "scripts" / "demo.py"), "--scale", "tiny", "-
 
 
 def processes_mentioning(text: str) -> list[str]:
-    """Command lines of live processes whose arguments contain `text` (every child of the demo names its
-    output directory: configs, cache dirs, project file)."""
-    found = []
+    """Live processes whose arguments contain `text` (every child of the demo names its output directory:
+    configs, cache dirs, project file) or whose environment holds MUJINA_DEMO=text (everything the demo
+    started, and what those started in turn: torchrun's ranks, hivemind's processes, p2pd)."""
+    found, marker = [], f"MUJINA_DEMO={text}".encode()
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
             state = next((x for x in Path(f"/proc/{pid}/status").read_text().splitlines()
                           if x.startswith("State:")), "")
         except OSError:
             continue
-        if text in cmd and int(pid) != os.getpid() and "zombie" not in state:
+        if (text in cmd or marker in env) and int(pid) != os.getpid() and "zombie" not in state:
             found.append(f"{pid}: {cmd}")
     return found
 
@@ -119,8 +123,19 @@ def demo(tmp_path_factory):
         if first.proc.poll() is None:
             first.proc.kill()
     second = Run(out)
-    rc2 = second.finish(limit=600)
-    yield {"out": out, "interrupted": (rc, left, first.output), "resumed": (rc2, second.output), "live": live}
+    try:  # Ctrl-C while the swarm's workers start their round: hivemind's processes must go too
+        second.wait_for("swarm round 0/", limit=400)
+        second.wait_for_line("[worker-1] ", "running train task", limit=60)
+        second.proc.send_signal(signal.SIGINT)
+        rc_swarm = second.finish(limit=90)
+        left_swarm = processes_mentioning(str(out))
+    finally:
+        if second.proc.poll() is None:
+            second.proc.kill()
+    third = Run(out)
+    rc3 = third.finish(limit=600)
+    yield {"out": out, "interrupted": (rc, left, first.output), "swarm": (rc_swarm, left_swarm, second.output),
+           "resumed": (rc3, third.output), "live": live}
     for line in processes_mentioning(str(out)):  # never leave anything behind, even when a test failed
         os.kill(int(line.split(":")[0]), signal.SIGKILL)
 
@@ -133,6 +148,17 @@ def test_ctrl_c_during_the_workers_stage_stops_every_child(demo):
     for i in (1, 2, 3):  # every worker handed its lease back
         assert f"[worker-{i}] " in output and any(f"[worker-{i}] " in x and "SIGTERM: leasing nothing more" in x
                                                   for x in output.splitlines()), output
+    assert left == [], f"processes left after Ctrl-C: {left}\n{output}"
+    assert "SIGKILL" not in output, output
+
+
+def test_ctrl_c_during_the_swarm_round_stops_every_child_and_hivemind(demo):
+    rc, left, output = demo["swarm"]
+    assert rc == 130, output
+    assert "SIGINT: stopping" in output and "swarm round 0/" in output, output
+    assert re.search(r"stopping \d+ child processes: .*worker-3.*coordinator", output), output
+    assert re.search(r"^  3 stopped in [\d.]+ s$", output, re.M), output  # the workers, by themselves
+    assert "SIGKILL" not in output, output
     assert left == [], f"processes left after Ctrl-C: {left}\n{output}"
 
 
@@ -148,8 +174,9 @@ def test_rerun_resumes_and_the_pipeline_produced_everything(demo):
     out = demo["out"]
     rc, output = demo["resumed"]
     assert rc == 0, output
-    for n in (1, 2, 3, 4, 5):  # finished before the interrupt: skipped, not redone
+    for n in (1, 2, 3, 4, 5):  # finished before the interrupts: skipped, not redone
         assert next(x for x in output.splitlines() if x.startswith(f"== {n}/11")).endswith("(done before: skipped)")
+    assert "synthetic data: done before (skipped)" in output  # stage 6 starts only the coordinator again
     # shards with a manifest
     manifest = json.loads((out / "shards" / "train" / "manifest.json").read_text())
     assert manifest["shards"] and sum(s["documents"] for s in manifest["shards"]) > 300
@@ -185,6 +212,10 @@ def test_rerun_resumes_and_the_pipeline_produced_everything(demo):
                              if x.startswith("{")))
     assert sample["prompt"] == "東京の" and len(sample["generated_ids"]) > 0 and sample["text"]
     assert "status page" in output and "dashboards/prometheus/prometheus.yml" in output
+    # after the swarm the workers stopped by themselves (hivemind included), and so did the coordinator
+    stopping = output[output.index("stopping the workers"):output.index("== 8/11")]
+    assert re.search(r"^  3 stopped in [\d.]+ s$", stopping, re.M), stopping
+    assert "SIGKILL" not in output, output
     assert processes_mentioning(str(out)) == []
 
 

@@ -134,6 +134,7 @@ def test_nan_loss_stops_with_a_clear_error_and_finite_checkpoints(tmp_path):
     ("model.preset=huge", "unknown preset 'huge'"),
     ("data.seq_len=1000", "exceeds the model's max_seq_len"),
     ("data.source=tokens", "data.path is not set"),
+    ("train.phase=pre train", "train.phase must be 1-32 letters"),
 ])
 def test_bad_config_fails_before_training(tmp_path, override, message):
     r = mujina_train("--config", DEBUG, "--set", override, "--out", str(tmp_path / "run"), check=False)

@@ -159,6 +159,6 @@ def test_swarm_metrics_use_the_agreed_names():
     for line in ('mujina_swarm_rounds_total{outcome="averaged"} 1.0',
                  'mujina_swarm_averaging_total{group="trunk",outcome="ok"} 1.0',
                  'mujina_swarm_averaging_total{group="expert",outcome="refused"} 1.0',
-                 "mujina_swarm_bytes_sent_total 1000.0", "mujina_swarm_inner_loss 2.5",
+                 "mujina_swarm_bytes_sent_total 1000.0", 'mujina_swarm_inner_loss{phase="swarm"} 2.5',
                  "mujina_swarm_inner_seconds_total 9.0", "mujina_swarm_round_seconds_total 10.0"):
         assert line in text, line
