@@ -145,6 +145,7 @@ def _uniform_8bit():
 
 
 COMPRESSIONS = ("fp16", "8bit", "none")
+READY_TIMEOUT_S = 120.0  # an averager process starts in ~1 s; 120 s covers a heavily loaded machine
 
 
 # ---- module groups -------------------------------------------------------------------------------
@@ -597,8 +598,27 @@ class SwarmAverager:
         with fork_safely():
             for a in self.averagers.values():
                 a.start()
-        for a in self.averagers.values():
-            a.wait_until_ready()
+        try:
+            self._wait_ready(deadline=time.monotonic() + READY_TIMEOUT_S)
+        except BaseException:
+            self.shutdown()  # what started must not outlive a failed construction
+            raise
+
+    def _wait_ready(self, deadline: float) -> None:
+        """hivemind's wait_until_ready has no deadline and waits forever for an averager process that died
+        while starting (e.g. a SIGTERM to the worker's process group): poll, and fail with the reason."""
+        for name, a in self.averagers.items():
+            while True:
+                try:
+                    a.wait_until_ready(timeout=1.0)
+                    break
+                except TimeoutError:
+                    if not a.is_alive():
+                        raise RuntimeError(f"the averager process of module {name} died while starting "
+                                           f"(exit code {a.exitcode})") from None
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"the averager of module {name} was not ready within "
+                                           f"{READY_TIMEOUT_S:.0f} s") from None
 
     def visible_maddrs(self) -> list[str]:
         return [str(a) for a in self.dht.get_visible_maddrs()]

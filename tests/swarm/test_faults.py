@@ -9,6 +9,9 @@ import subprocess
 import sys
 import threading
 
+import hivemind
+import pytest
+
 from tests.swarm.conftest import holders, inner, run_round, settings, start_workers
 
 
@@ -51,3 +54,28 @@ def test_killing_one_of_three_workers_mid_round_does_not_stop_the_round(tiny_che
     for module in ("trunk", "l0e1", "l0e2"):
         a, b = survivors[0].module_state(module), survivors[1].module_state(module)
         assert (a - b).abs().max() <= 1e-7, module
+
+
+def test_an_averager_that_dies_while_starting_fails_construction_and_stops_the_dht(monkeypatch):
+    """hivemind's wait_until_ready has no deadline: a daemon whose averager process died while starting
+    (a SIGTERM to its process group) used to wait forever. Fault injection: the process body exits at once."""
+    import worker.swarm as swarm
+
+    real = swarm._checked_averager_class()
+
+    class Dying(real):
+        def run(self):
+            os._exit(3)
+
+    monkeypatch.setattr(swarm, "_checked_averager_class", lambda: Dying)
+    dhts = []
+    real_dht = hivemind.DHT
+
+    def tracked(*args, **kwargs):
+        dhts.append(real_dht(*args, **kwargs))
+        return dhts[-1]
+
+    monkeypatch.setattr(hivemind, "DHT", tracked)
+    with pytest.raises(RuntimeError, match="died while starting.*exit code 3"):
+        swarm.SwarmAverager(settings(), {"trunk": 8, "l0e0": 8})
+    assert len(dhts) == 1 and not dhts[0].is_alive()
