@@ -196,3 +196,43 @@ def test_init_swarm_command_and_the_swarm_section(tiny_checkpoint, tmp_path):
     bad = run_cli("coordinator.cli", "init-swarm", "--config", str(project), "--checkpoint", str(tiny_checkpoint),
                   check=False)
     assert bad.returncode == 2 and "swarm.inner_step" in bad.stderr
+
+
+def test_a_stop_request_ends_the_round_between_inner_steps_and_the_retry_starts_from_the_checkpoint(
+        tiny_checkpoint, tmp_path):
+    """A daemon asked to stop (SIGTERM, a cancelled lease) leaves a round after the current inner step, not
+    after all H; the half-trained worker is dropped, so the next attempt of the round starts from θ_start."""
+    import dataclasses
+
+    from tests.swarm.conftest import settings
+    from worker.executors import TaskStopped
+    from worker.executors.train import _WORKERS, shutdown_workers
+
+    state = tmp_path / "state"
+    name = init_swarm(state, "stop", tiny_checkpoint)
+    payload = {"round": 0, "checkpoint": name, "assignment": {"0": [0, 1, 2, 3]}, "slot": "s0",
+               "settings": dataclasses.asdict(settings(run="stop", averaging=False)),
+               "inner": {"inner_steps": 50, "total_steps": 50, "batch_size": 2, "micro_batch_size": 2, "seq_len": 32}}
+    progress: list[float] = []
+
+    def ctx(i, stop_after):
+        c = TaskContext(f"t{i}", f"l{i}", "train", payload, 1, tmp_path / f"work{i}",
+                        fetch=lambda what, fname: state / "checkpoints" / fname, report_progress=progress.append,
+                        stop_requested=lambda: stop_after is not None and len(progress) >= stop_after)
+        c.work_dir.mkdir()
+        return c
+
+    try:
+        with pytest.raises(TaskStopped):
+            run_train(ctx(0, stop_after=3))
+        assert len(progress) == 3 and "s0" not in _WORKERS  # 3 of 50 inner steps, and the worker is gone
+        progress.clear()
+        full = run_train(ctx(1, stop_after=None))
+        assert full.metrics["tokens"] == 50 * 2 * 32 and progress[-1] == 1.0
+        # the same round again from the checkpoint: the same losses (a reused half-trained worker would differ)
+        progress.clear()
+        _WORKERS.pop("s0")["worker"].shutdown()
+        again = run_train(ctx(2, stop_after=None))
+        assert again.metrics["loss"] == full.metrics["loss"]
+    finally:
+        shutdown_workers()

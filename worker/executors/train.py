@@ -29,6 +29,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -274,8 +275,9 @@ class SwarmWorker:
 
     # -- the round --
 
-    def run_round(self, round_: int) -> dict[str, float]:
-        """H inner steps, then averaging and the outer step. Returns the round's metrics."""
+    def run_round(self, round_: int, on_step: Callable[[int], None] | None = None) -> dict[str, float]:
+        """H inner steps, then averaging and the outer step. Returns the round's metrics. `on_step(s)` runs
+        after inner step s (the executor reports progress there, and stops the round if asked to)."""
         t0 = time.perf_counter()
         H = self.inner.inner_steps
         losses, tokens = [], 0
@@ -286,6 +288,8 @@ class SwarmWorker:
             losses.append(loss)
             tokens += n
             counts_LE += c
+            if on_step is not None:
+                on_step(s)
         self.lease = None  # a lease is trained on once
         inner_seconds = time.perf_counter() - t0
         self.before_outer(round_)
@@ -447,7 +451,21 @@ def run_train(ctx: TaskContext) -> Result:
         except ValueError as e:
             raise TaskError(str(e)) from None
     ctx.check_stop()
-    metrics = w.run_round(round_)
+    H = w.inner.inner_steps
+
+    def on_step(s: int) -> None:
+        ctx.check_stop()  # a stop request ends the round between inner steps, not after all H
+        ctx.report_progress(0.9 * (s + 1) / H)
+
+    try:
+        metrics = w.run_round(round_, on_step)
+    except BaseException:
+        # stopped or failed mid-round: its parameters are neither θ_start nor the round's result, so the
+        # next attempt must start from the checkpoint, not from this worker
+        slot = str(ctx.payload.get("slot", "0"))
+        if slot in _WORKERS and _WORKERS[slot]["worker"] is w:
+            _WORKERS.pop(slot)["worker"].shutdown()
+        raise
     METRICS.record_round(w.last_report, metrics["loss"], metrics["inner_seconds"], metrics["round_seconds"])
     _WORKERS[str(ctx.payload.get("slot", "0"))]["next_round"] = round_ + 1
     ctx.report_progress(1.0)
