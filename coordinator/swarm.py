@@ -12,7 +12,8 @@ While `serve` runs, `SwarmDriver` then, once per round:
    shown by the `mujina_swarm_expert_holders` gauge as 0). Only live workers get a slot: those seen
    (heartbeat or lease request) within `SwarmDriver.live_window_s`;
 2. adds one `train` task per slot (payload: round, checkpoint, assignment, settings, inner loop, expected
-   holders per module; `min_gpu_memory` from the memory model on CUDA runs). With `swarm.shards` set, each
+   holders per module). Any live worker may lease a slot's task: one that cannot hold its assignment (the
+   memory model against its budget) gives it back for another (worker/executors/train.py). With `swarm.shards` set, each
    task's inner loop carries a *lease* (data_shards/lease.py): a disjoint range of the shard corpus that
    packs into exactly inner_steps · batch_size sequences; leases advance round by round through the
    corpus (the cursor is kept in the status file), wrapping into a new epoch with a new shard order. The

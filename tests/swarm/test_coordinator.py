@@ -236,3 +236,25 @@ def test_a_stop_request_ends_the_round_between_inner_steps_and_the_retry_starts_
         assert again.metrics["loss"] == full.metrics["loss"]
     finally:
         shutdown_workers()
+
+
+def test_a_worker_gives_back_a_round_it_cannot_hold(tiny_checkpoint, tmp_path):
+    """The slot was planned for another worker; this one's budget (--max-gpu-memory) is below the memory
+    model's peak for 4 experts per layer, so the task ends in a TaskError naming both figures."""
+    import dataclasses
+
+    from tests.swarm.conftest import settings
+    from worker.executors import TaskError
+    from worker.executors.train import _WORKERS
+
+    state = tmp_path / "state"
+    name = init_swarm(state, "small", tiny_checkpoint)
+    payload = {"round": 0, "checkpoint": name, "assignment": {"0": [0, 1, 2, 3]}, "slot": "s0",
+               "settings": dataclasses.asdict(settings(run="small", averaging=False)),
+               "inner": {"inner_steps": 2, "total_steps": 2, "batch_size": 2, "micro_batch_size": 2, "seq_len": 32}}
+    ctx = TaskContext("t", "l", "train", payload, 1, tmp_path / "work", max_memory_bytes=64 * 1024,
+                      fetch=lambda what, fname: state / "checkpoints" / fname)
+    ctx.work_dir.mkdir()
+    with pytest.raises(TaskError, match=r"needs about 0\.\d+ GiB .* has 0\.00 GiB"):
+        run_train(ctx)
+    assert "s0" not in _WORKERS

@@ -363,6 +363,7 @@ def _payload_worker(ctx: TaskContext) -> tuple[SwarmWorker, int]:
     if ctx.fetch is None:
         raise TaskError("train tasks need the daemon's checkpoint fetcher")
     path = _fetch_checkpoint(ctx, checkpoint)
+    _check_memory(ctx, load_config(path), assignment, settings, inner)
     holders = {str(k): int(v) for k, v in (p.get("expected_holders") or {}).items()}
     try:
         w = SwarmWorker(path, assignment, settings, inner, initial_peers=ctx.bootstrap_peers,
@@ -371,6 +372,26 @@ def _payload_worker(ctx: TaskContext) -> tuple[SwarmWorker, int]:
         raise TaskError(str(e)) from e
     _WORKERS[slot] = {"worker": w, "key": key, "next_round": round_}
     return w, round_
+
+
+def _check_memory(ctx: TaskContext, cfg, assignment: Assignment, settings: SwarmSettings, inner: InnerConfig) -> None:
+    """Refuse a round this worker cannot hold (the coordinator sized the assignment for the worker it planned
+    the slot for, but any live worker may lease it): the memory model's peak against the task's budget
+    (--max-gpu-memory) or the device's memory (available host memory on CPU). A TaskError gives the task
+    back, for a worker that fits."""
+    from model.parallel import device_memory
+    from worker.memory import estimate_round_memory
+
+    k = max((len(v) for v in assignment.values()), default=0)
+    if cfg.moe is None or k < cfg.moe.top_k:
+        return  # check_assignment, when the worker is built, says what is wrong with it
+    need = estimate_round_memory(cfg, k, micro_batch_size=inner.micro_batch_size, seq_len=inner.seq_len,
+                                 optimizer=inner.optimizer, averaging=settings.averaging,
+                                 activation_checkpointing=inner.activation_checkpointing).total
+    have = ctx.max_memory_bytes or device_memory(torch.device(ctx.device))
+    if have and need > have:
+        raise TaskError(f"this round holds {k} experts per layer and needs about {need / 2**30:.2f} GiB "
+                        f"(worker/memory.py); this worker has {have / 2**30:.2f} GiB for it")
 
 
 def shutdown_workers() -> None:
