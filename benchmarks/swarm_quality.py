@@ -43,9 +43,22 @@ from model.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from model.train import RunConfig, Trainer  # noqa: E402
 from model.upcycle import upcycle  # noqa: E402
 
-# per worker, the same experts in every layer: half of the experts each (the headline), or all of them
-# (plain DiLoCo, to separate the cost of expert sharding from that of infrequent averaging)
-ASSIGNMENTS = {"half": [[0, 1], [2, 3], [0, 2], [1, 3]], "all": [[0, 1, 2, 3]] * 4}
+WORKERS = 4
+
+
+def assignments(kind: str, num_experts: int, top_k: int) -> list[list[int]]:
+    """Experts per worker (the same in every layer): half of them each, laid out as the coordinator lays them
+    out (coordinator.swarm.plan_assignment: holders of an expert hold the same experts, so every holder
+    trains it beside the same others), or all of them (plain DiLoCo, to separate the cost of expert
+    sharding from that of infrequent averaging)."""
+    from coordinator.swarm import plan_assignment
+
+    if kind == "all":
+        return [list(range(num_experts))] * WORKERS
+    plan = plan_assignment({f"w{w}": num_experts // 2 for w in range(WORKERS)}, num_experts, top_k)
+    return [plan.assignment[f"w{w}"] for w in range(WORKERS)]
+
+
 CONTINUE_OPTIM = dict(lr=1e-3, min_lr=1e-4, warmup_steps=10)
 
 
@@ -83,7 +96,8 @@ def main() -> None:
     p.add_argument("--compression", default="fp16")
     p.add_argument("--outer-lr", type=float, default=0.7)
     p.add_argument("--outer-momentum", type=float, default=0.9)
-    p.add_argument("--experts", choices=list(ASSIGNMENTS), default="half", help="experts each worker holds")
+    p.add_argument("--experts", choices=["half", "all"], default="half", help="experts each worker holds")
+    p.add_argument("--num-experts", type=int, default=4, help="experts per layer of the upcycled MoE (top-2)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -95,8 +109,9 @@ def main() -> None:
 
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(2)
-    assignments = ASSIGNMENTS[args.experts]
-    R, H, b, n = args.rounds, args.inner_steps, args.batch, len(assignments)
+    E = args.num_experts
+    layout = assignments(args.experts, E, 2)
+    R, H, b, n = args.rounds, args.inner_steps, args.batch, len(layout)
     tmp = Path(tempfile.mkdtemp(prefix="swarm_quality_"))
     data = {"source": "synthetic", "seq_len": args.seq_len}
     eval_cfg = {"eval_every": 0, "eval_batches": 8, "save_every": 0, "log_every": 1000}
@@ -107,7 +122,7 @@ def main() -> None:
         "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 30},
         "train": {"steps": args.dense_steps, "batch_size": 16, "micro_batch_size": 16, "seed": 0, **eval_cfg}}))
     final = dense.run()
-    moe = upcycle(load_checkpoint(final), num_experts=4, top_k=2)
+    moe = upcycle(load_checkpoint(final), num_experts=E, top_k=2)
     ckpt = save_checkpoint(tmp / "moe", moe)
     dense_s = time.perf_counter() - t
 
@@ -128,13 +143,13 @@ def main() -> None:
     boot = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     peers = [str(a) for a in boot.get_visible_maddrs()]
     layers = moe.cfg.num_layers
-    expected = {"trunk": n} | {f"l{i}e{e}": sum(e in a for a in assignments) for i in range(layers) for e in range(4)}
+    expected = {"trunk": n} | {f"l{i}e{e}": sum(e in a for a in layout) for i in range(layers) for e in range(E)}
     settings = dict(run="bench", compression=args.compression, outer_lr=args.outer_lr,
                     outer_momentum=args.outer_momentum, matchmaking_time=3.0, request_timeout=1.0,
                     averaging_timeout=30.0, stats_timeout=30.0)
     procs = []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"}
-    for w, experts in enumerate(assignments):
+    for w, experts in enumerate(layout):
         spec = {"checkpoint": str(ckpt), "layers": layers, "experts": experts, "peers": peers, "expected": expected,
                 "rounds": R, "out": str(tmp / f"worker{w}"), "settings": settings,
                 "inner": {"inner_steps": H, "total_steps": R * H, "batch_size": b, "micro_batch_size": b,
@@ -158,7 +173,7 @@ def main() -> None:
     # assemble the swarm's model: the trunk from worker 0, each expert from its first holder
     full = load_checkpoint(ckpt)
     with torch.no_grad():
-        for w, experts in reversed(list(enumerate(assignments))):
+        for w, experts in reversed(list(enumerate(layout))):
             got = dict(load_checkpoint(tmp / f"worker{w}").named_parameters())
             for name, param in full.named_parameters():
                 if "feed_forward" not in name:
@@ -186,8 +201,8 @@ def main() -> None:
         "module_averagings_failed_or_refused": failed, "params": P,
         "seconds": {"dense_and_upcycle": dense_s, "reference": ref_s, "swarm": swarm_s},
     }
-    settings_used = {"model": "debug dense (164k params) -> 4 experts top-2 MoE", "dense_steps": args.dense_steps,
-                     "rounds": R, "inner_steps": H, "workers": n, "experts_per_worker": assignments,
+    settings_used = {"model": f"debug dense (164k params) -> {E} experts top-2 MoE", "dense_steps": args.dense_steps,
+                     "rounds": R, "inner_steps": H, "workers": n, "experts_per_worker": layout,
                      "batch_per_worker": b, "reference_batch": n * b, "seq_len": args.seq_len,
                      "tokens_each": R * H * n * b * args.seq_len, "inner_optim": CONTINUE_OPTIM,
                      "outer": f"Nesterov SGD lr {args.outer_lr} momentum {args.outer_momentum}",
