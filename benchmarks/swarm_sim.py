@@ -1,6 +1,6 @@
 """The swarm benchmark's training maths in one process, to rank settings cheaply before a real run.
 
-    python benchmarks/swarm_sim.py [--layout coordinator] [--rounds 8 --inner-steps 50] [--outer-lr 0.7 ...]
+    python benchmarks/swarm_sim.py [--layout coordinator] [--rounds 10 --inner-steps 40] [--outer-lr 0.7 ...]
 
 Same dense model, upcycling, reference run, data split and evaluation as benchmarks/swarm_quality.py, but the
 4 workers are `SwarmWorker`s in this process without hivemind, run one after another, and each module's Δ is
@@ -38,20 +38,21 @@ CROSSED = {4: [[0, 1], [2, 3], [0, 2], [1, 3]], 8: [[0, 1, 2, 3], [4, 5, 6, 7], 
 
 
 def main() -> None:
-    from benchmarks.swarm_quality import CONTINUE_OPTIM, assignments
+    from benchmarks.swarm_quality import CONTINUE_OPTIM, assignments, inner_optim
     from worker.executors.train import InnerConfig, SwarmWorker
     from worker.swarm import SwarmSettings, tokens_per_module
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dense-steps", type=int, default=300)
-    p.add_argument("--rounds", type=int, default=8)
-    p.add_argument("--inner-steps", type=int, default=50)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--inner-steps", type=int, default=40)
     p.add_argument("--batch", type=int, default=4, help="sequences per inner step per worker (reference: 4x)")
     p.add_argument("--num-experts", type=int, default=4, choices=sorted(CROSSED))
     p.add_argument("--layout", choices=LAYOUTS, default="coordinator")
     p.add_argument("--outer-lr", type=float, default=0.7)
     p.add_argument("--outer-momentum", type=float, default=0.9)
     p.add_argument("--inner-lr", type=float, default=CONTINUE_OPTIM["lr"], help="min lr is a tenth of it")
+    p.add_argument("--same-weight-decay", action="store_true", help="as in swarm_quality.py")
     p.add_argument("--noise-std", type=float, default=0.0, help="upcycling noise (reference and swarm)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache", type=Path, default=Path("/tmp/mujina_swarm_sim"))
@@ -91,7 +92,8 @@ def main() -> None:
     losses = json.loads(ref_key.read_text())
 
     layers = load_checkpoint(moe_dir).cfg.num_layers
-    optim = dict(CONTINUE_OPTIM, lr=a.inner_lr, min_lr=a.inner_lr / 10)
+    optim = dict(inner_optim(R, a.outer_lr, a.outer_momentum, not a.same_weight_decay), lr=a.inner_lr,
+                 min_lr=a.inner_lr / 10)
     workers = [SwarmWorker(str(moe_dir), {i: experts for i in range(layers)}, SwarmSettings(run="sim", averaging=False),
                            InnerConfig(inner_steps=H, total_steps=R * H, batch_size=b, micro_batch_size=b, seq_len=128,
                                        data_seed=1, data_offset=w * b, optim=optim))
