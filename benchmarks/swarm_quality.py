@@ -1,14 +1,16 @@
 """Swarm training against the single-process reference, on the same tokens (the headline figure).
 
-    python benchmarks/swarm_quality.py [--json PATH] [--rounds 4 --inner-steps 100]
+    python benchmarks/swarm_quality.py [--json PATH] [--rounds 10 --inner-steps 40]
 
 1. train the `debug` dense model on the synthetic source, upcycle it to a 4-expert top-2 MoE;
 2. (a) continue it with the reference trainer (model/train.py) for R·H steps of 4·b sequences;
    (b) continue it with 4 swarm workers on 127.0.0.1 (one process each, real hivemind DHT and averagers,
        a bootstrap DHT peer in this process as the coordinator would run), each holding the trunk and half
-       of the experts (2 of 4 per layer, every expert held by 2 workers), for R rounds of H inner steps of
-       b sequences. Worker w reads sequences [w·b, (w+1)·b) of every step, so together the workers see
-       exactly the reference's batches;
+       of the experts (2 of 4 per layer, every expert held by 2 workers, laid out by the coordinator's
+       plan_assignment: [0,1], [0,1], [2,3], [2,3]), for R rounds of H inner steps of b sequences, with the
+       reference's AdamW schedule and its weight decay divided by the outer amplification (`inner_optim`).
+       Worker w reads sequences [w·b, (w+1)·b) of every step, so together the workers see exactly the
+       reference's batches;
 3. evaluate both on the same held-out batches.
 
 Figures (JSON keys):
