@@ -1,14 +1,16 @@
 """Swarm training against the single-process reference, on the same tokens (the headline figure).
 
-    python benchmarks/swarm_quality.py [--json PATH] [--rounds 4 --inner-steps 100]
+    python benchmarks/swarm_quality.py [--json PATH] [--rounds 10 --inner-steps 40]
 
 1. train the `debug` dense model on the synthetic source, upcycle it to a 4-expert top-2 MoE;
 2. (a) continue it with the reference trainer (model/train.py) for R·H steps of 4·b sequences;
    (b) continue it with 4 swarm workers on 127.0.0.1 (one process each, real hivemind DHT and averagers,
        a bootstrap DHT peer in this process as the coordinator would run), each holding the trunk and half
-       of the experts (2 of 4 per layer, every expert held by 2 workers), for R rounds of H inner steps of
-       b sequences. Worker w reads sequences [w·b, (w+1)·b) of every step, so together the workers see
-       exactly the reference's batches;
+       of the experts (2 of 4 per layer, every expert held by 2 workers, laid out by the coordinator's
+       plan_assignment: [0,1], [0,1], [2,3], [2,3]), for R rounds of H inner steps of b sequences, with the
+       reference's AdamW schedule and its weight decay divided by the outer amplification (`inner_optim`).
+       Worker w reads sequences [w·b, (w+1)·b) of every step, so together the workers see exactly the
+       reference's batches;
 3. evaluate both on the same held-out batches.
 
 Figures (JSON keys):
@@ -43,10 +45,41 @@ from model.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from model.train import RunConfig, Trainer  # noqa: E402
 from model.upcycle import upcycle  # noqa: E402
 
-# per worker, the same experts in every layer: half of the experts each (the headline), or all of them
-# (plain DiLoCo, to separate the cost of expert sharding from that of infrequent averaging)
-ASSIGNMENTS = {"half": [[0, 1], [2, 3], [0, 2], [1, 3]], "all": [[0, 1, 2, 3]] * 4}
-CONTINUE_OPTIM = dict(lr=1e-3, min_lr=1e-4, warmup_steps=10)
+WORKERS = 4
+
+
+def assignments(kind: str, num_experts: int, top_k: int) -> list[list[int]]:
+    """Experts per worker (the same in every layer): half of them each, laid out as the coordinator lays them
+    out (coordinator.swarm.plan_assignment: holders of an expert hold the same experts, so every holder
+    trains it beside the same others), or all of them (plain DiLoCo, to separate the cost of expert
+    sharding from that of infrequent averaging)."""
+    from coordinator.swarm import plan_assignment
+
+    if kind == "all":
+        return [list(range(num_experts))] * WORKERS
+    plan = plan_assignment({f"w{w}": num_experts // 2 for w in range(WORKERS)}, num_experts, top_k)
+    return [plan.assignment[f"w{w}"] for w in range(WORKERS)]
+
+
+CONTINUE_OPTIM = dict(lr=1e-3, min_lr=1e-4, warmup_steps=10, weight_decay=0.1)
+
+
+def outer_amplification(rounds: int, lr: float, mu: float) -> float:
+    """How much the outer Nesterov step multiplies a Δ that is the same every round, on average over the run:
+    round k steps lr·(1 + μ·(1 − μ^(k+1))/(1 − μ))·Δ (1.33 in round 0, up to lr/(1 − μ) = 7 for 0.7/0.9)."""
+    return sum(lr * (1 + mu * (1 - mu ** (k + 1)) / (1 - mu)) for k in range(rounds)) / rounds
+
+
+def inner_optim(rounds: int, lr: float, mu: float, weight_decay_scale: bool) -> dict:
+    """The workers' AdamW: the reference's, with its decoupled weight decay divided by the outer amplification.
+
+    Decay is part of each worker's Δ and, unlike the gradient's noise, does not shrink when the holders'
+    Δs are averaged; the outer step then multiplies it, so with the reference's weight decay the swarm
+    would shrink weights about 3x faster per token than the reference does (measured: loss_ratio 1.034
+    instead of 1.028 at H=40, see benchmarks/RESULTS.md)."""
+    if not weight_decay_scale:
+        return CONTINUE_OPTIM
+    return {**CONTINUE_OPTIM, "weight_decay": CONTINUE_OPTIM["weight_decay"] / outer_amplification(rounds, lr, mu)}
 
 
 def run_worker(spec_path: str) -> None:
@@ -76,14 +109,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", type=Path, help="write the figures and settings here")
     p.add_argument("--dense-steps", type=int, default=300)
-    p.add_argument("--rounds", type=int, default=4)
-    p.add_argument("--inner-steps", type=int, default=100)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--inner-steps", type=int, default=40)
     p.add_argument("--batch", type=int, default=4, help="sequences per inner step per worker (reference: 4x)")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--compression", default="fp16")
     p.add_argument("--outer-lr", type=float, default=0.7)
     p.add_argument("--outer-momentum", type=float, default=0.9)
-    p.add_argument("--experts", choices=list(ASSIGNMENTS), default="half", help="experts each worker holds")
+    p.add_argument("--experts", choices=["half", "all"], default="half", help="experts each worker holds")
+    p.add_argument("--num-experts", type=int, default=4, help="experts per layer of the upcycled MoE (top-2)")
+    p.add_argument("--same-weight-decay", action="store_true",
+                   help="give the workers the reference's weight decay as is (default: divided by the outer step's "
+                        "amplification, see inner_optim)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -95,8 +132,9 @@ def main() -> None:
 
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(2)
-    assignments = ASSIGNMENTS[args.experts]
-    R, H, b, n = args.rounds, args.inner_steps, args.batch, len(assignments)
+    E = args.num_experts
+    layout = assignments(args.experts, E, 2)
+    R, H, b, n = args.rounds, args.inner_steps, args.batch, len(layout)
     tmp = Path(tempfile.mkdtemp(prefix="swarm_quality_"))
     data = {"source": "synthetic", "seq_len": args.seq_len}
     eval_cfg = {"eval_every": 0, "eval_batches": 8, "save_every": 0, "log_every": 1000}
@@ -107,7 +145,7 @@ def main() -> None:
         "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 30},
         "train": {"steps": args.dense_steps, "batch_size": 16, "micro_batch_size": 16, "seed": 0, **eval_cfg}}))
     final = dense.run()
-    moe = upcycle(load_checkpoint(final), num_experts=4, top_k=2)
+    moe = upcycle(load_checkpoint(final), num_experts=E, top_k=2)
     ckpt = save_checkpoint(tmp / "moe", moe)
     dense_s = time.perf_counter() - t
 
@@ -128,17 +166,18 @@ def main() -> None:
     boot = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     peers = [str(a) for a in boot.get_visible_maddrs()]
     layers = moe.cfg.num_layers
-    expected = {"trunk": n} | {f"l{i}e{e}": sum(e in a for a in assignments) for i in range(layers) for e in range(4)}
+    expected = {"trunk": n} | {f"l{i}e{e}": sum(e in a for a in layout) for i in range(layers) for e in range(E)}
     settings = dict(run="bench", compression=args.compression, outer_lr=args.outer_lr,
                     outer_momentum=args.outer_momentum, matchmaking_time=3.0, request_timeout=1.0,
                     averaging_timeout=30.0, stats_timeout=30.0)
+    worker_optim = inner_optim(R, args.outer_lr, args.outer_momentum, not args.same_weight_decay)
     procs = []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"}
-    for w, experts in enumerate(assignments):
+    for w, experts in enumerate(layout):
         spec = {"checkpoint": str(ckpt), "layers": layers, "experts": experts, "peers": peers, "expected": expected,
                 "rounds": R, "out": str(tmp / f"worker{w}"), "settings": settings,
                 "inner": {"inner_steps": H, "total_steps": R * H, "batch_size": b, "micro_batch_size": b,
-                          "seq_len": args.seq_len, "data_seed": 1, "data_offset": w * b, "optim": CONTINUE_OPTIM}}
+                          "seq_len": args.seq_len, "data_seed": 1, "data_offset": w * b, "optim": worker_optim}}
         (tmp / f"worker{w}.json").write_text(json.dumps(spec))
         procs.append(subprocess.Popen([sys.executable, __file__, "--worker", str(tmp / f"worker{w}.json")],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env))
@@ -158,7 +197,7 @@ def main() -> None:
     # assemble the swarm's model: the trunk from worker 0, each expert from its first holder
     full = load_checkpoint(ckpt)
     with torch.no_grad():
-        for w, experts in reversed(list(enumerate(assignments))):
+        for w, experts in reversed(list(enumerate(layout))):
             got = dict(load_checkpoint(tmp / f"worker{w}").named_parameters())
             for name, param in full.named_parameters():
                 if "feed_forward" not in name:
@@ -187,10 +226,11 @@ def main() -> None:
         "module_averagings_failed_or_refused": failed, "params": P,
         "seconds": {"dense_and_upcycle": dense_s, "reference": ref_s, "swarm": swarm_s},
     }
-    settings_used = {"model": "debug dense (164k params) -> 4 experts top-2 MoE", "dense_steps": args.dense_steps,
-                     "rounds": R, "inner_steps": H, "workers": n, "experts_per_worker": assignments,
+    settings_used = {"model": f"debug dense (164k params) -> {E} experts top-2 MoE", "dense_steps": args.dense_steps,
+                     "rounds": R, "inner_steps": H, "workers": n, "experts_per_worker": layout,
                      "batch_per_worker": b, "reference_batch": n * b, "seq_len": args.seq_len,
-                     "tokens_each": R * H * n * b * args.seq_len, "inner_optim": CONTINUE_OPTIM,
+                     "tokens_each": R * H * n * b * args.seq_len, "reference_optim": CONTINUE_OPTIM,
+                     "inner_optim": worker_optim,
                      "outer": f"Nesterov SGD lr {args.outer_lr} momentum {args.outer_momentum}",
                      "compression": args.compression,
                      "machine_cpus": os.cpu_count(), "load_avg": os.getloadavg()}
