@@ -64,22 +64,15 @@ def assignments(kind: str, num_experts: int, top_k: int) -> list[list[int]]:
 CONTINUE_OPTIM = dict(lr=1e-3, min_lr=1e-4, warmup_steps=10, weight_decay=0.1)
 
 
-def outer_amplification(rounds: int, lr: float, mu: float) -> float:
-    """How much the outer Nesterov step multiplies a Δ that is the same every round, on average over the run:
-    round k steps lr·(1 + μ·(1 − μ^(k+1))/(1 − μ))·Δ (1.33 in round 0, up to lr/(1 − μ) = 7 for 0.7/0.9)."""
-    return sum(lr * (1 + mu * (1 - mu ** (k + 1)) / (1 - mu)) for k in range(rounds)) / rounds
-
-
 def inner_optim(rounds: int, lr: float, mu: float, weight_decay_scale: bool) -> dict:
-    """The workers' AdamW: the reference's, with its decoupled weight decay divided by the outer amplification.
+    """The workers' AdamW: the reference's, with its weight decay divided by the outer amplification as the
+    coordinator does it (coordinator.swarm.inner_weight_decay), unless `weight_decay_scale` is off."""
+    from coordinator.swarm import SwarmSection, inner_weight_decay
 
-    Decay is part of each worker's Δ and, unlike the gradient's noise, does not shrink when the holders'
-    Δs are averaged; the outer step then multiplies it, so with the reference's weight decay the swarm
-    would shrink weights about 3x faster per token than the reference does (measured: loss_ratio 1.034
-    instead of 1.028 at H=40, see benchmarks/RESULTS.md)."""
     if not weight_decay_scale:
         return CONTINUE_OPTIM
-    return {**CONTINUE_OPTIM, "weight_decay": CONTINUE_OPTIM["weight_decay"] / outer_amplification(rounds, lr, mu)}
+    s = SwarmSection(rounds=rounds, outer_lr=lr, outer_momentum=mu, weight_decay=CONTINUE_OPTIM["weight_decay"])
+    return {**CONTINUE_OPTIM, "weight_decay": inner_weight_decay(s)}
 
 
 def run_worker(spec_path: str) -> None:

@@ -113,6 +113,10 @@ def test_two_rounds_through_the_coordinator(tiny_checkpoint, tmp_path):
             assert status["round"] == r and len(status["tasks"]) == 2
             assert status["frozen"] == [] and all(len(v) == 4 for v in status["assignment"].values())
             grants = [(who, sched.lease(who, wid, ["train"])) for who, wid in workers]
+            # weight decay 0.1 per token, applied by the workers divided by the outer amplification:
+            # rounds 0 and 1 of 0.7/0.9 Nesterov multiply a steady Δ by 1.33 and 1.897 (mean 1.6135)
+            optim = json.loads(grants[0][1].payload_json)["inner"]["optim"]
+            assert optim["weight_decay"] == pytest.approx(0.1 / 1.6135)
             results = [None, None]
 
             def run(i, grant, r, results):
