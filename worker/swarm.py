@@ -145,6 +145,7 @@ def _uniform_8bit():
 
 
 COMPRESSIONS = ("fp16", "8bit", "none")
+POLL_S = 0.05  # how often a peer looks in the DHT for the other holders' norms and verdicts
 READY_TIMEOUT_S = 120.0  # an averager process starts in ~1 s; 120 s covers a heavily loaded machine
 
 
@@ -648,8 +649,8 @@ class SwarmAverager:
         seen: dict[str, dict[str, float]] = {}
         pending = set(stats)
         while True:
-            for m in list(pending):
-                found = self.dht.get(f"{s.run}/{m}/stats/{round_}", latest=True)
+            for m, found in zip(list(pending), self._get_many([f"{s.run}/{m}/stats/{round_}" for m in pending]),
+                                strict=True):
                 entries = found.value if found is not None and isinstance(found.value, dict) else {}
                 seen[m] = {str(p): float(v.value["norm"]) for p, v in entries.items()
                            if isinstance(v.value, dict) and "norm" in v.value}
@@ -657,7 +658,7 @@ class SwarmAverager:
                     pending.discard(m)
             if not pending or time.monotonic() >= deadline:
                 return seen
-            time.sleep(0.2)
+            time.sleep(POLL_S)
 
     def average(self, round_: int, deltas: dict[str, Tensor], weights: dict[str, float]) -> dict[str, ModuleOutcome]:
         """Average each module's Δ among its holders, weighted; returns outcome per module and writes the
@@ -756,8 +757,8 @@ class SwarmAverager:
         deadline = time.monotonic() + s.averaging_timeout + s.stats_timeout
         pending, bad = dict(checks), {}
         while True:
-            for m, (members, mine) in list(pending.items()):
-                found = self.dht.get(f"{s.run}/{m}/check/{round_}", latest=True)
+            found_all = self._get_many([f"{s.run}/{m}/check/{round_}" for m in pending])
+            for (m, (members, mine)), found in zip(list(pending.items()), found_all, strict=True):
                 entries = found.value if found is not None and isinstance(found.value, dict) else {}
                 verdicts = {str(p): v.value for p, v in entries.items() if isinstance(v.value, dict)}
                 others = members - {self.peer_id}
@@ -771,7 +772,12 @@ class SwarmAverager:
                     bad[m] = why
             if not pending or time.monotonic() >= deadline:
                 return bad
-            time.sleep(0.2)
+            time.sleep(POLL_S)
+
+    def _get_many(self, keys: list[str]) -> list:
+        """dht.get of every key at once (one round trip to the DHT process for all, not one per module)."""
+        futures = [self.dht.get(k, latest=True, return_future=True) for k in keys]
+        return [f.result() for f in futures]
 
     def _bytes_sent(self, delta: Tensor, group_size: int) -> int:
         """What this peer sends in one butterfly all-reduce of `delta` in a group of n: (n-1)/n of its Δ,
