@@ -572,6 +572,9 @@ class SwarmAverager:
 
         self.settings = settings
         self.expected_holders = expected_holders or {}
+        # a module's group is its holders, whatever their number: hivemind's advice to make target_group_size
+        # a power of 2 (one warning per module and round) does not apply
+        logging.getLogger("hivemind.averaging.key_manager").setLevel(logging.ERROR)
         self._own_dht = dht is None
         if dht is None:
             with fork_safely():
