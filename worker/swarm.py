@@ -234,10 +234,16 @@ def local_model(full: Transformer, assignment: Assignment) -> Transformer:
     for i, experts in assignment.items():
         sf, df = full.layers[i].feed_forward, local.layers[i].feed_forward
         idx = torch.tensor(experts, device=sf.w1_EFD.device)
-        for dst, s in ((df.w1_EFD, sf.w1_EFD), (df.w3_EFD, sf.w3_EFD), (df.w2_EDF, sf.w2_EDF),
-                       (df.router.weight, sf.router.weight)):
+        for dst, s in _expert_tensors(df, sf):
             dst.copy_(s[idx])
     return local
+
+
+def _expert_tensors(dst_ff, src_ff) -> list[tuple[Tensor, Tensor]]:
+    """(destination, source) pairs of the per-expert tensors of two MoE feed-forwards: w1, w3, w2 and the
+    router's rows, each indexed by expert along dim 0."""
+    return [(dst_ff.w1_EFD, src_ff.w1_EFD), (dst_ff.w3_EFD, src_ff.w3_EFD), (dst_ff.w2_EDF, src_ff.w2_EDF),
+            (dst_ff.router.weight, src_ff.router.weight)]
 
 
 def _local_config(full_cfg, assignment: Assignment):
@@ -318,8 +324,7 @@ def merge_into(full: Transformer, local: Transformer, assignment: Assignment) ->
     for i, experts in assignment.items():
         sf, df = local.layers[i].feed_forward, full.layers[i].feed_forward
         for j, e in enumerate(experts):
-            for dst, s in ((df.w1_EFD, sf.w1_EFD), (df.w3_EFD, sf.w3_EFD), (df.w2_EDF, sf.w2_EDF),
-                           (df.router.weight, sf.router.weight)):
+            for dst, s in _expert_tensors(df, sf):
                 dst[e].copy_(s[j])
 
 

@@ -227,9 +227,9 @@ class SwarmWorker:
         """This worker's micro-batches of global inner step `step` and the real tokens in them."""
         inner = self.inner
         accum, m = inner.batch_size // inner.micro_batch_size, inner.micro_batch_size
-        if self.lease is not None or self.data is None:
-            if self.lease is None:
-                raise ValueError("inner.data_source=shards needs a lease (use_lease) before the round")
+        if self.lease is None and self.data is None:
+            raise ValueError("inner.data_source=shards needs a lease (use_lease) before the round")
+        if self.lease is not None:
             first = (step % inner.inner_steps) * inner.batch_size
             rows = [range(first + i * m, first + (i + 1) * m) for i in range(accum)]
             return [self.lease.batch(r) for r in rows], int(self.lease.tokens[first:first + inner.batch_size].sum())
