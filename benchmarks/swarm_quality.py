@@ -121,7 +121,7 @@ def main() -> None:
         return
     import logging
 
-    import hivemind
+    from worker.swarm import start_dht
 
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(2)
@@ -156,7 +156,7 @@ def main() -> None:
     ref_loss = ref.evaluate()
 
     # ---- swarm ----
-    boot = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    boot = start_dht(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     peers = [str(a) for a in boot.get_visible_maddrs()]
     layers = moe.cfg.num_layers
     expected = {"trunk": n} | {f"l{i}e{e}": sum(e in a for a in layout) for i in range(layers) for e in range(E)}

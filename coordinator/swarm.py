@@ -312,12 +312,9 @@ def merge_uploads(full, momentum_full: dict, uploads: list[bytes]) -> set[str]:
 
 def start_bootstrap_dht(host: str = "0.0.0.0", port: int = 0):
     """The swarm's bootstrap DHT peer, run by the coordinator; returns (dht, multiaddrs to hand out)."""
-    import hivemind
+    from worker.swarm import start_dht
 
-    from worker.swarm import fork_safely
-
-    with fork_safely():  # the DHT is a fork()ed child of this gRPC server's process
-        dht = hivemind.DHT(start=True, host_maddrs=[f"/ip4/{host}/tcp/{port}"])
+    dht = start_dht(host_maddrs=[f"/ip4/{host}/tcp/{port}"])  # a fork()ed child of this gRPC server's process
     return dht, [str(a) for a in dht.get_visible_maddrs()]
 
 

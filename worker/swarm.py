@@ -58,13 +58,15 @@ import dataclasses
 import gc
 import logging
 import math
+import signal
 import statistics
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -74,6 +76,8 @@ from model.config import MoEConfig
 from model.transformer import Transformer
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+P = TypeVar("P")
 
 TRUNK = "trunk"
 OUTER_STATE = "outer_momentum.safetensors"   # next to model.safetensors in a swarm round checkpoint
@@ -563,6 +567,74 @@ def fork_safely() -> Iterator[None]:
         gc.unfreeze()
 
 
+class ChildDied(RuntimeError):
+    """A hivemind process (DHT or averager) died; what the parent waited for from it will never come."""
+
+    def __init__(self, what: str, exitcode: int | None):
+        super().__init__(f"{what}: its hivemind process died (exit code {exitcode})")
+        self.exitcode = exitcode
+
+    @property
+    def crashed(self) -> bool:
+        """Killed by a fault (SIGSEGV, SIGBUS, SIGABRT, ...), not asked to stop (SIGTERM, SIGINT, SIGKILL)."""
+        return self.exitcode is not None and self.exitcode < 0 and -self.exitcode not in STOP_SIGNALS
+
+
+STOP_SIGNALS = {int(signal.SIGTERM), int(signal.SIGINT), int(signal.SIGKILL), int(signal.SIGHUP)}
+
+
+def child_result(wait: Callable[[float], T], process, what: str, timeout: float | None = None) -> T:
+    """`wait(t)` (an MPFuture's result, a wait_until_ready) answered by hivemind's child `process`.
+
+    hivemind's futures are resolved by the child through a pipe: when the child dies, they wait forever
+    (its wait_until_ready and DHT calls have no deadline of their own). Poll instead, and raise ChildDied
+    when the child is gone, TimeoutError after `timeout` seconds."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        try:
+            return wait(1.0)
+        except TimeoutError:
+            if not process.is_alive():
+                raise ChildDied(what, process.exitcode) from None
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"{what}: no answer from its hivemind process within {timeout:.0f} s") from None
+
+
+def start_child(make: Callable[[], P], what: str, attempts: int = 3) -> P:
+    """Start a hivemind process (`make()` builds it unstarted) and wait until it is ready.
+
+    A fork()ed child that crashes while starting (a fault inherited from the parent's state, see
+    fork_safely) is replaced, up to `attempts` times; one that was stopped (SIGTERM to the process
+    group) or reported an error of its own is not."""
+    for attempt in range(1, attempts + 1):
+        child = make()
+        with fork_safely():
+            child.start()
+        try:
+            child_result(child.wait_until_ready, child, what, READY_TIMEOUT_S)
+            return child
+        except ChildDied as e:
+            if not e.crashed or attempt == attempts:
+                raise
+            log.warning("%s (attempt %d of %d); starting it again", e, attempt, attempts)
+        except BaseException:
+            _stop_child(child)
+            raise
+    raise AssertionError("unreachable")
+
+
+def _stop_child(child) -> None:
+    if child.is_alive():
+        child.shutdown()
+
+
+def start_dht(**kwargs):
+    """hivemind.DHT(**kwargs), started and ready; see start_child."""
+    import hivemind
+
+    return start_child(lambda: hivemind.DHT(start=False, **kwargs), "the DHT")
+
+
 class SwarmAverager:
     """One worker's membership of the swarm: a DHT node and one `DecentralizedAverager` per held module.
 
@@ -573,61 +645,40 @@ class SwarmAverager:
     def __init__(self, settings: SwarmSettings, modules: dict[str, int], *, initial_peers: Sequence[str] = (),
                  dht=None, client_mode: bool = False, host: str = "127.0.0.1",
                  expected_holders: dict[str, int] | None = None):
-        import hivemind
-
         self.settings = settings
         self.expected_holders = expected_holders or {}
         # a module's group is its holders, whatever their number: hivemind's advice to make target_group_size
         # a power of 2 (one warning per module and round) does not apply
         logging.getLogger("hivemind.averaging.key_manager").setLevel(logging.ERROR)
         self._own_dht = dht is None
-        if dht is None:
-            with fork_safely():
-                dht = hivemind.DHT(initial_peers=list(initial_peers), start=True, client_mode=client_mode,
-                                   host_maddrs=[f"/ip4/{host}/tcp/0"])
-        self.dht = dht
-        self.peer_id = str(self.dht.peer_id)
-        self.compression = _compressions()[settings.compression]()
         self.averagers = {}
-        averager_class = _checked_averager_class()
-        for name, size in modules.items():
-            if not settings.averaging:
-                break
-            s = settings
-            self.averagers[name] = averager_class(
-                [torch.zeros(size)], self.dht, prefix=f"{s.run}/{name}", start=False,
-                # a group starts as soon as every expected holder joined, else after matchmaking_time
-                target_group_size=min(s.target_group_size, self.expected_holders.get(name, s.target_group_size)),
-                min_group_size=2,
-                min_matchmaking_time=s.matchmaking_time, request_timeout=s.request_timeout,
-                allreduce_timeout=s.averaging_timeout, next_chunk_timeout=s.averaging_timeout / 3,
-                compression=self.compression, client_mode=client_mode)
-        # Not start=True: hivemind's run_in_background sets SIGINT to SIG_IGN in *this* process (the daemon's
-        # handler would be lost) and raises outside the main thread, where the daemon runs executors.
-        with fork_safely():
-            for a in self.averagers.values():
-                a.start()
+        if dht is None:
+            dht = start_dht(initial_peers=list(initial_peers), client_mode=client_mode,
+                            host_maddrs=[f"/ip4/{host}/tcp/0"])
+        self.dht = dht
         try:
-            self._wait_ready(deadline=time.monotonic() + READY_TIMEOUT_S)
+            asked = dht.run_coroutine(type(dht)._get_peer_id, return_future=True)  # dht.peer_id waits forever
+            self.peer_id = str(child_result(asked.result, dht, "the DHT's peer id", READY_TIMEOUT_S))
+            self.compression = _compressions()[settings.compression]()
+            if settings.averaging:
+                averager_class = _checked_averager_class()
+                s = settings
+                for name, size in modules.items():
+                    # Not start=True: hivemind's run_in_background sets SIGINT to SIG_IGN in *this* process
+                    # (the daemon's handler would be lost) and raises outside the main thread, where the daemon
+                    # runs executors.
+                    self.averagers[name] = start_child(lambda name=name, size=size: averager_class(
+                        [torch.zeros(size)], self.dht, prefix=f"{s.run}/{name}", start=False,
+                        # a group starts as soon as every expected holder joined, else after matchmaking_time
+                        target_group_size=min(s.target_group_size,
+                                              self.expected_holders.get(name, s.target_group_size)),
+                        min_group_size=2,
+                        min_matchmaking_time=s.matchmaking_time, request_timeout=s.request_timeout,
+                        allreduce_timeout=s.averaging_timeout, next_chunk_timeout=s.averaging_timeout / 3,
+                        compression=self.compression, client_mode=client_mode), f"the averager of module {name}")
         except BaseException:
             self.shutdown()  # what started must not outlive a failed construction
             raise
-
-    def _wait_ready(self, deadline: float) -> None:
-        """hivemind's wait_until_ready has no deadline and waits forever for an averager process that died
-        while starting (e.g. a SIGTERM to the worker's process group): poll, and fail with the reason."""
-        for name, a in self.averagers.items():
-            while True:
-                try:
-                    a.wait_until_ready(timeout=1.0)
-                    break
-                except TimeoutError:
-                    if not a.is_alive():
-                        raise RuntimeError(f"the averager process of module {name} died while starting "
-                                           f"(exit code {a.exitcode})") from None
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"the averager of module {name} was not ready within "
-                                           f"{READY_TIMEOUT_S:.0f} s") from None
 
     def visible_maddrs(self) -> list[str]:
         return [str(a) for a in self.dht.get_visible_maddrs()]
@@ -649,7 +700,7 @@ class SwarmAverager:
         futures = [self.dht.store(f"{s.run}/{m}/stats/{round_}", v, expire, subkey=self.peer_id, return_future=True)
                    for m, v in stats.items()]
         for f in futures:
-            f.result()
+            self._dht_result(f, "storing this peer's Δ norms")
         # Wait until every expected holder has published, at most stats_timeout; without a count from the
         # coordinator, one matchmaking period (holders finish their inner steps at about the same time).
         wait = s.stats_timeout if self.expected_holders else s.matchmaking_time
@@ -735,7 +786,7 @@ class SwarmAverager:
             checks[m] = (members, sketch)
             published.append(self._publish_check(round_, m, sketch))
         for f in published:
-            f.result()
+            self._dht_result(f, "storing this peer's verdicts")
         for m, why in self._disagreements(round_, checks).items():
             log.warning("round %d, module %s: the group's averages disagree (%s); policy %s", round_, m,
                         "; ".join(f"peer {p}: {w}" for p, w in sorted(why.items())), s.failure_policy)
@@ -785,7 +836,11 @@ class SwarmAverager:
     def _get_many(self, keys: list[str]) -> list:
         """dht.get of every key at once (one round trip to the DHT process for all, not one per module)."""
         futures = [self.dht.get(k, latest=True, return_future=True) for k in keys]
-        return [f.result() for f in futures]
+        return [self._dht_result(f, "reading the DHT") for f in futures]
+
+    def _dht_result(self, future, what: str):
+        """A DHT call's result; its process dying (or never answering) is an error, not a wait forever."""
+        return child_result(future.result, self.dht, what, self.settings.averaging_timeout)
 
     def _bytes_sent(self, delta: Tensor, group_size: int) -> int:
         """What this peer sends in one butterfly all-reduce of `delta` in a group of n: (n-1)/n of its Δ,

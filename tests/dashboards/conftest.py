@@ -294,7 +294,9 @@ def init_swarm(project: Path, root: Path) -> None:
     run_cli("coordinator.cli", "init-swarm", "--config", str(project), "--checkpoint", str(moe))
 
 
-@pytest.fixture(scope="session")
+# Package scope: the live stack (a coordinator, a worker, a cluster trainer that trains until stopped,
+# Prometheus) is torn down when tests/dashboards ends, instead of taking a core from the rest of the suite.
+@pytest.fixture(scope="package")
 def live(tmp_path_factory):
     from coordinator import store as S
     from coordinator.config import load_project

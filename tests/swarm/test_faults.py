@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import signal
@@ -76,6 +77,52 @@ def test_an_averager_that_dies_while_starting_fails_construction_and_stops_the_d
         return dhts[-1]
 
     monkeypatch.setattr(hivemind, "DHT", tracked)
-    with pytest.raises(RuntimeError, match="died while starting.*exit code 3"):
+    with pytest.raises(RuntimeError, match=r"averager of module \w+: its hivemind process died \(exit code 3\)"):
         swarm.SwarmAverager(settings(), {"trunk": 8, "l0e0": 8})
     assert len(dhts) == 1 and not dhts[0].is_alive()
+
+
+def test_an_averager_that_crashes_while_starting_is_started_again(monkeypatch):
+    """A fork()ed child can crash on state inherited from its parent (see worker.swarm.fork_safely); one that
+    dies of a fault while starting is replaced instead of failing the round. Fault injection: the first
+    averager process built kills itself with SIGSEGV before serving."""
+    import worker.swarm as swarm
+
+    real = swarm._checked_averager_class()
+    made = []
+
+    class CrashingOnce(real):
+        def __init__(self, *args, **kwargs):
+            made.append(self)
+            super().__init__(*args, **kwargs)
+
+        def run(self):
+            if self is made[0]:
+                faulthandler.disable()  # a crash without pytest's traceback dump on the console
+                os.kill(os.getpid(), signal.SIGSEGV)
+            super().run()
+
+    monkeypatch.setattr(swarm, "_checked_averager_class", lambda: CrashingOnce)
+    sa = swarm.SwarmAverager(settings(), {"trunk": 8})
+    try:
+        assert len(made) == 2 and made[0].exitcode == -signal.SIGSEGV
+        assert sa.averagers["trunk"] is made[1] and made[1].is_alive()
+    finally:
+        sa.shutdown()
+
+
+def test_a_dht_process_that_dies_mid_round_is_an_error_not_a_wait_forever():
+    """hivemind's DHT calls wait forever for an answer from a dead DHT process; the round raises instead."""
+    import torch
+
+    import worker.swarm as swarm
+
+    sa = swarm.SwarmAverager(settings(), {"trunk": 8}, expected_holders={"trunk": 2})
+    try:
+        os.kill(sa.dht.pid, signal.SIGKILL)
+        sa.dht.join(timeout=10)
+        died = r"storing this peer.s Δ norms: its hivemind process died \(exit code -9\)"
+        with pytest.raises(swarm.ChildDied, match=died):
+            sa.average(0, {"trunk": torch.ones(8)}, {"trunk": 1.0})
+    finally:
+        sa.shutdown()
