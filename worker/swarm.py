@@ -902,7 +902,8 @@ def outer_round(averager: SwarmAverager | None, state: OuterState, settings: Swa
 class NullSwarmMetrics:
     """What the executor records into when the daemon serves no metrics."""
 
-    def record_round(self, report: RoundReport, inner_loss: float, inner_seconds: float, round_seconds: float) -> None:
+    def record_round(self, report: RoundReport, inner_loss: float, inner_seconds: float, round_seconds: float, *,
+                     run: str) -> None:
         ...
 
 
@@ -917,9 +918,9 @@ class SwarmMetrics(NullSwarmMetrics):
         self.averaging = Counter("mujina_swarm_averaging", "module averagings by group and outcome",
                                  ["group", "outcome"], **kw)
         self.bytes_sent = Counter("mujina_swarm_bytes_sent", "bytes sent in all-reduce (compressed)", **kw)
-        # phase: the project phase the loss belongs to, as on mujina_train_* and mujina_latest_loss
-        self.inner_loss = Gauge("mujina_swarm_inner_loss", "mean inner loss of the last round", ["phase"],
-                                **kw).labels("swarm")
+        # run and phase label the loss as on mujina_train_* and mujina_latest_loss (phase: the project's stage)
+        self.inner_loss = Gauge("mujina_swarm_inner_loss", "mean inner loss of the last round", ["run", "phase"],
+                                **kw)
         self.inner_seconds = Counter("mujina_swarm_inner_seconds", "time in inner steps", **kw)
         self.round_seconds = Counter("mujina_swarm_round_seconds", "wall time of rounds", **kw)
         # every labelled series exists from start-up at 0, so rates and alerts have a series before the first event
@@ -929,7 +930,8 @@ class SwarmMetrics(NullSwarmMetrics):
             for outcome in ("ok", "failed", "refused", "mismatch"):
                 self.averaging.labels(group, outcome)
 
-    def record_round(self, report: RoundReport, inner_loss: float, inner_seconds: float, round_seconds: float) -> None:
+    def record_round(self, report: RoundReport, inner_loss: float, inner_seconds: float, round_seconds: float, *,
+                     run: str) -> None:
         outcomes = {m.outcome for m in report.modules}
         # averaged: some module was averaged; local_only: nothing to average with (averaging off, sole
         # holders); failed: every averaging failed, was refused or disagreed (mismatch)
@@ -939,6 +941,6 @@ class SwarmMetrics(NullSwarmMetrics):
             if m.outcome in ("ok", "failed", "refused", "mismatch"):
                 self.averaging.labels("trunk" if m.module == TRUNK else "expert", m.outcome).inc()
         self.bytes_sent.inc(report.bytes_sent)
-        self.inner_loss.set(inner_loss)
+        self.inner_loss.labels(run, "swarm").set(inner_loss)
         self.inner_seconds.inc(inner_seconds)
         self.round_seconds.inc(round_seconds)

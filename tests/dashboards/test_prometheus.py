@@ -107,7 +107,7 @@ def test_every_loss_carries_run_and_phase(prom):
     assert labels("mujina_train_loss") == [("cluster", "pretrain")] == labels("mujina_train_eval_loss")
     assert labels('mujina_latest_loss{kind="train"}') == [("dash", "swarm")]
     assert labels('mujina_latest_loss{kind="eval"}') == [("dash", "pretrain")]
-    assert labels("mujina_swarm_inner_loss") == [(None, "swarm")]
+    assert labels("mujina_swarm_inner_loss") == [("dash", "swarm")]
     assert prom.value('mujina_latest_loss{kind="train"}') > 0 and prom.value("mujina_swarm_inner_loss") > 0
 
 

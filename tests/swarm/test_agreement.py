@@ -132,7 +132,7 @@ def test_a_corrupted_average_is_a_mismatch_on_every_holder_and_retry_keeps_them_
         torch.testing.assert_close(workers[0].outer.theta[module], workers[1].outer.theta[module], rtol=0, atol=1e-6)
 
     registry = CollectorRegistry()
-    SwarmMetrics(registry).record_round(bad.last_report, 2.0, 1.0, 2.0)
+    SwarmMetrics(registry).record_round(bad.last_report, 2.0, 1.0, 2.0, run="t")
     text = generate_latest(registry).decode()
     assert 'mujina_swarm_averaging_total{group="expert",outcome="mismatch"} 1.0' in text
     assert 'mujina_swarm_averaging_total{group="trunk",outcome="ok"} 1.0' in text

@@ -487,7 +487,8 @@ def run_train(ctx: TaskContext) -> Result:
         if slot in _WORKERS and _WORKERS[slot]["worker"] is w:
             _WORKERS.pop(slot)["worker"].shutdown()
         raise
-    METRICS.record_round(w.last_report, metrics["loss"], metrics["inner_seconds"], metrics["round_seconds"])
+    METRICS.record_round(w.last_report, metrics["loss"], metrics["inner_seconds"], metrics["round_seconds"],
+                         run=w.settings.run)
     _WORKERS[str(ctx.payload.get("slot", "0"))]["next_round"] = round_ + 1
     ctx.report_progress(1.0)
     report = w.last_report
