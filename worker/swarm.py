@@ -600,39 +600,46 @@ def child_result(wait: Callable[[float], T], process, what: str, timeout: float 
                 raise TimeoutError(f"{what}: no answer from its hivemind process within {timeout:.0f} s") from None
 
 
-def start_child(make: Callable[[], P], what: str, attempts: int = 3) -> P:
-    """Start a hivemind process (`make()` builds it unstarted) and wait until it is ready.
+def start_children(makers: dict[str, Callable[[], P]], what: Callable[[str], str], attempts: int = 3) -> dict[str, P]:
+    """Start hivemind processes (`makers[name]()` builds one unstarted) and wait until all are ready.
 
-    A fork()ed child that crashes while starting (a fault inherited from the parent's state, see
-    fork_safely) is replaced, up to `attempts` times; one that was stopped (SIGTERM to the process
-    group) or reported an error of its own is not."""
-    for attempt in range(1, attempts + 1):
-        child = make()
-        with fork_safely():
-            child.start()
-        try:
-            child_result(child.wait_until_ready, child, what, READY_TIMEOUT_S)
-            return child
-        except ChildDied as e:
-            if not e.crashed or attempt == attempts:
-                raise
-            log.warning("%s (attempt %d of %d); starting it again", e, attempt, attempts)
-        except BaseException:
-            _stop_child(child)
-            raise
-    raise AssertionError("unreachable")
-
-
-def _stop_child(child) -> None:
-    if child.is_alive():
-        child.shutdown()
+    All are fork()ed under one fork_safely (its full garbage collection is the slow part) and start in
+    parallel. A child that crashes while starting (killed by a fault inherited from the parent's state,
+    see fork_safely) is replaced, up to `attempts` times; one that was stopped (SIGTERM to the process
+    group) or reported an error of its own is not. On failure, every child started here is stopped."""
+    ready: dict[str, P] = {}
+    pending = dict(makers)
+    try:
+        for attempt in range(1, attempts + 1):
+            started = {name: make() for name, make in pending.items()}
+            with fork_safely():
+                for child in started.values():
+                    child.start()
+            ready.update(started)
+            pending = {}
+            for name, child in started.items():
+                try:
+                    child_result(child.wait_until_ready, child, what(name), READY_TIMEOUT_S)
+                except ChildDied as e:
+                    if not e.crashed or attempt == attempts:
+                        raise
+                    log.warning("%s (attempt %d of %d); starting it again", e, attempt, attempts)
+                    pending[name] = makers[name]
+            if not pending:
+                return ready
+        raise AssertionError("unreachable")
+    except BaseException:
+        for child in ready.values():
+            if child.is_alive():
+                child.shutdown()
+        raise
 
 
 def start_dht(**kwargs):
-    """hivemind.DHT(**kwargs), started and ready; see start_child."""
+    """hivemind.DHT(**kwargs), started and ready; see start_children."""
     import hivemind
 
-    return start_child(lambda: hivemind.DHT(start=False, **kwargs), "the DHT")
+    return start_children({"dht": lambda: hivemind.DHT(start=False, **kwargs)}, lambda _: "the DHT")["dht"]
 
 
 class SwarmAverager:
@@ -661,21 +668,19 @@ class SwarmAverager:
             self.peer_id = str(child_result(asked.result, dht, "the DHT's peer id", READY_TIMEOUT_S))
             self.compression = _compressions()[settings.compression]()
             if settings.averaging:
-                averager_class = _checked_averager_class()
-                s = settings
-                for name, size in modules.items():
-                    # Not start=True: hivemind's run_in_background sets SIGINT to SIG_IGN in *this* process
-                    # (the daemon's handler would be lost) and raises outside the main thread, where the daemon
-                    # runs executors.
-                    self.averagers[name] = start_child(lambda name=name, size=size: averager_class(
-                        [torch.zeros(size)], self.dht, prefix=f"{s.run}/{name}", start=False,
-                        # a group starts as soon as every expected holder joined, else after matchmaking_time
-                        target_group_size=min(s.target_group_size,
-                                              self.expected_holders.get(name, s.target_group_size)),
-                        min_group_size=2,
-                        min_matchmaking_time=s.matchmaking_time, request_timeout=s.request_timeout,
-                        allreduce_timeout=s.averaging_timeout, next_chunk_timeout=s.averaging_timeout / 3,
-                        compression=self.compression, client_mode=client_mode), f"the averager of module {name}")
+                averager_class, s = _checked_averager_class(), settings
+                # Not start=True: hivemind's run_in_background sets SIGINT to SIG_IGN in *this* process (the
+                # daemon's handler would be lost) and raises outside the main thread, where the daemon runs
+                # executors.
+                self.averagers = start_children({name: lambda name=name, size=size: averager_class(
+                    [torch.zeros(size)], self.dht, prefix=f"{s.run}/{name}", start=False,
+                    # a group starts as soon as every expected holder joined, else after matchmaking_time
+                    target_group_size=min(s.target_group_size, self.expected_holders.get(name, s.target_group_size)),
+                    min_group_size=2,
+                    min_matchmaking_time=s.matchmaking_time, request_timeout=s.request_timeout,
+                    allreduce_timeout=s.averaging_timeout, next_chunk_timeout=s.averaging_timeout / 3,
+                    compression=self.compression, client_mode=client_mode) for name, size in modules.items()},
+                    lambda name: f"the averager of module {name}")
         except BaseException:
             self.shutdown()  # what started must not outlive a failed construction
             raise

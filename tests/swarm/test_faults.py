@@ -5,6 +5,7 @@ from __future__ import annotations
 import faulthandler
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -98,7 +99,8 @@ def test_an_averager_that_crashes_while_starting_is_started_again(monkeypatch):
 
         def run(self):
             if self is made[0]:
-                faulthandler.disable()  # a crash without pytest's traceback dump on the console
+                faulthandler.disable()  # a crash without pytest's traceback dump on the console...
+                resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # ...and without a core file
                 os.kill(os.getpid(), signal.SIGSEGV)
             super().run()
 
