@@ -567,6 +567,10 @@ def fork_safely() -> Iterator[None]:
         gc.unfreeze()
 
 
+# a child killed by one of these was asked to stop; any other signal is a crash
+STOP_SIGNALS = {int(signal.SIGTERM), int(signal.SIGINT), int(signal.SIGKILL), int(signal.SIGHUP)}
+
+
 class ChildDied(RuntimeError):
     """A hivemind process (DHT or averager) died; what the parent waited for from it will never come."""
 
@@ -578,9 +582,6 @@ class ChildDied(RuntimeError):
     def crashed(self) -> bool:
         """Killed by a fault (SIGSEGV, SIGBUS, SIGABRT, ...), not asked to stop (SIGTERM, SIGINT, SIGKILL)."""
         return self.exitcode is not None and self.exitcode < 0 and -self.exitcode not in STOP_SIGNALS
-
-
-STOP_SIGNALS = {int(signal.SIGTERM), int(signal.SIGINT), int(signal.SIGKILL), int(signal.SIGHUP)}
 
 
 def child_result(wait: Callable[[float], T], process, what: str, timeout: float | None = None) -> T:
