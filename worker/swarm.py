@@ -19,32 +19,40 @@ parameters. hivemind returns each peer the *difference* between the average and 
 (fp16 by default), so two holders' Δ̄ agree to the compression's rounding only, never bit for bit (not
 even with compression "none": fp32 rounding); we do not paper over that with a second broadcast.
 
+Overlap. Matchmaking runs while the inner steps do: after inner step 1 each worker starts every shared
+module's hivemind step scheduled for when its inner steps should end (`SwarmAverager.begin`; hivemind's
+`require_trigger`, as hivemind.Optimizer pre-schedules its own), so the group has usually formed when the
+Δ is ready and `average` only starts the all-reduce. Finding a group used to cost ~0.8 s per round here,
+after a Δ-norm exchange in the DHT of another ~0.25 s; both were on the critical path.
+
 Agreement. hivemind 1.1.12 can finish an all-reduce with parts missing (a reducer that misses
 `next_chunk_timeout`, a part that fails to deserialise): it logs "Averaging: received N% results", leaves
 those parts at the local values, and `step()` reports success. Two checks keep such a Δ̄ out: (1) our
 averager subclass reads how much of its result arrived (hivemind counts it but does not return it); (2)
-after the all-reduce every member of the group publishes `agreement_sketch` of its Δ̄ in the DHT (key
-`{run}/{module}/check/{round}`), or that its result is partial or failed, and compares with the others'.
-A reducer that dropped a slow sender returns a complete but different average to the rest, which only
-(2) sees. A partial result, a sketch outside the rounding bound, or a member that does not report within
-`averaging_timeout + stats_timeout` makes the module's outcome "mismatch" on every member, which follows
-the failure policy below with its local Δ, as a failed averaging does.
+after the all-reduce every member publishes a report per module in one DHT record (key
+`{run}/check/{round}/{attempt}`, subkey = its peer id): its Δ norm, and `agreement_sketch` of its Δ̄ or
+that its result was partial or failed; it reads the other members'. A reducer that dropped a slow sender
+returns a complete but different average to the rest, which only (2) sees. A partial result or a sketch
+outside the rounding bound makes the module's outcome "mismatch" on every member, which follows the
+failure policy below with its local Δ, as a failed averaging does.
 
-Bad updates. Before averaging, every holder publishes its Δ's norm and token count for (module, round)
-in the DHT (key `{run}/{module}/stats/{round}`, subkey = its peer id) and reads the others'. A Δ with
-NaN/Inf, or (with >= 3 reports) a norm above `outlier_factor` × the median norm, is refused: the peer
-that owns it does not join the group (its module goes back to θ_start), every holder logs the peer id,
-and after all-reduce a holder whose group contained a peer it refused discards the average and follows
-the failure policy. This keeps a faulty worker's Δ out; a malicious peer could lie about its norm, which
-only the coordinator's validator (Δ norms are reported with each result) can catch.
+Bad updates. A Δ with NaN/Inf, or (with >= 3 reports) a norm above `outlier_factor` × the median of the
+members' reported norms, is refused, and every member logs the peer id. A worker whose own Δ is
+non-finite knows before the all-reduce: it sends zeros with weight 0, so the group's average stands. A
+finite outlier is only seen in the reports, after its Δ went into the average: the other members then
+average once more without it (attempt 1, fresh matchmaking), and its owner goes back to θ_start. This
+keeps a faulty worker's Δ out; a malicious peer could lie about its norm, which only the coordinator's
+validator (Δ norms are reported with each result) can catch.
 
-Faults. A peer that dies before publishing its norms delays the others' wait by at most `stats_timeout`;
-`averaging_timeout` bounds matchmaking and all-reduce (hivemind bans a sender that stalls for
-`averaging_timeout / 3`), so a peer dying mid-round delays the others by at most the sum. A group that
-does not form (or whose result does not agree, above) follows `failure_policy`: "retry" keeps the
-module's reference θ_start and momentum, identical on every holder, and its local progress, so the next
-round's Δ carries both rounds of work; "local" applies the outer step with the local Δ alone (holders then
-differ until their next agreed average). Either way a warning names the module.
+Faults. `averaging_timeout` bounds matchmaking (from the scheduled time) and the all-reduce (hivemind
+bans a sender that stalls for `averaging_timeout / 3`). A member that dies or stalls after its group
+formed (the price of matchmaking early) leaves the others' results partial and sends no report; after
+`averaging_timeout + stats_timeout` the others average once more without it, so a peer dying mid-round
+delays the others by at most that plus one matchmaking. A group that does not form (or whose result does
+not agree, above) follows `failure_policy`: "retry" keeps the module's reference θ_start and momentum,
+identical on every holder, and its local progress, so the next round's Δ carries both rounds of work;
+"local" applies the outer step with the local Δ alone (holders then differ until their next agreed
+average). Either way a warning names the module.
 
 The local model holds only the experts assigned to this worker (`local_model`): a MoE with k experts
 whose router rows are the held rows of the full router. Softmax over the held logits equals softmax over
@@ -96,7 +104,7 @@ class SwarmSettings:
     matchmaking_time: float = 2.0      # seconds a group leader waits for peers
     request_timeout: float = 1.0       # must stay below matchmaking_time (hivemind)
     averaging_timeout: float = 30.0    # bound on matchmaking + all-reduce; the delay a dead peer can cause
-    stats_timeout: float = 10.0        # how long to wait for the other holders' Δ norms in the DHT
+    stats_timeout: float = 10.0        # how long, past averaging_timeout, to wait for the members' reports
     failure_policy: str = "retry"      # retry | local
     outlier_factor: float = 10.0       # refuse a Δ whose norm exceeds this × the group's median
     target_group_size: int = 64
@@ -149,7 +157,7 @@ def _uniform_8bit():
 
 
 COMPRESSIONS = ("fp16", "8bit", "none")
-POLL_S = 0.05  # how often a peer looks in the DHT for the other holders' norms and verdicts
+POLL_S = 0.02  # how often a peer looks in the DHT for the other members' reports
 READY_TIMEOUT_S = 120.0  # an averager process starts in ~1 s; 120 s covers a heavily loaded machine
 
 
@@ -513,13 +521,30 @@ def sketches_agree(a: dict, b: dict) -> bool:
                for i, (x, y) in enumerate(zip(pa, pb, strict=True)))
 
 
-def _verdict_mismatch(mine: dict, theirs: dict) -> str:
-    """Why another member's verdict (a sketch, or partial / failed) disagrees with this peer's sketch; '' if not."""
+def _report_mismatch(mine: dict, theirs: dict) -> str:
+    """Why another member's report (a sketch, or partial / failed) disagrees with this peer's sketch; '' if not."""
     if "partial" in theirs:
         return f"received {100 * float(theirs['partial']):.1f}% of the average"
     if "failed" in theirs:
         return "its averaging failed"
     return "" if sketches_agree(mine, theirs) else "checksum differs"
+
+
+def _norm(report: dict) -> float:
+    """The Δ norm in another member's report; a malformed one counts as non-finite (refused)."""
+    try:
+        return float(report["norm"])
+    except (KeyError, TypeError, ValueError):
+        return math.inf
+
+
+@dataclass
+class _Attempt:
+    """This peer's side of one all-reduce of a module: the group (empty if none formed) and its report."""
+
+    members: set[str]
+    report: dict            # norm, zeroed (sent as zeros with weight 0), and sketch keys | partial | failed
+    bytes_sent: int = 0
 
 
 @lru_cache(maxsize=1)
@@ -647,7 +672,7 @@ class SwarmAverager:
     """One worker's membership of the swarm: a DHT node and one `DecentralizedAverager` per held module.
 
     `modules` maps module name -> number of floats; `expected_holders` (module -> count, from the
-    coordinator's assignment) lets a round stop waiting for Δ norms once every holder has published.
+    coordinator's assignment) sizes each module's group, so that it forms as soon as every holder joined.
     """
 
     def __init__(self, settings: SwarmSettings, modules: dict[str, int], *, initial_peers: Sequence[str] = (),
@@ -660,6 +685,8 @@ class SwarmAverager:
         logging.getLogger("hivemind.averaging.key_manager").setLevel(logging.ERROR)
         self._own_dht = dht is None
         self.averagers = {}
+        self._pending: tuple[int, dict] | None = None   # (round, module -> hivemind StepControl) from begin()
+        self._last_scheduled = 0.0
         if dht is None:
             dht = start_dht(initial_peers=list(initial_peers), client_mode=client_mode,
                             host_maddrs=[f"/ip4/{host}/tcp/0"])
@@ -697,33 +724,36 @@ class SwarmAverager:
 
     # -- one round --
 
-    def _publish_and_collect(self, round_: int, stats: dict[str, dict]) -> dict[str, dict[str, float]]:
-        """Publish this peer's Δ norm per module and gather every holder's (module -> peer -> norm)."""
+    def begin(self, round_: int, ready_in: float) -> None:
+        """Look for every shared module's group now, while the inner steps run; this peer expects to be ready
+        to average in about `ready_in` seconds. `average` then only starts the all-reduce (hivemind's scheduled
+        step with a trigger, as hivemind.Optimizer pre-schedules its own)."""
+        self.cancel()
+        if self.averagers:
+            self._pending = (round_, self._start_steps(round_, 0, self._shared(self.averagers), ready_in))
+
+    def cancel(self) -> None:
+        """Leave the groups `begin` looked for (a round stopped or failed before averaging)."""
+        _, controls = self._pending or (None, {})
+        self._pending = None
+        for control in controls.values():
+            control.cancel()
+
+    def _shared(self, modules: Iterable[str]) -> list[str]:
+        return [m for m in modules if self.expected_holders.get(m, 2) > 1]
+
+    def _start_steps(self, round_: int, attempt: int, modules: Iterable[str], ready_in: float) -> dict:
         from hivemind.utils import get_dht_time
 
-        s = self.settings
-        expire = get_dht_time() + max(60.0, 4 * s.averaging_timeout)
-        futures = [self.dht.store(f"{s.run}/{m}/stats/{round_}", v, expire, subkey=self.peer_id, return_future=True)
-                   for m, v in stats.items()]
-        for f in futures:
-            self._dht_result(f, "storing this peer's Δ norms")
-        # Wait until every expected holder has published, at most stats_timeout; without a count from the
-        # coordinator, one matchmaking period (holders finish their inner steps at about the same time).
-        wait = s.stats_timeout if self.expected_holders else s.matchmaking_time
-        deadline = time.monotonic() + wait
-        seen: dict[str, dict[str, float]] = {}
-        pending = set(stats)
-        while True:
-            for m, found in zip(list(pending), self._get_many([f"{s.run}/{m}/stats/{round_}" for m in pending]),
-                                strict=True):
-                entries = found.value if found is not None and isinstance(found.value, dict) else {}
-                seen[m] = {str(p): float(v.value["norm"]) for p, v in entries.items()
-                           if isinstance(v.value, dict) and "norm" in v.value}
-                if len(seen[m]) >= self.expected_holders.get(m, math.inf):
-                    pending.discard(m)
-            if not pending or time.monotonic() >= deadline:
-                return seen
-            time.sleep(POLL_S)
+        s, now = self.settings, get_dht_time()
+        # hivemind declares the averager in the DHT until the scheduled time, and the DHT keeps an entry's
+        # latest expiration: a declaration that expires before the previous one would be dropped
+        scheduled = max(now + max(ready_in, s.matchmaking_time), self._last_scheduled + 1e-3)
+        self._last_scheduled = scheduled
+        return {m: self.averagers[m].step(weight=1.0, gather={"round": round_, "attempt": attempt},
+                                          scheduled_time=scheduled, timeout=scheduled - now + s.averaging_timeout,
+                                          allow_retries=True, require_trigger=True, wait=False)
+                for m in modules}
 
     def average(self, round_: int, deltas: dict[str, Tensor], weights: dict[str, float]) -> dict[str, ModuleOutcome]:
         """Average each module's Δ among its holders, weighted; returns outcome per module and writes the
@@ -731,118 +761,168 @@ class SwarmAverager:
         s = self.settings
         norms = {m: float(d.norm()) for m, d in deltas.items()}
         out = {m: ModuleOutcome(m, "local", norms[m]) for m in deltas}
-        if not s.averaging:
+        pending_round, controls = self._pending or (None, {})
+        self._pending = None
+        shared = self._shared(deltas) if s.averaging else []
+        if pending_round != round_ or set(controls) != set(shared):
+            for control in controls.values():
+                control.cancel()
+            controls = self._start_steps(round_, 0, shared, 0.0) if shared else {}
+        if not controls:
             return out
-        to_average = [m for m in deltas if self.expected_holders.get(m, 2) > 1]
-        stats = {m: {"norm": norms[m] if math.isfinite(norms[m]) else float("inf"), "tokens": weights[m]}
-                 for m in to_average}
-        seen = self._publish_and_collect(round_, stats) if to_average else {}
+        if not self.dht.is_alive():  # every step below would wait for it
+            for control in controls.values():
+                control.cancel()
+            raise ChildDied(f"round {round_}: the DHT", self.dht.exitcode)
 
-        steps = {}
-        refused_by_module = {}
-        for m in to_average:
-            refused = is_outlier(seen.get(m, {}), s.outlier_factor)
-            refused_by_module[m] = refused
+        first = self._all_reduce(round_, 0, controls, deltas, weights, norms)
+        seen = self._reports(round_, 0, first)
+        redo: dict[str, set[str]] = {}
+        for m, got in first.items():
+            if not got.members:
+                out[m] = ModuleOutcome(m, "failed", norms[m])
+                continue
+            reported = {self.peer_id: got.report["norm"]} | {p: _norm(v) for p, v in seen[m].items()}
+            refused = is_outlier(reported, s.outlier_factor)
+            finite = [v for v in reported.values() if math.isfinite(v)]
             for p in sorted(refused):
-                log.warning("round %d, module %s: refusing the Δ of peer %s (norm %s, group median %s)", round_, m,
-                            p, seen[m][p], statistics.median([v for v in seen[m].values() if math.isfinite(v)] or [0]))
-            if self.peer_id in refused or not math.isfinite(norms[m]):
-                out[m] = ModuleOutcome(m, "refused", norms[m], refused_peers=sorted(refused))
+                log.warning("round %d, module %s: refusing the Δ of peer %s (norm %s, group median %s)", round_, m, p,
+                            reported[p], statistics.median(finite or [0.0]))
+            out[m] = ModuleOutcome(m, "ok", norms[m], group_size=len(got.members), bytes_sent=got.bytes_sent,
+                                   refused_peers=sorted(refused))
+            if self.peer_id in refused:
+                out[m].outcome = "refused"
                 continue
-            with self.averagers[m].get_tensors() as (t,):
-                t.copy_(deltas[m])
-            steps[m] = self.averagers[m].step(weight=max(weights[m], 1e-6), gather={"norm": norms[m]},
-                                              timeout=s.averaging_timeout, allow_retries=True, wait=False)
-        checks = {}      # module -> (group members, this peer's sketch): compared with the group's below
-        published = []
-        for m, control in steps.items():
-            try:
-                result = control.result(timeout=2 * s.averaging_timeout + s.matchmaking_time)
-            except Exception as e:  # hivemind raises AllreduceException, MatchmakingException, TimeoutError...
-                log.warning("round %d, module %s: averaging failed (%s: %s); policy %s", round_, m,
-                            type(e).__name__, e, s.failure_policy)
-                out[m] = ModuleOutcome(m, "failed", norms[m])
-                published.append(self._publish_check(round_, m, {"failed": 1.0}))
+            silent = got.members - {self.peer_id} - seen[m].keys()
+            # a refused peer that sent its Δ (a finite norm far above the median: only the group can tell)
+            spoiled = {p for p in refused if not seen[m].get(p, {}).get("zeroed")}
+            if silent or spoiled:
+                # the group averaged with a Δ it refuses, or a member died or stalled after the group formed
+                # (matchmaking ran during the inner steps): average once more without them
+                log.warning("round %d, module %s: averaging again without %s", round_, m,
+                            ", ".join([f"silent peer {p}" for p in sorted(silent)] +
+                                      [f"refused peer {p}" for p in sorted(spoiled)]))
+                redo[m] = got.members - silent - refused
+                out[m].outcome = "failed"
                 continue
-            if result is None:
-                log.warning("round %d, module %s: no group formed; policy %s", round_, m, s.failure_policy)
-                out[m] = ModuleOutcome(m, "failed", norms[m])
-                published.append(self._publish_check(round_, m, {"failed": 1.0}))
-                continue
-            gathered, received = result
-            members = {str(p) for p in gathered}
-            intruders = members & refused_by_module[m]
-            if intruders:
-                log.warning("round %d, module %s: refused peer(s) %s joined the group anyway; discarding the "
-                            "average (policy %s)", round_, m, sorted(intruders), s.failure_policy)
-                out[m] = ModuleOutcome(m, "failed", norms[m], refused_peers=sorted(refused_by_module[m]))
-                published.append(self._publish_check(round_, m, {"failed": 1.0}))
-                continue
-            out[m] = ModuleOutcome(m, "ok", norms[m], group_size=len(members),
-                                   bytes_sent=self._bytes_sent(deltas[m], len(members)),
-                                   refused_peers=sorted(refused_by_module[m]))
-            if received < 1.0:
-                log.warning("round %d, module %s: this peer %s received only %.1f%% of the average (group %s); "
-                            "policy %s", round_, m, self.peer_id, 100 * received, sorted(members), s.failure_policy)
-                out[m].outcome = "mismatch"
-                published.append(self._publish_check(round_, m, {"partial": received}))
-                continue
-            with self.averagers[m].get_tensors() as (t,):
-                sketch = agreement_sketch(t, deltas[m], s.compression)
-            checks[m] = (members, sketch)
-            published.append(self._publish_check(round_, m, sketch))
-        for f in published:
-            self._dht_result(f, "storing this peer's verdicts")
-        for m, why in self._disagreements(round_, checks).items():
-            log.warning("round %d, module %s: the group's averages disagree (%s); policy %s", round_, m,
-                        "; ".join(f"peer {p}: {w}" for p, w in sorted(why.items())), s.failure_policy)
-            out[m].outcome = "mismatch"
-        for m in checks:
-            if out[m].outcome == "ok":
+            self._judge(round_, m, got, seen[m], refused, out[m])
+
+        again = {m: r for m, r in redo.items() if len(r) >= 2}
+        for m in redo.keys() - again.keys():
+            log.warning("round %d, module %s: no other holder left to average with; policy %s", round_, m,
+                        s.failure_policy)
+        if again:
+            second = self._all_reduce(round_, 1, self._start_steps(round_, 1, again, 0.0), deltas, weights, norms)
+            seen2 = self._reports(round_, 1, second)
+            for m, got in second.items():
+                out[m].bytes_sent += got.bytes_sent
+                if got.members and got.members != again[m]:
+                    log.warning("round %d, module %s: the second group %s is not the holders left %s; policy %s",
+                                round_, m, sorted(got.members), sorted(again[m]), s.failure_policy)
+                elif got.members:
+                    out[m].outcome, out[m].group_size = "ok", len(got.members)
+                    self._judge(round_, m, got, seen2[m], set(), out[m])
+        for m, o in out.items():
+            if o.outcome == "ok":
                 with self.averagers[m].get_tensors() as (t,):
                     deltas[m].copy_(t)
         return out
 
-    def _publish_check(self, round_: int, module: str, value: dict):
-        """Store this peer's verdict on its average of `module` (a sketch, partial or failed) in the DHT."""
+    def _all_reduce(self, round_: int, attempt: int, controls: dict, deltas: dict[str, Tensor],
+                    weights: dict[str, float], norms: dict[str, float]) -> dict[str, _Attempt]:
+        """Put each module's Δ in its averager, start the all-reduce of its (scheduled) step, wait for it.
+
+        A non-finite Δ goes in as zeros with weight 0: the group averages without it whatever its members
+        saw, and its owner refuses it (outcome "refused")."""
         from hivemind.utils import get_dht_time
 
         s = self.settings
-        return self.dht.store(f"{s.run}/{module}/check/{round_}", value,
-                              get_dht_time() + max(60.0, 4 * s.averaging_timeout), subkey=self.peer_id,
-                              return_future=True)
+        for m, control in controls.items():
+            finite = math.isfinite(norms[m])
+            with self.averagers[m].get_tensors() as (t,):
+                t.copy_(deltas[m]) if finite else t.zero_()
+            control.weight = max(weights[m], 1e-6) if finite else 0.0
+            control.allow_allreduce()
+        got = {}
+        for m, control in controls.items():
+            report = {"norm": norms[m] if math.isfinite(norms[m]) else math.inf, "zeroed": not math.isfinite(norms[m])}
+            got[m] = _Attempt(set(), report | {"failed": 1.0})
+            try:  # matchmaking ends by the step's deadline, the all-reduce within averaging_timeout of it
+                result = control.result(timeout=max(0.0, control.deadline - get_dht_time()) + s.averaging_timeout
+                                        + s.request_timeout)
+            except Exception as e:  # hivemind raises AllreduceException, MatchmakingException, TimeoutError...
+                control.cancel()
+                log.warning("round %d, module %s: averaging failed (%s: %s); policy %s", round_, m,
+                            type(e).__name__, e, s.failure_policy)
+                continue
+            if result is None:
+                log.warning("round %d, module %s: no group formed; policy %s", round_, m, s.failure_policy)
+                continue
+            gathered, received = result
+            members = {str(p) for p in gathered}
+            strays = sorted(p for p, g in gathered.items() if g != {"round": round_, "attempt": attempt})
+            if strays:
+                log.warning("round %d, module %s: peer(s) %s averaged another round with this one; discarding the "
+                            "average (policy %s)", round_, m, strays, s.failure_policy)
+                continue
+            got[m] = _Attempt(members, report, self._bytes_sent(deltas[m], len(members)))
+            if received < 1.0:
+                log.warning("round %d, module %s: this peer %s received only %.1f%% of the average (group %s); "
+                            "policy %s", round_, m, self.peer_id, 100 * received, sorted(members), s.failure_policy)
+                got[m].report["partial"] = received
+            else:
+                with self.averagers[m].get_tensors() as (t,):
+                    sent = deltas[m] if math.isfinite(norms[m]) else torch.zeros_like(t)
+                    got[m].report |= agreement_sketch(t, sent, s.compression)
+        return got
 
-    def _disagreements(self, round_: int, checks: dict[str, tuple[set[str], dict]]) -> dict[str, dict[str, str]]:
-        """module -> {peer: why} for the modules where a group member's verdict differs from this peer's.
+    def _reports(self, round_: int, attempt: int, got: dict[str, _Attempt]) -> dict[str, dict[str, dict]]:
+        """Publish this peer's report on every module (Δ norm, and a sketch of its average, or that it was
+        partial or failed) in one DHT record, and gather the other members' reports: module -> peer -> report.
 
-        Waits until every member has reported or one disagrees, at most averaging_timeout + stats_timeout:
-        hivemind ends every member's all-reduce within averaging_timeout of the others', so a living member
-        has reported by then, and one that has not is counted as disagreeing (it may yet fail)."""
+        Waits until every member of each group has reported, at most averaging_timeout + stats_timeout:
+        hivemind ends every member's all-reduce within averaging_timeout of the others', so a member that
+        has not reported by then has died or stalled."""
+        from hivemind.utils import get_dht_time
+
         s = self.settings
+        key = f"{s.run}/check/{round_}/{attempt}"
+        stored = self.dht.store(key, {m: a.report for m, a in got.items()},
+                                get_dht_time() + max(60.0, 4 * s.averaging_timeout), subkey=self.peer_id,
+                                return_future=True)
+        seen: dict[str, dict[str, dict]] = {m: {} for m in got}
+        pending = {m for m, a in got.items() if a.members - {self.peer_id}}
         deadline = time.monotonic() + s.averaging_timeout + s.stats_timeout
-        pending, bad = dict(checks), {}
-        while True:
-            found_all = self._get_many([f"{s.run}/{m}/check/{round_}" for m in pending])
-            for (m, (members, mine)), found in zip(list(pending.items()), found_all, strict=True):
-                entries = found.value if found is not None and isinstance(found.value, dict) else {}
-                verdicts = {str(p): v.value for p, v in entries.items() if isinstance(v.value, dict)}
-                others = members - {self.peer_id}
-                why = {p: _verdict_mismatch(mine, verdicts[p]) for p in others & verdicts.keys()}
-                why = {p: w for p, w in why.items() if w}
-                if why or others <= verdicts.keys():
-                    del pending[m]
-                elif time.monotonic() >= deadline:
-                    why = {p: "no report" for p in others - verdicts.keys()}
-                if why:
-                    bad[m] = why
+        while pending:
+            found = self._dht_result(self.dht.get(key, latest=True, return_future=True), "reading the DHT")
+            entries = found.value if found is not None and isinstance(found.value, dict) else {}
+            for peer, entry in entries.items():
+                peer = str(peer)
+                for m, r in (entry.value.items() if isinstance(entry.value, dict) else ()):
+                    if m in pending and peer in got[m].members and peer != self.peer_id and isinstance(r, dict):
+                        seen[m][peer] = r
+            pending = {m for m in pending if not seen[m].keys() >= got[m].members - {self.peer_id}}
             if not pending or time.monotonic() >= deadline:
-                return bad
+                break
             time.sleep(POLL_S)
+        self._dht_result(stored, "storing this peer's reports")
+        return seen
 
-    def _get_many(self, keys: list[str]) -> list:
-        """dht.get of every key at once (one round trip to the DHT process for all, not one per module)."""
-        futures = [self.dht.get(k, latest=True, return_future=True) for k in keys]
-        return [self._dht_result(f, "reading the DHT") for f in futures]
+    def _judge(self, round_: int, m: str, got: _Attempt, seen: dict[str, dict], refused: set[str],
+               outcome: ModuleOutcome) -> None:
+        """Outcome "mismatch" when this peer's average was partial or another member's differs (refused
+        members' own results do not count), or a member never reported."""
+        s = self.settings
+        if "partial" in got.report:
+            outcome.outcome = "mismatch"
+            return
+        why = {p: _report_mismatch(got.report, r) for p, r in seen.items() if p not in refused}
+        why |= {p: "no report" for p in got.members - {self.peer_id} - seen.keys()}
+        why = {p: w for p, w in why.items() if w}
+        if why:
+            log.warning("round %d, module %s: the group's averages disagree (%s); policy %s", round_, m,
+                        "; ".join(f"peer {p}: {w}" for p, w in sorted(why.items())), s.failure_policy)
+            outcome.outcome = "mismatch"
 
     def _dht_result(self, future, what: str):
         """A DHT call's result; its process dying (or never answering) is an error, not a wait forever."""

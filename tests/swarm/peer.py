@@ -1,7 +1,8 @@
 """A swarm worker in its own process, for tests that kill one: `python -m tests.swarm.peer ARGS`.
 
-Prints `ready` once its averagers are up, waits for a line on stdin, then runs one round and prints
-`published` as soon as its Δ norms are in the DHT (the test kills it there, mid-round).
+Prints `ready` once its averagers are up, waits for a line on stdin, then runs one round: it prints
+`trained` after its inner steps, when its groups have formed (matchmaking overlaps the inner steps), and
+waits there for the test to kill it, mid-round.
 """
 
 from __future__ import annotations
@@ -16,6 +17,12 @@ from tests.swarm.conftest import inner, settings
 from worker.executors.train import SwarmWorker
 
 
+class Victim(SwarmWorker):
+    def before_outer(self, round_: int) -> None:
+        print("trained", flush=True)
+        sys.stdin.readline()  # never answered: the test kills this process group here
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--checkpoint", required=True)
@@ -25,17 +32,9 @@ def main() -> None:
     p.add_argument("--peer", action="append", default=[])
     a = p.parse_args()
     torch.set_num_threads(1)
-    w = SwarmWorker(a.checkpoint, {int(k): v for k, v in json.loads(a.assignment).items()},
-                    settings(compression="none"), inner(data_offset=a.offset), initial_peers=a.peer,
-                    expected_holders=json.loads(a.expected))
-    collect = w.averager._publish_and_collect
-
-    def publish_then_tell(*args):
-        seen = collect(*args)
-        print("published", flush=True)
-        return seen
-
-    w.averager._publish_and_collect = publish_then_tell
+    w = Victim(a.checkpoint, {int(k): v for k, v in json.loads(a.assignment).items()},
+               settings(compression="none"), inner(data_offset=a.offset), initial_peers=a.peer,
+               expected_holders=json.loads(a.expected))
     print("ready", flush=True)
     sys.stdin.readline()
     print(json.dumps(w.run_round(0)), flush=True)

@@ -86,17 +86,31 @@ class CorruptedAverage:
         return getattr(self._averager, name)
 
     def step(self, **kwargs):
-        with self._averager.get_tensors() as (t,):
-            local = t.clone()  # SwarmAverager copied this holder's Δ in just before
         control = self._averager.step(**kwargs)
         corrupt = self._calls in self._rounds
         self._calls += 1
-        return _Corrupting(control, self._averager, local) if corrupt else control
+        return _Corrupting(control, self._averager) if corrupt else control
 
 
 class _Corrupting:
-    def __init__(self, control, averager, local):
-        self.control, self.averager, self.local = control, averager, local
+    """A hivemind StepControl whose result is corrupted as above."""
+
+    def __init__(self, control, averager):
+        self.control, self.averager, self.local = control, averager, None
+
+    def __getattr__(self, name):
+        return getattr(self.control, name)
+
+    def __setattr__(self, name, value):
+        if name == "weight":
+            self.control.weight = value
+        else:
+            super().__setattr__(name, value)
+
+    def allow_allreduce(self):
+        with self.averager.get_tensors() as (t,):
+            self.local = t.clone()  # SwarmAverager put this holder's Δ in just before
+        self.control.allow_allreduce()
 
     def result(self, timeout=None):
         result = self.control.result(timeout=timeout)

@@ -10,7 +10,7 @@ import torch
 from model.checkpoint import load_checkpoint
 from tests.swarm.conftest import inner, run_round, settings, start_workers
 from worker.executors.train import SwarmWorker
-from worker.swarm import SwarmAverager, load_outer_state, save_round_checkpoint
+from worker.swarm import SwarmAverager, load_outer_state, module_tensors, save_round_checkpoint
 
 
 def test_weighted_average_of_hand_made_deltas(shutdown):
@@ -129,6 +129,43 @@ def test_a_nan_delta_is_refused_and_logged_with_the_peer_id(tiny_checkpoint, shu
     a, b = workers[0].module_state("l0e1"), workers[1].module_state("l0e1")
     assert torch.isfinite(a).all()
     torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+
+
+class LoudWorker(SwarmWorker):
+    """Keeps its local Δs; with `loud`, its trunk moves by 1.0 per parameter after the inner steps: a finite
+    Δ far above the others', which only the group can tell from a good one."""
+
+    loud = False
+
+    def before_outer(self, round_):
+        if self.loud:
+            with torch.no_grad():
+                for p in module_tensors(self.model, "trunk", self.index):
+                    p.add_(1.0)
+        self.local_delta = {m: d.clone() for m, d in self.outer.deltas().items()}
+
+
+def test_a_delta_far_above_the_median_is_refused_and_the_others_average_without_it(tiny_checkpoint, shutdown,
+                                                                                   caplog):
+    """The group formed while the inner steps ran, so the loud Δ went into its all-reduce; the reports
+    after it show the outlier, its owner goes back to θ_start, and the other two average again without it."""
+    workers = start_workers(tiny_checkpoint, [{0: [0, 1]}, {0: [1, 2]}, {0: [2, 3]}], settings(compression="none"),
+                            inner(), cls=LoudWorker)
+    shutdown(workers)
+    loud = workers[2]
+    loud.loud = True
+    start = loud.outer.theta["trunk"].clone()
+    with caplog.at_level(logging.WARNING, logger="worker.swarm"):
+        metrics = run_round(workers, 0)
+    assert metrics[2]["modules_refused"] == 1
+    assert torch.equal(loud.outer.theta["trunk"], start) and torch.equal(loud.module_state("trunk"), start)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("module trunk" in m and "refusing" in m and loud.peer_id in m for m in messages), messages
+    assert any("module trunk" in m and "again" in m and loud.peer_id in m for m in messages), messages
+    mean = (workers[0].local_delta["trunk"] + workers[1].local_delta["trunk"]) / 2  # equal token counts
+    for w, m in zip(workers[:2], metrics[:2], strict=True):
+        assert (m["modules_refused"], m["modules_failed"], m["modules_mismatch"]) == (0, 0, 0), m
+        torch.testing.assert_close(w.outer.momentum["trunk"], mean, rtol=0, atol=1e-6)  # Δ̄ after one step
 
 
 def test_a_worker_joining_at_round_r_gets_round_r_parameters_and_momentum(tiny_checkpoint, tmp_path, shutdown):

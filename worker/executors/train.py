@@ -283,13 +283,23 @@ class SwarmWorker:
         losses, tokens = [], 0
         counts_LE = torch.zeros(self.model.cfg.num_layers, self.model.cfg.moe.num_experts, dtype=torch.long)
         self.model.train()
-        for s in range(H):
-            loss, n, c = self.inner_step(round_ * H + s)
-            losses.append(loss)
-            tokens += n
-            counts_LE += c
-            if on_step is not None:
-                on_step(s)
+        try:
+            t_step = t0
+            for s in range(H):
+                loss, n, c = self.inner_step(round_ * H + s)
+                losses.append(loss)
+                tokens += n
+                counts_LE += c
+                if on_step is not None:
+                    on_step(s)
+                if self.averager is not None and s == min(1, H - 1):
+                    # matchmaking overlaps the remaining inner steps (step 0 is the slow one: it warms up)
+                    self.averager.begin(round_, ready_in=(H - 1 - s) * (time.perf_counter() - t_step))
+                t_step = time.perf_counter()
+        except BaseException:
+            if self.averager is not None:
+                self.averager.cancel()
+            raise
         self.lease = None  # a lease is trained on once
         inner_seconds = time.perf_counter() - t0
         self.before_outer(round_)
