@@ -181,6 +181,10 @@ class Children:
         for p in procs:
             if p.poll() is None:
                 print(f"  pid {p.pid} did not stop within {grace:.0f} s of SIGTERM: SIGKILL", flush=True)
+                if "worker.cli" in " ".join(map(str, p.args)):  # its threads' stacks go to its log first
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(p.pid, signal.SIGUSR1)
+                    time.sleep(1.0)
         self._kill(self._members({p.pid for p in procs}), f"left within {grace:.0f} s of SIGTERM")
         for p in procs:
             if not HAS_PROC:  # no /proc to look in: whatever is left of the group goes, unnamed

@@ -13,6 +13,7 @@ Exit codes: 0 ok (doctor: at least one task kind can run), 1 doctor found nothin
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
@@ -95,6 +96,9 @@ def cmd_run(args) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # `kill -USR1 PID` writes every thread's stack to stderr, from C: it works when the main thread is stuck
+    # and could not run the Python handler above (the demo sends it before a SIGKILL)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         return daemon.run()
     except KeyboardInterrupt:
