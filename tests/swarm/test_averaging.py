@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import torch
 
@@ -38,6 +39,37 @@ def test_weighted_average_of_hand_made_deltas(shutdown):
         assert out[i]["m"].outcome == "ok" and out[i]["m"].group_size == 3
         torch.testing.assert_close(given[i]["m"], expected, rtol=0, atol=1e-5)
         assert out[i]["m"].bytes_sent > 0
+
+
+def test_groups_form_while_the_inner_steps_run_and_average_once_the_deltas_are_ready(shutdown):
+    """begin(): matchmaking starts before Δ exists. Both peers' hivemind steps reach AWAITING_TRIGGER (group
+    formed, all-reduce not started) while this test stands in for the inner steps; average() then only
+    starts the all-reduce, of the Δs given to it, not of what the averagers held when the group formed."""
+    from hivemind.averaging.control import AveragingStage
+
+    s = settings(compression="none")
+    first = SwarmAverager(s, {"m": 4}, expected_holders={"m": 2})
+    peers = [first, SwarmAverager(s, {"m": 4}, initial_peers=first.visible_maddrs(), expected_holders={"m": 2})]
+    shutdown(peers)
+    for p in peers:
+        p.begin(0, ready_in=60.0)  # a long inner loop: the group must not wait for the scheduled time
+    controls = [p._pending[1]["m"] for p in peers]
+    deadline = time.monotonic() + 60
+    while not all(c.stage == AveragingStage.AWAITING_TRIGGER for c in controls):
+        assert time.monotonic() < deadline, [c.stage for c in controls]
+        assert not any(c.done() for c in controls), [c.exception() for c in controls if c.done()]
+        time.sleep(0.1)
+    given = [{"m": torch.full((4,), v)} for v in (1.0, 3.0)]
+    out: list = [None] * 2
+    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, peers[i].average(0, given[i], {"m": 1.0})))
+               for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(2):
+        assert out[i]["m"].outcome == "ok" and out[i]["m"].group_size == 2, out[i]
+        torch.testing.assert_close(given[i]["m"], torch.full((4,), 2.0), rtol=0, atol=1e-6)
 
 
 def test_8bit_compression_averages_across_peers(shutdown):
