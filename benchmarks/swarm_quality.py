@@ -20,9 +20,11 @@ Figures (JSON keys):
     utilization     mean over workers of time in inner steps / wall time of its rounds (goal >= 0.9)
 
 Swarm bytes are the compressed sizes of what each peer sends in hivemind's butterfly all-reduce (its Δ to
-the other reducers and its share's averages back), counted per module; DHT traffic (a few hundred bytes of
-Δ norms per module and round) is left out. Four workers share this machine's cores, so inner steps are
-slower than the reference's; utilization measures the time lost to averaging, not the speed.
+the other reducers and its share's averages back), counted per module; DHT traffic (matchmaking, and each
+peer's report of a Δ norm and an agreement sketch of at most 160 floats per module and round) is left out.
+Four workers share this machine's cores, so inner steps are slower than the reference's; utilization
+measures the time lost to averaging (matchmaking overlaps the inner steps; the all-reduce, the wait for the
+group's slowest worker and the reports do not), not the speed.
 """
 
 from __future__ import annotations
