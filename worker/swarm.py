@@ -66,6 +66,7 @@ import dataclasses
 import gc
 import logging
 import math
+import os
 import signal
 import statistics
 import time
@@ -84,6 +85,13 @@ from model.config import MoEConfig
 from model.transformer import Transformer
 
 log = logging.getLogger(__name__)
+
+# hivemind (imported lazily below) shares its futures' state through torch shared memory, by default with
+# torch's "file_system" strategy: a torch_shm_manager process per process, started on first use. A worker
+# daemon's main thread once hung inside that start (in C, so its SIGTERM handler never ran: the demo had to
+# SIGKILL it; faulthandler's stacks showed torch.storage._share_filename_cpu_ under hivemind.DHT()). Every
+# hivemind process here is fork()ed, which "file_descriptor" sharing handles without a manager process.
+os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
 T = TypeVar("T")
 P = TypeVar("P")
 
