@@ -845,15 +845,16 @@ class SwarmAverager:
         from hivemind.utils import get_dht_time
 
         s = self.settings
+        finite = {m: math.isfinite(norms[m]) for m in controls}
+        sent = {m: deltas[m] if finite[m] else torch.zeros_like(deltas[m]) for m in controls}
         for m, control in controls.items():
-            finite = math.isfinite(norms[m])
             with self.averagers[m].get_tensors() as (t,):
-                t.copy_(deltas[m]) if finite else t.zero_()
-            control.weight = max(weights[m], 1e-6) if finite else 0.0
+                t.copy_(sent[m])
+            control.weight = max(weights[m], 1e-6) if finite[m] else 0.0
             control.allow_allreduce()
         got = {}
         for m, control in controls.items():
-            report = {"norm": norms[m] if math.isfinite(norms[m]) else math.inf, "zeroed": not math.isfinite(norms[m])}
+            report = {"norm": norms[m] if finite[m] else math.inf, "zeroed": not finite[m]}
             got[m] = _Attempt(set(), report | {"failed": 1.0})
             try:  # matchmaking ends by the step's deadline, the all-reduce within averaging_timeout of it
                 result = control.result(timeout=max(0.0, control.deadline - get_dht_time()) + s.averaging_timeout
@@ -880,8 +881,7 @@ class SwarmAverager:
                 got[m].report["partial"] = received
             else:
                 with self.averagers[m].get_tensors() as (t,):
-                    sent = deltas[m] if math.isfinite(norms[m]) else torch.zeros_like(t)
-                    got[m].report |= agreement_sketch(t, sent, s.compression)
+                    got[m].report |= agreement_sketch(t, sent[m], s.compression)
         return got
 
     def _reports(self, round_: int, attempt: int, got: dict[str, _Attempt]) -> dict[str, dict[str, dict]]:

@@ -87,3 +87,15 @@ def shutdown():
     yield started.extend
     for w in started:
         w.shutdown()
+
+
+def average_together(peers, given: list[dict], weights: list[float], round_: int = 0) -> list[dict]:
+    """SwarmAverager.average on every peer at once (threads), peer i with given[i] and weight weights[i]."""
+    out: list = [None] * len(peers)
+    threads = [threading.Thread(target=lambda i=i: out.__setitem__(
+        i, peers[i].average(round_, given[i], {m: weights[i] for m in given[i]}))) for i in range(len(peers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out

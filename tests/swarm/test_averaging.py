@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
 import torch
 
 from model.checkpoint import load_checkpoint
-from tests.swarm.conftest import inner, run_round, settings, start_workers
+from tests.swarm.conftest import average_together, inner, run_round, settings, start_workers
 from worker.executors.train import SwarmWorker
 from worker.swarm import SwarmAverager, load_outer_state, module_tensors, save_round_checkpoint
 
@@ -24,17 +23,8 @@ def test_weighted_average_of_hand_made_deltas(shutdown):
     deltas = [torch.arange(1.0, 6.0) * k for k in (1.0, -2.0, 4.0)]
     weights = [1.0, 2.0, 3.0]
     expected = sum(w * d for w, d in zip(weights, deltas, strict=True)) / sum(weights)  # (−3+12)/6·[1..5] = 1.5·[1..5]
-    out: list = [None] * 3
     given = [{"m": d.clone()} for d in deltas]
-
-    def go(i):
-        out[i] = peers[i].average(0, given[i], {"m": weights[i]})
-
-    threads = [threading.Thread(target=go, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    out = average_together(peers, given, weights)
     for i in range(3):
         assert out[i]["m"].outcome == "ok" and out[i]["m"].group_size == 3
         torch.testing.assert_close(given[i]["m"], expected, rtol=0, atol=1e-5)
@@ -60,13 +50,7 @@ def test_groups_form_while_the_inner_steps_run_and_average_once_the_deltas_are_r
         assert not any(c.done() for c in controls), [c.exception() for c in controls if c.done()]
         time.sleep(0.1)
     given = [{"m": torch.full((4,), v)} for v in (1.0, 3.0)]
-    out: list = [None] * 2
-    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, peers[i].average(0, given[i], {"m": 1.0})))
-               for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    out = average_together(peers, given, [1.0, 1.0])
     for i in range(2):
         assert out[i]["m"].outcome == "ok" and out[i]["m"].group_size == 2, out[i]
         torch.testing.assert_close(given[i]["m"], torch.full((4,), 2.0), rtol=0, atol=1e-6)
@@ -82,13 +66,7 @@ def test_8bit_compression_averages_across_peers(shutdown):
     x = torch.linspace(-1.0, 1.0, 4096)
     given = [{"m": torch.sin(3 * x)}, {"m": torch.cos(2 * x)}]
     expected = (given[0]["m"] + given[1]["m"]) / 2
-    out: list = [None] * 2
-    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, peers[i].average(0, given[i], {"m": 1.0})))
-               for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    out = average_together(peers, given, [1.0, 1.0])
     for i in range(2):
         assert out[i]["m"].outcome == "ok" and out[i]["m"].group_size == 2
         # each peer adds the 8-bit-coded (average - own Δ) to its own Δ: 256 levels over ±3σ of a range ~1
