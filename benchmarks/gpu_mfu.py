@@ -80,6 +80,7 @@ def main() -> None:
     ap.add_argument("--nproc", type=int, default=0, help="processes (GPUs); 0: every visible GPU")
     ap.add_argument("--compile", choices=["off", "on", "both"], default="both", help="torch.compile the blocks")
     ap.add_argument("--activation-checkpointing", action="store_true")
+    ap.add_argument("--micro-batch", type=int, default=0, help="override every case's micro-batch size")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=10, help="steps excluded (compilation, allocator warm-up)")
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="override the device table")
@@ -91,8 +92,9 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="mujina-mfu-") as tmp:
         for name in args.cases.split(","):
+            case = {**CASES[name], **({"micro_batch": args.micro_batch} if args.micro_batch else {})}
             for c in compiles:
-                rows.append(run_case(name, CASES[name], nproc, c, args.activation_checkpointing, args.steps,
+                rows.append(run_case(name, case, nproc, c, args.activation_checkpointing, args.steps,
                                      args.warmup, args.peak_tflops, Path(tmp)))
                 print(json.dumps(rows[-1]), flush=True)
     device = torch.cuda.get_device_name(0)

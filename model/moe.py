@@ -83,8 +83,13 @@ class MoE(nn.Module):
 def _experts_grouped(x_SD: Tensor, counts_E: Tensor, w1_EFD: Tensor, w3_EFD: Tensor, w2_EDF: Tensor) -> Tensor:
     """All experts in three grouped GEMMs: no per-expert Python loop and no host sync."""
     offs_E = counts_E.cumsum(0, dtype=torch.int32)  # end row of each expert's slots
-    # grouped_mm is not autocast-aware: run it in the activations' dtype (bf16 under autocast).
-    w1, w3, w2 = (w.to(x_SD.dtype).transpose(1, 2) for w in (w1_EFD, w3_EFD, w2_EDF))  # (E, in, out) views
+    # grouped_mm is not autocast-aware: cast by hand to autocast's dtype, else run in the activations'. The
+    # residual stream stays fp32 under autocast, so x_SD alone would run the experts in fp32: measured on an
+    # H100, that doubled the experts' saved activations (benchmarks/gpu_memory.py).
+    dev = x_SD.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x_SD.dtype
+    x_SD = x_SD.to(dtype)
+    w1, w3, w2 = (w.to(dtype).transpose(1, 2) for w in (w1_EFD, w3_EFD, w2_EDF))  # (E, in, out) views
     h_SF = F.silu(F.grouped_mm(x_SD, w1, offs=offs_E)) * F.grouped_mm(x_SD, w3, offs=offs_E)
     return F.grouped_mm(h_SF, w2, offs=offs_E)
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from model.config import ModelConfig
 
-FP32 = 4
+FP32, BF16 = 4, 2
 
 
 @dataclass
@@ -50,11 +50,12 @@ class MemoryEstimate:
     delta: int
     activations: int
     scratch: int = 0
+    casts: int = 0
 
     @property
     def inner_peak(self) -> int:
         return (self.weights + self.grads + self.optimizer + self.scratch + self.outer + self.averaging
-                + self.activations)
+                + self.casts + self.activations)
 
     @property
     def outer_peak(self) -> int:
@@ -79,18 +80,24 @@ def largest_tensor(cfg: ModelConfig, experts_per_layer: int) -> int:
     return max(experts_per_layer * cfg.intermediate_size * cfg.hidden_size, cfg.vocab_size * cfg.hidden_size)
 
 
-def activation_bytes(cfg: ModelConfig, experts_per_layer: int, tokens: int, checkpointing: bool) -> int:
+def activation_bytes(cfg: ModelConfig, experts_per_layer: int, tokens: int, checkpointing: bool,
+                     device: str = "cpu") -> int:
     D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     K = min(cfg.moe.top_k, experts_per_layer)
     per_layer = 16 * D + K * (2 * D + 4 * F)
     layers = (cfg.num_layers * D + per_layer) if checkpointing else cfg.num_layers * per_layer
+    if device == "cuda":  # bf16 autocast: matmul outputs in bf16; the logits' fp32 copy, softmax and grad in fp32
+        return tokens * (layers * BF16 + V * (BF16 + 3 * FP32))
     return tokens * (layers + 4 * V) * FP32
 
 
 def estimate_round_memory(cfg: ModelConfig, experts_per_layer: int, *, micro_batch_size: int, seq_len: int,
                           optimizer: str = "adamw", averaging: bool = True, activation_checkpointing: bool = False,
-                          base_bytes: int = 0) -> MemoryEstimate:
-    """Peak memory of one round on a worker holding `experts_per_layer` experts in every layer."""
+                          base_bytes: int = 0, device: str = "cpu") -> MemoryEstimate:
+    """Peak memory of one round on a worker holding `experts_per_layer` experts in every layer: host memory
+    on `device="cpu"`, device memory on `"cuda"` (bf16 autocast; hivemind's buffers are then in host memory)."""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda, got {device!r}")
     if cfg.moe is None:
         raise ValueError("memory estimates are for MoE swarm workers: upcycle the dense model first")
     if not cfg.moe.top_k <= experts_per_layer <= cfg.moe.num_experts:
@@ -99,11 +106,15 @@ def estimate_round_memory(cfg: ModelConfig, experts_per_layer: int, *, micro_bat
     trunk, experts = held_params(cfg, experts_per_layer)
     P = trunk + experts
     opt_bytes = {"adamw": 2 * FP32, "adamw8bit": 2}[optimizer]
+    cuda = device == "cuda"
     return MemoryEstimate(
         base=base_bytes, weights=P * FP32, grads=P * FP32, optimizer=P * opt_bytes, outer=2 * P * FP32,
         scratch=2 * largest_tensor(cfg, experts_per_layer) * FP32,
-        averaging=P * FP32 if averaging else 0, delta=2 * P * FP32,
-        activations=activation_bytes(cfg, experts_per_layer, micro_batch_size * seq_len, activation_checkpointing))
+        averaging=P * FP32 if averaging and not cuda else 0, delta=2 * P * FP32,
+        casts=(cfg.vocab_size * cfg.hidden_size if activation_checkpointing else P - cfg.vocab_size * cfg.hidden_size)
+        * BF16 if cuda else 0,
+        activations=activation_bytes(cfg, experts_per_layer, micro_batch_size * seq_len, activation_checkpointing,
+                                     device))
 
 
 def experts_that_fit(cfg: ModelConfig, budget_bytes: int, **kw) -> int:
