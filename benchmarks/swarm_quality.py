@@ -207,6 +207,13 @@ def main() -> None:
     dp_bytes = R * H * 2 * (n - 1) / n * P * 4
     sent = [sum(r["bytes_sent"] for r in res["rounds"]) for res in results]
     util = [sum(r["inner_seconds"] for r in res["rounds"]) / res["wall"] for res in results]
+    # where each worker's time outside its inner steps went, per round (medians over rounds, then workers)
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    overhead = {key: med([med([r[key] for r in res["rounds"]]) for res in results])
+                for key in ("allreduce_seconds", "reports_seconds")}
+    overhead["round_minus_inner_seconds"] = med([med([r["round_seconds"] - r["inner_seconds"] for r in res["rounds"]])
+                                                 for res in results])
+    overhead["inner_seconds"] = med([med([r["inner_seconds"] for r in res["rounds"]]) for res in results])
     failed = sum(r["modules_failed"] + r["modules_refused"] + r["modules_mismatch"]
                  for res in results for r in res["rounds"])
     figures = {
@@ -218,7 +225,7 @@ def main() -> None:
         "start_eval_loss": start_loss, "reference_eval_loss": ref_loss, "swarm_eval_loss": swarm_loss,
         "swarm_last_inner_loss": [res["rounds"][-1]["loss_last"] for res in results],
         "bytes_sent_per_worker": sent, "dp_bytes_per_worker": dp_bytes, "utilization_per_worker": util,
-        "module_averagings_failed_or_refused": failed, "params": P,
+        "module_averagings_failed_or_refused": failed, "params": P, "per_round_median": overhead,
         "seconds": {"dense_and_upcycle": dense_s, "reference": ref_s, "swarm": swarm_s},
     }
     settings_used = {"model": f"debug dense (164k params) -> {E} experts top-2 MoE", "dense_steps": args.dense_steps,
@@ -235,6 +242,7 @@ def main() -> None:
     print(f"{label:24s}{ref_loss:12.4f}{swarm_loss:12.4f}")
     print(f"{'seconds':24s}{ref_s:12.1f}{swarm_s:12.1f}")
     print(f"{'bytes sent / worker':24s}{dp_bytes:12.3g}{sum(sent) / n:12.3g}")
+    print("per round (medians): " + ", ".join(f"{k.removesuffix('_seconds')} {v:.3f} s" for k, v in overhead.items()))
     print(f"\n{'figure':16s}{'value':>10s}{'goal':>10s}")
     for key, goal in (("loss_ratio", "<= 1.03"), ("comm_reduction", ">= 100"), ("utilization", ">= 0.9")):
         print(f"{key:16s}{figures[key]:10.3f}{goal:>10s}")

@@ -432,6 +432,10 @@ class RoundReport:
     round: int
     modules: list[ModuleOutcome]
     seconds: float
+    # of `seconds`: waiting for the all-reduces (the group's slowest member, then the transfer) and for the
+    # members' reports in the DHT, both attempts together
+    allreduce_seconds: float = 0.0
+    reports_seconds: float = 0.0
 
     @property
     def bytes_sent(self) -> int:
@@ -694,6 +698,7 @@ class SwarmAverager:
         self._own_dht = dht is None
         self.averagers = {}
         self._pending: tuple[int, dict] | None = None   # (round, module -> hivemind StepControl) from begin()
+        self.timings = {"allreduce": 0.0, "reports": 0.0}   # of the last average()
         self._last_scheduled = 0.0
         if dht is None:
             dht = start_dht(initial_peers=list(initial_peers), client_mode=client_mode,
@@ -767,6 +772,7 @@ class SwarmAverager:
         """Average each module's Δ among its holders, weighted; returns outcome per module and writes the
         averaged Δ into `deltas` in place (left untouched where averaging did not happen)."""
         s = self.settings
+        self.timings = {"allreduce": 0.0, "reports": 0.0}
         norms = {m: float(d.norm()) for m, d in deltas.items()}
         out = {m: ModuleOutcome(m, "local", norms[m]) for m in deltas}
         pending_round, controls = self._pending or (None, {})
@@ -852,7 +858,7 @@ class SwarmAverager:
                 t.copy_(sent[m])
             control.weight = max(weights[m], 1e-6) if finite[m] else 0.0
             control.allow_allreduce()
-        got = {}
+        got, t0 = {}, time.perf_counter()
         for m, control in controls.items():
             report = {"norm": norms[m] if finite[m] else math.inf, "zeroed": not finite[m]}
             got[m] = _Attempt(set(), report | {"failed": 1.0})
@@ -882,6 +888,7 @@ class SwarmAverager:
             else:
                 with self.averagers[m].get_tensors() as (t,):
                     got[m].report |= agreement_sketch(t, sent[m], s.compression)
+        self.timings["allreduce"] += time.perf_counter() - t0
         return got
 
     def _reports(self, round_: int, attempt: int, got: dict[str, _Attempt]) -> dict[str, dict[str, dict]]:
@@ -893,7 +900,7 @@ class SwarmAverager:
         has not reported by then has died or stalled."""
         from hivemind.utils import get_dht_time
 
-        s = self.settings
+        s, t0 = self.settings, time.perf_counter()
         key = f"{s.run}/check/{round_}/{attempt}"
         stored = self.dht.store(key, {m: a.report for m, a in got.items()},
                                 get_dht_time() + max(60.0, 4 * s.averaging_timeout), subkey=self.peer_id,
@@ -914,6 +921,7 @@ class SwarmAverager:
                 break
             time.sleep(POLL_S)
         self._dht_result(stored, "storing this peer's reports")
+        self.timings["reports"] += time.perf_counter() - t0
         return seen
 
     def _judge(self, round_: int, m: str, got: _Attempt, seen: dict[str, dict], refused: set[str],
@@ -988,7 +996,9 @@ def outer_round(averager: SwarmAverager | None, state: OuterState, settings: Swa
             state.revert(m)  # a bad Δ never reaches the weights; this holder resumes from θ_start
         # failed/mismatch + retry: keep θ_start and momentum (the same on every holder) as the reference and
         # the local progress; next round's Δ carries both rounds
-    return RoundReport(round_, [outcomes[m] for m in state.modules], time.perf_counter() - t0)
+    timings = averager.timings if averager is not None else {"allreduce": 0.0, "reports": 0.0}
+    return RoundReport(round_, [outcomes[m] for m in state.modules], time.perf_counter() - t0,
+                       allreduce_seconds=timings["allreduce"], reports_seconds=timings["reports"])
 
 
 # ---- Prometheus (the daemon's registry) ----------------------------------------------------------
