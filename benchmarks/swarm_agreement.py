@@ -36,7 +36,7 @@ from worker.swarm import SKETCH_PROJECTIONS, SwarmAverager, SwarmSettings, agree
 
 def average_once(compression: str, size: int) -> dict:
     s = SwarmSettings(run=f"agree-{compression}", compression=compression, matchmaking_time=3.0,
-                      request_timeout=1.0, averaging_timeout=30.0, stats_timeout=8.0)
+                      request_timeout=1.0, averaging_timeout=60.0, stats_timeout=8.0)
     first = SwarmAverager(s, {"m": size}, expected_holders={"m": 3})
     peers = [first] + [SwarmAverager(s, {"m": size}, initial_peers=first.visible_maddrs(),
                                      expected_holders={"m": 3}) for _ in range(2)]

@@ -69,8 +69,9 @@ class SwarmSection(BaseModel):
     outer_momentum: float = Field(0.9, ge=0, lt=1, description="outer Nesterov momentum (DiLoCo: 0.9)")
     compression: Literal["fp16", "8bit", "none"] = Field("fp16", description="how Δ travels")
     matchmaking_time: float = Field(5.0, gt=0, description="seconds a group leader waits for peers")
-    averaging_timeout: float = Field(60.0, gt=0, description="bound on matchmaking + all-reduce per module: "
-                                                              "the most a dead peer delays the others")
+    averaging_timeout: float = Field(60.0, gt=0, description="the most a peer dying mid-round delays the others "
+                                     "(its all-reduce timeouts, the wait for reports and a second matchmaking are "
+                                     "budgeted within it); also bounds matchmaking and the all-reduce")
     failure_policy: Literal["retry", "local"] = Field("retry", description="a module whose group fails: retry "
                                                       "(carry its Δ to the next round) or local (apply it alone)")
     outlier_factor: float = Field(10.0, gt=1, description="refuse a Δ whose norm exceeds this × the median")
@@ -89,6 +90,9 @@ class SwarmSection(BaseModel):
                              f"({self.micro_batch_size})")
         if self.inner_min_lr > self.inner_lr:
             raise ValueError("swarm.inner_min_lr must not exceed swarm.inner_lr")
+        from worker.swarm import SwarmSettings
+
+        SwarmSettings(**worker_settings(self, "check"))  # the workers' timeouts fit averaging_timeout
         return self
 
 
@@ -161,17 +165,21 @@ def expected_holders(assignment: dict[str, list[int]], num_layers: int) -> dict[
     return out
 
 
+def worker_settings(s: SwarmSection, run: str) -> dict:
+    """The `worker.swarm.SwarmSettings` of every train task of the run."""
+    return {"run": run, "outer_lr": s.outer_lr, "outer_momentum": s.outer_momentum, "compression": s.compression,
+            "matchmaking_time": s.matchmaking_time, "request_timeout": min(3.0, s.matchmaking_time / 2),
+            "averaging_timeout": s.averaging_timeout, "stats_timeout": max(2.0, s.averaging_timeout / 10),
+            "failure_policy": s.failure_policy, "outlier_factor": s.outlier_factor}
+
+
 def round_payloads(s: SwarmSection, run: str, round_: int, checkpoint: str, plan: Plan, num_layers: int,
                    leases: list[dict] | None = None, shards_at: str | None = None) -> list[dict]:
     """One `train` payload per slot (slots in sorted order). With `leases` (one per slot, `Lease.to_dict()`),
     slot i trains on leases[i], its shards fetched as shards/{shards_at}/FILE; without, on the synthetic
     stream, reading sequence indices [i·B, (i+1)·B) of every inner step."""
     holders = expected_holders(plan.assignment, num_layers)
-    settings = {"run": run, "outer_lr": s.outer_lr, "outer_momentum": s.outer_momentum,
-                "compression": s.compression, "matchmaking_time": s.matchmaking_time,
-                "request_timeout": min(3.0, s.matchmaking_time / 2), "averaging_timeout": s.averaging_timeout,
-                "stats_timeout": s.averaging_timeout, "failure_policy": s.failure_policy,
-                "outlier_factor": s.outlier_factor}
+    settings = worker_settings(s, run)
     if leases is not None and len(leases) != len(plan.assignment):
         raise ValueError(f"{len(leases)} leases for {len(plan.assignment)} slots")
     out = []

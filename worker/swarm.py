@@ -44,11 +44,18 @@ average once more without it (attempt 1, fresh matchmaking), and its owner goes 
 keeps a faulty worker's Δ out; a malicious peer could lie about its norm, which only the coordinator's
 validator (Δ norms are reported with each result) can catch.
 
-Faults. `averaging_timeout` bounds matchmaking (from the scheduled time) and the all-reduce (hivemind
-bans a sender that stalls for `averaging_timeout / 3`). A member that dies or stalls after its group
-formed (the price of matchmaking early) leaves the others' results partial and sends no report; after
-`averaging_timeout + stats_timeout` the others average once more without it, so a peer dying mid-round
-delays the others by at most that plus one matchmaking. A group that does not form (or whose result does
+Faults. `averaging_timeout` T is the most a peer dying mid-round delays the others, and the phases are
+budgeted to fit in it: each all-reduce may take A = (T - matchmaking_time - stats_timeout) / 3
+(`SwarmSettings.allreduce_timeout`; hivemind bans a sender that stalls for A / 3). A member that dies
+after its group formed (the price of matchmaking early) stalls the others' all-reduce for at most A,
+leaves their results partial and sends no report; they wait for the reports at most A + stats_timeout
+(a living member's all-reduce ends within A of ours, plus slack for the DHT), then average once more
+without it (matchmaking_time, then at most A): A + (A + stats_timeout) + (matchmaking_time + A) = T.
+A shorter wait for the reports would not be safe: a live but slow member would decide on its own, and
+holders would diverge. A group that has not formed A after its scheduled time (a holder died before it
+formed, or is that late) fails; so does a holder that triggers its all-reduce more than A / 3 after the
+others (they ban it as a sender): timeouts trade the delay a dead peer can cause against how late a live
+one may be. A group that does not form (or whose result does
 not agree, above) follows `failure_policy`: "retry" keeps the module's reference θ_start and momentum,
 identical on every holder, and its local progress, so the next round's Δ carries both rounds of work;
 "local" applies the outer step with the local Δ alone (holders then differ until their next agreed
@@ -111,8 +118,8 @@ class SwarmSettings:
     averaging: bool = True             # False: every module takes the outer step with its local Δ alone
     matchmaking_time: float = 2.0      # seconds a group leader waits for peers
     request_timeout: float = 1.0       # must stay below matchmaking_time (hivemind)
-    averaging_timeout: float = 30.0    # bound on matchmaking + all-reduce; the delay a dead peer can cause
-    stats_timeout: float = 10.0        # how long, past averaging_timeout, to wait for the members' reports
+    averaging_timeout: float = 30.0    # the most a dead peer delays the others (see "Faults"); bounds matchmaking
+    stats_timeout: float = 3.0         # slack for the members' reports, past the all-reduce timeout
     failure_policy: str = "retry"      # retry | local
     outlier_factor: float = 10.0       # refuse a Δ whose norm exceeds this × the group's median
     target_group_size: int = 64
@@ -131,6 +138,18 @@ class SwarmSettings:
                              f"({self.matchmaking_time}), or hivemind's matchmaking can deadlock")
         if self.outlier_factor <= 1:
             raise ValueError("swarm outlier_factor must be > 1")
+        if self.allreduce_timeout / 3 < self.request_timeout:
+            least = self.matchmaking_time + self.stats_timeout + 9 * self.request_timeout
+            raise ValueError(
+                f"swarm averaging_timeout ({self.averaging_timeout}) is too short for matchmaking_time "
+                f"({self.matchmaking_time}) and stats_timeout ({self.stats_timeout}): a dead peer's delay (its "
+                f"all-reduce's timeouts, the wait for reports, a second matchmaking) must fit in it with at least "
+                f"request_timeout ({self.request_timeout}) per all-reduce chunk; use averaging_timeout >= {least:g}")
+
+    @property
+    def allreduce_timeout(self) -> float:
+        """A: the most one all-reduce may take, a third of T - matchmaking_time - stats_timeout (see "Faults")."""
+        return (self.averaging_timeout - self.matchmaking_time - self.stats_timeout) / 3
 
 
 def _compressions():
@@ -719,7 +738,7 @@ class SwarmAverager:
                     target_group_size=min(s.target_group_size, self.expected_holders.get(name, s.target_group_size)),
                     min_group_size=2,
                     min_matchmaking_time=s.matchmaking_time, request_timeout=s.request_timeout,
-                    allreduce_timeout=s.averaging_timeout, next_chunk_timeout=s.averaging_timeout / 3,
+                    allreduce_timeout=s.allreduce_timeout, next_chunk_timeout=s.allreduce_timeout / 3,
                     compression=self.compression, client_mode=client_mode) for name, size in modules.items()},
                     lambda name: f"the averager of module {name}")
         except BaseException:
@@ -764,7 +783,7 @@ class SwarmAverager:
         scheduled = max(now + max(ready_in, s.matchmaking_time), self._last_scheduled + 1e-3)
         self._last_scheduled = scheduled
         return {m: self.averagers[m].step(weight=1.0, gather={"round": round_, "attempt": attempt},
-                                          scheduled_time=scheduled, timeout=scheduled - now + s.averaging_timeout,
+                                          scheduled_time=scheduled, timeout=scheduled - now + s.allreduce_timeout,
                                           allow_retries=True, require_trigger=True, wait=False)
                 for m in modules}
 
@@ -862,8 +881,8 @@ class SwarmAverager:
         for m, control in controls.items():
             report = {"norm": norms[m] if finite[m] else math.inf, "zeroed": not finite[m]}
             got[m] = _Attempt(set(), report | {"failed": 1.0})
-            try:  # matchmaking ends by the step's deadline, the all-reduce within averaging_timeout of it
-                result = control.result(timeout=max(0.0, control.deadline - get_dht_time()) + s.averaging_timeout
+            try:  # matchmaking ends by the step's deadline, the all-reduce within allreduce_timeout of it
+                result = control.result(timeout=max(0.0, control.deadline - get_dht_time()) + s.allreduce_timeout
                                         + s.request_timeout)
             except Exception as e:  # hivemind raises AllreduceException, MatchmakingException, TimeoutError...
                 control.cancel()
@@ -895,9 +914,9 @@ class SwarmAverager:
         """Publish this peer's report on every module (Δ norm, and a sketch of its average, or that it was
         partial or failed) in one DHT record, and gather the other members' reports: module -> peer -> report.
 
-        Waits until every member of each group has reported, at most averaging_timeout + stats_timeout:
-        hivemind ends every member's all-reduce within averaging_timeout of the others', so a member that
-        has not reported by then has died or stalled."""
+        Waits until every member of each group has reported, at most allreduce_timeout + stats_timeout: a
+        living member's all-reduce ends within allreduce_timeout of ours (it cannot end before the last
+        member's trigger, ours neither), so a member that has not reported by then has died or stalled."""
         from hivemind.utils import get_dht_time
 
         s, t0 = self.settings, time.perf_counter()
@@ -907,7 +926,7 @@ class SwarmAverager:
                                 return_future=True)
         seen: dict[str, dict[str, dict]] = {m: {} for m in got}
         pending = {m for m, a in got.items() if a.members - {self.peer_id}}
-        deadline = time.monotonic() + s.averaging_timeout + s.stats_timeout
+        deadline = time.monotonic() + s.allreduce_timeout + s.stats_timeout
         while pending:
             found = self._dht_result(self.dht.get(key, latest=True, return_future=True), "reading the DHT")
             entries = found.value if found is not None and isinstance(found.value, dict) else {}

@@ -29,7 +29,8 @@ def tiny_checkpoint(tmp_path):
 
 
 def settings(**kw) -> SwarmSettings:
-    base = dict(run="t", matchmaking_time=3.0, request_timeout=1.0, averaging_timeout=10.0, stats_timeout=8.0)
+    # all-reduce timeout (averaging_timeout - matchmaking_time - stats_timeout) / 3 = 10 s, chunks 3.3 s
+    base = dict(run="t", matchmaking_time=3.0, request_timeout=1.0, averaging_timeout=35.0, stats_timeout=2.0)
     return SwarmSettings(**{**base, **kw})
 
 

@@ -59,7 +59,7 @@ def test_groups_form_while_the_inner_steps_run_and_average_once_the_deltas_are_r
 def test_8bit_compression_averages_across_peers(shutdown):
     """The 8-bit option really averages: hivemind 1.1.12's own decoder fails under numpy 2 (every received part
     was lost, a silent local update); worker.swarm registers a fixed one. Two peers, a smooth Δ each."""
-    s = settings(compression="8bit", averaging_timeout=30.0)
+    s = settings(compression="8bit", averaging_timeout=95.0)
     first = SwarmAverager(s, {"m": 4096}, expected_holders={"m": 2})
     peers = [first, SwarmAverager(s, {"m": 4096}, initial_peers=first.visible_maddrs(), expected_holders={"m": 2})]
     shutdown(peers)
@@ -85,10 +85,10 @@ def _assert_holders_agree(workers, assignments, atol, shared):
 def test_after_a_round_every_holder_of_a_module_has_the_same_parameters(tiny_checkpoint, shutdown):
     """Two rounds, three workers, overlapping expert sets; exact without compression, fp16-close with it."""
     assignments = [{0: [0, 1]}, {0: [1, 2, 3]}, {0: [0, 2, 3]}]
-    # A generous chunk timeout (averaging_timeout / 3): on a loaded machine hivemind may finish an
-    # all-reduce with parts missing (it logs "received N% results" and keeps local values there); the swarm
-    # then reports a "mismatch" and keeps θ_start (tests/swarm/test_agreement.py), but this test wants averages.
-    workers = start_workers(tiny_checkpoint, assignments, settings(compression="none", averaging_timeout=30.0),
+    # A generous chunk timeout (10 s: a third of the all-reduce timeout, (95 - 3 - 2) / 3): on a loaded
+    # machine hivemind may finish an all-reduce with parts missing (it logs "received N% results" and keeps
+    # local values there); the swarm then reports a "mismatch" and keeps θ_start (tests/swarm/test_agreement.py), but this test wants averages.
+    workers = start_workers(tiny_checkpoint, assignments, settings(compression="none", averaging_timeout=95.0),
                             inner())
     shutdown(workers)
     start = workers[0].module_state("trunk").clone()
@@ -103,7 +103,7 @@ def test_after_a_round_every_holder_of_a_module_has_the_same_parameters(tiny_che
 
 def test_fp16_compression_keeps_holders_within_rounding(tiny_checkpoint, shutdown):
     assignments = [{0: [0, 1, 2]}, {0: [1, 2, 3]}]
-    workers = start_workers(tiny_checkpoint, assignments, settings(compression="fp16", averaging_timeout=30.0),
+    workers = start_workers(tiny_checkpoint, assignments, settings(compression="fp16", averaging_timeout=95.0),
                             inner())
     shutdown(workers)
     metrics = run_round(workers, 0)
@@ -203,7 +203,7 @@ def test_a_worker_joining_at_round_r_gets_round_r_parameters_and_momentum(tiny_c
 def test_a_group_that_does_not_form_follows_the_failure_policy(tiny_checkpoint, shutdown, caplog):
     """A lone holder that expects a partner: 'retry' keeps θ_start and the local progress (next round's Δ
     carries it), 'local' takes the outer step with its own Δ. Both warn, naming the module."""
-    fast = dict(compression="none", matchmaking_time=1.0, request_timeout=0.5, averaging_timeout=3.0,
+    fast = dict(compression="none", matchmaking_time=1.0, request_timeout=0.5, averaging_timeout=8.0,
                 stats_timeout=1.0)
     expected = {"trunk": 2, "l0e0": 2, "l0e1": 2}
     retry = SwarmWorker(tiny_checkpoint, {0: [0, 1]}, settings(run="retry", failure_policy="retry", **fast),

@@ -99,7 +99,7 @@ def test_validator_refuses_tokens_beyond_the_lease(tmp_path):
 
 def _swarm_section(shards: Path | None = None, **kw) -> dict:
     s = {"inner_steps": STEPS, "rounds": 2, "batch_size": BATCH, "micro_batch_size": BATCH, "seq_len": SEQ_LEN,
-         "matchmaking_time": 2.0, "averaging_timeout": 8.0, "checkpoint_every": 1, "compression": "none",
+         "matchmaking_time": 2.0, "averaging_timeout": 35.0, "checkpoint_every": 1, "compression": "none",
          "inner_warmup_steps": 0, **kw}
     if shards is not None:
         s["shards"] = str(shards)

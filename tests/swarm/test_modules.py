@@ -79,6 +79,19 @@ def test_bad_assignments_are_refused_with_the_fix():
         settings(compression="int4")
 
 
+def test_a_dead_peers_delay_is_budgeted_within_averaging_timeout():
+    """The phases a dead member can stretch (the others' all-reduce, their wait for its report, a second
+    attempt's matchmaking and all-reduce) add up to averaging_timeout, and settings that leave less than
+    request_timeout per all-reduce chunk (a third of the all-reduce timeout) are refused, naming the least
+    valid averaging_timeout."""
+    s = settings(averaging_timeout=35.0, matchmaking_time=3.0, stats_timeout=2.0)
+    A = s.allreduce_timeout
+    assert A == 10.0
+    assert A + (A + s.stats_timeout) + (s.matchmaking_time + A) == s.averaging_timeout
+    with pytest.raises(ValueError, match=r"averaging_timeout >= 14"):
+        settings(averaging_timeout=13.0, matchmaking_time=3.0, stats_timeout=2.0, request_timeout=1.0)
+
+
 def test_outer_step_is_torch_nesterov_sgd():
     """Our outer step must agree with torch.optim.SGD(nesterov=True) fed Δ as the gradient, over 3 rounds."""
     model = tiny_model()
