@@ -87,7 +87,8 @@ def test_after_a_round_every_holder_of_a_module_has_the_same_parameters(tiny_che
     assignments = [{0: [0, 1]}, {0: [1, 2, 3]}, {0: [0, 2, 3]}]
     # A generous chunk timeout (10 s: a third of the all-reduce timeout, (95 - 3 - 2) / 3): on a loaded
     # machine hivemind may finish an all-reduce with parts missing (it logs "received N% results" and keeps
-    # local values there); the swarm then reports a "mismatch" and keeps θ_start (tests/swarm/test_agreement.py), but this test wants averages.
+    # local values there); the swarm then reports a "mismatch" and keeps θ_start
+    # (tests/swarm/test_agreement.py), but this test wants averages.
     workers = start_workers(tiny_checkpoint, assignments, settings(compression="none", averaging_timeout=95.0),
                             inner())
     shutdown(workers)
