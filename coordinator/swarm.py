@@ -69,9 +69,9 @@ class SwarmSection(BaseModel):
     outer_momentum: float = Field(0.9, ge=0, lt=1, description="outer Nesterov momentum (DiLoCo: 0.9)")
     compression: Literal["fp16", "8bit", "none"] = Field("fp16", description="how Δ travels")
     matchmaking_time: float = Field(5.0, gt=0, description="seconds a group leader waits for peers")
-    averaging_timeout: float = Field(60.0, gt=0, description="the most a peer dying mid-round delays the others "
-                                     "(its all-reduce timeouts, the wait for reports and a second matchmaking are "
-                                     "budgeted within it); also bounds matchmaking and the all-reduce")
+    averaging_timeout: float = Field(60.0, gt=0, description="the most a peer dying mid-round delays the others: "
+                                     "each all-reduce gets about a third of it, the wait for reports and a second "
+                                     "attempt the rest (worker/swarm.py, Faults)")
     failure_policy: Literal["retry", "local"] = Field("retry", description="a module whose group fails: retry "
                                                       "(carry its Δ to the next round) or local (apply it alone)")
     outlier_factor: float = Field(10.0, gt=1, description="refuse a Δ whose norm exceeds this × the median")

@@ -55,7 +55,10 @@ A shorter wait for the reports would not be safe: a live but slow member would d
 holders would diverge. A group that has not formed A after its scheduled time (a holder died before it
 formed, or is that late) fails; so does a holder that triggers its all-reduce more than A / 3 after the
 others (they ban it as a sender): timeouts trade the delay a dead peer can cause against how late a live
-one may be. A group that does not form (or whose result does
+one may be. A holder later still (past A / 3 + stats_timeout) is taken for dead: the others average again
+without it while it keeps its θ_start, and that module differs on it from then on (nothing resyncs it
+yet; before this budget the same happened past T / 3 + stats_timeout). The coordinator's plan should keep
+holders' rounds about equally long. A group that does not form (or whose result does
 not agree, above) follows `failure_policy`: "retry" keeps the module's reference θ_start and momentum,
 identical on every holder, and its local progress, so the next round's Δ carries both rounds of work;
 "local" applies the outer step with the local Δ alone (holders then differ until their next agreed
@@ -118,7 +121,7 @@ class SwarmSettings:
     averaging: bool = True             # False: every module takes the outer step with its local Δ alone
     matchmaking_time: float = 2.0      # seconds a group leader waits for peers
     request_timeout: float = 1.0       # must stay below matchmaking_time (hivemind)
-    averaging_timeout: float = 30.0    # the most a dead peer delays the others (see "Faults"); bounds matchmaking
+    averaging_timeout: float = 30.0    # the most a dead peer delays the others (see "Faults")
     stats_timeout: float = 3.0         # slack for the members' reports, past the all-reduce timeout
     failure_policy: str = "retry"      # retry | local
     outlier_factor: float = 10.0       # refuse a Δ whose norm exceeds this × the group's median
