@@ -141,7 +141,7 @@ class SwarmSettings:
                              f"({self.matchmaking_time}), or hivemind's matchmaking can deadlock")
         if self.outlier_factor <= 1:
             raise ValueError("swarm outlier_factor must be > 1")
-        if self.allreduce_timeout / 3 < self.request_timeout:
+        if self.chunk_timeout < self.request_timeout:
             least = self.matchmaking_time + self.stats_timeout + 9 * self.request_timeout
             raise ValueError(
                 f"swarm averaging_timeout ({self.averaging_timeout}) is too short for matchmaking_time "
@@ -153,6 +153,11 @@ class SwarmSettings:
     def allreduce_timeout(self) -> float:
         """A: the most one all-reduce may take, a third of T - matchmaking_time - stats_timeout (see "Faults")."""
         return (self.averaging_timeout - self.matchmaking_time - self.stats_timeout) / 3
+
+    @property
+    def chunk_timeout(self) -> float:
+        """hivemind's next_chunk_timeout: a sender that stalls this long is banned from the all-reduce."""
+        return self.allreduce_timeout / 3
 
 
 def _compressions():
@@ -188,6 +193,7 @@ def _uniform_8bit():
 
 COMPRESSIONS = ("fp16", "8bit", "none")
 POLL_S = 0.02  # how often a peer looks in the DHT for the other members' reports
+NO_TIMINGS = {"allreduce": 0.0, "reports": 0.0}   # SwarmAverager.timings before any wait
 READY_TIMEOUT_S = 120.0  # an averager process starts in ~1 s; 120 s covers a heavily loaded machine
 
 
@@ -720,7 +726,7 @@ class SwarmAverager:
         self._own_dht = dht is None
         self.averagers = {}
         self._pending: tuple[int, dict] | None = None   # (round, module -> hivemind StepControl) from begin()
-        self.timings = {"allreduce": 0.0, "reports": 0.0}   # of the last average()
+        self.timings = dict(NO_TIMINGS)   # seconds waited in the last average(), by phase
         self._last_scheduled = 0.0
         if dht is None:
             dht = start_dht(initial_peers=list(initial_peers), client_mode=client_mode,
@@ -741,7 +747,7 @@ class SwarmAverager:
                     target_group_size=min(s.target_group_size, self.expected_holders.get(name, s.target_group_size)),
                     min_group_size=2,
                     min_matchmaking_time=s.matchmaking_time, request_timeout=s.request_timeout,
-                    allreduce_timeout=s.allreduce_timeout, next_chunk_timeout=s.allreduce_timeout / 3,
+                    allreduce_timeout=s.allreduce_timeout, next_chunk_timeout=s.chunk_timeout,
                     compression=self.compression, client_mode=client_mode) for name, size in modules.items()},
                     lambda name: f"the averager of module {name}")
         except BaseException:
@@ -794,7 +800,7 @@ class SwarmAverager:
         """Average each module's Δ among its holders, weighted; returns outcome per module and writes the
         averaged Δ into `deltas` in place (left untouched where averaging did not happen)."""
         s = self.settings
-        self.timings = {"allreduce": 0.0, "reports": 0.0}
+        self.timings = dict(NO_TIMINGS)
         norms = {m: float(d.norm()) for m, d in deltas.items()}
         out = {m: ModuleOutcome(m, "local", norms[m]) for m in deltas}
         pending_round, controls = self._pending or (None, {})
@@ -1018,7 +1024,7 @@ def outer_round(averager: SwarmAverager | None, state: OuterState, settings: Swa
             state.revert(m)  # a bad Δ never reaches the weights; this holder resumes from θ_start
         # failed/mismatch + retry: keep θ_start and momentum (the same on every holder) as the reference and
         # the local progress; next round's Δ carries both rounds
-    timings = averager.timings if averager is not None else {"allreduce": 0.0, "reports": 0.0}
+    timings = averager.timings if averager is not None else NO_TIMINGS
     return RoundReport(round_, [outcomes[m] for m in state.modules], time.perf_counter() - t0,
                        allreduce_seconds=timings["allreduce"], reports_seconds=timings["reports"])
 

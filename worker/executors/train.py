@@ -107,10 +107,9 @@ class InnerConfig:
 def build_inner_optimizer(model: torch.nn.Module, inner: InnerConfig) -> torch.optim.Optimizer:
     """AdamW as in the reference trainer (fused on CUDA: no parameter-sized temporaries, which a small GPU
     cannot spare), or bitsandbytes' 8-bit AdamW (a quarter of the state memory)."""
-    cuda = torch.device(inner.device).type == "cuda"
     if inner.optimizer == "adamw":
-        return build_optimizer(model, inner.optim, fused=True if cuda else None)
-    if not cuda:
+        return build_optimizer(model, inner.optim)
+    if not torch.device(inner.device).type == "cuda":
         raise ValueError("inner.optimizer=adamw8bit needs a CUDA device (bitsandbytes); use adamw on CPU")
     try:
         import bitsandbytes as bnb
