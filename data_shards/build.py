@@ -28,6 +28,7 @@ report (and in OUT/report.json).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import multiprocessing
@@ -45,7 +46,7 @@ import numpy as np
 
 from .chat import render_chat
 from .dedup import Deduplicator
-from .filters import FilterConfig, detect_language, normalize, quality_reasons
+from .filters import FilterConfig, detect_languages, normalize, quality_reasons
 from .ingest import Document, DropCounter, read_documents
 from .shards import Manifest, ShardInfo, ShardWriter, token_dtype
 from .tokenizer import Tokenizer
@@ -116,12 +117,29 @@ class _Bucket:
         return self.writer.n_tokens
 
 
+def _keep_heap() -> None:
+    """Tells glibc's malloc to keep up to 64 MB of freed memory at the top of the heap instead of handing it back
+    to the kernel at once. Each batch allocates and frees tens of MB of numpy temporaries (hashes, classes,
+    token ids); given back after every batch, they were faulted in again by the next, page by page: a fifth of
+    a worker's CPU time (300,000 page faults for a 32 MB corpus) went to the kernel, against 3% now. The
+    padding is address space until it is used; other C libraries: no-op."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(_M_TOP_PAD, 64 << 20)
+
+
+_M_TOP_PAD = -2  # <malloc.h>
+
+
 # ---- per-document work (runs in worker processes) -----------------------------------------------
 
 _W: dict = {}
 
 
 def _init_worker(tokenizer_dir: str, cfg: ShardConfig) -> None:
+    _keep_heap()
     _W["tok"] = Tokenizer(tokenizer_dir)
     _W["cfg"] = cfg
     _W["dedup"] = Deduplicator() if cfg.dedup else None  # only for fingerprints: same parameters as main
@@ -153,7 +171,7 @@ def _prepare(job: _Job) -> _Batch:
             continue
         texts.append(normalize("\n".join(str(m.get("content", "")) for m in messages)))
         drops.append(None)
-    langs = list(map(detect_language, texts))
+    langs = detect_languages(texts)
     for i, lang in enumerate(langs):
         if drops[i] is None and (lang not in ("ja", "en") or (cfg.lang != "auto" and lang != cfg.lang)):
             drops[i] = "language" if cfg.lang == "auto" else "language_mismatch"

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import re
 import unicodedata
+import zlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -72,8 +74,8 @@ _EXTRA_SYMBOLS = "#*@_\\"  # ASCII marks that spam and markup use; the rest of A
 
 def _build_classes() -> np.ndarray:
     """Symbols are Unicode categories Sm, Sc, Sk, So (★■♪→=+ and emoji) plus #*@_\\; sentence punctuation
-    (、。「」,.!?) is OTHER: Japanese prose is ~10% punctuation and that is fine. Built at import with C-level
-    map() calls over all code points and numpy masks (~30 ms, against ~120 ms for a Python loop)."""
+    (、。「」,.!?) is OTHER: Japanese prose is ~10% punctuation and that is fine. Built with C-level map() calls
+    over all code points and numpy masks (~80 ms, against ~120 ms for a Python loop)."""
     chars = list(map(chr, range(_TABLE_SIZE)))
     space = np.fromiter(map(str.isspace, chars), dtype=bool, count=_TABLE_SIZE)
     alpha = np.fromiter(map(str.isalpha, chars), dtype=bool, count=_TABLE_SIZE)
@@ -95,13 +97,61 @@ def _build_classes() -> np.ndarray:
     return table
 
 
-_CLASSES = _build_classes()
+def _build_word_chars() -> np.ndarray:
+    """(_TABLE_SIZE,) bool: True where the regex \\w matches (str.isalnum() or "_")."""
+    marked = re.sub(r"\W", "\0", "".join(map(chr, range(_TABLE_SIZE))))  # \W covers the lone surrogates
+    return np.frombuffer(marked.encode("utf-32-le"), dtype=np.uint32) != 0
+
+
+# Both tables come from Python's Unicode database and take ~100 ms to build: at every start of `mujina-data
+# shard` (and of every spawned worker) that was a tenth of the whole run on a 32 MB corpus. unicode_tables.bin
+# holds them for one Unicode version, zlib-compressed (3.5 KB); another version builds them at import.
+# Regenerate: python -c "from data_shards.filters import write_unicode_tables; write_unicode_tables()"
+# (tests/data_shards/test_filters.py fails when the file differs from what this Python builds).
+_TABLES_FILE = Path(__file__).with_name("unicode_tables.bin")
+_TABLES_MAGIC = b"mujina unicode tables v1"
+
+
+def _tables_header() -> bytes:
+    return b"%s unicode=%s size=%d\n" % (_TABLES_MAGIC, unicodedata.unidata_version.encode(), _TABLE_SIZE)
+
+
+def _load_tables() -> tuple[np.ndarray, np.ndarray]:
+    """(character classes, \\w table): from unicode_tables.bin if it was written for this Unicode version."""
+    header = _tables_header()
+    try:
+        data = _TABLES_FILE.read_bytes()
+    except OSError:
+        data = b""
+    if data.startswith(header):
+        raw = np.frombuffer(zlib.decompress(data[len(header):]), dtype=np.uint8)
+        return raw[:_TABLE_SIZE].copy(), np.unpackbits(raw[_TABLE_SIZE:], count=_TABLE_SIZE).astype(bool)
+    return _build_classes(), _build_word_chars()
+
+
+def write_unicode_tables(path: Path = _TABLES_FILE) -> None:
+    """Writes the tables this Python builds to `path` (unicode_tables.bin by default)."""
+    payload = _build_classes().tobytes() + np.packbits(_build_word_chars()).tobytes()
+    path.write_bytes(_tables_header() + zlib.compress(payload, 9))
+
+
+_CLASSES, _WORD_CHARS = _load_tables()
 
 
 def char_class_counts(text: str) -> np.ndarray:
     """(8,) counts of OTHER, SPACE, DIGIT, SYMBOL, LATIN, KANA, KANJI, OTHER_LETTER characters in `text`."""
     cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)  # (n,) code points
     return np.bincount(_CLASSES[np.minimum(cps, _TABLE_SIZE - 1)], minlength=8)
+
+
+def _batch_classes(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """All texts' characters in one pass: (code points (C,), text of each (C,), class of each (C,), counts (D, 8)),
+    counts[d] == char_class_counts(texts[d])."""
+    cps = np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32)  # (C,)
+    doc = np.repeat(np.arange(len(texts)), [len(t) for t in texts])  # (C,)
+    classes = _CLASSES[np.minimum(cps, _TABLE_SIZE - 1)]  # (C,)
+    counts = np.bincount(doc * 8 + classes, minlength=8 * len(texts)).reshape(len(texts), 8)
+    return cps, doc, classes, counts
 
 
 # ----------------------------------------------------------------------------------------------- language
@@ -128,7 +178,15 @@ def detect_language(text: str) -> str:
     return _language(counts)
 
 
-def _language(counts: np.ndarray) -> str:
+def detect_languages(texts: list[str]) -> list[str]:
+    """[detect_language(t) for t in texts], with one numpy pass over the whole batch (~6x less CPU for a few
+    hundred documents)."""
+    if not texts:
+        return []
+    return list(map(_language, _batch_classes(texts)[3].tolist()))
+
+
+def _language(counts: np.ndarray | list[int]) -> str:
     kana, kanji, latin = int(counts[KANA]), int(counts[KANJI]), int(counts[LATIN])
     letters = latin + kana + kanji + int(counts[OTHER_LETTER])
     if letters == 0:
@@ -347,7 +405,6 @@ def quality_reason(text: str, lang: str, cfg: FilterConfig | None = None) -> str
 #                coverage of the smallest duplicate size is exact, and at or below the lowest duplicate limit
 #                it settles every larger size too (coverage only shrinks as n grows, as _ngram_repetition uses).
 _BUCKET_BITS = 10
-_word_table: np.ndarray | None = None
 _POWERS_MAX = 1 << 21  # word characters per batch the power tables below cover (2 x 16 MB at most)
 _powers = np.ones(1, dtype=np.uint64)  # _MULT[0]^i mod 2^64
 _inverse_powers = np.ones(1, dtype=np.uint64)  # its inverse (odd numbers are invertible mod 2^64)
@@ -356,10 +413,9 @@ _inverse_powers = np.ones(1, dtype=np.uint64)  # its inverse (odd numbers are in
 def quality_reasons(texts: list[str], langs: list[str], cfg: FilterConfig | None = None) -> list[str | None]:
     """quality_reason for a batch: [quality_reason(t, l, cfg) for t, l in zip(texts, langs)], the same reasons,
     for 3-4x less CPU on a batch of a few hundred documents (build._prepare's 256; a batch of one gains
-    nothing). texts: normalize()d, as for quality_reason; langs: "ja", "en" or "other" per text. The first
-    batch with English text builds a \\w table (~30 ms, once per process).
+    nothing). texts: normalize()d, as for quality_reason; langs: "ja", "en" or "other" per text.
 
-        reasons = quality_reasons(texts, [detect_language(t) for t in texts], cfg)
+        reasons = quality_reasons(texts, detect_languages(texts), cfg)
     """
     cfg = cfg or _DEFAULT
     out: list[str | None] = [None] * len(texts)
@@ -375,13 +431,9 @@ def quality_reasons(texts: list[str], langs: list[str], cfg: FilterConfig | None
             todo.append(j)
     if not todo:
         return out
-    # Character classes of all remaining documents in one pass: (documents, 8) counts.
-    cps = np.frombuffer("".join([texts[j] for j in todo]).encode("utf-32-le"), dtype=np.uint32)  # (C,)
-    doc = np.repeat(np.arange(len(todo)), [len(texts[j]) for j in todo])  # (C,)
-    classes = _CLASSES[np.minimum(cps, _TABLE_SIZE - 1)]  # (C,)
-    counts = np.bincount(doc * 8 + classes, minlength=8 * len(todo))
+    cps, doc, classes, counts = _batch_classes([texts[j] for j in todo])  # of the remaining documents
     ja, en = [], []  # (index in texts, index in todo)
-    for i, (j, c) in enumerate(zip(todo, counts.reshape(len(todo), 8).tolist(), strict=True)):
+    for i, (j, c) in enumerate(zip(todo, counts.tolist(), strict=True)):
         text = texts[j]
         nonspace = len(text) - c[SPACE]
         if nonspace == 0:
@@ -458,15 +510,6 @@ _BULLET_CHARS = frozenset(_BULLET)
 assert all(len(b) == 1 for b in _BULLET), "_line_reason tests only the first character of a line"
 
 
-def _word_chars() -> np.ndarray:
-    """(_TABLE_SIZE,) bool: True where the regex \\w matches (str.isalnum() or "_"); built on first use (~20 ms)."""
-    global _word_table
-    if _word_table is None:
-        marked = re.sub(r"\W", "\0", "".join(map(chr, range(_TABLE_SIZE))))  # \W covers the lone surrogates
-        _word_table = np.frombuffer(marked.encode("utf-32-le"), dtype=np.uint32) != 0
-    return _word_table
-
-
 def _mix64(x: np.ndarray) -> np.ndarray:
     """splitmix64's finaliser (as dedup._mix64): spreads every input bit over the output's top bits."""
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
@@ -496,7 +539,7 @@ def _en_units(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
     lows = [t.lower() for t in texts]  # lower() may change a text's length ("İ"), so split after it
     cps = np.frombuffer("\n".join(lows).encode("utf-32-le"), dtype=np.uint32)  # "\n" ends every last word
     text_start = np.cumsum([0] + [len(t) + 1 for t in lows[:-1]])  # (D,)
-    is_word = _word_chars()[np.minimum(cps, _TABLE_SIZE - 1)]  # (C,)
+    is_word = _WORD_CHARS[np.minimum(cps, _TABLE_SIZE - 1)]  # (C,)
     unsure = np.zeros(len(texts), dtype=bool)
     unsure[np.searchsorted(text_start, np.flatnonzero(cps >= _TABLE_SIZE), side="right") - 1] = True
     edges = np.diff(is_word.view(np.int8), prepend=np.int8(0), append=np.int8(0))
