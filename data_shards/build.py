@@ -37,6 +37,7 @@ import shutil
 import sys
 import threading
 import time
+import traceback
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -115,6 +116,25 @@ class _Bucket:
         self.writer.add(ids, mask)
         self.chars += chars
         return self.writer.n_tokens
+
+    def add_run(self, out: Path, vocab_size: int, ids: np.ndarray, lengths: np.ndarray, chars: np.ndarray,
+                shard_tokens: int, close: Callable[[_Bucket], None]) -> None:
+        """Append documents of a text bucket (tokens one after another, (n,) lengths and characters) with one
+        write per shard they fall in, calling close(self) where `add` one by one would have returned
+        >= shard_tokens: after the first document that brings the open shard to shard_tokens."""
+        done = start = 0
+        while done < len(lengths):
+            if self.writer is None:
+                self.writer = ShardWriter(out, vocab_size)
+            reached = self.writer.n_tokens + np.cumsum(lengths[done:])  # (remaining,) shard size after each
+            full = int(np.searchsorted(reached, shard_tokens))  # the first to reach shard_tokens, if any
+            stop = done + min(full + 1, len(reached))
+            end = start + int(lengths[done:stop].sum())
+            self.writer.add_many(ids[start:end], lengths[done:stop])
+            self.chars += int(chars[done:stop].sum())
+            if stop - done == full + 1:
+                close(self)
+            done, start = stop, end
 
 
 def _keep_heap() -> None:
@@ -255,9 +275,11 @@ def build_shards(inputs: list[str | os.PathLike], tokenizer_dir: str | os.PathLi
             reasons = iter(dedup.check_arrays(batch.exact, batch.sigs) if dedup is not None and batch.ends.size
                            else ())
             ids_all = batch.ids.astype(dtype)  # the shard's token type, converted once per batch
+            n_read += len(batch.drops)
+            # the documents kept, in order, as runs of consecutive documents of one bucket (usually the whole batch)
+            runs: list[tuple[tuple[str, str, str], list[int]]] = []
             k = -1
             for i, drop in enumerate(batch.drops):
-                n_read += 1
                 if drop is None:
                     k += 1
                     drop = next(reasons, None)
@@ -265,18 +287,15 @@ def build_shards(inputs: list[str | os.PathLike], tokenizer_dir: str | os.PathLi
                     drops.add(drop)
                     continue
                 key = (batch.sources[i], batch.langs[i], batch.kinds[i])
+                if not runs or runs[-1][0] != key:
+                    runs.append((key, []))
+                runs[-1][1].append(k)
+            for key, ks in runs:
                 bucket = buckets.setdefault(key, _Bucket(key, 0, 0))
-                bucket.seen += 1
-                kept[f"{key[0]}/{key[1]}"] += 1
-                if bucket.seen <= bucket.done_docs:
-                    continue  # already in a journaled shard
-                start, end = (int(batch.ends[k - 1]) if k else 0), int(batch.ends[k])
-                if start == end:  # a worker skipped it while resuming
-                    ids = np.array([tok.bos_id, *tok.encode(batch.texts[k]), tok.eos_id], dtype=dtype)
-                else:
-                    ids = ids_all[start:end]
-                if bucket.add(out, tok.vocab_size, ids, batch.masks.get(k), batch.chars[k]) >= cfg.shard_tokens:
-                    finished.append(_close(out, bucket, tok))
+                kept[f"{key[0]}/{key[1]}"] += len(ks)
+                skip = min(len(ks), max(0, bucket.done_docs - bucket.seen))  # already in journaled shards
+                bucket.seen += len(ks)
+                _write_run(bucket, ks[skip:], batch, ids_all, out, tok, cfg.shard_tokens, finished)
             now = time.perf_counter()
             if now - last_log > 10:
                 last_log = now
@@ -300,7 +319,7 @@ def build_shards(inputs: list[str | os.PathLike], tokenizer_dir: str | os.PathLi
 
 @contextlib.contextmanager
 def _pool(workers: int, tokenizer_dir: str, cfg: ShardConfig):
-    """Yields prepare(jobs) -> iterator of prepared batches, in order: a process pool, or inline for 1."""
+    """Yields prepare(jobs) -> iterator of prepared batches, in order: worker processes, or inline for 1."""
     if workers == 1:
         _init_worker(tokenizer_dir, cfg)
         yield lambda jobs: map(_prepare, jobs)
@@ -312,8 +331,136 @@ def _pool(workers: int, tokenizer_dir: str, cfg: ShardConfig):
     safe = threading.active_count() == 1 and "torch" not in sys.modules
     ctx = multiprocessing.get_context("fork" if safe else "spawn")
     log.info("%d worker processes (%s)", workers, ctx.get_start_method())
-    with ctx.Pool(workers, _init_worker, (tokenizer_dir, cfg)) as pool:
-        yield lambda jobs: pool.imap(_prepare, jobs, chunksize=1)
+    pool = _OrderedPool(ctx, workers, (tokenizer_dir, cfg))
+    try:
+        yield pool.map
+    finally:
+        pool.close()
+
+
+class _OrderedPool:
+    """Worker processes that each take every n-th job and answer in order, over a pair of pipes per worker.
+
+    multiprocessing.Pool.imap does the same with three threads in this process, one of which wakes up for every
+    result a worker sends and then spins until the result thread has read it: ~0.15 CPU-s for a 32 MB corpus,
+    out of ~1 s for everything the main process does. Here a single feeder thread pickles and sends the jobs,
+    at most `depth` ahead of the results per worker (memory stays bounded); the caller's thread reads the
+    results itself. Jobs are dealt round-robin, so a slow batch holds up the others by at most `depth` jobs.
+
+    A worker that raises sends the exception back, and map() raises it here; one that dies (killed, out of
+    memory) makes map() raise RuntimeError; an exception of the feeder (reading the input) is raised as it is.
+    """
+
+    def __init__(self, ctx, n: int, initargs: tuple, depth: int = 2):
+        self.procs, self.jobs, self.results = [], [], []
+        for _ in range(n):
+            job_r, job_w = ctx.Pipe(duplex=False)
+            res_r, res_w = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_serve, args=(job_r, res_w, *initargs), daemon=True)
+            proc.start()
+            job_r.close()  # the worker's ends: closed here, so that a dead worker reads as EOF
+            res_w.close()
+            self.procs.append(proc)
+            self.jobs.append(job_w)
+            self.results.append(res_r)
+        self.slots = [threading.Semaphore(depth) for _ in range(n)]
+        self.sent: int | None = None  # jobs sent, once the feeder has sent them all
+        self.failure: BaseException | None = None
+
+    def map(self, jobs: Iterator[_Job]) -> Iterator[_Batch]:
+        feeder = threading.Thread(target=self._feed, args=(jobs,), name="shard-feeder", daemon=True)
+        feeder.start()
+        n = len(self.procs)
+        j = 0
+        while True:
+            conn = self.results[j % n]
+            while not conn.poll(0.05):  # wait for result j, watching the feeder
+                if self.failure is not None:
+                    raise self.failure  # as Pool.imap did: e.g. the ValueError of a corrupt gzip file
+                if self.sent is not None and j >= self.sent:
+                    return
+            try:
+                kind, value = conn.recv()
+            except EOFError:
+                code = self.procs[j % n].exitcode
+                raise RuntimeError(f"shard worker {j % n} died (exit code {code}); the run can be resumed") from None
+            self.slots[j % n].release()
+            if kind == "error":
+                exc, trace = value
+                raise exc from _WorkerTraceback(trace)
+            yield value
+            j += 1
+
+    def _feed(self, jobs: Iterator[_Job]) -> None:
+        n, sent = len(self.procs), 0
+        try:
+            for job in jobs:
+                self.slots[sent % n].acquire()
+                self.jobs[sent % n].send(job)
+                sent += 1
+        except BaseException as e:  # noqa: BLE001 - handed to the reading thread
+            self.failure = e
+            return
+        self.sent = sent
+
+    def close(self) -> None:
+        for slot in self.slots:  # a feeder waiting for room sends into a closed pipe instead, and stops
+            slot.release()
+        for conn, proc in zip(self.jobs, self.procs, strict=True):
+            with contextlib.suppress(OSError):
+                if self.sent is not None and proc.is_alive():
+                    conn.send(None)  # finished: the worker exits
+            conn.close()
+        for proc in self.procs:
+            proc.join(timeout=5 if self.sent is not None else 0)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        for conn in self.results:
+            conn.close()
+
+
+class _WorkerTraceback(Exception):
+    """The traceback of an exception raised in a shard worker (the cause of the exception re-raised here)."""
+
+
+def _serve(jobs, results, tokenizer_dir: str, cfg: ShardConfig) -> None:
+    """A shard worker: prepares the batches it receives until it receives None."""
+    _init_worker(tokenizer_dir, cfg)
+    while (job := jobs.recv()) is not None:
+        try:
+            results.send(("ok", _prepare(job)))
+        except Exception as e:  # noqa: BLE001 - sent to the main process, which raises it
+            trace = traceback.format_exc()
+            try:
+                results.send(("error", (e, trace)))
+            except Exception:  # noqa: BLE001 - an exception that does not pickle
+                results.send(("error", (RuntimeError(f"{type(e).__name__}: {e}"), trace)))
+
+
+def _write_run(bucket: _Bucket, ks: list[int], batch: _Batch, ids: np.ndarray, out: Path, tok: Tokenizer,
+               shard_tokens: int, finished: list[ShardInfo]) -> None:
+    """Appends the batch's kept documents `ks` (indexes among its K) to `bucket`, closing shards as they fill."""
+    if not ks:
+        return
+    ends = batch.ends[ks]
+    starts = ends - np.diff(batch.ends, prepend=0)[ks]
+    if bucket.chat or bool((starts == ends).any()):  # loss masks, or documents a worker left untokenised (resume)
+        for k, start, end in zip(ks, starts.tolist(), ends.tolist(), strict=True):
+            if start == end:
+                doc = np.array([tok.bos_id, *tok.encode(batch.texts[k]), tok.eos_id], dtype=ids.dtype)
+            else:
+                doc = ids[start:end]
+            if bucket.add(out, tok.vocab_size, doc, batch.masks.get(k), batch.chars[k]) >= shard_tokens:
+                finished.append(_close(out, bucket, tok))
+        return
+    if ks[-1] - ks[0] == len(ks) - 1:  # consecutive documents: their tokens are one slice
+        run = ids[int(starts[0]): int(ends[-1])]
+    else:
+        run = np.concatenate([ids[s:e] for s, e in zip(starts.tolist(), ends.tolist(), strict=True)])
+    chars = np.array(batch.chars, dtype=np.int64)[ks]
+    bucket.add_run(out, tok.vocab_size, run, ends - starts, chars, shard_tokens,
+                   lambda b: finished.append(_close(out, b, tok)))
 
 
 def _close(out: Path, bucket: _Bucket, tok: Tokenizer) -> ShardInfo:

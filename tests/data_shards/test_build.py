@@ -113,6 +113,52 @@ def test_interrupted_run_resumes_without_rewriting_finished_shards(tmp_path, cor
     assert {p: os.stat(out / p).st_mtime_ns for p in before} == before  # finished shards untouched
 
 
+# Runs build_shards with 2 forked workers, 16 documents a batch, in a fresh interpreter, after making the workers'
+# _prepare misbehave on the batch whose first document is argv[4]: "kill" (SIGKILL itself) or "raise".
+_MISBEHAVING_WORKER = """
+import os, signal, sys
+import data_shards.build as b
+inputs, tok, out, marker, how = sys.argv[1].split(","), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
+prepare = b._prepare
+def misbehaving(job):
+    if job[0][0][0] == marker:
+        if how == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise ValueError("this batch is cursed")
+    return prepare(job)
+b._prepare = misbehaving
+try:
+    b.build_shards(inputs, tok, out, b.ShardConfig(workers=2, batch_docs=16, shard_tokens=3000))
+except Exception as e:
+    print(f"{type(e).__name__}: {e} (cause: {type(e.__cause__).__name__})")
+    sys.exit(1)
+"""
+
+
+@pytest.mark.parametrize("how", ["kill", "raise"])
+def test_a_failing_worker_stops_the_run_which_then_resumes(tmp_path, corpus, tokenizer_dir, how):
+    """A worker killed mid-batch (or raising) stops the run with a clear error, never a hang or a partial
+    manifest; rerunning the command resumes and ends with the shards of an undisturbed run."""
+    import subprocess
+    import sys
+    files = ",".join(map(str, corpus["files"]))
+    marker = corpus["ja"][16 * 7]  # the first document of the 8th batch
+    r = subprocess.run([sys.executable, "-c", _MISBEHAVING_WORKER, files, str(tokenizer_dir), str(tmp_path / "out"),
+                        marker, how], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr
+    if how == "kill":
+        assert "RuntimeError: shard worker" in r.stdout and "died (exit code -9)" in r.stdout, r.stdout
+    else:
+        assert "ValueError: this batch is cursed (cause: _WorkerTraceback)" in r.stdout, r.stdout
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    assert (tmp_path / "out" / ".journal.jsonl").read_text().count("\n") >= 1  # shards finished before it
+    args = ["shard", "--input", *map(str, corpus["files"]), "--tokenizer", str(tokenizer_dir), "--shard-tokens", "3000"]
+    resumed = mujina_data(*args, "--out", str(tmp_path / "out"))
+    assert "resuming:" in resumed.stderr
+    mujina_data(*args, "--out", str(tmp_path / "ref"))
+    assert Manifest.load(tmp_path / "out").shards == Manifest.load(tmp_path / "ref").shards
+
+
 def test_chat_records_get_assistant_only_loss_masks(tmp_path, tokenizer_dir):
     rec = {"messages": [{"role": "user", "content": "日本の首都はどこですか？"},
                         {"role": "assistant", "content": "日本の首都は東京です。"}]}
