@@ -47,7 +47,7 @@ import numpy as np
 
 from .chat import render_chat
 from .dedup import Deduplicator
-from .filters import FilterConfig, detect_languages, normalize, quality_reasons
+from .filters import FilterConfig, char_classes, detect_languages, normalize, quality_reasons
 from .ingest import Document, DropCounter, read_documents
 from .shards import Manifest, ShardInfo, ShardWriter, token_dtype
 from .tokenizer import Tokenizer
@@ -191,14 +191,16 @@ def _prepare(job: _Job) -> _Batch:
             continue
         texts.append(normalize("\n".join(str(m.get("content", "")) for m in messages)))
         drops.append(None)
-    langs = detect_languages(texts)
+    chars = char_classes(texts)
+    langs = detect_languages(texts, chars)
     for i, lang in enumerate(langs):
         if drops[i] is None and (lang not in ("ja", "en") or (cfg.lang != "auto" and lang != cfg.lang)):
             drops[i] = "language" if cfg.lang == "auto" else "language_mismatch"
 
     check = [i for i, k in enumerate(kinds) if drops[i] is None and k == "text"]
-    for i, reason in zip(check, quality_reasons([texts[i] for i in check], [langs[i] for i in check], cfg.filters),
-                         strict=True):
+    reasons = quality_reasons([texts[i] for i in check], [langs[i] for i in check], cfg.filters,
+                              chars if len(check) == len(texts) else None)
+    for i, reason in zip(check, reasons, strict=True):
         drops[i] = reason
     kept = [i for i, d in enumerate(drops) if d is None]
     kept_texts = [texts[i] for i in kept]

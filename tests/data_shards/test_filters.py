@@ -9,6 +9,7 @@ import pytest
 
 from data_shards.filters import (
     FilterConfig,
+    char_classes,
     detect_language,
     detect_languages,
     normalize,
@@ -193,6 +194,14 @@ def test_batch_quality_reasons_match_quality_reason(cfg):
                                                         cfg), strict=True):
                 got[i] = reason
         assert got == expected
+        # Batches whose texts all reach the character tests, with the characters looked up by the caller
+        # (build._prepare shares them with detect_languages).
+        reach = [i for i in order if expected[i] not in ("too_short", "too_long", "language")]
+        for start in range(0, len(reach), 97):
+            batch = reach[start: start + 97]
+            texts = [PARITY_DOCS[i] for i in batch]
+            chars = char_classes(texts)
+            assert quality_reasons(texts, [langs[i] for i in batch], cfg, chars) == [expected[i] for i in batch]
     # The corpus reaches the n-gram test both ways, so the parity above covers cleared and settled documents.
     default = [quality_reason(d, detect_language(d)) for d in PARITY_DOCS]
     assert default.count("ngram_repetition") >= 20 and default.count(None) >= 400
