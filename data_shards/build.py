@@ -48,7 +48,7 @@ import numpy as np
 from .chat import render_chat
 from .dedup import Deduplicator
 from .filters import FilterConfig, char_classes, detect_languages, normalize, quality_reasons
-from .ingest import Document, DropCounter, read_documents
+from .ingest import Document, DropCounter, RawLine, parse_json_line, read_documents
 from .shards import Manifest, ShardInfo, ShardWriter, token_dtype
 from .tokenizer import Tokenizer
 
@@ -83,6 +83,7 @@ class _Batch:
     as the quality filters). Everything from `exact` on follows the documents that passed the filters (drop
     None), in input order: K of them."""
 
+    read_drops: dict[str, int]  # JSON lines dropped while parsing, by reason (they are not among the documents)
     sources: list[str]
     kinds: list[str]  # "text" or "chat"
     drops: list[str | None]  # reason, if the document is dropped before deduplication
@@ -169,8 +170,19 @@ def _prepare(job: _Job) -> _Batch:
     """Per-document work for a batch. The filters, fingerprints and tokenisation each run
     batched (a constant number of numpy / SentencePiece calls per batch, data_shards/filters.py and dedup.py),
     which is what makes them cheap per document."""
-    docs, tokenize = job
+    items, tokenize = job
     tok, cfg, dedup = _W["tok"], _W["cfg"], _W["dedup"]
+    read_drops: Counter[str] = Counter()  # JSON lines that do not parse into a record
+    docs: list[tuple[str, str, list | None]] = []
+    for payload, source, messages in items:
+        if isinstance(payload, bytes):  # a raw JSON line
+            parsed = parse_json_line(payload, cfg.text_field)
+            if isinstance(parsed, str):
+                read_drops[parsed] += 1
+                continue
+            payload, record = parsed
+            messages = record["messages"] if "messages" in record else None
+        docs.append((payload, source, messages))
     kinds: list[str] = []
     drops: list[str | None] = []
     texts: list[str] = []
@@ -220,21 +232,26 @@ def _prepare(job: _Job) -> _Batch:
             lengths.append(len(ids) + 2)
         else:
             lengths.append(0)  # the main process tokenises it if it turns out to be past the resume point
-    return _Batch(sources=[source for _, source, _ in docs], kinds=kinds, drops=drops, langs=langs, exact=exact,
-                  sigs=sigs, chars=list(map(len, kept_texts)),
+    return _Batch(read_drops=dict(read_drops), sources=[source for _, source, _ in docs], kinds=kinds, drops=drops,
+                  langs=langs, exact=exact, sigs=sigs, chars=list(map(len, kept_texts)),
                   ids=np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32),
                   ends=np.cumsum(lengths, dtype=np.int64), masks=masks, texts=None if tokenize else kept_texts)
 
 
-_Job = tuple[list[tuple[str, str, list | None]], bool]  # [(text, source, chat messages or None)], tokenize
+_Job = tuple[list[tuple[str | bytes, str, list | None]], bool]
+"""([(text or raw JSON line, source, chat messages or None)], tokenize)"""
 
 
-def _batches(docs: Iterator[Document], size: int, tokenize: Callable[[], bool]) -> Iterator[_Job]:
+def _batches(docs: Iterator[Document | RawLine], size: int, tokenize: Callable[[], bool]) -> Iterator[_Job]:
     """Jobs for the workers: what _prepare needs of each document as plain tuples (they pickle about twice as
-    fast as Document objects, and the records' other fields stay behind)."""
-    batch: list[tuple[str, str, list | None]] = []
+    fast as Document objects, and the records' other fields stay behind). JSON lines travel unparsed, as bytes:
+    the workers parse them, in parallel, and a bytes object pickles at memory speed."""
+    batch: list[tuple[str | bytes, str, list | None]] = []
     for d in docs:
-        batch.append((d.text, d.source, d.meta.get("messages") if "messages" in d.meta else None))
+        if isinstance(d, RawLine):
+            batch.append((d.raw, d.source, None))
+        else:
+            batch.append((d.text, d.source, d.meta.get("messages") if "messages" in d.meta else None))
         if len(batch) == size:
             yield batch, tokenize()
             batch = []
@@ -267,7 +284,7 @@ def build_shards(inputs: list[str | os.PathLike], tokenizer_dir: str | os.PathLi
     # While some bucket still has journaled documents ahead, workers skip tokenising (the main
     # process tokenises the few documents past the resume point itself).
     resuming = lambda: any(b.seen < b.done_docs for b in buckets.values())  # noqa: E731
-    docs = read_documents(inputs, text_field=cfg.text_field, source=cfg.source, drops=drops)
+    docs = read_documents(inputs, text_field=cfg.text_field, source=cfg.source, drops=drops, raw_json=True)
     jobs = _batches(docs, cfg.batch_docs, lambda: not resuming())
     workers = cfg.workers or os.cpu_count() or 1
     dtype = token_dtype(tok.vocab_size)
@@ -277,6 +294,7 @@ def build_shards(inputs: list[str | os.PathLike], tokenizer_dir: str | os.PathLi
             reasons = iter(dedup.check_arrays(batch.exact, batch.sigs) if dedup is not None and batch.ends.size
                            else ())
             ids_all = batch.ids.astype(dtype)  # the shard's token type, converted once per batch
+            drops.merge(batch.read_drops)
             n_read += len(batch.drops)
             # the documents kept, in order, as runs of consecutive documents of one bucket (usually the whole batch)
             runs: list[tuple[tuple[str, str, str], list[int]]] = []

@@ -35,6 +35,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 # Longest suffix first: ".jsonl.gz" must win over ".gz".
 SUPPORTED_SUFFIXES = (".jsonl.gz", ".json.gz", ".txt.gz", ".jsonl", ".json", ".txt", ".parquet")
@@ -105,13 +106,15 @@ def _stem(path: Path, suffix: str) -> str:
 
 
 def read_documents(paths: Sequence[str | Path], text_field: str = "text", source: str | None = None, *,
-                   drops: DropCounter) -> Iterator[Document]:
+                   drops: DropCounter, raw_json: bool = False) -> Iterator[Document | RawLine]:
     """Streams the documents of `paths` in order. Checks every path first, so a typo in the last file name fails
     before any work is done: unknown extension -> ValueError, missing file -> FileNotFoundError.
 
     text_field: the JSON key / parquet column holding the text.
     source: the `Document.source` of every document; default: each file's stem.
     drops: receives a count for every record that is not yielded (reasons in the module docstring).
+    raw_json: yield each non-blank JSON line as a RawLine, unparsed, for a caller that parses it elsewhere with
+        parse_json_line and counts its drops itself (build's worker processes); other formats yield Documents.
     """
     checked: list[tuple[Path, str]] = []
     for p in map(Path, paths):
@@ -122,11 +125,11 @@ def read_documents(paths: Sequence[str | Path], text_field: str = "text", source
         if not p.is_file():
             raise FileNotFoundError(f"{p}: no such file" + (" (it is a directory)" if p.is_dir() else ""))
         checked.append((p, suffix))
-    return _read_all(checked, text_field, source, drops)
+    return _read_all(checked, text_field, source, drops, raw_json)
 
 
 def _read_all(checked: list[tuple[Path, str]], text_field: str, source: str | None,
-              drops: DropCounter) -> Iterator[Document]:
+              drops: DropCounter, raw_json: bool) -> Iterator[Document | RawLine]:
     for path, suffix in checked:
         src = source or _stem(path, suffix)
         if suffix == ".parquet":
@@ -134,8 +137,12 @@ def _read_all(checked: list[tuple[Path, str]], text_field: str, source: str | No
             continue
         try:
             with (gzip.open(path, "rb") if suffix.endswith(".gz") else open(path, "rb")) as f:
-                reader = _read_text_file if suffix.startswith(".txt") else _read_jsonl
-                yield from reader(f, path, text_field, src, drops)
+                if suffix.startswith(".txt"):
+                    yield from _read_text_file(f, path, text_field, src, drops)
+                elif raw_json:
+                    yield from _raw_lines(f, src, drops)
+                else:
+                    yield from _read_jsonl(f, path, text_field, src, drops)
         except (gzip.BadGzipFile, EOFError, zlib.error) as e:
             # Raised, not counted: the records after the damage are unknown, so they cannot be counted.
             raise ValueError(f"{path}: corrupt or truncated gzip stream ({e}); re-download or re-compress it") from e
@@ -148,37 +155,55 @@ def _read_jsonl(lines: Iterable[bytes], path: Path, text_field: str, source: str
         if not raw.strip():
             continue  # blank lines separate nothing in JSON lines; they are not records
         records += 1
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            drops.add("invalid_utf8")
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            drops.add("invalid_json")
-            continue
-        if not isinstance(record, dict):
-            drops.add("not_an_object")
-            continue
-        origin = f"{path}:{lineno}"
-        if "messages" in record:
-            messages = record["messages"]
-            if not _valid_messages(messages):
-                drops.add("invalid_messages")
-                continue
-            yield Document("", source, origin, record)
-            continue
-        if record.get(text_field) is None:
-            drops.add("missing_text_field")
-            continue
-        text = record.pop(text_field)
-        if not isinstance(text, str):
-            drops.add("invalid_text")
-            continue
-        yield Document(text, source, origin, record)
+        parsed = parse_json_line(raw, text_field)
+        if isinstance(parsed, str):
+            drops.add(parsed)
+        else:
+            text, record = parsed
+            yield Document(text, source, f"{path}:{lineno}", record)
     if records == 0:
         drops.add("empty_file")
+
+
+class RawLine(NamedTuple):
+    """A non-blank JSON line, not parsed yet (read_documents(raw_json=True)), and the source of its file."""
+
+    raw: bytes
+    source: str
+
+
+def _raw_lines(lines: Iterable[bytes], source: str, drops: DropCounter) -> Iterator[RawLine]:
+    records = 0
+    for raw in lines:
+        if raw.strip():
+            records += 1
+            yield RawLine(raw, source)
+    if records == 0:
+        drops.add("empty_file")
+
+
+def parse_json_line(raw: bytes, text_field: str = "text") -> tuple[str, dict] | str:
+    """A non-blank JSON line -> (text, the record's other fields), ("", record) for a chat record ({"messages":
+    [...]}), or the reason it is dropped (invalid_utf8, invalid_json, not_an_object, invalid_messages,
+    missing_text_field, invalid_text)."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "invalid_utf8"
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return "invalid_json"
+    if not isinstance(record, dict):
+        return "not_an_object"
+    if "messages" in record:
+        return ("", record) if _valid_messages(record["messages"]) else "invalid_messages"
+    if record.get(text_field) is None:
+        return "missing_text_field"
+    text = record.pop(text_field)
+    if not isinstance(text, str):
+        return "invalid_text"
+    return text, record
 
 
 def _valid_messages(messages: object) -> bool:

@@ -114,14 +114,14 @@ def test_interrupted_run_resumes_without_rewriting_finished_shards(tmp_path, cor
 
 
 # Runs build_shards with 2 forked workers, 16 documents a batch, in a fresh interpreter, after making the workers'
-# _prepare misbehave on the batch whose first document is argv[4]: "kill" (SIGKILL itself) or "raise".
+# _prepare misbehave on the batch whose first document's text is argv[4]: "kill" (SIGKILL itself) or "raise".
 _MISBEHAVING_WORKER = """
-import os, signal, sys
+import json, os, signal, sys
 import data_shards.build as b
 inputs, tok, out, marker, how = sys.argv[1].split(","), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
 prepare = b._prepare
 def misbehaving(job):
-    if job[0][0][0] == marker:
+    if json.loads(job[0][0][0])["text"] == marker:  # JSON lines reach the workers unparsed
         if how == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         raise ValueError("this batch is cursed")
