@@ -105,12 +105,13 @@ class _Index:
                 return
             i = (i + 1) & mask
 
-    def setdefault_many(self, keys: np.ndarray, values: np.ndarray) -> None:
+    def setdefault_many(self, keys: np.ndarray, values: np.ndarray, found: np.ndarray | None = None) -> None:
         """`setdefault(k, v)` for each of the (N,) keys and values in order, vectorised: the same keys -> values,
-        size and capacity afterwards (slots may differ: a probe run can be filled in another order)."""
+        size and capacity afterwards (slots may differ: a probe run can be filled in another order).
+        found: get_many(keys) >= 0, if the caller already knows it."""
         if not len(keys):
             return
-        absent = np.flatnonzero(self.get_many(keys) < 0)
+        absent = np.flatnonzero(~found if found is not None else self.get_many(keys) < 0)
         _, first = np.unique(keys[absent], return_index=True)  # the first call for each new key wins
         new = absent[first]
         # setdefault grows before each call while 2 * (size + 1) > capacity; the size before the last call is
@@ -391,8 +392,10 @@ class Deduplicator:
             out.append(None)
         if kept:  # the index writes _remember makes, in the same order, vectorised
             docs = np.arange(self._kept - len(kept), self._kept, dtype=np.int32)
-            self._exact.setdefault_many(exact[kept], docs)
-            self._band_index.setdefault_many(bands[kept].ravel(), np.repeat(docs, self.bands))
+            # (what the lookups before the loop found is still there: the index changes only here)
+            self._exact.setdefault_many(exact[kept], docs, old_exact[kept] >= 0)
+            self._band_index.setdefault_many(bands[kept].ravel(), np.repeat(docs, self.bands),
+                                             old_bands[kept].ravel() >= 0)
         return out
 
     def _remember(self, exact_key: int, sig: np.ndarray, keys: list[int]) -> None:
