@@ -1,6 +1,9 @@
 """Coordinator load: lease -> heartbeat -> complete cycles from concurrent clients on loopback, while
 2,000 registered workers heartbeat every 10 s. Prints a table and writes JSON.
 
+A cycle's result is 256 bytes, uploaded as workers upload it (CoordinatorClient.complete): in one
+CompleteInline call; `--stream` uses the Complete stream (a header message, then a data message).
+
     python benchmarks/coordinator_load.py                                   # SQLite in a temp dir
     python benchmarks/coordinator_load.py --db postgresql+psycopg://postgres@127.0.0.1:5432/bench
     python benchmarks/coordinator_load.py --json runs/bench/coordinator.json --duration 30
@@ -59,7 +62,7 @@ def _prepare(db: str, project: Path, n_tasks: int) -> None:
     store.close()
 
 
-async def _cyclers(target: str, n: int, duration: float, out: dict):
+async def _cyclers(target: str, n: int, duration: float, stream: bool, out: dict):
     import grpc
 
     from coordinator.api import mujina_pb2 as pb
@@ -89,7 +92,11 @@ async def _cyclers(target: str, n: int, duration: float, out: dict):
 
                 head = pb.CompleteHeader(task_id=r.task.task_id, lease_id=r.task.lease_id, size_bytes=len(data),
                                          sha256=digest, metrics={"loss": 2.0, "tokens": 1024})
-                await stub.Complete(iter([pb.CompleteChunk(header=head), pb.CompleteChunk(data=data)]), metadata=md)
+                if stream:
+                    await stub.Complete(iter([pb.CompleteChunk(header=head), pb.CompleteChunk(data=data)]),
+                                        metadata=md)
+                else:  # what CoordinatorClient.complete sends for a result this small
+                    await stub.CompleteInline(pb.CompleteInlineRequest(header=head, data=data), metadata=md)
                 out["cycle_ms"].append((time.perf_counter() - t0) * 1e3)
                 out["cycles"] += 1
 
@@ -133,7 +140,7 @@ def _proc(kind: str, target: str, args: dict, ready, q: mp.Queue):
     else:
         ready.wait()
         out["cpu0_s"] = time.process_time()  # after imports and start-up: only the cycling is counted
-        coro = _cyclers(target, args["clients"], args["duration"], out)
+        coro = _cyclers(target, args["clients"], args["duration"], args["stream"], out)
     asyncio.run(coro)
     out["cpu_s"] = time.process_time() - out.get("cpu0_s", 0.0)
     q.put(out)
@@ -167,6 +174,9 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=2000, help="registered idle workers heartbeating")
     ap.add_argument("--interval", type=float, default=10.0, help="idle workers' heartbeat interval, seconds")
     ap.add_argument("--duration", type=float, default=20.0, help="measured seconds of cycling")
+    ap.add_argument("--stream", action="store_true",
+                    help="upload results with the Complete stream (header, then data) instead of one CompleteInline "
+                         "call, which is what workers send for results up to 1 MiB")
     args = ap.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="mujina-bench-"))
@@ -190,7 +200,8 @@ def main(argv=None) -> int:
             health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
         ctx = mp.get_context("spawn")
         q = ctx.Queue()
-        settings = dict(workers=args.workers, interval=args.interval, duration=args.duration, clients=args.clients)
+        settings = dict(workers=args.workers, interval=args.interval, duration=args.duration, clients=args.clients,
+                        stream=args.stream)
         ready = ctx.Event()  # set once the idle workers are registered
         procs = [ctx.Process(target=_proc, args=("idle", target, settings, ready, q))]
         procs += [ctx.Process(target=_proc, args=("cycle", target, settings, ready, q)) for _ in range(args.procs)]
@@ -220,6 +231,7 @@ def main(argv=None) -> int:
         "p50_cycle_ms": _pct(cyc, 50), "p99_cycle_ms": _pct(cyc, 99),
         "server_rss_mb": rss, "server_peak_rss_mb": peak,
         "clients": args.clients * args.procs, "idle_workers": args.workers, "duration_s": args.duration,
+        "upload": "Complete stream" if args.stream else "CompleteInline",
         "cpus": os.cpu_count(),
         "no_work_answers": sum(o["no_work"] for o in outs),
         # CPU per cycle: robust to other jobs on the machine (wall-clock figures are not).
@@ -228,8 +240,9 @@ def main(argv=None) -> int:
         "cycler_cpu_ms_per_cycle": sum(o["cpu_s"] for o in outs if "registered" not in o) * 1e3 / max(cycles, 1),
         "load_average_1m": load0,
     }
-    print(f"coordinator load ({res['db']}, {res['clients']} cycling clients, {args.workers} idle workers "
-          f"heartbeating every {args.interval:g} s, {args.duration:g} s, {os.cpu_count()} CPUs)")
+    print(f"coordinator load ({res['db']}, {res['clients']} cycling clients uploading with {res['upload']}, "
+          f"{args.workers} idle workers heartbeating every {args.interval:g} s, {args.duration:g} s, "
+          f"{os.cpu_count()} CPUs)")
     print(f"{'metric':<26}{'value':>12}")
     for key in ("cycles_per_s", "p50_heartbeat_ms", "p99_heartbeat_ms", "p99_idle_heartbeat_ms", "p50_cycle_ms",
                 "p99_cycle_ms", "server_rss_mb", "server_peak_rss_mb", "server_cpu_ms_per_cycle", "server_cpu_cores",

@@ -1,9 +1,10 @@
 """gRPC Python's floor for coordinator_load.py's cycle: the same three calls per cycle (unary, unary,
-client stream of two messages) from 16 grpc.aio clients to a grpc.aio server in its own process
-whose handlers do nothing. What it measures is the cost of gRPC Python alone, the part of a cycle
-no coordinator change can remove; compare its CPU per cycle with coordinator_load.py's.
+unary: Lease, Heartbeat, CompleteInline; with --stream the third is a client stream of two messages,
+as Complete) from 16 grpc.aio clients to a grpc.aio server in its own process whose handlers do
+nothing. What it measures is the cost of gRPC Python alone, the part of a cycle no coordinator
+change can remove; compare its CPU per cycle with coordinator_load.py's (with the same --stream).
 
-    python benchmarks/grpc_floor.py [--clients 16] [--duration 10] [--json PATH]
+    python benchmarks/grpc_floor.py [--clients 16] [--duration 10] [--stream] [--json PATH]
 
 JSON keys: cycles_per_s, server_cpu_ms_per_cycle, client_cpu_ms_per_cycle, load_average_1m.
 """
@@ -51,7 +52,7 @@ def _server_main(port_q, stop) -> None:
     asyncio.run(_serve(port_q, stop))
 
 
-async def _clients(port: int, n: int, duration: float) -> int:
+async def _clients(port: int, n: int, duration: float, streamed: bool) -> int:
     import grpc
 
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
@@ -64,7 +65,10 @@ async def _clients(port: int, n: int, duration: float) -> int:
             while time.monotonic() < end:
                 await unary(b"l" * 60)   # Lease
                 await unary(b"h" * 80)   # Heartbeat
-                await stream(iter([b"c" * 150, b"d" * 256]))  # Complete: header, then the result
+                if streamed:
+                    await stream(iter([b"c" * 150, b"d" * 256]))  # Complete: header, then the result
+                else:
+                    await unary(b"c" * 406)  # CompleteInline: both in one message
                 cycles += 1
 
         await asyncio.gather(*(one() for _ in range(n)))
@@ -80,6 +84,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--duration", type=float, default=10.0)
+    ap.add_argument("--stream", action="store_true", help="the third call is a two-message client stream (Complete)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     ctx = mp.get_context("spawn")
@@ -90,12 +95,13 @@ def main(argv=None) -> int:
         port = port_q.get(timeout=60)
         load = os.getloadavg()[0]
         s0, c0, t0 = _cpu_s(server.pid), time.process_time(), time.monotonic()
-        cycles = asyncio.run(_clients(port, args.clients, args.duration))
+        cycles = asyncio.run(_clients(port, args.clients, args.duration, args.stream))
         wall = time.monotonic() - t0
         res = {"cycles_per_s": cycles / wall,
                "server_cpu_ms_per_cycle": (_cpu_s(server.pid) - s0) * 1e3 / max(cycles, 1),
                "client_cpu_ms_per_cycle": (time.process_time() - c0) * 1e3 / max(cycles, 1),
-               "load_average_1m": load, "clients": args.clients, "duration_s": args.duration, "cpus": os.cpu_count()}
+               "load_average_1m": load, "stream": args.stream, "clients": args.clients,
+               "duration_s": args.duration, "cpus": os.cpu_count()}
     finally:
         stop.set()
         server.join(timeout=30)

@@ -45,6 +45,7 @@ SERVICE = "mujina.v1.Coordinator"
 CHUNK = 1 << 20          # fetch chunk size; below the default 4 MiB message limit
 MAX_METADATA_CHARS = 65536  # Complete's metadata_json; results themselves go in the upload
 MAX_KINDS = 32  # Register's capabilities.kinds
+INLINE_MAX_BYTES = 1 << 20  # CompleteInline's data (mujina.proto)
 TOKEN_CACHE_S = 5.0      # a revoked token stops working within this many seconds
 _NAME_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -211,7 +212,19 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         first = await anext(request_iterator, None)
         if first is None or not first.HasField("header"):
             raise RequestError("INVALID_ARGUMENT", "the first Complete message must be a header")
-        h = first.header
+        return await self._complete(token, first.header, request_iterator)
+
+    @_guard
+    async def CompleteInline(self, token, request, context):
+        if not request.HasField("header"):
+            raise RequestError("INVALID_ARGUMENT", "CompleteInline needs a header")
+        if len(request.data) > INLINE_MAX_BYTES:
+            raise RequestError("RESOURCE_EXHAUSTED", f"CompleteInline carries at most {INLINE_MAX_BYTES} bytes of "
+                               f"data, got {len(request.data)}: upload it with Complete")
+        return await self._complete(token, request.header, request.data)
+
+    async def _complete(self, token: str, h: pb.CompleteHeader, rest) -> pb.CompleteResponse:
+        """Complete and CompleteInline: `rest` is the stream after the header, or the inline data."""
         if not h.task_id or not h.lease_id:
             raise RequestError("INVALID_ARGUMENT", "header.task_id and header.lease_id are required")
         if not _SHA_RE.match(h.sha256):
@@ -240,15 +253,20 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
         # The upload is kept in memory (it is bounded by limits.max_upload_bytes, and the validator
         # reads all of it anyway); it reaches the disk only inside the transaction that records it.
-        chunks, digest, size = [], hashlib.sha256(), 0
-        async for msg in request_iterator:
-            if not msg.HasField("data"):
-                raise RequestError("INVALID_ARGUMENT", "only the first Complete message may be a header")
-            size += len(msg.data)
+        if isinstance(rest, bytes):
+            chunks, digest, size = [rest], hashlib.sha256(rest), len(rest)
             if size > h.size_bytes:
                 raise RequestError("DATA_LOSS", f"upload sent more than the declared {h.size_bytes} bytes")
-            digest.update(msg.data)
-            chunks.append(msg.data)
+        else:
+            chunks, digest, size = [], hashlib.sha256(), 0
+            async for msg in rest:
+                if not msg.HasField("data"):
+                    raise RequestError("INVALID_ARGUMENT", "only the first Complete message may be a header")
+                size += len(msg.data)
+                if size > h.size_bytes:
+                    raise RequestError("DATA_LOSS", f"upload sent more than the declared {h.size_bytes} bytes")
+                digest.update(msg.data)
+                chunks.append(msg.data)
         if size != h.size_bytes:
             raise RequestError("DATA_LOSS", f"upload truncated: received {size} of {h.size_bytes} bytes; "
                                "send it again")

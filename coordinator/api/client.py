@@ -30,6 +30,7 @@ from . import mujina_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 UPLOAD_CHUNK = 1 << 20
+INLINE_MAX_BYTES = 1 << 20  # CompleteInline's limit (mujina.proto): larger results go through the Complete stream
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)  # the only status meaning "the same request may succeed later"
 
 
@@ -95,10 +96,14 @@ class CoordinatorClient:
 
     def complete(self, task_id: str, lease_id: str, data: bytes = b"", metrics: dict[str, float] | None = None,
                  metadata_json: str = "", *, timeout: float | None = None) -> pb.CompleteResponse:
-        """Upload a result (held in memory; results are small) and its metrics; retried on UNAVAILABLE."""
+        """Upload a result (held in memory; results are small) and its metrics; retried on UNAVAILABLE.
+        Up to INLINE_MAX_BYTES in one CompleteInline call, larger results as a Complete stream."""
         header = pb.CompleteHeader(task_id=task_id, lease_id=lease_id, size_bytes=len(data),
                                    sha256=hashlib.sha256(data).hexdigest(), metrics=metrics or {},
                                    metadata_json=metadata_json)
+        if len(data) <= INLINE_MAX_BYTES:
+            request = pb.CompleteInlineRequest(header=header, data=data)
+            return self._retrying("Complete", lambda: self._call(self.stub.CompleteInline, request, timeout))
         return self._retrying("Complete", lambda: self.complete_raw(self._chunks(header, data), timeout=timeout))
 
     @staticmethod

@@ -196,6 +196,14 @@ class CompleteChunk(_message.Message):
     data: bytes
     def __init__(self, header: _Optional[_Union[CompleteHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
+class CompleteInlineRequest(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: CompleteHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[CompleteHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
 class CompleteResponse(_message.Message):
     __slots__ = ("accepted", "credited", "duplicate", "message")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]

@@ -54,6 +54,11 @@ class CoordinatorStub:
                 request_serializer=mujina__pb2.CompleteChunk.SerializeToString,
                 response_deserializer=mujina__pb2.CompleteResponse.FromString,
                 _registered_method=True)
+        self.CompleteInline = channel.unary_unary(
+                '/mujina.v1.Coordinator/CompleteInline',
+                request_serializer=mujina__pb2.CompleteInlineRequest.SerializeToString,
+                response_deserializer=mujina__pb2.CompleteResponse.FromString,
+                _registered_method=True)
         self.Fail = channel.unary_unary(
                 '/mujina.v1.Coordinator/Fail',
                 request_serializer=mujina__pb2.FailRequest.SerializeToString,
@@ -113,6 +118,17 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CompleteInline(self, request, context):
+        """Complete for a result small enough for one message (data of at most 1 MiB): the header and the data
+        in a single unary call. The same checks, answers, idempotence and credit as Complete; it saves the
+        stream's per-message work, which for small results (eval losses, short generations) is a large part
+        of the coordinator's CPU per task. Errors as Complete, plus RESOURCE_EXHAUSTED for data over 1 MiB
+        (send it through Complete) and DATA_LOSS when data does not have header.size_bytes bytes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Fail(self, request, context):
         """Gives a lease back unfinished. reason SHUTDOWN requeues the task without counting an attempt;
         any other reason counts one, and the task goes dead after the project's max_attempts.
@@ -158,6 +174,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
             'Complete': grpc.stream_unary_rpc_method_handler(
                     servicer.Complete,
                     request_deserializer=mujina__pb2.CompleteChunk.FromString,
+                    response_serializer=mujina__pb2.CompleteResponse.SerializeToString,
+            ),
+            'CompleteInline': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompleteInline,
+                    request_deserializer=mujina__pb2.CompleteInlineRequest.FromString,
                     response_serializer=mujina__pb2.CompleteResponse.SerializeToString,
             ),
             'Fail': grpc.unary_unary_rpc_method_handler(
@@ -283,6 +304,33 @@ class Coordinator:
             target,
             '/mujina.v1.Coordinator/Complete',
             mujina__pb2.CompleteChunk.SerializeToString,
+            mujina__pb2.CompleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompleteInline(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mujina.v1.Coordinator/CompleteInline',
+            mujina__pb2.CompleteInlineRequest.SerializeToString,
             mujina__pb2.CompleteResponse.FromString,
             options,
             channel_credentials,

@@ -120,6 +120,42 @@ def test_client_that_vanishes_mid_upload_leaves_nothing(leased):
     assert c.complete(t.task_id, t.lease_id, data, GOOD).accepted
 
 
+def test_complete_inline_checks_what_complete_checks(leased, monkeypatch):
+    """The one-message upload (what CoordinatorClient.complete sends for results up to 1 MiB) refuses what the
+    stream refuses, plus data over its 1 MiB; larger results go through the stream; both are one completion."""
+    from coordinator.api import mujina_pb2_grpc as pb_grpc
+    from coordinator.api.client import INLINE_MAX_BYTES
+    coord, c, t = leased
+    stub = pb_grpc.CoordinatorStub(c.channel)
+
+    def inline(data: bytes, **kw):
+        req = pb.CompleteInlineRequest(header=header(t, data, **kw).header, data=data)
+        return stub.CompleteInline(req, metadata=c.metadata, timeout=10)
+
+    code, msg = code_of(lambda: stub.CompleteInline(pb.CompleteInlineRequest(data=b"x"), metadata=c.metadata))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "needs a header" in msg
+    code, msg = code_of(lambda: inline(b"\0" * (INLINE_MAX_BYTES + 1)))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "upload it with Complete" in msg
+    code, msg = code_of(lambda: inline(b"x" * 10, size_bytes=20))
+    assert code == grpc.StatusCode.DATA_LOSS and "truncated: received 10 of 20 bytes" in msg
+    code, msg = code_of(lambda: inline(b"x" * 30, size_bytes=20))
+    assert code == grpc.StatusCode.DATA_LOSS and "more than the declared 20 bytes" in msg
+    code, msg = code_of(lambda: inline(b"x" * 10, sha256="0" * 64))
+    assert code == grpc.StatusCode.DATA_LOSS and "SHA-256 mismatch" in msg
+    code, msg = code_of(lambda: inline(b"x", metrics={"loss": math.nan, "tokens": 1}))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    monkeypatch.setattr("coordinator.api.client.INLINE_MAX_BYTES", 1000)  # the client streams what is larger
+    big = bytes(range(256)) * 20
+    streamed, raw = [], c.complete_raw
+    monkeypatch.setattr(c, "complete_raw", lambda chunks, **kw: streamed.append(1) or raw(chunks, **kw))
+    first = c.complete(t.task_id, t.lease_id, big, GOOD)
+    assert streamed == [1]
+    again = inline(big[:10], size_bytes=len(big), sha256=hashlib.sha256(big).hexdigest())  # a retry, inline
+    assert first.accepted and first.credited and again.duplicate and again.accepted
+    stored = coord.cfg.state_dir / "results" / f"{t.task_id}.{t.lease_id}.bin"
+    assert stored.read_bytes() == big
+
+
 def test_malformed_complete_messages_are_invalid_argument(leased):
     coord, c, t = leased
     code, msg = code_of(lambda: c.complete_raw([pb.CompleteChunk(data=b"no header")]))
