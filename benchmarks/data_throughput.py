@@ -8,7 +8,7 @@ tests/data_shards/corpus.py (templates, no downloads): Japanese and English docu
 (distinct seeds), `--docs` documents (about 1.6 KB each: the default 20,000 documents are ~32 MB of
 text), as two JSONL files in a temporary directory. A tokenizer is trained once on a sample of it.
 The default size makes one shard run last several seconds, so that the interpreter start-up and
-imports (~0.3 s, paid once per run; workers are forked, not spawned) are a small part of it, as in
+imports (~0.2 s, paid once per run; workers are forked, not spawned) are a small part of it, as in
 a real run of minutes; the "pipeline" figures leave them out altogether (steady state).
 
 1. Throughput. (a) `python -m data_shards.cli shard --workers W` as a subprocess, end to end:
