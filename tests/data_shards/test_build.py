@@ -159,6 +159,18 @@ def test_a_failing_worker_stops_the_run_which_then_resumes(tmp_path, corpus, tok
     assert Manifest.load(tmp_path / "out").shards == Manifest.load(tmp_path / "ref").shards
 
 
+def test_input_damaged_midway_stops_the_run_with_its_error(tmp_path, corpus, tokenizer_dir):
+    """A gzip file cut short, met by the reading thread while the workers are busy with the earlier input:
+    the CLI stops with the reader's own error (exit 2), not a hang and not a manifest."""
+    import gzip
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(gzip.compress(corpus["files"][1].read_bytes())[:5000])
+    r = mujina_data("shard", "--input", str(corpus["files"][0]), str(cut), "--tokenizer", str(tokenizer_dir),
+                    "--out", str(tmp_path / "out"), "--workers", "2", check=False)
+    assert r.returncode == 2 and "cut.jsonl.gz: corrupt or truncated gzip" in r.stderr, r.stderr
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
 def test_chat_records_get_assistant_only_loss_masks(tmp_path, tokenizer_dir):
     rec = {"messages": [{"role": "user", "content": "日本の首都はどこですか？"},
                         {"role": "assistant", "content": "日本の首都は東京です。"}]}
