@@ -445,17 +445,28 @@ class _WorkerTraceback(Exception):
 
 
 def _serve(jobs, results, tokenizer_dir: str, cfg: ShardConfig) -> None:
-    """A shard worker: prepares the batches it receives until it receives None."""
+    """A shard worker: prepares the batches it receives until it receives None (or the main process is gone)."""
     _init_worker(tokenizer_dir, cfg)
-    while (job := jobs.recv()) is not None:
+    while True:
         try:
-            results.send(("ok", _prepare(job)))
+            job = jobs.recv()
+        except EOFError:  # the main process died or gave up: nobody waits for the results
+            return
+        if job is None:
+            return
+        try:
+            reply = ("ok", _prepare(job))
         except Exception as e:  # noqa: BLE001 - sent to the main process, which raises it
-            trace = traceback.format_exc()
-            try:
-                results.send(("error", (e, trace)))
-            except Exception:  # noqa: BLE001 - an exception that does not pickle
-                results.send(("error", (RuntimeError(f"{type(e).__name__}: {e}"), trace)))
+            reply = ("error", (e, traceback.format_exc()))
+        try:
+            results.send(reply)
+        except BrokenPipeError:  # the main process is gone
+            return
+        except Exception:  # an exception that does not pickle: send its text
+            if reply[0] != "error":
+                raise
+            e, trace = reply[1]
+            results.send(("error", (RuntimeError(f"{type(e).__name__}: {e}"), trace)))
 
 
 def _write_run(bucket: _Bucket, ks: list[int], batch: _Batch, ids: np.ndarray, out: Path, tok: Tokenizer,
