@@ -34,6 +34,7 @@ from sqlalchemy import select
 from . import store as S
 from .api import mujina_pb2 as pb
 from .api import mujina_pb2_grpc as pb_grpc
+from .api.client import INLINE_MAX_BYTES
 from .config import ProjectConfig
 from .metrics import NullMetrics, make_metrics
 from .scheduler import Grant, RequestError, Scheduler
@@ -45,7 +46,6 @@ SERVICE = "mujina.v1.Coordinator"
 CHUNK = 1 << 20          # fetch chunk size; below the default 4 MiB message limit
 MAX_METADATA_CHARS = 65536  # Complete's metadata_json; results themselves go in the upload
 MAX_KINDS = 32  # Register's capabilities.kinds
-INLINE_MAX_BYTES = 1 << 20  # CompleteInline's data (mujina.proto)
 TOKEN_CACHE_S = 5.0      # a revoked token stops working within this many seconds
 _NAME_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")

@@ -44,6 +44,7 @@ class CoordinatorClient:
         self.stub = pb_grpc.CoordinatorStub(self.channel)
         self.metadata = (("authorization", f"Bearer {token}"),)
         self.timeout, self.retry_for = timeout, retry_for
+        self.inline = True  # False once the coordinator turned out to predate CompleteInline
 
     def close(self):
         self.channel.close()
@@ -101,9 +102,15 @@ class CoordinatorClient:
         header = pb.CompleteHeader(task_id=task_id, lease_id=lease_id, size_bytes=len(data),
                                    sha256=hashlib.sha256(data).hexdigest(), metrics=metrics or {},
                                    metadata_json=metadata_json)
-        if len(data) <= INLINE_MAX_BYTES:
+        if len(data) <= INLINE_MAX_BYTES and self.inline:
             request = pb.CompleteInlineRequest(header=header, data=data)
-            return self._retrying("Complete", lambda: self._call(self.stub.CompleteInline, request, timeout))
+            try:
+                return self._retrying("Complete", lambda: self._call(self.stub.CompleteInline, request, timeout))
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                log.info("the coordinator has no CompleteInline (an older version): uploading with Complete")
+                self.inline = False
         return self._retrying("Complete", lambda: self.complete_raw(self._chunks(header, data), timeout=timeout))
 
     @staticmethod

@@ -156,6 +156,18 @@ def test_complete_inline_checks_what_complete_checks(leased, monkeypatch):
     assert stored.read_bytes() == big
 
 
+def test_client_falls_back_to_the_stream_for_a_coordinator_without_complete_inline(leased):
+    """A worker newer than its coordinator: CompleteInline answers UNIMPLEMENTED (here: a method the real
+    server does not have), and the client uploads through Complete from then on."""
+    coord, c, t = leased
+    c.stub.CompleteInline = c.channel.unary_unary(
+        "/mujina.v1.Coordinator/NoSuchMethod", request_serializer=pb.CompleteInlineRequest.SerializeToString,
+        response_deserializer=pb.CompleteResponse.FromString)
+    assert c.inline
+    r = c.complete(t.task_id, t.lease_id, b"small result", GOOD)
+    assert r.accepted and r.credited and not c.inline
+
+
 def test_malformed_complete_messages_are_invalid_argument(leased):
     coord, c, t = leased
     code, msg = code_of(lambda: c.complete_raw([pb.CompleteChunk(data=b"no header")]))
