@@ -150,34 +150,32 @@ def _read_all(checked: list[tuple[Path, str]], text_field: str, source: str | No
 
 def _read_jsonl(lines: Iterable[bytes], path: Path, text_field: str, source: str,
                 drops: DropCounter) -> Iterator[Document]:
-    records = 0
-    for lineno, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue  # blank lines separate nothing in JSON lines; they are not records
-        records += 1
+    for raw, _, lineno in _raw_lines(lines, source, drops):
         parsed = parse_json_line(raw, text_field)
         if isinstance(parsed, str):
             drops.add(parsed)
         else:
             text, record = parsed
             yield Document(text, source, f"{path}:{lineno}", record)
-    if records == 0:
-        drops.add("empty_file")
 
 
 class RawLine(NamedTuple):
-    """A non-blank JSON line, not parsed yet (read_documents(raw_json=True)), and the source of its file."""
+    """A non-blank JSON line, not parsed yet (read_documents(raw_json=True)), the source of its file and its
+    1-based line number."""
 
     raw: bytes
     source: str
+    lineno: int
 
 
 def _raw_lines(lines: Iterable[bytes], source: str, drops: DropCounter) -> Iterator[RawLine]:
+    """The non-blank lines (blank lines separate nothing in JSON lines; they are not records); a file with none
+    is counted as empty_file."""
     records = 0
-    for raw in lines:
+    for lineno, raw in enumerate(lines, 1):
         if raw.strip():
             records += 1
-            yield RawLine(raw, source)
+            yield RawLine(raw, source, lineno)
     if records == 0:
         drops.add("empty_file")
 
