@@ -38,6 +38,7 @@ import hashlib
 
 import numpy as np
 
+from data_shards import filters
 from data_shards.filters import normalize
 
 SHINGLE_CHARS = 5
@@ -219,6 +220,8 @@ class Deduplicator:
         """(len(texts), num_perm) uint32: `signature` of each normalised text, bit for bit, for a whole batch with
         a fixed number of numpy calls (shingle hashes of all texts at once, each (text, bin) minimum by one
         np.minimum.at). Texts under SHINGLE_CHARS characters go through `signature` itself."""
+        if filters._native is not None:
+            return self._signatures_native(texts)
         K = self.num_perm
         compacts = [" ".join(t.split()) for t in texts]
         lengths = np.fromiter(map(len, compacts), dtype=np.int64, count=len(texts))  # (D,)
@@ -257,9 +260,32 @@ class Deduplicator:
         np.minimum.at(smallest, key, h)  # (D*K + 1,) each bin's smallest hash
         smallest = smallest[:-1]
         filled = np.bincount(key, minlength=len(texts) * K + 1)[:-1].reshape(-1, K) > 0  # (D, K)
-        flat = np.where(filled, (smallest.reshape(-1, K) & _MASK32).astype(np.uint32), np.uint32(0xFFFFFFFF))
-        # Densification as in `signature`: an empty bin copies the first filled bin of its fixed sequence.
-        ed, eb = np.nonzero(~filled & long[:, None])  # (E,) text and bin of every empty bin
+        sigs[long] = self._densified(smallest.reshape(-1, K), filled, long)[long]
+        return sigs
+
+    def _signatures_native(self, texts: list[str]) -> np.ndarray:
+        """`signatures` with the C loop (filters._native.minhash_bins: whitespace collapsing, shingle hashes and
+        each bin's minimum in one pass over each text's characters), bit for bit the same."""
+        D, K = len(texts), self.num_perm
+        smallest = np.empty((D, K), dtype=np.uint64)
+        filled = np.zeros((D, K), dtype=bool)
+        lengths = np.empty(D, dtype=np.int64)  # characters after collapsing whitespace
+        filters._native.minhash_bins(texts, filters._CLASSES, self._shingle_mult, int(self._seed_salt), K, smallest,
+                                     filled, lengths)
+        sigs = np.empty((D, K), dtype=np.uint32)
+        long = lengths >= SHINGLE_CHARS
+        for d in np.flatnonzero(~long).tolist():  # untouched by minhash_bins: hashed whole
+            sigs[d] = self.signature(texts[d])
+        if long.any():
+            sigs[long] = self._densified(smallest, filled, long)[long]
+        return sigs
+
+    def _densified(self, smallest: np.ndarray, filled: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """(D, K) uint32 signatures from each (text, bin)'s smallest hash, (D, K) whether the bin has one, for the
+        texts where rows (D,) is True. Densification as in `signature`: an empty bin copies the first filled bin
+        of its fixed sequence."""
+        flat = np.where(filled, (smallest & _MASK32).astype(np.uint32), np.uint32(0xFFFFFFFF))
+        ed, eb = np.nonzero(~filled & rows[:, None])  # (E,) text and bin of every empty bin
         if len(ed):
             cand = self._densify[eb]  # (E, T)
             ok = filled[ed[:, None], cand]
@@ -268,8 +294,7 @@ class Deduplicator:
                 nxt = np.flatnonzero(filled[ed[e]])
                 src[e] = nxt[np.searchsorted(nxt, eb[e]) % len(nxt)]
             flat[ed, eb] = flat[ed, src]
-        sigs[long] = flat[long]
-        return sigs
+        return flat
 
     def fingerprints(self, texts: list[str], normalized: bool = False) -> list[tuple[int, np.ndarray]]:
         """[self.fingerprint(t) for t in texts]: the same keys and signatures, about 2x faster on a batch of a few

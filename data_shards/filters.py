@@ -23,6 +23,7 @@ ngram_repetition.
 
 from __future__ import annotations
 
+import os
 import re
 import unicodedata
 import zlib
@@ -139,6 +140,22 @@ def write_unicode_tables(path: Path = _TABLES_FILE) -> None:
 _CLASSES, _WORD_CHARS = _load_tables()
 
 
+def _load_native():
+    """The C loops (data_shards/_native.c), or None for numpy: when they were not built (no compiler at
+    install time) or MUJINA_NATIVE=0. Both give the same results bit for bit (tests/data_shards/test_native.py);
+    the C loops take about a third of the CPU time."""
+    if os.environ.get("MUJINA_NATIVE", "1") == "0":
+        return None
+    try:
+        from data_shards import _native
+    except ImportError:
+        return None
+    return _native
+
+
+_native = _load_native()
+
+
 def char_class_counts(text: str) -> np.ndarray:
     """(8,) counts of OTHER, SPACE, DIGIT, SYMBOL, LATIN, KANA, KANJI, OTHER_LETTER characters in `text`."""
     cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)  # (n,) code points
@@ -146,16 +163,26 @@ def char_class_counts(text: str) -> np.ndarray:
 
 
 class CharClasses(NamedTuple):
-    """The characters of a batch of texts, looked up once for language identification and the quality filters."""
+    """The characters of a batch of texts, looked up once for language identification and the quality filters.
+    cps, doc and classes are None when the C loops counted them (they need only `counts`)."""
 
-    cps: np.ndarray  # (C,) uint32 code points of all texts, one after another
-    doc: np.ndarray  # (C,) the text each belongs to
-    classes: np.ndarray  # (C,) uint8 class of each (OTHER ... OTHER_LETTER)
+    cps: np.ndarray | None  # (C,) uint32 code points of all texts, one after another
+    doc: np.ndarray | None  # (C,) the text each belongs to
+    classes: np.ndarray | None  # (C,) uint8 class of each (OTHER ... OTHER_LETTER)
     counts: np.ndarray  # (D, 8) per text: counts[d] == char_class_counts(texts[d])
 
 
 def char_classes(texts: list[str]) -> CharClasses:
-    """All texts' characters in one numpy pass (see CharClasses)."""
+    """All texts' characters in one pass: the C loop when it is built, else numpy (see CharClasses)."""
+    if _native is not None:
+        counts = np.empty((len(texts), 8), dtype=np.int64)
+        _native.class_counts(texts, _CLASSES, counts)
+        return CharClasses(None, None, None, counts)
+    return _char_arrays(texts)
+
+
+def _char_arrays(texts: list[str]) -> CharClasses:
+    """char_classes with numpy, every field filled."""
     cps = np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32)  # (C,)
     doc = np.repeat(np.arange(len(texts)), [len(t) for t in texts])  # (C,)
     classes = _CLASSES[np.minimum(cps, _TABLE_SIZE - 1)]  # (C,)
@@ -313,10 +340,14 @@ def _ngram_repetition(units: np.ndarray, weights: np.ndarray, sizes_top: tuple[i
                 continue
             order, starts, counts = _runs(h)
             if top:
-                k = int(counts.argmax())
-                i = int(order[starts[k]])
-                if counts[k] > 1 and counts[k] * (cum_w[i + n] - cum_w[i]) / total > limits_top[n]:
-                    return True
+                most = int(counts.max())
+                if most > 1:
+                    # Among equally frequent n-grams, the one covering the most characters: a choice that does
+                    # not depend on the hashes (English word hashes are salted per process).
+                    firsts = order[starts[counts == most]]  # first occurrence of each
+                    widest = float((cum_w[firsts + n] - cum_w[firsts]).max())
+                    if most * widest / total > limits_top[n]:
+                        return True
             if dup:
                 repeated = np.repeat(counts > 1, counts)  # (length-n+1,) in sorted order
                 first = np.sort(order[repeated])  # start positions of n-grams that occur more than once
@@ -447,9 +478,9 @@ def quality_reasons(texts: list[str], langs: list[str], cfg: FilterConfig | None
         chars = char_classes([texts[j] for j in todo])
     cps, doc, classes, counts = chars
     ja, en = [], []  # (index in texts, index in todo)
+    lined = []  # (index in texts, index in todo) of the documents that reach the line tests
     for i, (j, c) in enumerate(zip(todo, counts.tolist(), strict=True)):
-        text = texts[j]
-        nonspace = len(text) - c[SPACE]
+        nonspace = len(texts[j]) - c[SPACE]
         if nonspace == 0:
             out[j] = "letter_ratio"
         elif c[SYMBOL] > cfg.max_symbol_ratio * nonspace:
@@ -457,10 +488,33 @@ def quality_reasons(texts: list[str], langs: list[str], cfg: FilterConfig | None
         elif c[LATIN] + c[KANA] + c[KANJI] + c[OTHER_LETTER] < cfg.min_letter_ratio * nonspace:
             out[j] = "letter_ratio"
         else:
-            out[j] = _line_reason(text, cfg)
-            if out[j] is None:
-                (ja if langs[j] == "ja" else en).append((j, i))
+            lined.append((j, i))
+    if _native is not None:
+        codes = _native.line_reasons([texts[j] for j, _ in lined], _CLASSES, "".join(_BULLET),
+                                     cfg.max_duplicate_line_fraction, cfg.max_duplicate_line_char_fraction,
+                                     cfg.max_bullet_line_fraction, cfg.max_ellipsis_line_fraction)
+        line_reasons = [_LINE_REASONS[code] for code in codes]
+    else:
+        line_reasons = [_line_reason(texts[j], cfg) for j, _ in lined]
+    for (j, i), reason in zip(lined, line_reasons, strict=True):
+        out[j] = reason
+        if reason is None:
+            (ja if langs[j] == "ja" else en).append((j, i))
+    if _native is not None:  # the exact test in C, document by document: no bounds needed
+        for docs, repetition, table, batch in ((ja, _native.char_repetition, _CLASSES, [texts[j] for j, _ in ja]),
+                                               (en, _native.word_repetition, _WORD_CHARS,
+                                                [texts[j].lower() for j, _ in en])):
+            sizes_top, sizes_dup = _sizes("ja" if docs is ja else "en", cfg)
+            limits_top = [cfg.max_top_ngram_fraction - 0.02 * i for i in range(len(sizes_top))]
+            limits_dup = [cfg.max_duplicate_ngram_fraction - 0.01 * i for i in range(len(sizes_dup))]
+            repeats = repetition(batch, table, sizes_top, limits_top, sizes_dup, limits_dup, _MULT)
+            for (j, _), repeat in zip(docs, repeats, strict=True):
+                if repeat:
+                    out[j] = "ngram_repetition"
+        return out
     if ja:
+        if cps is None:
+            cps, doc, classes, _ = _char_arrays([texts[j] for j in todo])
         # "".join(text.split()) of every text: SPACE is exactly str.isspace(), and no code point past the class
         # table is a space.
         chosen = np.zeros(len(todo), dtype=bool)
@@ -521,6 +575,7 @@ def _line_reason(text: str, cfg: FilterConfig) -> str | None:
 
 
 _BULLET_CHARS = frozenset(_BULLET)
+_LINE_REASONS = (None, "duplicate_lines", "bullet_lines", "ellipsis_lines")  # _native.line_reasons' codes
 assert all(len(b) == 1 for b in _BULLET), "_line_reason tests only the first character of a line"
 
 
