@@ -1,7 +1,7 @@
 /* data_shards._native: the shard pipeline's per-character loops, in C.
  *
- * Three functions, each bit-for-bit the same as a numpy reference in filters.py / dedup.py (the tests compare
- * them on the test corpus and on random and repetitive texts). They read Python str objects in place (no
+ * Each function gives bit for bit what its Python/numpy counterpart in filters.py / dedup.py gives (the tests
+ * compare them on the test corpus and on random and repetitive texts). They read Python str objects in place (no
  * UTF-32 copy) and write into numpy arrays the caller allocates (any writable C-contiguous buffer), so this
  * file needs only Python.h. The package works without it: setuptools builds it as an optional extension and
  * filters.py / dedup.py fall back to numpy when it is missing (or when MUJINA_NATIVE=0).
@@ -9,10 +9,12 @@
  *   class_counts(texts, table, out)                        per-text character class counts
  *   minhash_bins(texts, table, mult, salt, out_min, out_filled, out_len)
  *                                                          MinHash: each (text, bin)'s smallest shingle hash
- *   line_reasons(texts, table, bullets, ...) -> [int]     the duplicate, bullet and ellipsis line tests
+ *   contains_any(texts, chars) -> [bool]                   normalize()'s test for characters to remove
+ *   line_reasons(texts, table, bullets, ...) -> [int]      the duplicate, bullet and ellipsis line tests
  *   char_repetition(texts, table, sizes_top, limits_top, sizes_dup, limits_dup, mult) -> [bool]
  *   word_repetition(texts, word_chars, ...) -> [bool]      Gopher's n-gram repetition test on Japanese
  *                                                          (characters) and English (words) text
+ *   index_get / index_place                                dedup._Index's lookups and inserts
  *
  * `table` is filters._CLASSES (uint8 class per code point below its length; code points past it use its
  * last entry, as numpy's np.minimum(cps, size - 1) does). SPACE is class 1 and equals str.isspace() inside
@@ -625,6 +627,163 @@ done:
     return result;
 }
 
+/* ----------------------------------------------------------------------------------------- contains_any */
+
+/* [any(c in chars for c in text) for text in texts]: normalize()'s test for characters it must remove. */
+static PyObject *contains_any(PyObject *self, PyObject *args) {
+    PyObject *texts, *chars;
+    if (!PyArg_ParseTuple(args, "OU:contains_any", &texts, &chars)) return NULL;
+    PyObject *seq = as_list(texts, "contains_any: texts");
+    if (seq == NULL) return NULL;
+    Py_ssize_t n_docs = PySequence_Fast_GET_SIZE(seq), n_chars = PyUnicode_GET_LENGTH(chars);
+    uint8_t *bmp = (uint8_t *)calloc(0x10000 / 8, 1); /* the BMP's characters of `chars`, as bits */
+    PyObject *flags = NULL;
+    if (bmp == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    int astral = 0; /* some of `chars` are past the BMP: those are compared one by one */
+    for (Py_ssize_t i = 0; i < n_chars; i++) {
+        Py_UCS4 c = PyUnicode_READ_CHAR(chars, i);
+        if (c < 0x10000)
+            bmp[c >> 3] |= (uint8_t)(1u << (c & 7));
+        else
+            astral = 1;
+    }
+    flags = PyList_New(n_docs);
+    if (flags == NULL) goto done;
+    for (Py_ssize_t d = 0; d < n_docs; d++) {
+        PyObject *s = PySequence_Fast_GET_ITEM(seq, d);
+        Py_ssize_t len = PyUnicode_GET_LENGTH(s);
+        int kind = PyUnicode_KIND(s), found = 0;
+        const void *data = PyUnicode_DATA(s);
+        if (kind == PyUnicode_1BYTE_KIND) {
+            const Py_UCS1 *q = (const Py_UCS1 *)data;
+            for (Py_ssize_t i = 0; i < len && !found; i++) found = bmp[q[i] >> 3] >> (q[i] & 7) & 1;
+        } else if (kind == PyUnicode_2BYTE_KIND) {
+            const Py_UCS2 *q = (const Py_UCS2 *)data;
+            for (Py_ssize_t i = 0; i < len && !found; i++) found = bmp[q[i] >> 3] >> (q[i] & 7) & 1;
+        } else {
+            const Py_UCS4 *q = (const Py_UCS4 *)data;
+            for (Py_ssize_t i = 0; i < len && !found; i++) {
+                Py_UCS4 c = q[i];
+                if (c < 0x10000)
+                    found = bmp[c >> 3] >> (c & 7) & 1;
+                else if (astral)
+                    for (Py_ssize_t k = 0; k < n_chars && !found; k++) found = PyUnicode_READ_CHAR(chars, k) == c;
+            }
+        }
+        PyList_SET_ITEM(flags, d, Py_NewRef(found ? Py_True : Py_False));
+    }
+done:
+    free(bmp);
+    Py_DECREF(seq);
+    return flags;
+}
+
+/* -------------------------------------------------------------------------------------------------- index */
+
+/* dedup._Index's two arrays: uint64 keys (0: empty slot; callers use odd keys) and int32 values, a power of
+ * two of slots, linear probing from slot (key >> 1) & mask. */
+typedef struct {
+    Buf kb, vb;
+    uint64_t *keys;
+    int32_t *vals;
+    uint64_t mask;
+} Index;
+
+static int get_index(PyObject *keys, PyObject *vals, Index *ix) {
+    ix->kb.held = ix->vb.held = 0;
+    if (PyObject_GetBuffer(keys, &ix->kb.view, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) return -1;
+    ix->kb.held = 1;
+    Py_ssize_t slots = ix->kb.view.len / 8;
+    if (slots < 1 || (slots & (slots - 1)) || ix->kb.view.len % 8) {
+        PyErr_SetString(PyExc_ValueError, "index: keys must be a power of two of uint64 slots");
+        return -1;
+    }
+    if (get_buf(vals, &ix->vb, 4, slots, 1, "index: vals") < 0) return -1;
+    ix->keys = (uint64_t *)ix->kb.view.buf;
+    ix->vals = (int32_t *)ix->vb.view.buf;
+    ix->mask = (uint64_t)slots - 1;
+    return 0;
+}
+
+/* index_get(keys, vals, queries, out): out[i] = the value stored for queries[i], or -1 (_Index.get_many). */
+static PyObject *index_get(PyObject *self, PyObject *args) {
+    PyObject *keys, *vals, *q_obj, *out_obj;
+    if (!PyArg_ParseTuple(args, "OOOO:index_get", &keys, &vals, &q_obj, &out_obj)) return NULL;
+    Index ix;
+    Buf qb, ob;
+    qb.held = ob.held = 0;
+    PyObject *result = NULL;
+    if (get_index(keys, vals, &ix) < 0) goto done;
+    if (PyObject_GetBuffer(q_obj, &qb.view, PyBUF_C_CONTIGUOUS) < 0) goto done;
+    qb.held = 1;
+    Py_ssize_t n = qb.view.len / 8;
+    if (qb.view.len % 8 || get_buf(out_obj, &ob, 4, n, 1, "index_get: out") < 0) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "index_get: queries must be uint64");
+        goto done;
+    }
+    const uint64_t *q = (const uint64_t *)qb.view.buf;
+    int32_t *out = (int32_t *)ob.view.buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t s = (q[i] >> 1) & ix.mask;
+        out[i] = -1;
+        while (ix.keys[s]) {
+            if (ix.keys[s] == q[i]) {
+                out[i] = ix.vals[s];
+                break;
+            }
+            s = (s + 1) & ix.mask;
+        }
+    }
+    result = Py_NewRef(Py_None);
+done:
+    release(&ix.kb);
+    release(&ix.vb);
+    release(&qb);
+    release(&ob);
+    return result;
+}
+
+/* index_place(keys, vals, new_keys, new_vals): stores distinct keys that are not in the table yet, in order
+ * (_Index._place). The caller keeps the table at most half full. */
+static PyObject *index_place(PyObject *self, PyObject *args) {
+    PyObject *keys, *vals, *k_obj, *v_obj;
+    if (!PyArg_ParseTuple(args, "OOOO:index_place", &keys, &vals, &k_obj, &v_obj)) return NULL;
+    Index ix;
+    Buf kb, vb;
+    kb.held = vb.held = 0;
+    PyObject *result = NULL;
+    if (get_index(keys, vals, &ix) < 0) goto done;
+    if (PyObject_GetBuffer(k_obj, &kb.view, PyBUF_C_CONTIGUOUS) < 0) goto done;
+    kb.held = 1;
+    Py_ssize_t n = kb.view.len / 8;
+    if (kb.view.len % 8 || (uint64_t)n > ix.mask || get_buf(v_obj, &vb, 4, n, 0, "index_place: new_vals") < 0) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "index_place: too many keys for the table");
+        goto done;
+    }
+    const uint64_t *k = (const uint64_t *)kb.view.buf;
+    const int32_t *v = (const int32_t *)vb.view.buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (k[i] == 0) {
+            PyErr_SetString(PyExc_ValueError, "index_place: key 0 marks an empty slot");
+            goto done;
+        }
+        uint64_t s = (k[i] >> 1) & ix.mask;
+        while (ix.keys[s]) s = (s + 1) & ix.mask;
+        ix.keys[s] = k[i];
+        ix.vals[s] = v[i];
+    }
+    result = Py_NewRef(Py_None);
+done:
+    release(&ix.kb);
+    release(&ix.vb);
+    release(&kb);
+    release(&vb);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"class_counts", class_counts, METH_VARARGS,
      "class_counts(texts, table, out): out[d, k] = characters of texts[d] in class k (out: (D, 8) int64)."},
@@ -640,6 +799,12 @@ static PyMethodDef methods[] = {
     {"line_reasons", line_reasons, METH_VARARGS,
      "line_reasons(texts, classes, bullets, max_dup_lines, max_dup_chars, max_bullets, max_ellipses) -> [int]: "
      "filters._line_reason of each text as 0 (passes), 1 duplicate_lines, 2 bullet_lines, 3 ellipsis_lines."},
+    {"contains_any", contains_any, METH_VARARGS,
+     "contains_any(texts, chars) -> [bool]: whether each text contains any of the characters of `chars`."},
+    {"index_get", index_get, METH_VARARGS,
+     "index_get(keys, vals, queries, out): dedup._Index.get_many into out (int32, -1 where absent)."},
+    {"index_place", index_place, METH_VARARGS,
+     "index_place(keys, vals, new_keys, new_vals): dedup._Index._place, in order."},
     {NULL, NULL, 0, NULL},
 };
 

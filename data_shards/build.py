@@ -47,7 +47,7 @@ import numpy as np
 
 from .chat import render_chat
 from .dedup import Deduplicator
-from .filters import FilterConfig, char_classes, detect_languages, normalize, quality_reasons
+from .filters import FilterConfig, char_classes, detect_languages, normalize_many, quality_reasons
 from .ingest import Document, DropCounter, RawLine, parse_json_line, read_documents
 from .shards import Manifest, ShardInfo, ShardWriter, token_dtype
 from .tokenizer import Tokenizer
@@ -185,12 +185,12 @@ def _prepare(job: _Job) -> _Batch:
         docs.append((payload, source, messages))
     kinds: list[str] = []
     drops: list[str | None] = []
-    texts: list[str] = []
+    raw: list[str] = []  # each document's text before normalising
     rendered: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for i, (text, _, messages) in enumerate(docs):
         if messages is None:
             kinds.append("text")
-            texts.append(normalize(text))
+            raw.append(text)
             drops.append(None)
             continue
         kinds.append("chat")
@@ -199,10 +199,11 @@ def _prepare(job: _Job) -> _Batch:
                                       tok.bos_id, tok.eos_id)
         except ValueError:
             drops.append("invalid_chat")
-            texts.append("")
+            raw.append("")
             continue
-        texts.append(normalize("\n".join(str(m.get("content", "")) for m in messages)))
+        raw.append("\n".join(str(m.get("content", "")) for m in messages))
         drops.append(None)
+    texts = normalize_many(raw)
     chars = char_classes(texts)
     langs = detect_languages(texts, chars)
     for i, lang in enumerate(langs):

@@ -77,6 +77,10 @@ class _Index:
 
     def get_many(self, keys: np.ndarray) -> np.ndarray:
         """(N,) int32: `get` of each of the (N,) uint64 keys, probing for all of them at once."""
+        if filters._native is not None:
+            out = np.empty(len(keys), dtype=np.int32)
+            filters._native.index_get(self.keys, self.vals, np.ascontiguousarray(keys, dtype=np.uint64), out)
+            return out
         mask = np.uint64(len(self.keys) - 1)
         slot = (keys >> np.uint64(1)) & mask
         out = np.full(len(keys), -1, dtype=np.int32)
@@ -132,6 +136,10 @@ class _Index:
 
     def _place(self, keys: np.ndarray, vals: np.ndarray) -> None:
         """Puts distinct keys, none of them in the table yet, into free slots (vectorised linear probing)."""
+        if filters._native is not None:  # one at a time, in order
+            filters._native.index_place(self.keys, self.vals, np.ascontiguousarray(keys, dtype=np.uint64),
+                                        np.ascontiguousarray(vals, dtype=np.int32))
+            return
         mask = np.uint64(len(self.keys) - 1)
         slot = (keys >> np.uint64(1)) & mask
         while len(keys):

@@ -41,6 +41,7 @@ import numpy as np
 _ODD = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ufeff\u200b\u2028\u2029]")
 _ODD_TABLE = {cp: None for cp in [*range(0x09), *range(0x0E, 0x20), *range(0x7F, 0xA0), 0xFEFF, 0x200B]}
 _ODD_TABLE.update({cp: "\n" for cp in (0x0B, 0x0C, 0x0D, 0x85, 0x2028, 0x2029)})
+_ODD_CHARS = "".join(map(chr, _ODD_TABLE))  # the characters _ODD matches
 _TRAILING = re.compile(r"[ \t]+\n")
 _BLANKS = re.compile(r"\n{4,}")  # 3+ blank lines
 
@@ -52,7 +53,19 @@ def normalize(text: str) -> str:
     normalize(x). Controls go before NFKC, so removing them cannot leave a combining mark that a second NFKC
     would compose. Each step is skipped when a cheap test shows it has nothing to do (~10 us for 2 KB).
     """
-    if _ODD.search(text):
+    return _normalize(text, _ODD.search(text) is not None)
+
+
+def normalize_many(texts: list[str]) -> list[str]:
+    """[normalize(t) for t in texts], testing all texts for characters to remove in one C call (when built)."""
+    if _native is None:
+        return list(map(normalize, texts))
+    return list(map(_normalize, texts, _native.contains_any(texts, _ODD_CHARS)))
+
+
+def _normalize(text: str, odd: bool) -> str:
+    """normalize(text); odd: whether text has characters of _ODD."""
+    if odd:
         text = text.replace("\r\n", "\n").translate(_ODD_TABLE)
     text = unicodedata.normalize("NFKC", text)
     if " \n" in text or "\t\n" in text:
