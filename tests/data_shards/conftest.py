@@ -40,3 +40,15 @@ def shard_dirs(corpus, tokenizer_dir, tmp_path_factory):
         mujina_data("shard", "--input", str(corpus["dir"] / f"{lang}.jsonl"), "--tokenizer", str(tokenizer_dir),
                     "--out", str(root / lang), "--shard-tokens", "8000")
     return {"ja": root / "ja", "en": root / "en"}
+
+
+@pytest.fixture(params=["c", "numpy"])
+def loops(request, monkeypatch):
+    """Runs a test with the C loops (data_shards/_native.c) and again with their numpy fallback."""
+    from data_shards import filters
+
+    if request.param == "numpy":
+        monkeypatch.setattr(filters, "_native", None)
+    elif filters._native is None:
+        pytest.fail("data_shards._native is not built: `pip install -e .` needs a C compiler and Python's headers")
+    return request.param

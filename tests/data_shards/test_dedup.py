@@ -122,7 +122,7 @@ FP_DOCS = _fingerprint_corpus()
 
 
 @pytest.mark.parametrize("num_perm,bands,seed", [(128, 16, 0), (64, 8, 3), (100, 10, 7), (256, 32, 1)])
-def test_batch_fingerprints_match_fingerprint(num_perm, bands, seed):
+def test_batch_fingerprints_match_fingerprint(num_perm, bands, seed, loops):
     """Our batch MinHash must give fingerprint()'s exact keys and bit-identical signatures (the reference is the
     single-document fingerprint, unchanged), for batches of any size and mix, with and without normalising."""
     dedup = Deduplicator(num_perm=num_perm, bands=bands, seed=seed)
@@ -137,7 +137,7 @@ def test_batch_fingerprints_match_fingerprint(num_perm, bands, seed):
     assert dedup.fingerprints([]) == []
 
 
-def test_batch_check_fingerprints_matches_check_fingerprint():
+def test_batch_check_fingerprints_matches_check_fingerprint(loops):
     """check_fingerprints must decide as check_fingerprint called in the same order (duplicates inside one batch
     included) and leave the same state: signatures, both indexes (the same keys -> documents, size and capacity;
     a probe run may be filled in another order), and nbytes."""

@@ -80,7 +80,7 @@ def test_detect_language(text, lang):
     assert detect_language(normalize(text)) == lang
 
 
-def test_detect_languages_is_detect_language_for_a_batch():
+def test_detect_languages_is_detect_language_for_a_batch(loops):
     texts = [normalize(t) for t in (*JA_DOCS[:30], *EN_DOCS[:30], corpus.korean_documents(1)[0],
                                     corpus.chinese_document(), "", "ー", "12345 !!! ???", "PythonでWebアプリを作る",
                                     "\U0002f800 \U00031350 text")]
@@ -177,7 +177,7 @@ PARITY_DOCS = _parity_corpus()
     FilterConfig(ja_chars_per_word=1, min_chars=20, languages=("ja", "en", "other")),
     FilterConfig(ja_chars_per_word=3, max_duplicate_line_fraction=0.05),
 ])
-def test_batch_quality_reasons_match_quality_reason(cfg):
+def test_batch_quality_reasons_match_quality_reason(cfg, loops):
     """Our batch filter must agree with the single-document quality_reason (the reference, unchanged) on every
     document of the test corpus: good, bad, mutated near the repetition limits, and with odd characters; with the
     detected language and with each language forced."""
