@@ -23,11 +23,13 @@ a real run of minutes; the "pipeline" figures leave them out altogether (steady 
    MB/s counts the UTF-8 bytes of the documents' text (the same numerator for both);
    tokens/s counts text tokens (the shards' tokens minus the BOS and EOS of each document),
    which equal the baseline's when no document is dropped. The runs are interleaved (shard,
-   baseline, shard with one worker, then the next repeat) and each figure is the median over
+   baseline, shard with one worker, shard with numpy loops, then the next repeat) and each figure is the median over
    `--repeats`. ratio = shard MB/s / baseline MB/s; the goal (issue 3) is >= 0.5. "pipeline
    MB/s" uses the time build_shards itself reports (OUT/report.json), without interpreter
    start-up and imports; the gap to the end-to-end figure shrinks as the corpus grows.
-   The single-worker run shows how the CLI scales with cores (2 workers / 1 worker).
+   The single-worker run shows how the CLI scales with cores (2 workers / 1 worker). A last run
+   per repeat sets MUJINA_NATIVE=0: the same CLI with the numpy fallback of its C loops
+   (data_shards/_native.c), to show what they buy (native_speedup = its time / the default's).
    `--compare CHECKOUT` also runs another checkout's CLI (e.g. `git worktree add /tmp/old
    b7dcef9`) in every repeat: before/after ratios taken in the same run, under the same load.
    "CPU s" is user + system time of the CLI and all its workers (or of the encoding threads):
@@ -94,7 +96,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing the package
 from data_shards.build import ShardConfig, build_shards  # noqa: E402
 from data_shards.dedup import Deduplicator  # noqa: E402
-from data_shards.filters import detect_language, normalize, quality_reasons  # noqa: E402
+from data_shards.filters import (  # noqa: E402
+    char_classes,
+    detect_languages,
+    normalize,
+    normalize_many,
+    quality_reasons,
+)
 from data_shards.packing import packing_stats  # noqa: E402
 from data_shards.shards import Manifest, ShardReader  # noqa: E402
 from data_shards.tokenizer import Tokenizer, TokenizerTrainConfig, train_tokenizer  # noqa: E402
@@ -191,7 +199,8 @@ SAMPLE_EVERY_S = 0.05  # one /proc scan takes ~4 ms: every 50 ms it costs <10% o
 
 
 def run_shard(inputs: list[Path], tokenizer: Path, out: Path, workers: int, log: Path,
-              shard_tokens: int | None = None, sample_tree: bool = False, repo: Path = REPO) -> dict[str, Any]:
+              shard_tokens: int | None = None, sample_tree: bool = False, repo: Path = REPO,
+              env: dict[str, str] | None = None) -> dict[str, Any]:
     """`mujina-data shard` in a fresh subprocess: wall time, peak RSS, the manifest's counts.
 
     sample_tree: also sample the summed RSS of the CLI and its workers from /proc (costs CPU: not while timing).
@@ -201,7 +210,7 @@ def run_shard(inputs: list[Path], tokenizer: Path, out: Path, workers: int, log:
            "--tokenizer", str(tokenizer), "--out", str(out), "--workers", str(workers)]
     if shard_tokens is not None:
         cmd += ["--shard-tokens", str(shard_tokens)]
-    env = {**os.environ, "PYTHONPATH": str(repo)}
+    env = {**os.environ, "PYTHONPATH": str(repo), **(env or {})}
     usage_file = log.with_suffix(".usage.json")
     peak_tree, stop = [0], threading.Event()
     with open(log, "w") as logf:
@@ -240,10 +249,11 @@ def bench_throughput(corpus: dict[str, Any], tok_dir: Path, work: Path, workers:
     texts = corpus["texts"]  # in memory before anything is timed
     sp = spm.SentencePieceProcessor(model_file=str(tok_dir / "tokenizer.model"))
     sp.encode(texts[:64], num_threads=workers)  # warm-up: first-call allocations
-    runs: dict[str, list[dict]] = {"shard": [], "baseline": [], "baseline_numpy": [], "shard_1": []}
+    runs: dict[str, list[dict]] = {"shard": [], "baseline": [], "baseline_numpy": [], "shard_1": [],
+                                   "shard_numpy": []}
     for r in range(repeats):
         print(f"  repeat {r + 1}/{repeats}: shard --workers {workers}, sentencepiece (lists, numpy), "
-              "shard --workers 1", file=sys.stderr, flush=True)
+              f"shard --workers 1, shard --workers {workers} with MUJINA_NATIVE=0", file=sys.stderr, flush=True)
         runs["shard"].append(run_shard(corpus["files"], tok_dir, work / "out", workers, work / "shard.log"))
         for name, kw in (("baseline", {}), ("baseline_numpy", {"return_type": "numpy"})):
             c0, t0 = _cpu_self(), time.perf_counter()
@@ -252,6 +262,8 @@ def bench_throughput(corpus: dict[str, Any], tok_dir: Path, work: Path, workers:
             runs[name].append({"wall_s": wall, "cpu_s": cpu, "text_tokens": sum(map(len, ids))})
             del ids
         runs["shard_1"].append(run_shard(corpus["files"], tok_dir, work / "out", 1, work / "shard.log"))
+        runs["shard_numpy"].append(run_shard(corpus["files"], tok_dir, work / "out", workers, work / "shard.log",
+                                             env={"MUJINA_NATIVE": "0"}))
         if compare is not None:
             runs.setdefault("compare", []).append(run_shard(corpus["files"], tok_dir, work / "out", workers,
                                                             work / "shard.log", repo=compare))
@@ -281,6 +293,10 @@ def bench_throughput(corpus: dict[str, Any], tok_dir: Path, work: Path, workers:
         "cpu_ratio": cpu["baseline"] / cpu["shard"],  # MB per CPU-second, shard over baseline
         "pipeline_ratio": base / med("shard", "pipeline_s"),  # steady state: no interpreter start-up, imports
         "ratio_vs_numpy": med("baseline_numpy") / shard,
+        # the same CLI with its numpy loops instead of data_shards._native (MUJINA_NATIVE=0)
+        "shard_numpy_s": med("shard_numpy"), "shard_numpy_cpu_s": cpu["shard_numpy"],
+        "shard_numpy_pipeline_s": med("shard_numpy", "pipeline_s"), "numpy_loops_ratio": base / med("shard_numpy"),
+        "native_speedup": med("shard_numpy") / shard, "native_cpu_saving": cpu["shard_numpy"] / cpu["shard"],
         "load_avg_1m": os.getloadavg()[0],
         "worker_scaling": one / shard,  # 2 workers' speed over 1 worker's
         **({"compare": str(compare), "compare_s": med("compare"), "compare_cpu_s": med("compare", "cpu_s"),
@@ -339,10 +355,11 @@ def bench_memory(small: dict[str, Any], large: dict[str, Any], tok_dir: Path, wo
 
 STAGES = (  # (label, file suffix, function): cumulative time of each, inside _prepare or the main loop
     ("read JSONL", "ingest.py", "_read_all"),
-    ("normalize", "filters.py", "normalize"),
-    ("detect_language", "filters.py", "detect_language"),
+    ("normalize_many", "filters.py", "normalize_many"),
+    ("char_classes + detect_languages", "filters.py", "char_classes"),
+    ("", "filters.py", "detect_languages"),
     ("quality_reasons (filters)", "filters.py", "quality_reasons"),
-    ("  of which _cleared (n-gram bounds)", "filters.py", "_cleared"),
+    ("  of which _cleared (n-gram bounds, numpy loops)", "filters.py", "_cleared"),
     ("dedup fingerprint_arrays (MinHash)", "dedup.py", "fingerprint_arrays"),
     ("dedup check_arrays", "dedup.py", "check_arrays"),
     ("SentencePiece encode_arrays", "tokenizer.py", "encode_arrays"),
@@ -390,8 +407,8 @@ def time_stages(corpus: dict[str, Any], tok_dir: Path, batch: int = 256) -> list
         timings.append((stage, where, time.process_time() - c0))
         return result
 
-    norm = timed("normalize", "worker", lambda b: [normalize(t) for t in b], batches)
-    langs = timed("detect_language", "worker", lambda b: [detect_language(t) for t in b], norm)
+    norm = timed("normalize_many", "worker", normalize_many, batches)
+    langs = timed("char_classes + detect_languages", "worker", lambda b: detect_languages(b, char_classes(b)), norm)
     timed("quality_reasons (filters)", "worker", lambda bl: quality_reasons(*bl), list(zip(norm, langs, strict=True)))
     fps = timed("dedup fingerprint_arrays (MinHash)", "worker", dedup.fingerprint_arrays, norm)
     ids = timed("SentencePiece encode_arrays", "worker", tok.encode_arrays, norm)
@@ -446,6 +463,9 @@ def throughput_table(t: dict[str, Any]) -> str:
          t["shard_pipeline_mb_per_s"], t["shard_cpu_s"], t["ratio"]),
         ("mujina-data shard --workers 1", t["shard_1_s"], t["shard_1_mb_per_s"], t["shard_1_tokens_per_s"],
          t["shard_1_pipeline_mb_per_s"], t["shard_1_cpu_s"], t["baseline_s"] / t["shard_1_s"]),
+        ("  same, numpy loops (MUJINA_NATIVE=0)", t["shard_numpy_s"], mb / t["shard_numpy_s"],
+         t["shard_text_tokens"] / t["shard_numpy_s"], mb / t["shard_numpy_pipeline_s"], t["shard_numpy_cpu_s"],
+         t["numpy_loops_ratio"]),
         (f"sentencepiece encode, {w} threads", t["baseline_s"], t["baseline_mb_per_s"], t["baseline_tokens_per_s"],
          t["baseline_mb_per_s"], t["baseline_cpu_s"], 1.0),
         ("  same, return_type=numpy", t["baseline_numpy_s"], t["baseline_numpy_mb_per_s"],
@@ -561,7 +581,7 @@ def main(argv: list[str] | None = None) -> None:
     real = {r["seq_len"]: r for r in packing if r["lengths"].startswith("shards")}
     flat = {k: t[k] for k in ("shard_mb_per_s", "baseline_mb_per_s", "shard_tokens_per_s", "baseline_tokens_per_s",
                               "ratio", "cpu_ratio", "shard_1_mb_per_s", "worker_scaling", "shard_pipeline_mb_per_s",
-                              "pipeline_ratio", "ratio_vs_numpy")}
+                              "pipeline_ratio", "ratio_vs_numpy", "numpy_loops_ratio", "native_speedup")}
     for L in SEQ_LENS:
         flat[f"fill_rate_{L}"] = synth[L]["fill_rate"]
         flat[f"split_best_fit_{L}"] = synth[L]["split_documents"]
@@ -595,7 +615,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"cpu_ratio = sentencepiece CPU s / shard CPU s = {t['cpu_ratio']:.3f} (less sensitive to other load "
           "than the wall-clock ratio)")
     print(f"steady state (pipeline_ratio, without start-up) = {t['pipeline_ratio']:.3f}; against the numpy encode: "
-          f"{t['ratio_vs_numpy']:.3f}; load average (1 min) after part 1: {t['load_avg_1m']:.1f}\n")
+          f"{t['ratio_vs_numpy']:.3f}; load average (1 min) after part 1: {t['load_avg_1m']:.1f}")
+    print(f"C loops (data_shards._native) against their numpy fallback in the same CLI: {t['native_speedup']:.2f}x "
+          f"faster, {t['native_cpu_saving']:.2f}x less CPU\n")
     if "compare" in t:
         print(f"{t['compare']}, shard --workers {args.workers} in the same repeats: {t['compare_s']:.2f} s, "
               f"{t['compare_cpu_s']:.2f} CPU s; ratio {t['compare_ratio']:.3f}, "

@@ -35,6 +35,7 @@ decisions in one process, in input order:
 from __future__ import annotations
 
 import hashlib
+import itertools
 
 import numpy as np
 
@@ -371,7 +372,7 @@ class Deduplicator:
 
         Band keys, the lookups of what was kept before the batch and the index writes are vectorised. A document
         none of whose keys was kept before nor occurs in an earlier document of the batch (most of them) is kept
-        with no per-band Python work; the others are decided one by one as `check_fingerprint` does, with the
+        with no Python work of its own; the others are decided one by one as `check_fingerprint` does, with the
         keys that occur in more than one document of the batch looked up in dicts."""
         n = len(exact)
         if not n:
@@ -388,43 +389,47 @@ class Deduplicator:
                                              return_counts=True)
         band_shared = (count[inverse] > 1).reshape(bands.shape)  # (D, bands)
         band_earlier = (first[inverse] // self.bands < np.repeat(np.arange(n), self.bands)).reshape(bands.shape)
-        simple = ((old_exact < 0) & ~exact_earlier & (old_bands < 0).all(axis=1) & ~band_earlier.any(axis=1)).tolist()
-        any_shared = band_shared.any(axis=1).tolist()
-        new_exact: dict[int, int] = {}  # keys met more than once in this batch, first kept -> document
+        simple = (old_exact < 0) & ~exact_earlier & (old_bands < 0).all(axis=1) & ~band_earlier.any(axis=1)
+        any_shared = band_shared.any(axis=1)
+        # Only documents that are not simple, or hold a key a later document of the batch may look up, are visited
+        # one by one; the others are kept as they are. Keys of this batch map to its rows, not to document numbers.
+        new_exact: dict[int, int] = {}  # keys met more than once in this batch, first kept -> row
         new_bands: dict[int, int] = {}
-        kept: list[int] = []  # rows of the kept documents
-        out: list[str | None] = []
-        for d, (exact_key, is_simple) in enumerate(zip(exact.tolist(), simple, strict=True)):
-            sig = sigs[d]
-            if not is_simple:
+        keep = np.ones(n, dtype=bool)
+        out: list[str | None] = [None] * n
+        for d in np.flatnonzero(~simple | exact_shared | any_shared).tolist():
+            sig, exact_key = sigs[d], int(exact[d])
+            if not simple[d]:
                 before = int(old_exact[d])
-                first_doc = before if before >= 0 else new_exact.get(exact_key, -1)
-                if first_doc >= 0 and np.array_equal(self._sigs[first_doc], sig):
-                    out.append("exact_duplicate")
+                row = new_exact.get(exact_key, -1) if before < 0 else -1
+                if ((before >= 0 and np.array_equal(self._sigs[before], sig))
+                        or (row >= 0 and np.array_equal(sigs[row], sig))):
+                    out[d] = "exact_duplicate"
+                    keep[d] = False
                     continue
-                cands = {c if c >= 0 else new_bands.get(k, -1)
-                         for k, c in zip(bands[d].tolist(), old_bands[d].tolist(), strict=True)}
-                cands.discard(-1)
-                if cands:
-                    same = (self._sigs[np.fromiter(cands, dtype=np.int64, count=len(cands))] == sig).mean(axis=1)
-                    if same.max() >= self.threshold:
-                        out.append("near_duplicate")
-                        continue
-            doc = self._kept
-            if doc == len(self._sigs):
-                self._sigs = np.concatenate([self._sigs, np.zeros_like(self._sigs)])
-            self._sigs[doc] = sig
-            self._kept += 1
+                # Candidates kept before this batch (documents) and in it (rows); a repeat does not change the max.
+                olds = old_bands[d][old_bands[d] >= 0]
+                mates = [r for r in map(new_bands.get, bands[d][old_bands[d] < 0].tolist(), itertools.repeat(-1))
+                         if r >= 0]
+                same = [(self._sigs[olds] == sig).mean(axis=1).max()] if len(olds) else []
+                if mates:
+                    same.append((sigs[mates] == sig).mean(axis=1).max())
+                if same and max(same) >= self.threshold:
+                    out[d] = "near_duplicate"
+                    keep[d] = False
+                    continue
             if exact_shared[d]:
-                new_exact.setdefault(exact_key, doc)
+                new_exact.setdefault(exact_key, d)
             if any_shared[d]:
-                for k, shared in zip(bands[d].tolist(), band_shared[d].tolist(), strict=True):
-                    if shared:
-                        new_bands.setdefault(k, doc)
-            kept.append(d)
-            out.append(None)
-        if kept:  # the index writes _remember makes, in the same order, vectorised
-            docs = np.arange(self._kept - len(kept), self._kept, dtype=np.int32)
+                for k in bands[d][band_shared[d]].tolist():
+                    new_bands.setdefault(k, d)
+        kept = np.flatnonzero(keep)
+        if len(kept):  # the writes _remember makes, in the same order, vectorised
+            docs = np.arange(self._kept, self._kept + len(kept), dtype=np.int32)
+            while len(self._sigs) < self._kept + len(kept):  # doubling, as _remember grows it
+                self._sigs = np.concatenate([self._sigs, np.zeros_like(self._sigs)])
+            self._sigs[docs] = sigs[kept]
+            self._kept += len(kept)
             # (what the lookups before the loop found is still there: the index changes only here)
             self._exact.setdefault_many(exact[kept], docs, old_exact[kept] >= 0)
             self._band_index.setdefault_many(bands[kept].ravel(), np.repeat(docs, self.bands),
