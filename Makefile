@@ -1,6 +1,7 @@
 # The two commands of the README:  make demo  and  make test.
 # Both create .venv, install torch==2.13.0 *first* (a looser requirement would pull multi-GB CUDA
-# wheels on CPU machines), then the project with its test extras.
+# wheels on CPU machines), then the project with its test extras (which also builds data_shards/_native.c:
+# an edit of it reinstalls).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -9,7 +10,7 @@ BIN    := $(VENV)/bin
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml data_shards/_native.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
