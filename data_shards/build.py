@@ -92,7 +92,7 @@ class _Batch:
     exact: np.ndarray | None  # (K,) uint64 exact-duplicate keys (Deduplicator.fingerprint_arrays); None: no dedup
     sigs: np.ndarray | None  # (K, num_perm) uint32 MinHash signatures
     chars: list[int]  # (K,) characters of each normalised text
-    ids: np.ndarray  # the K documents' [BOS] tokens [EOS], one after another (int32)
+    ids: np.ndarray  # the K documents' [BOS] tokens [EOS], one after another (the shards' token type)
     ends: np.ndarray  # (K,) end of each document in `ids`; a text left untokenised (resume) has length 0
     masks: dict[int, np.ndarray]  # loss masks of chat records, by position among the K
     texts: list[str] | None  # the K normalised texts, sent back only when tokenisation was skipped
@@ -163,6 +163,7 @@ _W: dict = {}
 def _init_worker(tokenizer_dir: str, cfg: ShardConfig) -> None:
     _keep_heap()
     _W["tok"] = Tokenizer(tokenizer_dir)
+    _W["dtype"] = token_dtype(_W["tok"].vocab_size)  # ids travel back in the shards' type: half of int32
     _W["cfg"] = cfg
     _W["dedup"] = Deduplicator() if cfg.dedup else None  # only for fingerprints: same parameters as main
 
@@ -236,7 +237,7 @@ def _prepare(job: _Job) -> _Batch:
             lengths.append(0)  # the main process tokenises it if it turns out to be past the resume point
     return _Batch(read_drops=dict(read_drops), sources=[source for _, source, _ in docs], kinds=kinds, drops=drops,
                   langs=langs, exact=exact, sigs=sigs, chars=list(map(len, kept_texts)),
-                  ids=np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32),
+                  ids=np.concatenate(parts, dtype=_W["dtype"], casting="unsafe") if parts else np.zeros(0, _W["dtype"]),
                   ends=np.cumsum(lengths, dtype=np.int64), masks=masks, texts=None if tokenize else kept_texts)
 
 
@@ -295,7 +296,7 @@ def build_shards(inputs: list[str | os.PathLike], tokenizer_dir: str | os.PathLi
             # duplicate decisions for the whole batch at once, in input order (the order is all they depend on)
             reasons = iter(dedup.check_arrays(batch.exact, batch.sigs) if dedup is not None and batch.ends.size
                            else ())
-            ids_all = batch.ids.astype(dtype)  # the shard's token type, converted once per batch
+            ids_all = batch.ids.astype(dtype, copy=False)  # the shard's token type (the workers convert)
             drops.merge(batch.read_drops)
             n_read += len(batch.drops)
             # the documents kept, in order, as runs of consecutive documents of one bucket (usually the whole batch)
