@@ -173,7 +173,7 @@ def _raw_lines(lines: Iterable[bytes], source: str, drops: DropCounter) -> Itera
     is counted as empty_file."""
     records = 0
     for lineno, raw in enumerate(lines, 1):
-        if raw.strip():
+        if raw and not raw.isspace():  # raw.strip(), without copying the line
             records += 1
             yield RawLine(raw, source, lineno)
     if records == 0:
