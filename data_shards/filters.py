@@ -443,8 +443,9 @@ def quality_reason(text: str, lang: str, cfg: FilterConfig | None = None) -> str
 
 # ------------------------------------------------------------------------------------------ quality, batched
 
-# quality_reasons() gives quality_reason()'s verdicts for a whole batch with a fixed number of numpy calls.
-# Cheap checks are the same Python per document; the n-gram test, ~80% of quality_reason's time, is where the
+# quality_reasons() gives quality_reason()'s verdicts for a whole batch. With the C loops (data_shards/_native.c)
+# the line tests and the n-gram test run in C, exactly, document by document. Without them (the numpy fallback)
+# cheap checks are the same Python per document; the n-gram test, ~80% of quality_reason's time, is where the
 # batch saves: ordinary prose is *cleared* by upper bounds computed for all documents at once, and only the
 # documents a bound cannot clear (repetitive ones, usually dropped anyway) run the single-document
 # _ngram_repetition. A bound never clears a document that _ngram_repetition would drop, so the verdicts are
