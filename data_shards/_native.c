@@ -96,9 +96,10 @@ typedef struct {
 } Units;
 
 static int reserve(Units *u, Py_ssize_t n) {
-    if (n <= u->cap) return 0;
+    if (u->p != NULL && n <= u->cap) return 0;
     Py_ssize_t cap = n > 2 * u->cap ? n : 2 * u->cap;
-    uint32_t *p = (uint32_t *)realloc(u->p, (size_t)cap * sizeof(uint32_t) + 1);
+    cap = cap < 64 ? 64 : cap; /* never a NULL buffer, even for empty texts */
+    uint32_t *p = (uint32_t *)realloc(u->p, (size_t)cap * sizeof(uint32_t));
     if (p == NULL) {
         PyErr_NoMemory();
         return -1;
