@@ -85,7 +85,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -195,6 +195,7 @@ COMPRESSIONS = ("fp16", "8bit", "none")
 POLL_S = 0.02  # how often a peer looks in the DHT for the other members' reports
 NO_TIMINGS = {"allreduce": 0.0, "reports": 0.0}   # SwarmAverager.timings before any wait
 READY_TIMEOUT_S = 120.0  # an averager process starts in ~1 s; 120 s covers a heavily loaded machine
+STOP_POLL_S = 0.25  # how often a round waiting for its all-reduce looks for a stop request
 
 
 # ---- module groups -------------------------------------------------------------------------------
@@ -728,6 +729,9 @@ class SwarmAverager:
         self._pending: tuple[int, dict] | None = None   # (round, module -> hivemind StepControl) from begin()
         self.timings = dict(NO_TIMINGS)   # seconds waited in the last average(), by phase
         self._last_scheduled = 0.0
+        # Polled while average() waits for an all-reduce (every STOP_POLL_S): a stop request raises there, and
+        # the round stops at once instead of after the all-reduce's timeout (SIGTERM, the coordinator's CANCEL).
+        self.check_stop: Callable[[], None] | None = None
         if dht is None:
             dht = start_dht(initial_peers=list(initial_peers), client_mode=client_mode,
                             host_maddrs=[f"/ip4/{host}/tcp/0"])
@@ -890,10 +894,10 @@ class SwarmAverager:
         for m, control in controls.items():
             report = {"norm": norms[m] if finite[m] else math.inf, "zeroed": not finite[m]}
             got[m] = _Attempt(set(), report | {"failed": 1.0})
-            try:  # matchmaking ends by the step's deadline, the all-reduce within allreduce_timeout of it
-                result = control.result(timeout=max(0.0, control.deadline - get_dht_time()) + s.allreduce_timeout
-                                        + s.request_timeout)
-            except Exception as e:  # hivemind raises AllreduceException, MatchmakingException, TimeoutError...
+            # matchmaking ends by the step's deadline, the all-reduce within allreduce_timeout of it
+            result, e = self._wait(control, max(0.0, control.deadline - get_dht_time()) + s.allreduce_timeout
+                                   + s.request_timeout, controls)
+            if e is not None:  # hivemind raises AllreduceException, MatchmakingException, TimeoutError...
                 control.cancel()
                 log.warning("round %d, module %s: averaging failed (%s: %s); policy %s", round_, m,
                             type(e).__name__, e, s.failure_policy)
@@ -918,6 +922,30 @@ class SwarmAverager:
                     got[m].report |= agreement_sketch(t, sent[m], s.compression)
         self.timings["allreduce"] += time.perf_counter() - t0
         return got
+
+    def _wait(self, control, timeout: float, controls: dict) -> tuple[Any, Exception | None]:
+        """(control.result(timeout), None), or (None, the exception the step ended with or TimeoutError). Calls
+        check_stop every STOP_POLL_S meanwhile; if it raises, every step of `controls` is cancelled (this peer
+        leaves its groups) and the exception propagates."""
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                return control.result(timeout=max(0.0, min(STOP_POLL_S, end - time.monotonic()))), None
+            except Exception as e:
+                if control.done():  # the step's own outcome (perhaps reached just after the poll timed out)
+                    try:
+                        return control.result(timeout=0), None
+                    except Exception as outcome:
+                        return None, outcome
+                if time.monotonic() >= end:
+                    return None, e
+            if self.check_stop is not None:
+                try:
+                    self.check_stop()
+                except BaseException:
+                    for c in controls.values():
+                        c.cancel()
+                    raise
 
     def _reports(self, round_: int, attempt: int, got: dict[str, _Attempt]) -> dict[str, dict[str, dict]]:
         """Publish this peer's report on every module (Δ norm, and a sketch of its average, or that it was

@@ -128,3 +128,30 @@ def test_a_dht_process_that_dies_mid_round_is_an_error_not_a_wait_forever():
             sa.average(0, {"trunk": torch.ones(8)}, {"trunk": 1.0})
     finally:
         sa.shutdown()
+
+
+def test_a_stop_request_ends_a_round_waiting_for_its_all_reduce():
+    """A worker asked to stop (SIGTERM, the coordinator's CANCEL) while its round waits for a group that will not
+    form must stop then, not after the all-reduce's timeout: the demo gives a worker 20 s after SIGTERM, and
+    that timeout alone is ~13 s here. The stop propagates as check_stop raised it, and the step is cancelled."""
+    import torch
+
+    import worker.swarm as swarm
+    from worker.executors import TaskStopped
+
+    sa = swarm.SwarmAverager(settings(), {"trunk": 8}, expected_holders={"trunk": 2})  # the other holder never comes
+    stop, calls = threading.Event(), []
+
+    def check_stop():
+        calls.append(1)
+        if stop.is_set():
+            raise TaskStopped("task t asked to stop")
+
+    try:
+        sa.check_stop = check_stop
+        threading.Timer(1.0, stop.set).start()
+        with pytest.raises(TaskStopped, match="asked to stop"):
+            sa.average(0, {"trunk": torch.ones(8)}, {"trunk": 1.0})
+        assert stop.is_set() and len(calls) >= 2  # polled while waiting, and raised once the request came
+    finally:
+        sa.shutdown()

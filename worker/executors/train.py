@@ -276,9 +276,11 @@ class SwarmWorker:
 
     # -- the round --
 
-    def run_round(self, round_: int, on_step: Callable[[int], None] | None = None) -> dict[str, float]:
+    def run_round(self, round_: int, on_step: Callable[[int], None] | None = None,
+                  check_stop: Callable[[], None] | None = None) -> dict[str, float]:
         """H inner steps, then averaging and the outer step. Returns the round's metrics. `on_step(s)` runs
-        after inner step s (the executor reports progress there, and stops the round if asked to)."""
+        after inner step s (the executor reports progress there, and stops the round if asked to); `check_stop`
+        raises to stop the round while it waits for the averaging."""
         t0 = time.perf_counter()
         H = self.inner.inner_steps
         losses, tokens = [], 0
@@ -305,7 +307,13 @@ class SwarmWorker:
         inner_seconds = time.perf_counter() - t0
         self.before_outer(round_)
         weights = tokens_per_module(tokens, counts_LE, self.assignment)
-        report = outer_round(self.averager, self.outer, self.settings, round_, weights)
+        if self.averager is not None:
+            self.averager.check_stop = check_stop
+        try:
+            report = outer_round(self.averager, self.outer, self.settings, round_, weights)
+        finally:
+            if self.averager is not None:
+                self.averager.check_stop = None
         self.last_report = report
         # norms of the Δs that were kept (a refused Δ may be NaN; modules_refused counts those)
         kept = [m for m in report.modules if m.outcome != "refused"]
@@ -491,7 +499,7 @@ def run_train(ctx: TaskContext) -> Result:
         ctx.report_progress(0.9 * (s + 1) / H)
 
     try:
-        metrics = w.run_round(round_, on_step)
+        metrics = w.run_round(round_, on_step, ctx.check_stop)  # also stops a round waiting for its all-reduce
     except BaseException:
         # stopped or failed mid-round: its parameters are neither θ_start nor the round's result, so the
         # next attempt must start from the checkpoint, not from this worker
