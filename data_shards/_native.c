@@ -48,6 +48,20 @@ static int get_buf(PyObject *obj, Buf *b, Py_ssize_t itemsize, Py_ssize_t count,
     return 0;
 }
 
+/* A C-contiguous buffer of uint64 values, at least `min` of them: their number, or -1 with an exception set
+ * (b is held either way once the buffer was obtained; release() it). */
+static Py_ssize_t get_u64s(PyObject *obj, Buf *b, int writable, Py_ssize_t min, const char *what) {
+    b->held = 0;
+    if (PyObject_GetBuffer(obj, &b->view, PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0)) < 0) return -1;
+    b->held = 1;
+    if (b->view.len % 8 || b->view.len / 8 < min) {
+        PyErr_Format(PyExc_ValueError, "%s: expected at least %zd uint64 values, got %zd bytes", what, min,
+                     b->view.len);
+        return -1;
+    }
+    return b->view.len / 8;
+}
+
 static void release(Buf *b) {
     if (b->held) PyBuffer_Release(&b->view);
     b->held = 0;
@@ -440,14 +454,9 @@ static PyObject *repetition(PyObject *args, int words, const char *name) {
     PyObject *result = NULL, *flags = NULL;
     mb.held = 0;
     if (get_table(table_obj, &tb, &t) < 0) goto done;
-    if (PyObject_GetBuffer(mult_obj, &mb.view, PyBUF_C_CONTIGUOUS) < 0) goto done;
-    mb.held = 1;
+    lim.n_mult = get_u64s(mult_obj, &mb, 0, 1, "mult");
+    if (lim.n_mult < 0) goto done;
     lim.mult = (const uint64_t *)mb.view.buf;
-    lim.n_mult = mb.view.len / 8;
-    if (lim.n_mult < 1 || mb.view.len % 8) {
-        PyErr_Format(PyExc_ValueError, "%s: mult must be uint64 values", name);
-        goto done;
-    }
     flags = PyList_New(n_docs);
     if (flags == NULL) goto done;
     for (Py_ssize_t d = 0; d < n_docs; d++) {
@@ -694,11 +703,10 @@ typedef struct {
 } Index;
 
 static int get_index(PyObject *keys, PyObject *vals, Index *ix) {
-    ix->kb.held = ix->vb.held = 0;
-    if (PyObject_GetBuffer(keys, &ix->kb.view, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) return -1;
-    ix->kb.held = 1;
-    Py_ssize_t slots = ix->kb.view.len / 8;
-    if (slots < 1 || (slots & (slots - 1)) || ix->kb.view.len % 8) {
+    ix->vb.held = 0;
+    Py_ssize_t slots = get_u64s(keys, &ix->kb, 1, 1, "index: keys");
+    if (slots < 0) return -1;
+    if (slots & (slots - 1)) {
         PyErr_SetString(PyExc_ValueError, "index: keys must be a power of two of uint64 slots");
         return -1;
     }
@@ -718,13 +726,8 @@ static PyObject *index_get(PyObject *self, PyObject *args) {
     qb.held = ob.held = 0;
     PyObject *result = NULL;
     if (get_index(keys, vals, &ix) < 0) goto done;
-    if (PyObject_GetBuffer(q_obj, &qb.view, PyBUF_C_CONTIGUOUS) < 0) goto done;
-    qb.held = 1;
-    Py_ssize_t n = qb.view.len / 8;
-    if (qb.view.len % 8 || get_buf(out_obj, &ob, 4, n, 1, "index_get: out") < 0) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "index_get: queries must be uint64");
-        goto done;
-    }
+    Py_ssize_t n = get_u64s(q_obj, &qb, 0, 0, "index_get: queries");
+    if (n < 0 || get_buf(out_obj, &ob, 4, n, 1, "index_get: out") < 0) goto done;
     const uint64_t *q = (const uint64_t *)qb.view.buf;
     int32_t *out = (int32_t *)ob.view.buf;
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -757,11 +760,10 @@ static PyObject *index_place(PyObject *self, PyObject *args) {
     kb.held = vb.held = 0;
     PyObject *result = NULL;
     if (get_index(keys, vals, &ix) < 0) goto done;
-    if (PyObject_GetBuffer(k_obj, &kb.view, PyBUF_C_CONTIGUOUS) < 0) goto done;
-    kb.held = 1;
-    Py_ssize_t n = kb.view.len / 8;
-    if (kb.view.len % 8 || (uint64_t)n > ix.mask || get_buf(v_obj, &vb, 4, n, 0, "index_place: new_vals") < 0) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "index_place: too many keys for the table");
+    Py_ssize_t n = get_u64s(k_obj, &kb, 0, 0, "index_place: new_keys");
+    if (n < 0 || get_buf(v_obj, &vb, 4, n, 0, "index_place: new_vals") < 0) goto done;
+    if ((uint64_t)n > ix.mask) {
+        PyErr_SetString(PyExc_ValueError, "index_place: too many keys for the table");
         goto done;
     }
     const uint64_t *k = (const uint64_t *)kb.view.buf;

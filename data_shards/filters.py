@@ -515,10 +515,10 @@ def quality_reasons(texts: list[str], langs: list[str], cfg: FilterConfig | None
         if reason is None:
             (ja if langs[j] == "ja" else en).append((j, i))
     if _native is not None:  # the exact test in C, document by document: no bounds needed
-        for docs, repetition, table, batch in ((ja, _native.char_repetition, _CLASSES, [texts[j] for j, _ in ja]),
-                                               (en, _native.word_repetition, _WORD_CHARS,
-                                                [texts[j].lower() for j, _ in en])):
-            sizes_top, sizes_dup = _sizes("ja" if docs is ja else "en", cfg)
+        for lang, docs, repetition, table in (("ja", ja, _native.char_repetition, _CLASSES),
+                                              ("en", en, _native.word_repetition, _WORD_CHARS)):
+            batch = [texts[j] if lang == "ja" else texts[j].lower() for j, _ in docs]  # en: words of text.lower()
+            sizes_top, sizes_dup = _sizes(lang, cfg)
             limits_top = [cfg.max_top_ngram_fraction - 0.02 * i for i in range(len(sizes_top))]
             limits_dup = [cfg.max_duplicate_ngram_fraction - 0.01 * i for i in range(len(sizes_dup))]
             repeats = repetition(batch, table, sizes_top, limits_top, sizes_dup, limits_dup, _MULT)
