@@ -26,7 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from model.config import ModelConfig  # noqa: E402
-from worker.memory import estimate_round_memory  # noqa: E402
+from swarm.memory import estimate_round_memory  # noqa: E402
 
 # Expert-heavy like a volunteer's share of an upcycled model: 8.7M parameters per expert, 64 experts.
 MODEL = dict(preset="debug", num_layers=8, hidden_size=1024, intermediate_size=2816, num_heads=16, num_kv_heads=8,
@@ -44,8 +44,8 @@ def probe(checkpoint: str, k: int, optimizer: str, ac: bool, micro: int, seq_len
           accum: int = ACCUM) -> dict:
     """One round on cuda:0 in this process; the peaks of its phases in bytes."""
     from model.checkpoint import load_config
-    from worker.executors.train import InnerConfig, SwarmWorker
-    from worker.swarm import SwarmSettings
+    from swarm.round import SwarmWorker
+    from swarm.settings import InnerConfig, SwarmSettings
 
     torch.cuda.init()
     layers = load_config(checkpoint).num_layers

@@ -57,7 +57,7 @@ def assignments(kind: str, num_experts: int, top_k: int) -> list[list[int]]:
     out (coordinator.swarm.plan_assignment: holders of an expert hold the same experts, so every holder
     trains it beside the same others), or all of them (plain DiLoCo, to separate the cost of expert
     sharding from that of infrequent averaging)."""
-    from coordinator.swarm import plan_assignment
+    from coordinator.swarm_plan import plan_assignment
 
     if kind == "all":
         return [list(range(num_experts))] * WORKERS
@@ -71,7 +71,7 @@ CONTINUE_OPTIM = dict(lr=1e-3, min_lr=1e-4, warmup_steps=10, weight_decay=0.1)
 def inner_optim(rounds: int, lr: float, mu: float, weight_decay_scale: bool) -> dict:
     """The workers' AdamW: the reference's, with its weight decay divided by the outer amplification as the
     coordinator does it (coordinator.swarm.inner_weight_decay), unless `weight_decay_scale` is off."""
-    from coordinator.swarm import SwarmSection, inner_weight_decay
+    from coordinator.swarm_plan import SwarmSection, inner_weight_decay
 
     if not weight_decay_scale:
         return CONTINUE_OPTIM
@@ -81,8 +81,8 @@ def inner_optim(rounds: int, lr: float, mu: float, weight_decay_scale: bool) -> 
 
 def run_worker(spec_path: str) -> None:
     """One swarm worker (a subprocess): ready -> wait for `go` -> R rounds -> export its modules."""
-    from worker.executors.train import InnerConfig, SwarmWorker
-    from worker.swarm import SwarmSettings
+    from swarm.round import SwarmWorker
+    from swarm.settings import InnerConfig, SwarmSettings
 
     torch.set_num_threads(1)
     spec = json.loads(Path(spec_path).read_text())
@@ -126,7 +126,7 @@ def main() -> None:
         return
     import logging
 
-    from worker.swarm import start_dht
+    from swarm.processes import start_dht
 
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(2)

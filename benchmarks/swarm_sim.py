@@ -39,8 +39,9 @@ CROSSED = {4: [[0, 1], [2, 3], [0, 2], [1, 3]], 8: [[0, 1, 2, 3], [4, 5, 6, 7], 
 
 def main() -> None:
     from benchmarks.swarm_quality import CONTINUE_OPTIM, assignments, inner_optim
-    from worker.executors.train import InnerConfig, SwarmWorker
-    from worker.swarm import SwarmSettings, tokens_per_module
+    from swarm.modules import tokens_per_module
+    from swarm.round import SwarmWorker
+    from swarm.settings import InnerConfig, SwarmSettings
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dense-steps", type=int, default=300)

@@ -118,7 +118,7 @@ def cmd_serve(args) -> int:
             raise ValueError(f"{flag} must be a TCP port (0-65535; 0 picks a free one), got {port}")
     swarm = None
     if cfg.swarm is not None:  # the bootstrap DHT peer: its addresses go to every worker at Register
-        from .swarm import start_bootstrap_dht
+        from .swarm_driver import start_bootstrap_dht
 
         dht, maddrs = start_bootstrap_dht((args.listen or cfg.server.listen).rpartition(":")[0] or "0.0.0.0")
         cfg = cfg.model_copy(update={"server": cfg.server.model_copy(
@@ -127,7 +127,7 @@ def cmd_serve(args) -> int:
                             tls_cert=args.tls_cert, tls_key=args.tls_key, metrics_host=args.metrics_host,
                             http_port=args.http_port, http_host=args.http_host).start()
     if cfg.swarm is not None:
-        from .swarm import SwarmDriver
+        from .swarm_driver import SwarmDriver
 
         swarm = SwarmDriver(cfg, srv.store, srv.scheduler).start()
     if args.port_file:
@@ -152,7 +152,7 @@ def cmd_serve(args) -> int:
 
 def cmd_init_swarm(args) -> int:
     from .config import load_project
-    from .swarm import init_swarm
+    from .swarm_driver import init_swarm
 
     cfg = load_project(args.config)
     if cfg.swarm is None:

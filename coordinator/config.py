@@ -8,8 +8,8 @@ Unknown keys are errors, and every error names the field and the fix. Example (c
     limits: {max_leases_per_token: 4, max_upload_bytes: 67108864}
 
 The optional `synthetic` section (SyntheticConfig) drives `mujina-coordinator plan`: personas, seed
-documents, templates, teacher and judge models, sampling and batch sizes. Later issues add data,
-model and swarm sections.
+documents, templates, teacher and judge models, sampling and batch sizes. The optional `swarm` section
+(coordinator/swarm_plan.py) drives swarm training rounds.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .swarm import SwarmSection  # also registers the `train` validator
+from .swarm_plan import SwarmSection
 
 
 class _Strict(BaseModel):
@@ -136,7 +136,7 @@ class ProjectConfig(_Strict):
     limits: LimitConfig = Field(default_factory=LimitConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
     synthetic: SyntheticConfig | None = Field(None, description="persona-driven synthetic data (`plan`)")
-    swarm: SwarmSection | None = Field(None, description="swarm training settings (see coordinator/swarm.py); "
+    swarm: SwarmSection | None = Field(None, description="swarm training settings (see coordinator/swarm_plan.py); "
                                                          "start a run with `mujina-coordinator init-swarm`")
 
     def db_url(self) -> str:

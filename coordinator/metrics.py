@@ -109,7 +109,7 @@ class SwarmCollector:
     def collect(self):
         from prometheus_client.core import GaugeMetricFamily
 
-        from .swarm import expert_holders, read_status
+        from .swarm_driver import expert_holders, read_status
 
         status = read_status(self.state_dir, self.run)
         if status is None:

@@ -25,7 +25,8 @@ from sqlalchemy import and_, func, insert, select, update
 from . import store as S
 from .config import ProjectConfig
 from .metrics import NullMetrics, loss_phase
-from .validate import Credit, ValidationError, Validator, validator_for
+from .validate import Credit, ValidationError, Validator
+from .validators import validator_for
 
 log = logging.getLogger(__name__)
 

@@ -398,7 +398,7 @@ class CoordinatorServer:
         # The status page runs on threads of its own and only reads the store (coordinator/status_page.py).
         experts = None
         if cfg.swarm is not None:
-            from .swarm import expert_holders
+            from .swarm_driver import expert_holders
 
             experts = lambda: expert_holders(cfg.state_dir, cfg.run, self._worker_names())  # noqa: E731
         self.status_page = (None if http_port is None

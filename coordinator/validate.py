@@ -1,12 +1,11 @@
-"""Validators: one per task kind, registered by kind. Credit reaches the ledger only through them.
+"""Validators: what every kind's validator is, and the `eval` validator. The table of kinds is
+coordinator/validators.py.
 
 A validator checks two things: a task's payload when the organizer adds it (`check_payload`), and a
 worker's reported result before it is accepted (`check_result`), which returns the ledger credit
 for that task. Raising `ValidationError` refuses the result (the worker gets INVALID_ARGUMENT and the
-attempt counts as failed). `generate` and `judge` live in validate_synthetic.py; later issues add `train`:
-
-    @register("generate")
-    class GenerateValidator(Validator): ...
+attempt counts as failed). The scheduler writes the credit they return to the ledger; nothing else
+credits a volunteer. `generate` and `judge` live in validate_synthetic.py, `train` in validate_train.py.
 """
 
 from __future__ import annotations
@@ -49,24 +48,6 @@ class Validator:
         inside the transaction that records the result, after `check_result` accepted it."""
 
 
-REGISTRY: dict[str, Validator] = {}
-
-
-def register(kind: str):
-    def deco(cls):
-        cls.kind = kind
-        REGISTRY[kind] = cls()
-        return cls
-    return deco
-
-
-def validator_for(kind: str) -> Validator:
-    try:
-        return REGISTRY[kind]
-    except KeyError:
-        raise ValidationError(f"unknown task kind {kind!r}; known kinds: {', '.join(sorted(REGISTRY))}") from None
-
-
 def finite_number(metrics: dict[str, float], key: str, *, minimum: float = 0.0, required: bool = True) -> float | None:
     """metrics[key] as a finite float >= minimum (NaN, Inf and negative numbers are refused)."""
     if key not in metrics:
@@ -91,13 +72,14 @@ def gpu_seconds_credit(metrics: dict[str, float], elapsed_s: float, devices: int
     return [Credit("gpu_seconds", gpu_s)]
 
 
-@register("eval")
 class EvalValidator(Validator):
     """A worker reports the loss of a checkpoint on a shard.
 
     payload: {"checkpoint": NAME, "shard": NAME, "shard_tokens": N}; metrics: {"loss": L, "tokens": T
     [, "gpu_seconds": S]}. Accepted when L is finite and >= 0, T is a whole number with 0 < T <= N.
     Credit: 1 task, T tokens_evaluated (and S gpu_seconds)."""
+
+    kind = "eval"
 
     def check_payload(self, payload: dict) -> None:
         for key in ("checkpoint", "shard"):
@@ -118,5 +100,3 @@ class EvalValidator(Validator):
                                   "tokens")
         return [Credit("tasks", 1), Credit("tokens_evaluated", tokens), *gpu_seconds_credit(metrics, elapsed_s)]
 
-
-from . import validate_synthetic  # noqa: E402,F401  (registers generate and judge)

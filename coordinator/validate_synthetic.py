@@ -32,7 +32,7 @@ import numpy as np
 from data_shards.dedup import Deduplicator
 from data_shards.synthetic import check_output, dpo_record, parse_judgement
 
-from .validate import Credit, ValidationError, Validator, register
+from .validate import Credit, ValidationError, Validator
 
 GENERATE_FIELDS = {"prompt_id": str, "answer": int, "output": str, "prompt_tokens": int, "output_tokens": int,
                    "engine": str, "model_sha256": str}
@@ -156,8 +156,9 @@ class _Synthetic(Validator):
                          f"({want[:12]}...): the worker ran another model")
 
 
-@register("generate")
 class GenerateValidator(_Synthetic):
+    kind = "generate"
+
     def check_payload(self, payload: dict) -> None:
         _check_teacher(payload, "generate")
         prompts = payload.get("prompts")
@@ -223,8 +224,9 @@ class GenerateValidator(_Synthetic):
                              rejected=reasons)
 
 
-@register("judge")
 class JudgeValidator(_Synthetic):
+    kind = "judge"
+
     def check_payload(self, payload: dict) -> None:
         _check_teacher(payload, "judge")
         pairs = payload.get("pairs")

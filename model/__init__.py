@@ -5,10 +5,23 @@ Pure PyTorch: nothing here imports hivemind, gRPC, SQLAlchemy or prometheus (tes
     >>> from model import ModelConfig, Transformer, load_checkpoint, save_checkpoint
     >>> net = load_checkpoint("runs/debug/final")
     >>> logits = net(input_ids)      # (batch, seq) int64 -> (batch, seq, vocab)
+
+The names below are imported on first use (PEP 562), so `import model.config` or `model.optim` (the
+configs, parameter counts and the learning-rate schedule) stays free of torch: the coordinator validates
+swarm settings and sizes assignments with them without loading it.
 """
 
-from .checkpoint import load_checkpoint, save_checkpoint
-from .config import PRESETS, ModelConfig, MoEConfig
-from .transformer import Transformer
+from __future__ import annotations
 
-__all__ = ["PRESETS", "ModelConfig", "MoEConfig", "Transformer", "load_checkpoint", "save_checkpoint"]
+import importlib
+
+_LAZY = {"load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint", "PRESETS": "config",
+         "ModelConfig": "config", "MoEConfig": "config", "Transformer": "transformer"}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'model' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)

@@ -33,7 +33,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -44,7 +43,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import yaml
 
 from .checkpoint import (
@@ -59,7 +57,8 @@ from .checkpoint import (
     save_distributed,
 )
 from .config import ModelConfig, checked_fields, help_field, read_config_file
-from .data import IGNORE, Batch, ShardData, StatelessData, SyntheticSource, TokenFileSource
+from .data import Batch, ShardData, StatelessData, SyntheticSource, TokenFileSource
+from .optim import OptimConfig, lr_at
 from .parallel import (
     Dist,
     device_memory,
@@ -70,6 +69,7 @@ from .parallel import (
     peak_flops,
     shutdown_distributed,
 )
+from .step import NonFiniteStep, build_optimizer, forward_loss, train_step
 from .transformer import Transformer
 
 log = logging.getLogger("model.train")
@@ -107,24 +107,6 @@ class DataConfig:
             raise ValueError(f"data.seq_len must be >= 2, got {self.seq_len}")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
-
-
-@dataclass
-class OptimConfig:
-    lr: float = help_field("Peak learning rate (reached after warmup).", default=3e-4)
-    min_lr: float = help_field("Learning rate at the end of the cosine decay.", default=3e-5)
-    warmup_steps: int = help_field("Linear warmup steps from 0 to lr.", default=100)
-    weight_decay: float = help_field("AdamW decoupled weight decay (not applied to norms).", default=0.1)
-    beta1: float = help_field("AdamW beta1.", default=0.9)
-    beta2: float = help_field("AdamW beta2.", default=0.95)
-    eps: float = help_field("AdamW epsilon.", default=1e-8)
-    grad_clip: float = help_field("Clip the global gradient norm to this; 0 disables.", default=1.0)
-
-    def __post_init__(self) -> None:
-        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ValueError(f"optim: need 0 <= min_lr <= lr and lr > 0 (lr={self.lr}, min_lr={self.min_lr})")
-        if self.warmup_steps < 0:
-            raise ValueError("optim.warmup_steps must be >= 0")
 
 
 @dataclass
@@ -225,26 +207,6 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
 
 
 # ---- the loop ------------------------------------------------------------------------------------
-
-def lr_at(step: int, o: OptimConfig, total: int) -> float:
-    """Linear warmup to o.lr, then cosine decay to o.min_lr at `total` steps."""
-    if step < o.warmup_steps:
-        return o.lr * (step + 1) / o.warmup_steps
-    progress = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
-    return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def build_optimizer(model: torch.nn.Module, o: OptimConfig) -> torch.optim.AdamW:
-    """AdamW without weight decay on norms and vectors; fused when the parameters are on CUDA (one kernel per
-    group, no temporaries the size of the parameters as the default foreach path makes: 34.2% -> 39.2% MFU
-    for a 1B model on an H100, benchmarks/RESULTS.md)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.dim() < 2 or name.endswith("norm.weight") else decay).append(p)
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    cuda = bool(decay + no_decay) and all(p.device.type == "cuda" for p in decay + no_decay)
-    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True if cuda else None)
-
 
 class Trainer:
     """The trainer, on one process or under torchrun. `run()` trains to cfg.train.steps, resuming from OUT."""
@@ -378,54 +340,24 @@ class Trainer:
     def _micro_batches(self, split: str, step: int, count: int) -> list[Batch]:
         return self.data.micro_batches(split, step, count, self.cfg.train.micro_batch_size)
 
-    def _forward(self, b: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Summed token loss (fp32) and the MoE auxiliary loss (None for dense)."""
-        ids, labels, docs = (t.to(self.device, non_blocking=True) for t in (b.input_ids, b.labels, b.doc_ids))
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
-            logits, aux = self.model(ids, doc_ids=docs, return_aux=True)
-        loss_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
-                                   reduction="sum")
-        return loss_sum, (aux.loss(self.mcfg) if aux is not None else None)
-
     def train_step(self) -> dict[str, float]:
         lr = lr_at(self.step, self.cfg.optim, self.cfg.train.steps)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
         world = self.dist.world_size
         batches = self._micro_batches("train", self.step, self.accum)  # this process's share
         (n_targets,) = self.dist.all_sum(sum(b.num_targets for b in batches))
-        local_accum = len(batches)
-        lm_total, aux_total = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
-        for b in batches:
-            loss_sum, aux = self._forward(b)
-            # x world: FSDP averages gradients over processes, the loss is a sum over all of them.
-            loss = loss_sum * (world / n_targets)
-            if aux is not None:  # the mean over every micro-batch of the step, after FSDP's average
-                loss = loss + aux / local_accum
-                aux_total += aux.detach() / local_accum
-            loss.backward()
-            lm_total += loss_sum.detach() / n_targets
-        clip = self.cfg.optim.grad_clip
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP: the norm over every shard
-            grad_norm = grad_norm.full_tensor()
-        # One host sync per step: a non-finite loss or gradient must never reach the weights.
-        lm, aux_mean = self.dist.all_sum(lm_total.item(), aux_total.item() / world)
-        gn = grad_norm.item()
-        if not (math.isfinite(lm) and math.isfinite(gn)):
+        try:
+            out = train_step(self.model, self.optimizer, batches, lr=lr, n_targets=n_targets,
+                             grad_clip=self.cfg.optim.grad_clip, device=self.device,
+                             autocast_dtype=self.autocast_dtype, world=world, all_sum=self.dist.all_sum)
+        except NonFiniteStep as e:
             last = self.latest_checkpoint()
             raise FloatingPointError(
-                f"non-finite {'loss' if not math.isfinite(lm) else 'gradient norm'} at step {self.step} "
-                f"(loss={lm}, grad_norm={gn}); weights were not updated. Lower optim.lr or raise "
-                f"optim.warmup_steps, then rerun to resume from {last or 'the start'}"
-            )
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+                f"non-finite {e.what} at step {self.step} (loss={e.loss}, grad_norm={e.grad_norm}); weights were not "
+                f"updated. Lower optim.lr or raise optim.warmup_steps, then rerun to resume from {last or 'the start'}"
+            ) from None
         self.step += 1
         self.tokens_seen += sum(b.input_ids.numel() for b in batches) * world
-        return {"loss": lm, "aux_loss": aux_mean, "grad_norm": gn, "lr": lr}
+        return {"loss": out.loss, "aux_loss": out.aux_loss, "grad_norm": out.grad_norm, "lr": lr}
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -433,7 +365,7 @@ class Trainer:
         if self._eval_batches is None:
             self._eval_batches = self._micro_batches("eval", 0, self.cfg.train.eval_batches)
         batches = self._eval_batches
-        local = sum(self._forward(b)[0].item() for b in batches)
+        local = sum(forward_loss(self.model, b, self.device, self.autocast_dtype)[0].item() for b in batches)
         self.model.train()
         total, targets = self.dist.all_sum(local, sum(b.num_targets for b in batches))
         return total / targets

@@ -44,3 +44,23 @@ def tiny_moe_cfg():
 
     return ModelConfig.from_dict({"preset": "debug", "num_kv_heads": 2, "rope_theta": 5000.0,
                                   "moe": {"num_experts": 4, "top_k": 2}})
+
+
+# The tiny MoE of the swarm tests (tests/swarm, tests/coordinator, tests/worker): one layer, 4 experts, top-2.
+TINY = dict(preset="debug", num_layers=1, hidden_size=32, intermediate_size=64, vocab_size=64, max_seq_len=64,
+            moe=dict(num_experts=4, top_k=2))
+
+
+def tiny_model(seed: int = 0):
+    from model.config import ModelConfig
+    from model.transformer import Transformer
+
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig.from_dict(TINY))
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    from model.checkpoint import save_checkpoint
+
+    return save_checkpoint(tmp_path / "moe", tiny_model())

@@ -38,7 +38,7 @@ from coordinator.api import mujina_pb2 as pb
 from coordinator.api.client import CoordinatorClient
 
 from .cache import FileCache
-from .executors import TaskContext, TaskError, TaskStopped, executor_for
+from .executors import Executors, TaskContext, TaskError, TaskStopped
 from .hardware import cached_benchmark, parse_size, probe_devices
 from .metrics import NullMetrics, make_metrics
 
@@ -208,16 +208,12 @@ class Daemon:
         self.cfg = cfg
         self.client = CoordinatorClient(cfg.coordinator, cfg.token, timeout=30.0, retry_for=1.0)
         self.metrics = metrics or make_metrics(cfg.metrics_port, kinds=tuple(cfg.kinds))
-        if "train" in cfg.kinds and self.metrics.registry is not None:
-            # swarm rounds record mujina_swarm_* into the daemon's registry (worker/swarm.py SwarmMetrics)
-            from .executors import train as train_executor
-            from .swarm import SwarmMetrics
-
-            train_executor.METRICS = SwarmMetrics(self.metrics.registry)
+        # swarm rounds record mujina_swarm_* into the daemon's registry (worker/metrics.py SwarmMetrics)
+        self.executors = Executors(self.metrics.registry)
         self.probe = probe_devices(cfg.devices)
         self.device = self.probe.devices[0]
         if "train" in cfg.kinds and self.device.torch_device == "cpu":
-            from .memory import pin_allocator
+            from swarm.memory import pin_allocator
 
             pin_allocator()  # RSS follows live tensors, as the coordinator's memory model assumes
         cfg.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -315,8 +311,7 @@ class Daemon:
                 self.run_task(resp.task)
             self.flush_spool(final=True)
         finally:
-            if "worker.executors.train" in sys.modules:  # swarm peers (DHT, averagers) leave cleanly
-                sys.modules["worker.executors.train"].shutdown_workers()
+            self.executors.close()  # swarm peers (DHT, averagers) leave cleanly
             self.client.close()
             self.metrics.close()
         return 0
@@ -364,7 +359,7 @@ class Daemon:
                               stop_requested=lambda: self.stopping.is_set() or cancel.is_set())
             beat.start()
             try:
-                result = executor_for(task.kind)(ctx)
+                result = self.executors(task.kind)(ctx)
             except TaskStopped:
                 outcome = "cancelled"
                 if cancel.is_set():

@@ -3,8 +3,9 @@
 Chosen once at start-up (`make_metrics`); the daemon calls the same methods on either. Names are the
 names the dashboards query (dashboards/README.md): mujina_worker_tasks_total{kind,outcome}, mujina_worker_state{state},
 mujina_worker_task_seconds{kind}, mujina_worker_output_tokens_total{kind}, mujina_worker_pending_uploads.
-The swarm code registers its own metrics in `registry`. Every (kind, outcome) series of the worker's task
-kinds exists from start-up at 0, so rate() and alerts on failures have a series before the first failure.
+Swarm rounds record mujina_swarm_* into the same registry (`SwarmMetrics`, or `NullSwarmMetrics`). Every
+(kind, outcome) series of the worker's task kinds exists from start-up at 0, so rate() and alerts on
+failures have a series before the first failure.
 """
 
 from __future__ import annotations
@@ -70,3 +71,52 @@ class PrometheusMetrics(NullMetrics):
 
 def make_metrics(port: int | None, host: str = "0.0.0.0", kinds: tuple[str, ...] = ()) -> NullMetrics:
     return NullMetrics() if port is None else PrometheusMetrics(port, host, kinds)
+
+
+# ---- swarm rounds (swarm/round.py's RoundReport), recorded by the train executor ----------------------
+
+class NullSwarmMetrics:
+    """What the executor records into when the daemon serves no metrics."""
+
+    def record_round(self, report, inner_loss: float, inner_seconds: float, round_seconds: float, *,
+                     run: str) -> None:
+        ...
+
+
+class SwarmMetrics(NullSwarmMetrics):
+    """The agreed swarm metrics (dashboards depend on these names), registered in the daemon's registry."""
+
+    def __init__(self, registry):
+        from prometheus_client import Counter, Gauge
+
+        kw = {"registry": registry}
+        self.rounds = Counter("mujina_swarm_rounds", "swarm rounds by outcome", ["outcome"], **kw)
+        self.averaging = Counter("mujina_swarm_averaging", "module averagings by group and outcome",
+                                 ["group", "outcome"], **kw)
+        self.bytes_sent = Counter("mujina_swarm_bytes_sent", "bytes sent in all-reduce (compressed)", **kw)
+        # run and phase label the loss as on mujina_train_* and mujina_latest_loss (phase: the project's stage)
+        self.inner_loss = Gauge("mujina_swarm_inner_loss", "mean inner loss of the last round", ["run", "phase"],
+                                **kw)
+        self.inner_seconds = Counter("mujina_swarm_inner_seconds", "time in inner steps", **kw)
+        self.round_seconds = Counter("mujina_swarm_round_seconds", "wall time of rounds", **kw)
+        # every labelled series exists from start-up at 0, so rates and alerts have a series before the first event
+        for outcome in ("averaged", "local_only", "failed"):
+            self.rounds.labels(outcome)
+        for group in ("trunk", "expert"):
+            for outcome in ("ok", "failed", "refused", "mismatch"):
+                self.averaging.labels(group, outcome)
+
+    def record_round(self, report, inner_loss: float, inner_seconds: float, round_seconds: float, *,
+                     run: str) -> None:
+        outcomes = {m.outcome for m in report.modules}
+        # averaged: some module was averaged; local_only: nothing to average with (averaging off, sole
+        # holders); failed: every averaging failed, was refused or disagreed (mismatch)
+        label = "averaged" if "ok" in outcomes else "local_only" if outcomes == {"local"} else "failed"
+        self.rounds.labels(label).inc()
+        for m in report.modules:
+            if m.outcome in ("ok", "failed", "refused", "mismatch"):
+                self.averaging.labels("trunk" if m.module == "trunk" else "expert", m.outcome).inc()
+        self.bytes_sent.inc(report.bytes_sent)
+        self.inner_loss.labels(run, "swarm").set(inner_loss)
+        self.inner_seconds.inc(inner_seconds)
+        self.round_seconds.inc(round_seconds)

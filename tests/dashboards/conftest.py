@@ -276,8 +276,8 @@ def sample(metrics_text: str, name: str) -> float:
 
 def swarm_budget(experts: int) -> int:
     """The memory budget (bytes) in which a round of the tiny MoE fits `experts` experts and no more."""
+    from swarm.memory import estimate_round_memory
     from tests.swarm.conftest import tiny_model
-    from worker.memory import estimate_round_memory
 
     cfg = tiny_model().cfg
     return estimate_round_memory(cfg, experts, micro_batch_size=SWARM["micro_batch_size"],
@@ -301,7 +301,7 @@ def live(tmp_path_factory):
     from coordinator import store as S
     from coordinator.config import load_project
     from coordinator.scheduler import Scheduler
-    from coordinator.swarm import read_status
+    from coordinator.swarm_driver import read_status
     from tests.data_shards.corpus import japanese_documents
     from tests.worker.teacher import build_teacher
 

@@ -14,10 +14,10 @@ import torch
 from model.checkpoint import save_checkpoint
 from model.config import ModelConfig
 from model.transformer import Transformer
+from swarm.memory import estimate_round_memory
+from swarm.round import SwarmWorker
+from swarm.settings import InnerConfig, SwarmSettings
 from tests.conftest import REPO
-from worker.executors.train import InnerConfig, SwarmWorker
-from worker.memory import estimate_round_memory
-from worker.swarm import SwarmSettings
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; CI has none")
 

@@ -1,4 +1,5 @@
-"""Tiny MoE and in-process swarm workers on 127.0.0.1 (each with its own hivemind DHT and averagers)."""
+"""In-process swarm workers on 127.0.0.1 (each with its own hivemind DHT and averagers) on the tiny MoE of
+tests/conftest.py (`tiny_model`, the `tiny_checkpoint` fixture)."""
 
 from __future__ import annotations
 
@@ -6,26 +7,11 @@ import dataclasses
 import threading
 
 import pytest
-import torch
 
-from model.checkpoint import save_checkpoint
-from model.config import ModelConfig
-from model.transformer import Transformer
-from worker.executors.train import InnerConfig, SwarmWorker
-from worker.swarm import SwarmSettings
-
-TINY = dict(preset="debug", num_layers=1, hidden_size=32, intermediate_size=64, vocab_size=64, max_seq_len=64,
-            moe=dict(num_experts=4, top_k=2))
-
-
-def tiny_model(seed: int = 0) -> Transformer:
-    torch.manual_seed(seed)
-    return Transformer(ModelConfig.from_dict(TINY))
-
-
-@pytest.fixture
-def tiny_checkpoint(tmp_path):
-    return save_checkpoint(tmp_path / "moe", tiny_model())
+from swarm.modules import count_holders
+from swarm.round import SwarmWorker
+from swarm.settings import InnerConfig, SwarmSettings
+from tests.conftest import tiny_model  # noqa: F401  (imported from here by other tests)
 
 
 def settings(**kw) -> SwarmSettings:
@@ -40,12 +26,7 @@ def inner(**kw) -> InnerConfig:
 
 
 def holders(assignments: list[dict[int, list[int]]]) -> dict[str, int]:
-    count = {"trunk": len(assignments)}
-    for a in assignments:
-        for layer, experts in a.items():
-            for e in experts:
-                count[f"l{layer}e{e}"] = count.get(f"l{layer}e{e}", 0) + 1
-    return count
+    return count_holders(assignments)
 
 
 def start_workers(checkpoint, assignments, s: SwarmSettings, cfg: InnerConfig, cls=SwarmWorker, peers=(),

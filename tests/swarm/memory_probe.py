@@ -8,9 +8,9 @@ import sys
 
 import torch
 
+from swarm.memory import peak_rss_bytes, pin_allocator, warm_baseline_rss
+from swarm.round import SwarmWorker
 from tests.swarm.conftest import inner, settings
-from worker.executors.train import SwarmWorker
-from worker.memory import peak_rss_bytes, pin_allocator, warm_baseline_rss
 
 
 def main() -> None:

@@ -13,8 +13,8 @@ import sys
 
 import torch
 
+from swarm.round import SwarmWorker
 from tests.swarm.conftest import inner, settings
-from worker.executors.train import SwarmWorker
 
 
 class Victim(SwarmWorker):

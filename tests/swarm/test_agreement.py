@@ -16,16 +16,19 @@ from hivemind.p2p import P2PContext
 from hivemind.proto import averaging_pb2
 from prometheus_client import CollectorRegistry, generate_latest
 
-import worker.swarm as swarm
+import swarm.averager as averager
+from swarm.agreement import agreement_sketch, sketches_agree
+from swarm.averager import SwarmAverager
+from swarm.hivemind_compat import checked_averager_class
+from swarm.round import SwarmWorker
 from tests.swarm.conftest import inner, run_round, settings, start_workers
-from worker.executors.train import SwarmWorker
-from worker.swarm import SwarmAverager, SwarmMetrics, agreement_sketch, sketches_agree
+from worker.metrics import SwarmMetrics
 
 
 def slow_reducer_class(delay: float):
     """An averager that answers every all-reduce stream only after `delay` seconds (a peer on a slow link)."""
 
-    class DecentralizedAverager(swarm._checked_averager_class()):  # hivemind's RPC names carry the class name
+    class DecentralizedAverager(checked_averager_class()):  # hivemind's RPC names carry the class name
         async def rpc_aggregate_part(self, stream: AsyncIterator[averaging_pb2.AveragingData],
                                      context: P2PContext) -> AsyncIterator[averaging_pb2.AveragingData]:
             await asyncio.sleep(delay)
@@ -44,7 +47,7 @@ def test_a_slow_reducer_leaves_parts_unaveraged_and_every_holder_detects_it(shut
     second = SwarmAverager(s, {"m": 3000}, initial_peers=first.visible_maddrs(), expected_holders={"m": 3})
     with monkeypatch.context() as patch:
         slow_class = slow_reducer_class(delay=6.0)
-        patch.setattr(swarm, "_checked_averager_class", lambda: slow_class)
+        patch.setattr(averager, "checked_averager_class", lambda: slow_class)
         slow = SwarmAverager(s, {"m": 3000}, initial_peers=first.visible_maddrs(), expected_holders={"m": 3})
     peers = [first, second, slow]
     shutdown(peers)
@@ -57,7 +60,7 @@ def test_a_slow_reducer_leaves_parts_unaveraged_and_every_holder_detects_it(shut
         out[i] = peers[i].average(0, given[i], {"m": 1.0})
 
     threads = [threading.Thread(target=go, args=(i,), name=f"peer{i}") for i in range(3)]
-    with caplog.at_level(logging.WARNING, logger="worker.swarm"):
+    with caplog.at_level(logging.WARNING, logger="swarm"):
         for t in threads:
             t.start()
         for t in threads:
@@ -131,7 +134,7 @@ def test_a_corrupted_average_is_a_mismatch_on_every_holder_and_retry_keeps_them_
     bad = workers[1]
     bad.averager.averagers["l0e1"] = CorruptedAverage(bad.averager.averagers["l0e1"], rounds={0})
     start = {m: workers[0].outer.theta[m].clone() for m in ("trunk", "l0e1", "l0e2")}
-    with caplog.at_level(logging.WARNING, logger="worker.swarm"):
+    with caplog.at_level(logging.WARNING, logger="swarm"):
         metrics = run_round(workers, 0)
     for m in metrics:
         assert (m["modules_mismatch"], m["modules_averaged"], m["modules_failed"]) == (1, 2, 0), m

@@ -8,9 +8,11 @@ import time
 import torch
 
 from model.checkpoint import load_checkpoint
+from swarm.averager import SwarmAverager
+from swarm.round import SwarmWorker
+from swarm.round_checkpoint import load_outer_state, save_round_checkpoint
+from swarm.tensors import module_tensors
 from tests.swarm.conftest import average_together, inner, run_round, settings, start_workers
-from worker.executors.train import SwarmWorker
-from worker.swarm import SwarmAverager, load_outer_state, module_tensors, save_round_checkpoint
 
 
 def test_weighted_average_of_hand_made_deltas(shutdown):
@@ -58,7 +60,7 @@ def test_groups_form_while_the_inner_steps_run_and_average_once_the_deltas_are_r
 
 def test_8bit_compression_averages_across_peers(shutdown):
     """The 8-bit option really averages: hivemind 1.1.12's own decoder fails under numpy 2 (every received part
-    was lost, a silent local update); worker.swarm registers a fixed one. Two peers, a smooth Δ each."""
+    was lost, a silent local update); swarm/hivemind_compat.py registers a fixed one. Two peers, a smooth Δ each."""
     s = settings(compression="8bit", averaging_timeout=95.0)
     first = SwarmAverager(s, {"m": 4096}, expected_holders={"m": 2})
     peers = [first, SwarmAverager(s, {"m": 4096}, initial_peers=first.visible_maddrs(), expected_holders={"m": 2})]
@@ -131,7 +133,7 @@ def test_a_nan_delta_is_refused_and_logged_with_the_peer_id(tiny_checkpoint, shu
                     expected_holders={"trunk": 3, "l0e0": 1, "l0e1": 3, "l0e2": 1, "l0e3": 1})
     shutdown([bad])
     before = bad.module_state("l0e1").clone()
-    with caplog.at_level(logging.WARNING, logger="worker.swarm"):
+    with caplog.at_level(logging.WARNING, logger="swarm"):
         metrics = run_round(workers + [bad], 0)
     assert metrics[2]["modules_refused"] == 1
     assert torch.equal(bad.module_state("l0e1"), before)  # back to θ_start, finite
@@ -166,7 +168,7 @@ def test_a_delta_far_above_the_median_is_refused_and_the_others_average_without_
     loud = workers[2]
     loud.loud = True
     start = loud.outer.theta["trunk"].clone()
-    with caplog.at_level(logging.WARNING, logger="worker.swarm"):
+    with caplog.at_level(logging.WARNING, logger="swarm"):
         metrics = run_round(workers, 0)
     assert metrics[2]["modules_refused"] == 1
     assert torch.equal(loud.outer.theta["trunk"], start) and torch.equal(loud.module_state("trunk"), start)
@@ -213,7 +215,7 @@ def test_a_group_that_does_not_form_follows_the_failure_policy(tiny_checkpoint, 
                         inner(), expected_holders=expected)
     shutdown([retry, local])
     start = retry.outer.theta["trunk"].clone()
-    with caplog.at_level(logging.WARNING, logger="worker.swarm"):
+    with caplog.at_level(logging.WARNING, logger="swarm"):
         metrics = run_round([retry, local], 0)
     assert metrics[0]["modules_failed"] == 3 and metrics[1]["modules_failed"] == 3
     assert any("module trunk" in r.getMessage() and "policy retry" in r.getMessage() for r in caplog.records)

@@ -61,15 +61,15 @@ def test_killing_one_of_three_workers_mid_round_does_not_stop_the_round(tiny_che
 def test_an_averager_that_dies_while_starting_fails_construction_and_stops_the_dht(monkeypatch):
     """hivemind's wait_until_ready has no deadline: a daemon whose averager process died while starting
     (a SIGTERM to its process group) used to wait forever. Fault injection: the process body exits at once."""
-    import worker.swarm as swarm
+    import swarm.averager as swarm
 
-    real = swarm._checked_averager_class()
+    real = swarm.checked_averager_class()
 
     class Dying(real):
         def run(self):
             os._exit(3)
 
-    monkeypatch.setattr(swarm, "_checked_averager_class", lambda: Dying)
+    monkeypatch.setattr(swarm, "checked_averager_class", lambda: Dying)
     dhts = []
     real_dht = hivemind.DHT
 
@@ -84,12 +84,12 @@ def test_an_averager_that_dies_while_starting_fails_construction_and_stops_the_d
 
 
 def test_an_averager_that_crashes_while_starting_is_started_again(monkeypatch):
-    """A fork()ed child can crash on state inherited from its parent (see worker.swarm.fork_safely); one that
+    """A fork()ed child can crash on state inherited from its parent (see swarm.processes.fork_safely); one that
     dies of a fault while starting is replaced instead of failing the round. Fault injection: the first
     averager process built kills itself with SIGSEGV before serving."""
-    import worker.swarm as swarm
+    import swarm.averager as swarm
 
-    real = swarm._checked_averager_class()
+    real = swarm.checked_averager_class()
     made = []
 
     class CrashingOnce(real):
@@ -104,7 +104,7 @@ def test_an_averager_that_crashes_while_starting_is_started_again(monkeypatch):
                 os.kill(os.getpid(), signal.SIGSEGV)
             super().run()
 
-    monkeypatch.setattr(swarm, "_checked_averager_class", lambda: CrashingOnce)
+    monkeypatch.setattr(swarm, "checked_averager_class", lambda: CrashingOnce)
     sa = swarm.SwarmAverager(settings(), {"trunk": 8})
     try:
         assert len(made) == 2 and made[0].exitcode == -signal.SIGSEGV
@@ -117,7 +117,7 @@ def test_a_dht_process_that_dies_mid_round_is_an_error_not_a_wait_forever():
     """hivemind's DHT calls wait forever for an answer from a dead DHT process; the round raises instead."""
     import torch
 
-    import worker.swarm as swarm
+    import swarm.averager as swarm
 
     sa = swarm.SwarmAverager(settings(), {"trunk": 8}, expected_holders={"trunk": 2})
     try:
@@ -136,7 +136,7 @@ def test_a_stop_request_ends_a_round_waiting_for_its_all_reduce():
     that timeout alone is ~13 s here. The stop propagates as check_stop raised it, and the step is cancelled."""
     import torch
 
-    import worker.swarm as swarm
+    import swarm.averager as swarm
     from worker.executors import TaskStopped
 
     sa = swarm.SwarmAverager(settings(), {"trunk": 8}, expected_holders={"trunk": 2})  # the other holder never comes

@@ -13,8 +13,9 @@ import torch
 from model.checkpoint import save_checkpoint
 from model.config import ModelConfig
 from model.transformer import Transformer
-from worker.executors.train import InnerConfig, build_inner_optimizer
-from worker.memory import estimate_round_memory, experts_that_fit
+from swarm.memory import estimate_round_memory, experts_that_fit
+from swarm.round import build_inner_optimizer
+from swarm.settings import InnerConfig
 
 # Expert-heavy on purpose (0.79M parameters per expert) so the assignment, not the interpreter, sets the peak.
 CFG = dict(preset="debug", num_layers=2, hidden_size=128, intermediate_size=2048, vocab_size=256, max_seq_len=64,

@@ -8,22 +8,19 @@ import pytest
 import torch
 
 from model.train import RunConfig, Trainer
-from tests.swarm.conftest import inner, settings, tiny_model
-from worker.executors.train import SwarmWorker
-from worker.swarm import (
-    OuterState,
-    check_assignment,
+from swarm.modules import check_assignment, held_modules, local_index
+from swarm.outer import OuterState, is_outlier
+from swarm.round import SwarmWorker
+from swarm.tensors import (
     flatten,
     full_assignment,
-    held_modules,
-    is_outlier,
-    local_index,
     local_model,
     local_model_from_checkpoint,
     merge_into,
     module_tensors,
     unflatten_into,
 )
+from tests.swarm.conftest import inner, settings, tiny_model
 
 
 def test_local_model_equals_full_model_with_masked_routing():
@@ -146,32 +143,5 @@ def test_a_worker_reads_only_its_slices_of_the_checkpoint(tiny_checkpoint):
         assert torch.equal(p, q), n
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
-    from worker.executors.train import enable_activation_checkpointing
-
-    plain, ckpt = tiny_model(), tiny_model()
-    enable_activation_checkpointing(ckpt)
-    ids = torch.randint(0, 64, (2, 16))
-    for net in (plain, ckpt):
-        logits, aux = net(ids, return_aux=True)
-        (logits.square().mean() + aux.loss(net.cfg)).backward()
-    for (n, p), (_, q) in zip(plain.named_parameters(), ckpt.named_parameters(), strict=True):
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=n)
 
 
-def test_swarm_metrics_use_the_agreed_names():
-    from prometheus_client import CollectorRegistry, generate_latest
-
-    from worker.swarm import ModuleOutcome, RoundReport, SwarmMetrics
-
-    reg = CollectorRegistry()
-    m = SwarmMetrics(reg)
-    report = RoundReport(0, [ModuleOutcome("trunk", "ok", 0.1, 2, 1000), ModuleOutcome("l0e1", "refused", 9.0)], 1.0)
-    m.record_round(report, inner_loss=2.5, inner_seconds=9.0, round_seconds=10.0, run="r1")
-    text = generate_latest(reg).decode()
-    for line in ('mujina_swarm_rounds_total{outcome="averaged"} 1.0',
-                 'mujina_swarm_averaging_total{group="trunk",outcome="ok"} 1.0',
-                 'mujina_swarm_averaging_total{group="expert",outcome="refused"} 1.0',
-                 "mujina_swarm_bytes_sent_total 1000.0", 'mujina_swarm_inner_loss{phase="swarm",run="r1"} 2.5',
-                 "mujina_swarm_inner_seconds_total 9.0", "mujina_swarm_round_seconds_total 10.0"):
-        assert line in text, line

@@ -40,7 +40,7 @@ def marked(value: str) -> dict[int, str]:
 def test_sigterm_to_the_process_group_mid_round_stops_the_worker_and_hivemind(tmp_path):
     from coordinator import store as S
     from coordinator.config import load_project
-    from coordinator.swarm import read_status
+    from coordinator.swarm_driver import read_status
 
     # one slot, rounds of a few seconds: the signal finds the worker training, averaging or between rounds
     # (the train executor checks for a stop request between rounds, not between inner steps)

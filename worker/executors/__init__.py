@@ -1,16 +1,18 @@
-"""Executors: one module per task kind (`generate`, `judge`, `eval`, `train`), registered by kind.
+"""Executors: one per task kind (`generate`, `judge`, `eval`, `train`), found through one table, `KINDS`.
 
-The daemon (worker/daemon.py) leases a task, builds a `TaskContext` and calls the executor registered
-for the task's kind. An executor returns a `Result`: the bytes uploaded with `Complete` and the metrics
-the coordinator's validator for that kind checks. It raises `TaskError` for a payload it cannot run
-(the daemon reports INVALID_TASK) and lets other exceptions propagate (reported as ERROR, or
-OUT_OF_MEMORY for `torch.OutOfMemoryError`).
+The daemon (worker/daemon.py) leases a task, builds a `TaskContext` and calls the executor of the task's
+kind. An executor returns a `Result`: the bytes uploaded with `Complete` and the metrics the coordinator's
+validator for that kind checks. It raises `TaskError` for a payload it cannot run (the daemon reports
+INVALID_TASK) and lets other exceptions propagate (reported as ERROR, or OUT_OF_MEMORY for
+`torch.OutOfMemoryError`).
 
-    @register("eval")
-    def run_eval(ctx: TaskContext) -> Result: ...
+    executors = Executors(registry)      # the daemon's, with its Prometheus registry (or None)
+    result = executors("eval")(ctx)
+    executors.close()                    # at exit: stateful executors (train's swarm peers) shut down
 
-Executor modules are imported lazily (`executor_for`), so a worker that never runs `generate` never
-imports transformers.
+An executor is a function, or a class whose instance the daemon keeps (its state lives in the instance,
+not in module globals): `train` keeps its swarm peers and verified shards between rounds. Executor modules
+are imported on first use, so a worker that never runs `generate` never imports transformers.
 """
 
 from __future__ import annotations
@@ -65,21 +67,41 @@ class Result:
 
 Executor = Callable[[TaskContext], Result]
 
-REGISTRY: dict[str, Executor] = {}
-MODULES = {"generate": "generate", "judge": "judge", "eval": "eval", "train": "train"}  # kind -> module
+# kind -> (module under worker/executors, its executor: a function, or a class built once per daemon with
+# the daemon's Prometheus registry and closed when the daemon exits)
+KINDS: dict[str, tuple[str, str]] = {
+    "generate": ("generate", "run_generate"),
+    "judge": ("judge", "run_judge"),
+    "eval": ("eval", "run_eval"),
+    "train": ("train", "TrainExecutor"),
+}
 
 
-def register(kind: str):
-    def deco(fn: Executor) -> Executor:
-        REGISTRY[kind] = fn
-        return fn
-    return deco
+class Executors:
+    """The executors one daemon uses, built on first use."""
+
+    def __init__(self, registry=None):
+        self.registry = registry          # the daemon's prometheus_client registry; None: metrics off
+        self._built: dict[str, Executor] = {}
+
+    def __call__(self, kind: str) -> Executor:
+        """The executor of `kind`. TaskError for a kind this worker does not know."""
+        if kind not in self._built:
+            if kind not in KINDS:
+                raise TaskError(f"this worker has no executor for task kind {kind!r} (known: {', '.join(KINDS)})")
+            module, name = KINDS[kind]
+            found = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+            self._built[kind] = found(self.registry) if isinstance(found, type) else found
+        return self._built[kind]
+
+    def close(self) -> None:
+        """Release what stateful executors hold (swarm peers: their DHT and averager processes)."""
+        for executor in self._built.values():
+            close = getattr(executor, "close", None)
+            if close is not None:
+                close()
 
 
 def executor_for(kind: str) -> Executor:
-    """The executor of `kind`, importing its module on first use. TaskError for an unknown kind."""
-    if kind not in REGISTRY:
-        if kind not in MODULES:
-            raise TaskError(f"this worker has no executor for task kind {kind!r} (known: {', '.join(MODULES)})")
-        importlib.import_module(f"{__name__}.{MODULES[kind]}")
-    return REGISTRY[kind]
+    """A stateless kind's executor (tests and tools; the daemon keeps an `Executors`)."""
+    return Executors()(kind)

@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from . import Result, TaskContext, TaskError, register
+from . import Result, TaskContext, TaskError
 
 
 def _link(src, dst) -> None:
@@ -31,7 +31,6 @@ def _link(src, dst) -> None:
         shutil.copyfile(src, dst)
 
 
-@register("eval")
 def run_eval(ctx: TaskContext) -> Result:
     from data_shards.shards import ShardError, ShardReader
     from model.checkpoint import CONFIG, WEIGHTS, load_checkpoint

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import json
 
-from . import Result, TaskContext, TaskError, register
+from . import Result, TaskContext, TaskError
 from .teacher import batched_generate, load_engine
 
 
-@register("generate")
 def run_generate(ctx: TaskContext) -> Result:
     p = ctx.payload
     prompts, sampling = p.get("prompts"), p.get("sampling")

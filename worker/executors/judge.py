@@ -14,11 +14,10 @@ import json
 
 from data_shards.synthetic import judge_messages, parse_judgement
 
-from . import Result, TaskContext, TaskError, register
+from . import Result, TaskContext, TaskError
 from .teacher import batched_generate, load_engine
 
 
-@register("judge")
 def run_judge(ctx: TaskContext) -> Result:
     p = ctx.payload
     pairs, sampling = p.get("pairs"), p.get("sampling")

@@ -155,7 +155,8 @@ def warm_baseline_rss() -> int:
     import torch
     import torch.nn.functional as F
 
-    from model.train import OptimConfig, build_optimizer
+    from model.optim import OptimConfig
+    from model.step import build_optimizer
     from model.transformer import Transformer
 
     cfg = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,

@@ -1,0 +1,296 @@
+"""The coordinator's side of swarm training while it runs: the round driver, the full copy, the bootstrap peer.
+
+    mujina-coordinator init-swarm --config project.yaml --checkpoint UPCYCLED_MOE
+
+copies the upcycled checkpoint to `STATE_DIR/checkpoints/{run}/round_000000/` (the project checkpoint
+format plus `outer_momentum.safetensors`, zeros) and records the run in `STATE_DIR/swarm/{run}.json`.
+While `serve` runs, `SwarmDriver` then, once per round:
+
+1. plans the expert assignment from the registered workers' memory (`plan_assignment`: every worker holds
+   the trunk and as many experts as its budget fits, experts with the fewest holders first, so each gets
+   >= `replication` holders where the workers allow; an expert nobody holds stays frozen, is logged and
+   shown by the `mujina_swarm_expert_holders` gauge as 0). Only live workers get a slot: those seen
+   (heartbeat or lease request) within `SwarmDriver.live_window_s`;
+2. adds one `train` task per slot (swarm.settings.TrainPayload, built by coordinator/swarm_plan.py: round,
+   checkpoint, assignment, settings, inner loop, expected holders per module). Any live worker may lease a
+   slot's task: one that cannot hold its assignment (the memory model against its budget) gives it back for
+   another. With `swarm.shards` set, each task's inner loop carries a *lease* (data_shards/lease.py): a
+   disjoint range of the shard corpus that packs into exactly inner_steps · batch_size sequences; leases
+   advance round by round through the corpus (the cursor is kept in the status file), wrapping into a new
+   epoch with a new shard order. The shard files are served as shards/swarm-{run}/ (`publish_shards`). The
+   validator (validate_train.py) refuses a result that claims more tokens than its lease holds; credit is
+   the tokens trained;
+3. when every task of the round is done (or dead), merges the uploaded module states into its full copy
+   (each holder uploads its modules' parameters and outer momentum, safetensors;
+   swarm.round_checkpoint.merge_uploads), writes `round_{r+1}` every `checkpoint_every` rounds (and always
+   `latest/`), served by FetchCheckpoint so a
+   newcomer starts from the current round, momentum included.
+
+The bootstrap DHT peer runs in the coordinator's process (`start_bootstrap_dht`); its multiaddrs are
+added to RegisterResponse.bootstrap_peers.
+
+Importing this module stays free of torch and hivemind (the coordinator starts without them); the
+functions that touch tensors (init_swarm, closing a round) and the bootstrap peer import them when called.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+from pathlib import Path
+
+from .swarm_plan import plan_assignment, round_payloads, worker_budget
+
+log = logging.getLogger(__name__)
+
+
+# ---- the full copy -------------------------------------------------------------------------------
+
+def round_name(run: str, round_: int) -> str:
+    return f"{run}/round_{round_:06d}"
+
+
+def init_swarm(state_dir: Path, run: str, checkpoint: Path) -> str:
+    """Start a swarm run from an upcycled MoE checkpoint; returns the round-0 checkpoint name."""
+    from model.checkpoint import load_checkpoint
+    from swarm.round_checkpoint import save_round_checkpoint
+
+    net = load_checkpoint(checkpoint)  # validates the directory
+    if net.cfg.moe is None:
+        raise ValueError(f"{checkpoint} is a dense model: upcycle it first (mujina-model upcycle --checkpoint "
+                         f"{checkpoint} --experts 8 --top-k 2 --out MOE)")
+    status_path = Path(state_dir) / "swarm" / f"{run}.json"
+    if status_path.exists():
+        raise ValueError(f"{status_path} exists: run {run!r} is already a swarm run; pick another run name")
+    name = round_name(run, 0)
+    save_round_checkpoint(Path(state_dir) / "checkpoints" / name, net, {}, 0)
+    status_path.parent.mkdir(parents=True, exist_ok=True)
+    status_path.write_text(json.dumps({"round": 0, "checkpoint": name, "assignment": {}, "tasks": [],
+                                       "num_layers": net.cfg.num_layers, "num_experts": net.cfg.moe.num_experts},
+                                      indent=2))
+    return name
+
+
+def read_status(state_dir: Path, run: str) -> dict | None:
+    """The run's swarm status (STATE_DIR/swarm/{run}.json), or None when it is not a swarm run (yet)."""
+    path = Path(state_dir) / "swarm" / f"{run}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def expert_holders(state_dir: Path, run: str, names: dict[str, str] | None = None) -> list[dict]:
+    """Every (layer, expert) of the current round with the workers that hold it (names where known):
+    rows {run, layer, expert, holders}; an expert nobody holds has holders [] (frozen). Read by the status
+    page and the mujina_swarm_expert_holders gauge; no torch."""
+    status = read_status(state_dir, run)
+    if not status or "num_layers" not in status:
+        return []
+    names = names or {}
+    by_expert: dict[int, list[str]] = {e: [] for e in range(status["num_experts"])}
+    for slot, experts in sorted(status.get("assignment", {}).items()):
+        for e in experts:
+            by_expert[e].append(names.get(slot, slot))
+    return [{"run": run, "layer": layer, "expert": e, "holders": by_expert[e]}
+            for layer in range(status["num_layers"]) for e in sorted(by_expert)]
+
+
+def start_bootstrap_dht(host: str = "0.0.0.0", port: int = 0):
+    """The swarm's bootstrap DHT peer, run by the coordinator; returns (dht, multiaddrs to hand out)."""
+    from swarm.processes import start_dht
+
+    dht = start_dht(host_maddrs=[f"/ip4/{host}/tcp/{port}"])  # a fork()ed child of this gRPC server's process
+    return dht, [str(a) for a in dht.get_visible_maddrs()]
+
+
+def publish_shards(directory: Path, state_dir: Path, name: str) -> str:
+    """Make a shard directory's files fetchable (FetchShard serves STATE_DIR/shards/...); returns the name of
+    the directory under shards/. A directory already inside STATE_DIR/shards is served in place; any other is
+    hard-linked (copied across file systems) into shards/{name}/, file by file; shard files are named by
+    their content, so a file already there is kept."""
+    import os
+
+    from data_shards.shards import MANIFEST, Manifest
+
+    base = (state_dir / "shards").resolve()
+    src = directory.resolve()
+    if src.is_relative_to(base) and src != base:
+        return src.relative_to(base).as_posix()
+    dest = base / name
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in [s.file for s in Manifest.load(src).shards] + [MANIFEST]:
+        target = dest / f
+        if f != MANIFEST and target.exists() and target.stat().st_size == (src / f).stat().st_size:
+            continue
+        tmp = dest / f".{f}.tmp"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(src / f, tmp)
+        except OSError:
+            shutil.copyfile(src / f, tmp)
+        os.replace(tmp, target)
+    return name
+
+
+class SwarmDriver:
+    """Advances a swarm run round by round from inside `serve` (a thread polling the store)."""
+
+    def __init__(self, cfg, store, scheduler, poll_s: float = 1.0):
+        self.cfg, self.store, self.scheduler, self.s = cfg, store, scheduler, cfg.swarm
+        self.poll_s = poll_s
+        self._corpus_at = None  # (data_shards.lease.Corpus, its directory under shards/), opened on first use
+        self.status_path = Path(cfg.state_dir) / "swarm" / f"{cfg.run}.json"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="swarm-driver", daemon=True)
+
+    def start(self) -> SwarmDriver:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                self.step()
+            except Exception:
+                log.exception("swarm driver step failed; retrying in %.1f s", self.poll_s)
+
+    def _status(self) -> dict:
+        return json.loads(self.status_path.read_text())
+
+    def _write_status(self, status: dict) -> None:
+        from model.checkpoint import write_json
+
+        write_json(self.status_path, status)
+
+    def live_window_s(self) -> float:
+        """A worker last seen longer ago than this has left: its leases would have expired (leases.duration_s),
+        and an idle daemon asks for work every limits.no_work_retry_s."""
+        return max(self.cfg.leases.duration_s, 2 * self.cfg.limits.no_work_retry_s)
+
+    def _capacities(self) -> dict[str, int]:
+        """Experts each live worker that runs train tasks can hold this round (workers seen within
+        `live_window_s`; a worker that registered without saying its kinds counts as one)."""
+        import time
+
+        from sqlalchemy import select
+
+        from model.checkpoint import load_config
+        from swarm.memory import experts_that_fit
+
+        from . import store as S
+
+        status = self._status()
+        mcfg = load_config(Path(self.cfg.state_dir) / "checkpoints" / status["checkpoint"])
+        with self.store.engine.connect() as conn:
+            rows = conn.execute(select(S.workers.c.id, S.workers.c.capabilities).where(
+                S.workers.c.last_seen >= time.time() - self.live_window_s())).all()
+        kw = dict(micro_batch_size=self.s.micro_batch_size, seq_len=self.s.seq_len)
+        caps = {}
+        for wid, capabilities in rows:
+            capabilities = json.loads(capabilities)
+            if capabilities.get("kinds") and "train" not in capabilities["kinds"]:
+                continue  # it said which kinds it runs, and train is not one of them
+            budget = worker_budget(capabilities, self.s.memory_budget_bytes)
+            caps[wid] = experts_that_fit(mcfg, budget, **kw)
+        if not caps:
+            caps = {f"slot{i}": experts_that_fit(mcfg, self.s.memory_budget_bytes, **kw) for i in range(self.s.workers)}
+        return caps
+
+    def _corpus(self, vocab_size: int):
+        """The swarm's shard corpus (opened once) and where the coordinator serves it under shards/."""
+        if self._corpus_at is None:
+            from data_shards.lease import Corpus
+
+            corpus = Corpus.open(self.s.shards, self.s.data_seed)
+            if corpus.manifest.vocab_size > vocab_size:
+                raise ValueError(f"swarm.shards {self.s.shards} were made with a {corpus.manifest.vocab_size}-piece "
+                                 f"tokenizer but the model's vocab_size is {vocab_size}: use the model's tokenizer")
+            at = publish_shards(Path(self.s.shards), Path(self.cfg.state_dir), f"swarm-{self.cfg.run}")
+            log.info("swarm data: %d shards, %d documents, %d tokens in %s, served as shards/%s/",
+                     len(corpus.manifest.shards), corpus.manifest.documents, corpus.manifest.tokens, self.s.shards, at)
+            self._corpus_at = (corpus, at)
+        return self._corpus_at
+
+    def step(self) -> None:
+        """Add the current round's tasks if it has none; close the round once all of them finished."""
+        if not self.status_path.exists():
+            return
+        status = self._status()
+        if status["round"] >= self.s.rounds:
+            return
+        if not status["tasks"]:
+            self._open_round(status)
+            return
+        states = self._task_states(status["tasks"])
+        if all(st in ("done", "dead") for st in states.values()):
+            self._close_round(status)
+
+    def _task_states(self, ids: list[str]) -> dict[str, str]:
+        from sqlalchemy import select
+
+        from . import store as S
+
+        with self.store.engine.connect() as conn:
+            return dict(conn.execute(select(S.tasks.c.id, S.tasks.c.state).where(S.tasks.c.id.in_(ids))).all())
+
+    def _open_round(self, status: dict) -> None:
+        from model.checkpoint import load_config
+
+        mcfg = load_config(Path(self.cfg.state_dir) / "checkpoints" / status["checkpoint"])
+        plan = plan_assignment(self._capacities(), mcfg.moe.num_experts, mcfg.moe.top_k, self.s.replication,
+                               status.get("assignment"))
+        leases = shards_at = None
+        if self.s.shards is not None:
+            from data_shards.lease import Cursor
+
+            corpus, shards_at = self._corpus(mcfg.vocab_size)
+            planned, cursor = corpus.plan(Cursor(**status.get("data_cursor", {})), len(plan.assignment),
+                                          self.s.inner_steps * self.s.batch_size, self.s.seq_len)
+            leases = planned
+            status["data_cursor"] = {"epoch": cursor.epoch, "position": cursor.position}
+        payloads = round_payloads(self.s, self.cfg.run, status["round"], status["checkpoint"], plan, mcfg.num_layers,
+                                  leases, shards_at)
+        status["tasks"] = [self.scheduler.add_task("train", p) for p in payloads]
+        status["assignment"], status["frozen"] = plan.assignment, plan.frozen
+        status["num_layers"], status["num_experts"] = mcfg.num_layers, mcfg.moe.num_experts
+        self._write_status(status)
+        log.info("swarm round %d: %d train tasks; holders per expert %s; frozen %s; data %s", status["round"],
+                 len(payloads), plan.holders, plan.frozen or "none",
+                 "synthetic" if leases is None else f"{sum(x.tokens for x in leases)} tokens of leases up to epoch "
+                 f"{status['data_cursor']['epoch']} document {status['data_cursor']['position']}")
+
+    def _close_round(self, status: dict) -> None:
+        from sqlalchemy import select
+
+        from model.checkpoint import load_checkpoint
+        from swarm.round_checkpoint import load_outer_state, merge_uploads, save_round_checkpoint
+
+        from . import store as S
+
+        root = Path(self.cfg.state_dir)
+        prev = root / "checkpoints" / status["checkpoint"]
+        full = load_checkpoint(prev)
+        momentum, _ = load_outer_state(prev)
+        with self.store.engine.connect() as conn:
+            paths = [p for (p,) in conn.execute(select(S.results.c.path).where(
+                S.results.c.task_id.in_(status["tasks"])))]
+        updated = merge_uploads(full, momentum, [(root / p).read_bytes() for p in paths])
+        r = status["round"] + 1
+        latest = root / "checkpoints" / self.cfg.run / "latest"
+        shutil.rmtree(latest, ignore_errors=True)
+        save_round_checkpoint(latest, full, momentum, r)
+        name = f"{self.cfg.run}/latest"
+        if r % self.s.checkpoint_every == 0 or r == self.s.rounds:
+            name = round_name(self.cfg.run, r)
+            save_round_checkpoint(root / "checkpoints" / name, full, momentum, r)
+        log.info("swarm round %d closed: %d results, %d modules updated; next start %s", r - 1, len(paths),
+                 len(updated), name)
+        status.update(round=r, checkpoint=name, tasks=[])
+        self._write_status(status)

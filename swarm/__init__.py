@@ -1,0 +1,21 @@
+"""Expert-sharded DiLoCo: what the coordinator and the workers share about a swarm round.
+
+A worker holds the shared trunk and some experts of each MoE layer; each module is averaged only among
+its holders (hivemind), then every holder takes the same outer Nesterov step. The files, bottom up:
+
+    modules.py           module names and their one parser, assignments, holder counts (torch-free)
+    settings.py          SwarmSettings, InnerConfig and TrainPayload: the typed contract of a `train` task
+                         (torch-free: the coordinator validates payloads without torch)
+    memory.py            the peak memory of a round; how many experts fit a budget (torch-free at import)
+    tensors.py           a module's tensors in a model; the local model (trunk + held experts); merging
+    round_checkpoint.py  round checkpoints (weights + outer momentum) and merging a round's uploads
+    outer.py             module outcomes, the round report, the outer Nesterov step and failure policies
+    agreement.py         the sketch that tells whether holders ended an all-reduce with the same average
+    hivemind_compat.py   every hivemind 1.1.12 workaround
+    processes.py         hivemind's child processes: fork safety, supervision, start_dht
+    averager.py          SwarmAverager: a DHT node and one averager per held module, the round's averaging
+    round.py             SwarmWorker: the worker's round (inner steps, Δ, averaging, outer step)
+
+Imports point one way: this package may import `model`, `data_shards` and hivemind (lazily, in the files
+that need it), never `coordinator` or `worker` (tests/test_imports.py).
+"""

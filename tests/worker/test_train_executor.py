@@ -1,0 +1,71 @@
+"""The worker's train executor (worker/executors/train.py): stopping mid-round, refusing a round that does not fit."""
+
+from __future__ import annotations
+
+import pytest
+
+from coordinator.swarm_driver import init_swarm
+from worker.executors import TaskContext
+from worker.executors.train import TrainExecutor
+
+
+def test_a_stop_request_ends_the_round_between_inner_steps_and_the_retry_starts_from_the_checkpoint(
+        tiny_checkpoint, tmp_path):
+    """A daemon asked to stop (SIGTERM, a cancelled lease) leaves a round after the current inner step, not
+    after all H; the half-trained worker is dropped, so the next attempt of the round starts from θ_start."""
+    import dataclasses
+
+    from tests.swarm.conftest import settings
+    from worker.executors import TaskStopped
+
+    state = tmp_path / "state"
+    name = init_swarm(state, "stop", tiny_checkpoint)
+    payload = {"round": 0, "checkpoint": name, "assignment": {"0": [0, 1, 2, 3]}, "slot": "s0",
+               "settings": dataclasses.asdict(settings(run="stop", averaging=False)),
+               "inner": {"inner_steps": 50, "total_steps": 50, "batch_size": 2, "micro_batch_size": 2, "seq_len": 32}}
+    progress: list[float] = []
+
+    def ctx(i, stop_after):
+        c = TaskContext(f"t{i}", f"l{i}", "train", payload, 1, tmp_path / f"work{i}",
+                        fetch=lambda what, fname: state / "checkpoints" / fname, report_progress=progress.append,
+                        stop_requested=lambda: stop_after is not None and len(progress) >= stop_after)
+        c.work_dir.mkdir()
+        return c
+
+    run_train = TrainExecutor()
+    try:
+        with pytest.raises(TaskStopped):
+            run_train(ctx(0, stop_after=3))
+        assert len(progress) == 3 and "s0" not in run_train.kept  # 3 of 50 inner steps, and the worker is gone
+        progress.clear()
+        full = run_train(ctx(1, stop_after=None))
+        assert full.metrics["tokens"] == 50 * 2 * 32 and progress[-1] == 1.0
+        # the same round again from the checkpoint: the same losses (a reused half-trained worker would differ)
+        progress.clear()
+        run_train.kept.pop("s0").worker.shutdown()
+        again = run_train(ctx(2, stop_after=None))
+        assert again.metrics["loss"] == full.metrics["loss"]
+    finally:
+        run_train.close()
+
+
+def test_a_worker_gives_back_a_round_it_cannot_hold(tiny_checkpoint, tmp_path):
+    """The slot was planned for another worker; this one's budget (--max-gpu-memory) is below the memory
+    model's peak for 4 experts per layer, so the task ends in a TaskError naming both figures."""
+    import dataclasses
+
+    from tests.swarm.conftest import settings
+    from worker.executors import TaskError
+
+    state = tmp_path / "state"
+    name = init_swarm(state, "small", tiny_checkpoint)
+    payload = {"round": 0, "checkpoint": name, "assignment": {"0": [0, 1, 2, 3]}, "slot": "s0",
+               "settings": dataclasses.asdict(settings(run="small", averaging=False)),
+               "inner": {"inner_steps": 2, "total_steps": 2, "batch_size": 2, "micro_batch_size": 2, "seq_len": 32}}
+    ctx = TaskContext("t", "l", "train", payload, 1, tmp_path / "work", max_memory_bytes=64 * 1024,
+                      fetch=lambda what, fname: state / "checkpoints" / fname)
+    ctx.work_dir.mkdir()
+    run_train = TrainExecutor()
+    with pytest.raises(TaskError, match=r"needs about 0\.\d+ GiB .* has 0\.00 GiB"):
+        run_train(ctx)
+    assert "s0" not in run_train.kept
