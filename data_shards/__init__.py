@@ -1,4 +1,6 @@
-"""Text in, token shards out (filters, dedup, tokenizer, shards, packing, mixture). Not built yet: see issue 3.
+"""Text in, token shards out: readers, filters, dedup, the tokenizer, the shard format and `mujina-data
+shard`, packing, chat records, the mixture loader, swarm data leases and synthetic-data prompts.
 
-Pure like model/: never imports hivemind, gRPC, SQLAlchemy or prometheus.
+The bottom of the project: imports no other package of it, and, pure like model/, never hivemind, gRPC,
+SQLAlchemy or prometheus (tests/test_imports.py, tests/test_purity.py).
 """
