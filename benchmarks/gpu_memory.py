@@ -5,7 +5,7 @@
 Each case runs one swarm round (averaging off: the same allocations on the GPU, since hivemind's buffers
 live in host memory) in a fresh process on a ~0.65B-parameter MoE, holding k experts per layer, with
 AdamW or bitsandbytes' 8-bit AdamW, with and without activation checkpointing, and compares the peak
-with `worker.memory.estimate_round_memory(..., device="cuda")`. The issue's goal: within 15%. Per case
+with `swarm.memory.estimate_round_memory(..., device="cuda")`. The issue's goal: within 15%. Per case
 it also reports the phases (after loading, inner step 0, later inner steps, the outer step), so a
 miss shows which term of the model is off. On CPU this script exits; tests/swarm/test_memory.py checks
 the model against RSS there.

@@ -30,8 +30,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import worker.swarm as swarm  # noqa: E402
-from worker.swarm import SKETCH_PROJECTIONS, SwarmAverager, SwarmSettings, agreement_sketch  # noqa: E402
+import swarm.averager as averager_module  # noqa: E402
+from swarm.agreement import SKETCH_PROJECTIONS, agreement_sketch  # noqa: E402
+from swarm.averager import SwarmAverager  # noqa: E402
+from swarm.settings import COMPRESSIONS, SwarmSettings  # noqa: E402
 
 
 def average_once(compression: str, size: int) -> dict:
@@ -41,14 +43,14 @@ def average_once(compression: str, size: int) -> dict:
     peers = [first] + [SwarmAverager(s, {"m": size}, initial_peers=first.visible_maddrs(),
                                      expected_holders={"m": 3}) for _ in range(2)]
     sketches: dict[str, dict] = {}
-    compute = swarm.agreement_sketch
+    compute = averager_module.agreement_sketch
 
     def recording_sketch(averaged, local, comp):  # keep each peer's sketch (one thread per peer)
         out = compute(averaged, local, comp)
         sketches[threading.current_thread().name] = out
         return out
 
-    swarm.agreement_sketch = recording_sketch
+    averager_module.agreement_sketch = recording_sketch  # what SwarmAverager calls
     try:
         torch.manual_seed(0)
         common = torch.randn(size) * 1e-4
@@ -65,7 +67,7 @@ def average_once(compression: str, size: int) -> dict:
         for t in threads:
             t.join()
     finally:
-        swarm.agreement_sketch = compute
+        averager_module.agreement_sketch = compute
         for p in peers:
             p.shutdown()
     row: dict = {"compression": compression, "outcomes": outcomes}
@@ -99,7 +101,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", type=Path, help="write the figures here")
     p.add_argument("--size", type=int, default=300_000, help="floats in the averaged module")
-    p.add_argument("--compressions", nargs="+", default=["none", "fp16", "8bit"], choices=swarm.COMPRESSIONS)
+    p.add_argument("--compressions", nargs="+", default=["none", "fp16", "8bit"], choices=COMPRESSIONS)
     args = p.parse_args()
     torch.set_num_threads(1)
     rows = [average_once(c, args.size) for c in args.compressions]

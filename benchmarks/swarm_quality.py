@@ -54,7 +54,7 @@ WORKERS = 4
 
 def assignments(kind: str, num_experts: int, top_k: int) -> list[list[int]]:
     """Experts per worker (the same in every layer): half of them each, laid out as the coordinator lays them
-    out (coordinator.swarm.plan_assignment: holders of an expert hold the same experts, so every holder
+    out (coordinator.swarm_plan.plan_assignment: holders of an expert hold the same experts, so every holder
     trains it beside the same others), or all of them (plain DiLoCo, to separate the cost of expert
     sharding from that of infrequent averaging)."""
     from coordinator.swarm_plan import plan_assignment
@@ -70,7 +70,7 @@ CONTINUE_OPTIM = dict(lr=1e-3, min_lr=1e-4, warmup_steps=10, weight_decay=0.1)
 
 def inner_optim(rounds: int, lr: float, mu: float, weight_decay_scale: bool) -> dict:
     """The workers' AdamW: the reference's, with its weight decay divided by the outer amplification as the
-    coordinator does it (coordinator.swarm.inner_weight_decay), unless `weight_decay_scale` is off."""
+    coordinator does it (coordinator.swarm_plan.inner_weight_decay), unless `weight_decay_scale` is off."""
     from coordinator.swarm_plan import SwarmSection, inner_weight_decay
 
     if not weight_decay_scale:

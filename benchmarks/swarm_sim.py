@@ -30,7 +30,7 @@ from model.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from model.train import RunConfig, Trainer  # noqa: E402
 from model.upcycle import upcycle  # noqa: E402
 
-# "coordinator": coordinator.swarm.plan_assignment's layout (what swarm_quality.py uses); "crossed": every
+# "coordinator": coordinator.swarm_plan.plan_assignment's layout (what swarm_quality.py uses); "crossed": every
 # pair of holders shares one expert (swarm_quality.py's layout before 2026-11-22: [[0,1],[2,3],[0,2],[1,3]]
 # for 4 experts); "all": plain DiLoCo
 LAYOUTS = ("coordinator", "crossed", "all")

@@ -29,8 +29,10 @@ While `serve` runs, `SwarmDriver` then, once per round:
 The bootstrap DHT peer runs in the coordinator's process (`start_bootstrap_dht`); its multiaddrs are
 added to RegisterResponse.bootstrap_peers.
 
-Importing this module stays free of torch and hivemind (the coordinator starts without them); the
-functions that touch tensors (init_swarm, closing a round) and the bootstrap peer import them when called.
+Importing this module stays free of torch and hivemind, so a coordinator without a swarm run never loads
+them. A swarm run does: the bootstrap peer is a hivemind DHT (hivemind imports torch), and the driver reads
+round checkpoints (model/checkpoint.py) when it opens a round and merges the uploads when it closes one;
+each function imports what it needs when called.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ Pure PyTorch: nothing here imports hivemind, gRPC, SQLAlchemy or prometheus (tes
     >>> logits = net(input_ids)      # (batch, seq) int64 -> (batch, seq, vocab)
 
 The names below are imported on first use (PEP 562), so `import model.config` or `model.optim` (the
-configs, parameter counts and the learning-rate schedule) stays free of torch: the coordinator validates
-swarm settings and sizes assignments with them without loading it.
+configs, parameter counts and the learning-rate schedule) stays free of torch: the coordinator validates a
+project's swarm settings and builds `train` payloads (swarm/settings.py) without loading it.
 """
 
 from __future__ import annotations

@@ -178,16 +178,19 @@ class SwarmAverager:
         pending_round, controls = self._pending or (None, {})
         self._pending = None
         shared = self._shared(deltas) if s.averaging else []
+        if shared and not self.dht.is_alive():
+            # Every step below would wait for it; and checked before any new step starts, because a hivemind
+            # process killed while it held hivemind's cross-process MPFuture lock leaves the averagers unable to
+            # answer a step's start (seen: a DHT SIGKILLed mid-update, the averager blocked in set_result).
+            for control in controls.values():
+                control.cancel()
+            raise ChildDied(f"round {round_}: the DHT", self.dht.exitcode)
         if pending_round != round_ or set(controls) != set(shared):
             for control in controls.values():
                 control.cancel()
             controls = self._start_steps(round_, 0, shared, 0.0) if shared else {}
         if not controls:
             return out
-        if not self.dht.is_alive():  # every step below would wait for it
-            for control in controls.values():
-                control.cancel()
-            raise ChildDied(f"round {round_}: the DHT", self.dht.exitcode)
 
         first = self._all_reduce(round_, 0, controls, deltas, weights, norms)
         seen = self._reports(round_, 0, first)

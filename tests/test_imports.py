@@ -6,8 +6,8 @@ inside a function): data_shards -> model -> swarm -> coordinator | worker, and n
     worker/       imports only coordinator.api of the coordinator
     model/, data_shards/  stay pure (tests/test_purity.py)
 
-And what the coordinator loads: it validates a project with a `swarm:` section and plans rounds without
-torch (torch is imported only to merge a round, lazily).
+And what the coordinator loads: it validates a project with a `swarm:` section, builds round payloads and
+validates them without torch or hivemind (a swarm run's bootstrap peer and round driver load them lazily).
 """
 
 from __future__ import annotations
