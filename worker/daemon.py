@@ -208,8 +208,11 @@ class Daemon:
         self.cfg = cfg
         self.client = CoordinatorClient(cfg.coordinator, cfg.token, timeout=30.0, retry_for=1.0)
         self.metrics = metrics or make_metrics(cfg.metrics_port, kinds=tuple(cfg.kinds))
-        # swarm rounds record mujina_swarm_* into the daemon's registry (worker/metrics.py SwarmMetrics)
         self.executors = Executors(self.metrics.registry)
+        if "train" in cfg.kinds:
+            # built now: swarm rounds record mujina_swarm_* into the daemon's registry (worker/metrics.py
+            # SwarmMetrics), every series present from start-up
+            self.executors("train")
         self.probe = probe_devices(cfg.devices)
         self.device = self.probe.devices[0]
         if "train" in cfg.kinds and self.device.torch_device == "cpu":

@@ -69,3 +69,25 @@ def test_a_worker_gives_back_a_round_it_cannot_hold(tiny_checkpoint, tmp_path):
     with pytest.raises(TaskError, match=r"needs about 0\.\d+ GiB .* has 0\.00 GiB"):
         run_train(ctx)
     assert "s0" not in run_train.kept
+
+
+def test_a_payload_that_names_local_files_or_paths_outside_the_cache_is_refused(tmp_path):
+    """The payload is the coordinator's word, and the coordinator may be hostile: it cannot make the worker train
+    on a local file, pick its device, or fetch a checkpoint by a path that climbs out of checkpoints/. Each is a
+    TaskError (the daemon reports INVALID_TASK) before anything is fetched or started."""
+    from worker.executors import TaskError
+
+    fetched = []
+    base = {"round": 0, "checkpoint": "r/round_000000", "assignment": {"0": [0, 1]}, "slot": "s0",
+            "settings": {"run": "r"}, "inner": {"inner_steps": 2, "batch_size": 2, "seq_len": 32}}
+    bad = [{**base, "inner": {**base["inner"], "data_source": "tokens", "data_path": "/etc/passwd"}},
+           {**base, "inner": {**base["inner"], "device": "cuda:7"}},
+           {**base, "checkpoint": "../../home/volunteer"},
+           {**base, "inner": {**base["inner"], "data_source": "shards", "lease": None, "shards_at": "../x"}}]
+    run_train = TrainExecutor()
+    for i, payload in enumerate(bad):
+        ctx = TaskContext(f"t{i}", f"l{i}", "train", payload, 1, tmp_path / f"w{i}",
+                          fetch=lambda what, name: fetched.append(name))
+        with pytest.raises(TaskError, match="train payload"):
+            run_train(ctx)
+    assert fetched == [] and run_train.kept == {}
