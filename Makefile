@@ -1,12 +1,14 @@
-# The two commands of the README:  make demo  and  make test.
+# The two commands of the README:  make demo  and  make test  (what CI runs: every test).
 # Both create .venv, install torch==2.13.0 *first* (a looser requirement would pull multi-GB CUDA
 # wheels on CPU machines), then the project with its test extras (which also builds data_shards/_native.c:
 # an edit of it reinstalls).
+# make test-fast skips the tests marked slow (torchrun, hivemind peers, spawned daemons, PostgreSQL,
+# Prometheus, Chromium, the demo): every package's unit tests in a few minutes on a 2-core CPU.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-fast lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -22,6 +24,9 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,20 @@ def run_cli(*args: str, check: bool = True, timeout: float = 300, env: dict | No
         raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\n"
                              f"stderr:\n{proc.stderr}")
     return proc
+
+
+def wait_until(predicate, what: str, limit: float = 30.0, every: float = 0.2) -> None:
+    """Poll `predicate()` every `every` seconds until it is true; fail naming `what` after `limit` seconds.
+
+    For state driven by other threads and processes (a server's sweeper, a daemon's log, a scrape). The limit
+    only bounds a broken run: tests never assert on how long the wait took. A predicate may raise to fail at
+    once (a process it waits on exited)."""
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(every)
+    raise AssertionError(f"timed out after {limit:.0f} s waiting for {what}")
 
 
 def mujina_model(*args: str, **kw) -> subprocess.CompletedProcess:

@@ -89,7 +89,8 @@ def new_pg_database(server: str) -> str:
     return f"{server}/{name}"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+# PostgreSQL runs in `make test` only: the fast lane (-m "not slow") covers the same tests on SQLite.
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
 def db_url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'state' / 'coordinator.db'}"

@@ -47,6 +47,7 @@ def test_token_add_list_revoke_stores_only_hashes(tmp_path, db_url):
     store.close()
 
 
+@pytest.mark.slow  # a coordinator subprocess and a dozen CLI runs
 def test_tasks_status_ledger_through_a_served_coordinator(tmp_path, db_url):
     project = write_project(tmp_path)
     common = ("--config", str(project), "--db", db_url)
@@ -167,6 +168,7 @@ def test_tls(tmp_path):
         proc.communicate(timeout=30)
 
 
+@pytest.mark.slow  # two coordinator subprocesses
 def test_restart_reuses_the_migrated_store(tmp_path):
     # A served store is usable again after a plain restart (schema already at the current version).
     project = write_project(tmp_path)

@@ -14,6 +14,7 @@ import threading
 import time
 
 import grpc
+import pytest
 from sqlalchemy import func, select
 
 from coordinator import store as S
@@ -21,6 +22,8 @@ from coordinator.api.client import CoordinatorClient
 from coordinator.config import load_project
 from coordinator.scheduler import Scheduler
 from tests.coordinator.conftest import TOKEN, free_port, spawn_server, write_project
+
+pytestmark = pytest.mark.slow  # a coordinator subprocess killed under 50 clients' traffic
 
 N_TASKS = 200
 N_CLIENTS = 50

@@ -6,14 +6,13 @@ the first accepted result wins and is credited once."""
 
 from __future__ import annotations
 
-import time
-
 import grpc
 import pytest
 from sqlalchemy import select
 
 from coordinator import store as S
 from coordinator.api import mujina_pb2 as pb
+from tests.conftest import wait_until
 from tests.coordinator.conftest import OTHER_TOKEN, TOKEN
 
 EVAL = {"loss": 2.5, "tokens": 500}
@@ -27,16 +26,6 @@ def ledger_rows(coord):
 def task_state(coord, task_id):
     with coord.store.read() as conn:
         return conn.execute(select(S.tasks).where(S.tasks.c.id == task_id)).first()
-
-
-def wait_for(predicate, what: str, limit: float = 15.0):
-    # Polls a state change driven by the sweeper thread; the limit only bounds a broken run.
-    end = time.monotonic() + limit
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_lease_heartbeat_complete_credits_once(coord):
@@ -89,7 +78,7 @@ def test_expired_lease_requeues_and_late_result_wins_over_newer_lease(coord):
     wa = a.register("slow", speed=1.0).worker_id
     wb = b.register("fast", speed=1.0).worker_id
     la = a.lease(wa, ["eval"]).task
-    wait_for(lambda: task_state(coord, tid).state == "pending", "the sweeper to requeue the unrenewed lease")
+    wait_until(lambda: task_state(coord, tid).state == "pending", "the sweeper to requeue the unrenewed lease")
     assert task_state(coord, tid).attempts == 1
     assert a.heartbeat(wa, [(la.lease_id, 0.9)]).leases[0].directive == pb.CANCEL  # expired: stop
     lb = b.lease(wb, ["eval"]).task
@@ -161,12 +150,13 @@ def test_workers_and_leases_belong_to_their_token(coord):
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
+@pytest.mark.slow  # waits out the server's 5 s token cache
 def test_revoked_token_is_refused(coord):
     c = coord.client()
     c.register("before")
     coord.store.revoke_token("alice")
     # The server caches a token's verdict for TOKEN_CACHE_S (5 s), so revocation lands within that.
-    wait_for(lambda: _refused(c), "revocation to reach the server's token cache", limit=10)
+    wait_until(lambda: _refused(c), "revocation to reach the server's token cache", limit=10)
 
 
 def _refused(c) -> bool:

@@ -33,7 +33,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, wait_until
 from tests.coordinator.conftest import OTHER_TOKEN, TOKEN, free_port, write_project
 from tests.dashboards.catalog import PENDING_JOBS, PROMETHEUS_YML, RULES_YML, scrape_names
 
@@ -58,16 +57,6 @@ HELD = 2  # experts the one slot's memory budget fits (of 4): the other 2 are fr
 def http_get(url: str, timeout: float = 10.0) -> bytes:
     with urllib.request.urlopen(url, timeout=timeout) as r:
         return r.read()
-
-
-def wait_until(predicate, what: str, limit: float = 30.0, every: float = 0.2):
-    # Polls state driven by other processes (scrapes, rule evaluation); the limit only bounds a broken run.
-    end = time.monotonic() + limit
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(every)
-    raise AssertionError(f"timed out after {limit:.0f} s waiting for {what}")
 
 
 class Prometheus:
@@ -173,8 +162,9 @@ def start_coordinator(project: Path, db_url: str, log: Path, *extra: str) -> tup
     return proc, port
 
 
-def _scenario(target: str, store, scheduler, stop: threading.Event) -> threading.Thread:
-    """Drive the coordinator through the gRPC API (see the module docstring); returns the heartbeat thread."""
+def _scenario(target: str, store, scheduler, stop: threading.Event, prom: Prometheus | None) -> threading.Thread:
+    """Drive the coordinator through the gRPC API (see the module docstring); returns the heartbeat thread.
+    With `prom`, each eval loss is scraped before the next is reported, so Prometheus sees the loss rise."""
     from coordinator.api import mujina_pb2 as pb
     from coordinator.api.client import CoordinatorClient
 
@@ -194,7 +184,10 @@ def _scenario(target: str, store, scheduler, stop: threading.Event) -> threading
         t = client.lease(wid, ["eval"]).task
         assert client.complete(t.task_id, t.lease_id, b"eval result",
                                {"loss": loss, "tokens": 500, "gpu_seconds": 0.5}).credited
-        time.sleep(1.2)  # one scrape per loss at least, so Prometheus sees the loss rise
+        if prom is not None:  # one scrape per loss at least, so Prometheus sees the loss rise
+            # (B023: wait_until calls the lambda within this iteration, so it sees this loss)
+            wait_until(lambda: prom.value('mujina_latest_loss{kind="eval"}') == loss,  # noqa: B023
+                       f"Prometheus to scrape the eval loss {loss}")
     held = alice.lease(w_alice, ["eval"]).task.lease_id
     for _ in range(EXPIRED):
         assert bob.lease(w_bob, ["eval"]).HasField("task")
@@ -349,7 +342,7 @@ def live(tmp_path_factory):
         wait_until(lambda: read_status(cfg.state_dir, "dash")["round"] == 1, "the swarm's round 0 to close",
                    limit=120)
         expired = EXPIRED + sample(http_get(metrics_url).decode(), "mujina_leases_expired_total")
-        beats = _scenario(f"127.0.0.1:{grpc_port}", store, scheduler, stop)
+        beats = _scenario(f"127.0.0.1:{grpc_port}", store, scheduler, stop, prom)
         wait_until(lambda: sample(http_get(metrics_url).decode(), "mujina_leases_expired_total") == expired,
                    f"{EXPIRED} leases to expire")
         lv = Live(root, f"http://127.0.0.1:{http_port}/",

@@ -14,8 +14,8 @@ import subprocess
 import pytest
 import yaml
 
+from tests.conftest import wait_until
 from tests.dashboards.catalog import PENDING, PROMETHEUS_YML, RULES_YML, all_exprs
-from tests.dashboards.conftest import wait_until
 
 EXPRS = all_exprs()
 # Alerts the run must trigger (pending: true but `for` has not elapsed) and one it must not.
@@ -51,6 +51,7 @@ def test_the_files_hold_expressions_for_every_part():
     assert len(EXPRS) >= 40
 
 
+@pytest.mark.slow  # the live stack (tests/dashboards/conftest.py)
 def test_every_metric_is_live_or_pending(live):
     revived = sorted(set(PENDING) & live.metric_names)
     assert not revived, (f"{revived} are exported by a live exporter now: delete them from catalog.PENDING so "
@@ -61,6 +62,7 @@ def test_every_metric_is_live_or_pending(live):
 
 
 @pytest.mark.parametrize("expr", EXPRS, ids=[e.where for e in EXPRS])
+@pytest.mark.slow  # the live stack (tests/dashboards/conftest.py)
 def test_expression_returns_series(expr, live, prom):
     waiting = sorted({PENDING[m] for m in expr.metrics - live.metric_names if m in PENDING})
     if waiting:
@@ -69,6 +71,7 @@ def test_expression_returns_series(expr, live, prom):
     assert series, f"{expr.where}: `{expr.promql}` returned no series after the run"
 
 
+@pytest.mark.slow  # the live stack (tests/dashboards/conftest.py)
 def test_prometheus_loads_the_rules_and_the_run_triggers_the_right_alerts(prom):
     rules = [r for g in prom.api("rules")["groups"] for r in g["rules"]]
     shipped = [r["alert"] for g in yaml.safe_load(RULES_YML.read_text())["groups"] for r in g["rules"]]
@@ -89,6 +92,7 @@ def test_prometheus_loads_the_rules_and_the_run_triggers_the_right_alerts(prom):
     assert frozen == {("0", "2"), ("0", "3")}
 
 
+@pytest.mark.slow  # the live stack (tests/dashboards/conftest.py)
 def test_the_coordinator_exports_the_swarm_round_and_the_holders_of_each_expert(prom):
     # One round closed; the one slot held experts 0 and 1 of the tiny MoE's one layer, 2 and 3 were frozen.
     assert prom.value('mujina_swarm_round{run="dash"}') == 1
@@ -98,6 +102,7 @@ def test_the_coordinator_exports_the_swarm_round_and_the_holders_of_each_expert(
     assert prom.value('mujina_swarm_rounds_total{outcome="local_only"}') == 1
 
 
+@pytest.mark.slow  # the live stack (tests/dashboards/conftest.py)
 def test_every_loss_carries_run_and_phase(prom):
     # The cluster trainer (train.phase, default pretrain), the swarm round's loss as validated by the
     # coordinator, the eval tasks (payload.phase) and the worker's inner loss: one label set for the overview.
@@ -111,6 +116,7 @@ def test_every_loss_carries_run_and_phase(prom):
     assert prom.value('mujina_latest_loss{kind="train"}') > 0 and prom.value("mujina_swarm_inner_loss") > 0
 
 
+@pytest.mark.slow  # the live stack (tests/dashboards/conftest.py)
 def test_the_worker_daemon_exports_its_task_and_state_series(prom):
     # One generate task completed; the other outcomes exist at 0 from start-up, so failure panels and
     # alerts have a series before the first failure; the daemon idles waiting for work afterwards.

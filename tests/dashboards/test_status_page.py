@@ -21,6 +21,7 @@ def status(live) -> dict:
     return json.loads(http_get(live.http_url + "api/status"))
 
 
+@pytest.mark.slow  # the live stack (tests/dashboards/conftest.py)
 def test_api_status_reports_the_store(live):
     from coordinator import store as S
 
@@ -59,6 +60,7 @@ def test_api_status_reports_the_store(live):
     assert workers["alice-gpu"]["gpu_memory"] == 24 << 30 and workers["bob-laptop"]["leases"] == 0
 
 
+@pytest.mark.slow  # the live stack (tests/dashboards/conftest.py)
 def test_unknown_paths_are_404_and_the_page_is_self_contained(live):
     with pytest.raises(urllib.error.HTTPError) as err:
         http_get(live.http_url + "metrics")
@@ -81,6 +83,7 @@ def chromium(*args: str) -> subprocess.CompletedProcess:
                            "--window-size=1280,1100", *args], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow  # the live stack (tests/dashboards/conftest.py)
 def test_page_renders_real_data_in_chromium(live, tmp_path):
     dom = chromium("--dump-dom", live.http_url)
     assert dom.returncode == 0, dom.stderr[-3000:]
@@ -104,6 +107,7 @@ def test_page_renders_real_data_in_chromium(live, tmp_path):
     print(f"status page screenshot: {shot}")
 
 
+@pytest.mark.slow  # the live stack (tests/dashboards/conftest.py)
 def test_experts_and_their_holders_are_listed(live):
     # The swarm's coordinator side hands StatusPage a callable; here one with a held and a frozen expert.
     from coordinator import store as S
@@ -125,6 +129,7 @@ def test_experts_and_their_holders_are_listed(live):
     assert cells == [["dash", "0", "0", "2", "alice-gpu, bob-laptop"], ["dash", "0", "1", "0", "nobody: frozen"]]
 
 
+@pytest.mark.slow  # headless Chromium
 def test_a_store_that_cannot_be_read_is_a_503_and_a_banner(tmp_path):
     from sqlalchemy import text
 

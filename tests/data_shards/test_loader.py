@@ -84,6 +84,7 @@ def test_mismatched_tokenizer_and_corrupted_shards_are_refused(shard_dirs, tmp_p
         MixtureLoader([SourceSpec(str(bad), 1.0)], seq_len=64, seed=0, verify=True)
 
 
+@pytest.mark.slow  # two training runs
 def test_trainer_on_shards_resumes_exactly(shard_dirs, tokenizer_dir, tmp_path):
     mix = json.dumps([{"path": str(shard_dirs["ja"]), "weight": 0.6}, {"path": str(shard_dirs["en"]), "weight": 0.4}])
     args = ["--config", str(REPO / "configs" / "debug.yaml"), "--set", "data.source=shards", "--set",

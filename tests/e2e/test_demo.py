@@ -28,6 +28,8 @@ import yaml
 
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.slow  # the demo three times (two interrupted, one to the end): minutes
+
 DEMO = [sys.executable, str(REPO / "scripts" / "demo.py"), "--scale", "tiny", "--ports", "auto"]
 
 

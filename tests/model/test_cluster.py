@@ -83,6 +83,7 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.parametrize("kind", ["dense", "moe"])
+@pytest.mark.slow  # torchrun: 2 training processes
 def test_two_processes_give_the_losses_of_one(reference, tmp_path, kind):
     config, ref = reference[kind]
     r = torchrun(config, tmp_path / "two")
@@ -98,6 +99,7 @@ def test_two_processes_give_the_losses_of_one(reference, tmp_path, kind):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=0, msg=k)
 
 
+@pytest.mark.slow  # torchrun: 2 training processes
 def test_bf16_mixed_precision_and_activation_checkpointing_under_fsdp(reference, tmp_path):
     """bf16 parameters with fp32 reductions (the CUDA path) and recomputed blocks, here on gloo."""
     config, ref = reference["dense"]
@@ -113,6 +115,7 @@ def test_bf16_mixed_precision_and_activation_checkpointing_under_fsdp(reference,
     assert load_checkpoint(tmp_path / "bf16" / "final").tok_embeddings.weight.dtype == torch.float32  # fp32 master
 
 
+@pytest.mark.slow  # torchrun: 2 training processes
 def test_checkpoint_of_two_processes_resumes_on_one_and_back(reference, tmp_path):
     config, ref = reference["dense"]
     out = tmp_path / "run"
@@ -140,6 +143,7 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
+@pytest.mark.slow  # torchrun: 2 training processes
 def test_killed_process_restarts_the_job_from_its_last_checkpoint(reference, tmp_path):
     config, ref = reference["dense"]
     long = write_config(tmp_path / "long.yaml", BASE, steps=60, save_every=10, eval_every=30)
@@ -169,6 +173,7 @@ def test_killed_process_restarts_the_job_from_its_last_checkpoint(reference, tmp
     assert_same_curve(steps, records(tmp_path / "whole"))
 
 
+@pytest.mark.slow  # torchrun: 2 training processes
 def test_convert_turns_a_distributed_checkpoint_into_the_project_format(reference, tmp_path):
     config, _ = reference["moe"]
     out = tmp_path / "run"
@@ -191,6 +196,7 @@ def test_convert_turns_a_distributed_checkpoint_into_the_project_format(referenc
     assert "already a safetensors" in bad.stderr
 
 
+@pytest.mark.slow  # torchrun: 2 training processes
 def test_bad_cluster_configs_fail_before_any_work(reference, tmp_path):
     config, _ = reference["dense"]
     # 8 sequences are a whole number of micro-batches of 8 on one process, but not on 2.
@@ -213,6 +219,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # torchrun: 2 training processes
 def test_rank_zero_reports_mfu_and_serves_prometheus_gauges(tmp_path):
     port = _free_port()
     # CPU has no peak-FLOPS entry: give one, as an operator of an unlisted device would.

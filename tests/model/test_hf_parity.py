@@ -73,7 +73,8 @@ def _hf_mixtral():
         num_experts_per_tok=2))
 
 
-@pytest.mark.parametrize("make", [_hf_llama, _hf_mixtral, lambda: _hf_llama(tie=True)],
+@pytest.mark.parametrize("make", [_hf_llama, _hf_mixtral,
+                                  pytest.param(lambda: _hf_llama(tie=True), marks=pytest.mark.slow)],
                          ids=["llama", "mixtral", "llama-tied"])
 def test_import_from_transformers_gives_same_logits(tmp_path, make):
     hf = make()
@@ -102,6 +103,7 @@ def test_import_reads_fused_expert_layout(tmp_path):
     assert _ours_vs_hf(tmp_path / "ckpt", tmp_path / "legacy")[0] <= TOL
 
 
+@pytest.mark.slow
 def test_sharded_and_bf16_export(tmp_path):
     mujina_model("init", "--preset", "debug", "--out", str(tmp_path / "ckpt"))
     mujina_model("export", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf"),
@@ -121,6 +123,7 @@ def test_sharded_and_bf16_export(tmp_path):
     assert load_checkpoint(tmp_path / "bf-ckpt").tok_embeddings.weight.dtype == torch.bfloat16
 
 
+@pytest.mark.slow
 def test_tokenizer_travels_with_export_and_sampling_decodes_text(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

@@ -7,14 +7,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 
 from model import load_checkpoint
-from tests.conftest import REPO, mujina_train
+from tests.conftest import REPO, mujina_train, wait_until
 
 DEBUG = str(REPO / "configs" / "debug.yaml")
 QUICK = ["--set", "train.log_every=1", "--set", "train.eval_every=0"]
@@ -53,6 +52,7 @@ def _moe_init(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["dense", "moe"])
+@pytest.mark.slow  # two training runs per model
 def test_resume_from_checkpoint_reproduces_uninterrupted_losses(tmp_path, kind):
     # Reference: the same run, uninterrupted. A fresh directory holding only the step-8 checkpoint
     # is exactly what a run killed between steps 8 and 11 leaves behind.
@@ -76,6 +76,7 @@ def test_resume_from_checkpoint_reproduces_uninterrupted_losses(tmp_path, kind):
         torch.testing.assert_close(va, vb, rtol=0, atol=1e-6, msg=k)
 
 
+@pytest.mark.slow  # four training runs, one killed
 def test_killed_run_continues_where_it_stopped(tmp_path):
     args = ["--config", DEBUG, *QUICK, "--set", "train.steps=40", "--set", "train.save_every=2"]
     mujina_train(*args, "--out", str(tmp_path / "ref"))
@@ -83,9 +84,9 @@ def test_killed_run_continues_where_it_stopped(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "model.train", *args, "--out", str(out)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.monotonic() + 120
-    while not (out / "checkpoints" / "step_000004").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    # polled often: the kill must land mid-run, long before step 40
+    wait_until(lambda: (out / "checkpoints" / "step_000004").exists(), "the run's checkpoint of step 4", limit=120,
+               every=0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     r = mujina_train(*args, "--out", str(out))
@@ -98,6 +99,7 @@ def test_killed_run_continues_where_it_stopped(tmp_path):
     assert "resumed from" in again.stderr and "step 40/40" not in again.stderr
 
 
+@pytest.mark.slow
 def test_accumulation_does_not_change_the_loss(tmp_path):
     base = ["--config", DEBUG, *QUICK, "--set", "train.steps=3", "--set", "train.batch_size=8"]
     mujina_train(*base, "--set", "train.micro_batch_size=8", "--out", str(tmp_path / "one"))
@@ -107,6 +109,7 @@ def test_accumulation_does_not_change_the_loss(tmp_path):
         assert four[step] == pytest.approx(one[step], rel=0, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_token_file_source(tmp_path):
     # A flat uint16 file of a repeating pattern with a separator: the model learns it.
     pattern = np.array([5, 9, 12, 40, 3, 0], dtype=np.uint16)  # 0 ends each document
@@ -136,12 +139,14 @@ def test_nan_loss_stops_with_a_clear_error_and_finite_checkpoints(tmp_path):
     ("data.source=tokens", "data.path is not set"),
     ("train.phase=pre train", "train.phase must be 1-32 letters"),
 ])
+@pytest.mark.slow  # one `python -m model.train` per case
 def test_bad_config_fails_before_training(tmp_path, override, message):
     r = mujina_train("--config", DEBUG, "--set", override, "--out", str(tmp_path / "run"), check=False)
     assert r.returncode == 2 and message in r.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_resuming_with_a_different_model_is_refused(tmp_path):
     args = ["--config", DEBUG, *QUICK, "--set", "train.steps=2", "--out", str(tmp_path / "run")]
     mujina_train(*args)

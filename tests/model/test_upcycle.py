@@ -25,7 +25,9 @@ def _logits(ckpt, seed=0):
         return net(x)
 
 
-@pytest.mark.parametrize("experts, top_k", [(4, 2), (8, 2), (3, 1)])
+# the fast lane upcycles one shape; the other two are the same path
+@pytest.mark.parametrize("experts, top_k", [(4, 2), pytest.param(8, 2, marks=pytest.mark.slow),
+                                            pytest.param(3, 1, marks=pytest.mark.slow)])
 def test_upcycled_logits_equal_dense(tmp_path, dense, experts, top_k):
     (dense / "tokenizer").mkdir()
     (dense / "tokenizer" / "tokenizer_config.json").write_text("{}")
@@ -65,6 +67,7 @@ def test_noise_breaks_symmetry(tmp_path, dense):
     assert not torch.equal(m.layers[0].feed_forward.w1_EFD[0], m.layers[0].feed_forward.w1_EFD[1])
 
 
+@pytest.mark.slow
 def test_upcycling_a_moe_is_refused(tmp_path, dense):
     mujina_model("upcycle", "--checkpoint", str(dense), "--experts", "2", "--top-k", "1", "--out", str(tmp_path / "m"))
     r = mujina_model("upcycle", "--checkpoint", str(tmp_path / "m"), "--experts", "2", "--top-k", "1",

@@ -11,6 +11,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 
+import pytest
 import torch
 from hivemind.p2p import P2PContext
 from hivemind.proto import averaging_pb2
@@ -31,13 +32,14 @@ def slow_reducer_class(delay: float):
     class DecentralizedAverager(checked_averager_class()):  # hivemind's RPC names carry the class name
         async def rpc_aggregate_part(self, stream: AsyncIterator[averaging_pb2.AveragingData],
                                      context: P2PContext) -> AsyncIterator[averaging_pb2.AveragingData]:
-            await asyncio.sleep(delay)
+            await asyncio.sleep(delay)  # the fault itself: this peer is slow on purpose, no condition to wait on
             async for message in super().rpc_aggregate_part(stream, context):
                 yield message
 
     return DecentralizedAverager
 
 
+@pytest.mark.slow  # real hivemind peers
 def test_a_slow_reducer_leaves_parts_unaveraged_and_every_holder_detects_it(shutdown, caplog, monkeypatch):
     """One peer answers all-reduce streams only after 6 s, beyond next_chunk_timeout (3 s): hivemind leaves
     the late parts at the local values on some holders, averages others' shares without the late senders,
@@ -123,6 +125,7 @@ class _Corrupting:
         return result
 
 
+@pytest.mark.slow  # real hivemind peers
 def test_a_corrupted_average_is_a_mismatch_on_every_holder_and_retry_keeps_them_identical(
         tiny_checkpoint, shutdown, caplog):
     """fp16 (the default): the trunk and l0e2 average normally and agree to rounding; l0e1's average is
@@ -184,6 +187,7 @@ class RecordingWorker(SwarmWorker):
         self.local_delta = {m: d.clone() for m, d in self.outer.deltas().items()}
 
 
+@pytest.mark.slow  # real hivemind peers
 def test_with_policy_local_a_mismatched_module_steps_with_each_holders_own_delta(tiny_checkpoint, shutdown):
     """'local': neither holder applies the corrupted average; each takes the outer step with its own Δ,
     θ = θ_start − lr·(Δ + μ·Δ) with fresh momentum, while the trunk uses the agreed average."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
+import pytest
 import torch
 
 from model.checkpoint import load_checkpoint
@@ -13,6 +14,8 @@ from swarm.round import SwarmWorker
 from swarm.round_checkpoint import load_outer_state, save_round_checkpoint
 from swarm.tensors import module_tensors
 from tests.swarm.conftest import average_together, inner, run_round, settings, start_workers
+
+pytestmark = pytest.mark.slow  # real hivemind peers (DHT, p2pd, averagers) on loopback
 
 
 def test_weighted_average_of_hand_made_deltas(shutdown):

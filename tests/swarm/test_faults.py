@@ -16,6 +16,8 @@ import pytest
 
 from tests.swarm.conftest import holders, inner, run_round, settings, start_workers
 
+pytestmark = pytest.mark.slow  # real hivemind peers, killed and restarted
+
 
 def test_killing_one_of_three_workers_mid_round_does_not_stop_the_round(tiny_checkpoint, shutdown):
     assignments = [{0: [0, 1, 2]}, {0: [1, 2, 3]}, {0: [0, 1, 3]}]

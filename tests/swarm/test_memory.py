@@ -22,6 +22,7 @@ CFG = dict(preset="debug", num_layers=2, hidden_size=128, intermediate_size=2048
            moe=dict(num_experts=8, top_k=2))
 
 
+@pytest.mark.slow  # a memory-probe subprocess per assignment size
 def test_predicted_peak_rss_is_within_15_percent_for_two_assignment_sizes(tmp_path):
     cfg = ModelConfig.from_dict(CFG)
     with torch.device("meta"):

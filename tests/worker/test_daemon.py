@@ -42,6 +42,7 @@ def ledger(store):
         return sorted((r.volunteer, r.unit, r.amount) for r in conn.execute(select(S.ledger)))
 
 
+@pytest.mark.slow  # a spawned worker daemon
 def test_eval_task_runs_through_the_daemon_and_is_credited(coord, tmp_path):
     inputs = make_eval_inputs(coord.cfg.state_dir)
     (tid,) = [coord.scheduler.add_task("eval", inputs["payload"])]
@@ -55,6 +56,7 @@ def test_eval_task_runs_through_the_daemon_and_is_credited(coord, tmp_path):
     assert len(list((tmp_path / "w1" / "files" / "objects").iterdir())) == 3
 
 
+@pytest.mark.slow  # a spawned worker daemon
 def test_eval_refetches_a_checkpoint_directory_the_coordinator_rewrote(coord, tmp_path):
     """checkpoints/tiny/ (config.json + model.safetensors, fetched file by file) is evaluated, then
     overwritten by another model: the same worker cache must not evaluate its stale copy."""
@@ -79,6 +81,7 @@ def test_eval_refetches_a_checkpoint_directory_the_coordinator_rewrote(coord, tm
     assert len(list((tmp_path / "w" / "files" / "objects").iterdir())) == 4
 
 
+@pytest.mark.slow  # a spawned worker daemon
 def test_bad_eval_payload_is_handed_back_as_invalid_task(coord, tmp_path):
     tid = coord.scheduler.add_task("eval", {"checkpoint": "nope", "shard": "s", "shard_tokens": 5}, max_attempts=1)
     # a torchrun (DCP) checkpoint directory: config.json beside .distcp files, no model.safetensors
@@ -97,6 +100,7 @@ def test_bad_eval_payload_is_handed_back_as_invalid_task(coord, tmp_path):
     assert "gave lease" in log
 
 
+@pytest.mark.slow  # a spawned worker daemon
 def test_backoff_while_unreachable_then_spooled_result_uploaded(tmp_path):
     """The worker starts before the coordinator: it backs off, registers once the server is up, runs the
     task; a result spooled by an earlier run is uploaded too."""
@@ -134,6 +138,7 @@ def test_backoff_while_unreachable_then_spooled_result_uploaded(tmp_path):
         server.wait(timeout=30)
 
 
+@pytest.mark.slow  # a spawned worker daemon
 def test_spooled_results_of_an_earlier_run_are_uploaded(coord, tmp_path):
     from worker.daemon import Spool
 
@@ -163,6 +168,7 @@ def test_config_errors_are_clear(tmp_path):
     assert p.returncode == 2 and "--coordinator is required" in p.stderr
 
 
+@pytest.mark.slow  # a spawned worker daemon
 def test_unknown_token_exits_with_a_clear_message(coord, tmp_path):
     from tests.conftest import run_cli
 

@@ -7,12 +7,15 @@ import json
 import signal
 import time
 
+import pytest
 from sqlalchemy import func, select
 
 from coordinator import store as S
 from coordinator.plan import plan
 from tests.coordinator.conftest import OTHER_TOKEN, Coord
 from tests.worker.conftest import spawn_worker, synthetic_section
+
+pytestmark = pytest.mark.slow  # a coordinator and spawned worker daemons through the whole pipeline
 
 
 def counts(coord, kind):
@@ -91,7 +94,7 @@ def test_sigterm_hands_the_lease_back_and_a_killed_worker_loses_its_task(tmp_pat
 
         a = spawn_worker(coord.target, tmp_path / "a", *args)
         wait_for(leased, "worker a's lease", [a])
-        time.sleep(1.0)  # inside the executor now
+        wait_for(lambda: "loading teacher" in (tmp_path / "a.log").read_text(), "worker a's executor to start", [a])
         a.send_signal(signal.SIGTERM)
         assert a.wait(timeout=60) == 0
         with coord.store.read() as conn:
@@ -102,7 +105,7 @@ def test_sigterm_hands_the_lease_back_and_a_killed_worker_loses_its_task(tmp_pat
             (tmp_path / "a.log").read_text()
         b = spawn_worker(coord.target, tmp_path / "b", *args)
         wait_for(leased, "worker b's lease", [b])
-        time.sleep(1.0)
+        wait_for(lambda: "loading teacher" in (tmp_path / "b.log").read_text(), "worker b's executor to start", [b])
         b.kill()  # kill -9: no Fail; the lease must expire (1.5 s) and the task be redone
         b.wait()
         c = spawn_worker(coord.target, tmp_path / "c", *args, "--max-tasks", "2", token=OTHER_TOKEN)

@@ -9,7 +9,11 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow  # a spawned worker daemon
 
 
 def test_sigusr1_dumps_the_daemons_stacks_and_it_keeps_running(tmp_path):

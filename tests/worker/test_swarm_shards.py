@@ -24,6 +24,8 @@ from tests.coordinator.conftest import OTHER_TOKEN, TOKEN, Coord
 from tests.data_shards.tiny_shards import BATCH, SEQ_LEN, STEPS, make_shards, readers_for, swarm_section
 from tests.worker.conftest import spawn_worker
 
+pytestmark = pytest.mark.slow  # spawned worker daemons and real hivemind peers, two rounds
+
 
 def _corrupt(path: Path) -> None:
     """Flip the first token bytes: the header and offsets stay valid, only the SHA-256 tells."""

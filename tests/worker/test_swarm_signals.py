@@ -16,10 +16,14 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import REPO
+import pytest
+
+from tests.conftest import REPO, wait_until
 from tests.coordinator.conftest import TOKEN, write_project
-from tests.dashboards.conftest import init_swarm, start_coordinator, wait_until
+from tests.dashboards.conftest import init_swarm, start_coordinator
 from tests.worker.conftest import worker_env
+
+pytestmark = pytest.mark.slow  # a spawned worker daemon and its hivemind processes
 
 MARKER = "MUJINA_SIGNAL_TEST"
 
