@@ -318,8 +318,8 @@ class Scheduler:
                     True, bool(done_credited), True, "already completed by this lease; the first result stands"))
             raise RequestError("FAILED_PRECONDITION", f"task {task_id} was already completed by another lease; "
                                "this result is refused without credit")
-        if state in ("failed", "released"):
-            raise RequestError("FAILED_PRECONDITION", f"lease {lease_id} was given back ({state}); "
+        if state in ("failed", "released", "cancelled"):
+            raise RequestError("FAILED_PRECONDITION", f"lease {lease_id} was given back or cancelled ({state}); "
                                "its result is refused")
         return LeaseInfo(**info, duplicate=None)
 
@@ -363,8 +363,9 @@ class Scheduler:
                     return CompleteOutcome(True, bool(done_credited), True, "already completed by this lease")
                 raise RequestError("FAILED_PRECONDITION", f"task {info.task_id} was already completed by another "
                                    "lease; this result is refused without credit")
-            if state in ("failed", "released"):
-                raise RequestError("FAILED_PRECONDITION", f"lease {info.lease_id} was given back ({state})")
+            if state in ("failed", "released", "cancelled"):
+                raise RequestError("FAILED_PRECONDITION", f"lease {info.lease_id} was given back or cancelled "
+                                   f"({state})")
             cur.execute(self.store.sql(_NEW_RESULT), {
                 "tid": info.task_id, "lid": info.lease_id, "wid": worker_id, "tok": token, "sha": sha256, "size": size,
                 "path": rel_path, "metrics": json.dumps(metrics), "meta": metadata_json, "credited": True, "now": now})
@@ -399,6 +400,41 @@ class Scheduler:
                 min_speed=min_speed, attempts=0, max_attempts=max_attempts or self.cfg.leases.max_attempts,
                 created=now, updated=now))
         return task_id
+
+    def add_tasks(self, kind: str, tasks: list[tuple[str, dict]], priority: int = 0) -> list[str]:
+        """Add `(task_id, payload)` tasks in one transaction, skipping ids that exist already: adding the same
+        tasks again (a driver resuming after a crash) changes nothing."""
+        v = validator_for(kind)
+        for _, payload in tasks:
+            v.check_payload(payload)
+        now, ids = time.time(), [tid for tid, _ in tasks]
+        with self.store.tx() as conn:
+            have = {r for (r,) in conn.execute(select(S.tasks.c.id).where(S.tasks.c.id.in_(ids)))}
+            new = [dict(id=tid, kind=kind, run=self.cfg.run, priority=priority, state="pending",
+                        payload=json.dumps(payload), min_gpu_memory=0, needs_cuda=False, min_speed=0.0, attempts=0,
+                        max_attempts=self.cfg.leases.max_attempts, created=now, updated=now)
+                   for tid, payload in tasks if tid not in have]
+            if new:
+                conn.execute(insert(S.tasks), new)
+        return ids
+
+    def cancel_tasks(self, task_ids: list[str], why: str) -> int:
+        """End every task of `task_ids` that is not done: it goes dead (no credit) and its active lease is
+        cancelled, so its worker is told CANCEL at its next heartbeat and a late result is refused. Returns how
+        many tasks were cancelled."""
+        now, n = time.time(), 0
+        with self.store.tx() as conn:
+            for task in conn.execute(select(S.tasks).where(S.tasks.c.id.in_(task_ids),
+                                                           S.tasks.c.state.in_(("pending", "leased")))).all():
+                if task.lease_id is not None:
+                    conn.execute(update(S.leases).where(S.leases.c.id == task.lease_id, S.leases.c.state == "active")
+                                 .values(state="cancelled"))
+                conn.execute(insert(S.failures).values(task_id=task.id, lease_id=task.lease_id or "",
+                                                       reason="CANCELLED", message=why[:2000], at=now))
+                conn.execute(update(S.tasks).where(S.tasks.c.id == task.id).values(
+                    state="dead", lease_id=None, last_error=f"CANCELLED: {why}"[:2000], updated=now))
+                n += 1
+        return n
 
     def retry_task(self, task_id: str) -> None:
         """Send a dead (or pending) task back to the queue with its attempts reset."""

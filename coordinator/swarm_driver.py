@@ -20,11 +20,17 @@ While `serve` runs, `SwarmDriver` then, once per round:
    epoch with a new shard order. The shard files are served as shards/swarm-{run}/ (`publish_shards`). The
    validator (validate_train.py) refuses a result that claims more tokens than its lease holds; credit is
    the tokens trained;
-3. when every task of the round is done (or dead), merges the uploaded module states into its full copy
-   (each holder uploads its modules' parameters and outer momentum, safetensors;
-   swarm.round_checkpoint.merge_uploads), writes `round_{r+1}` every `checkpoint_every` rounds (and always
-   `latest/`), served by FetchCheckpoint so a
-   newcomer starts from the current round, momentum included.
+3. when every task of the round is done (or dead), or its deadline (`round_timeout_s`) passed and the
+   unfinished ones were cancelled, merges the checked uploads (validate_train.py) into its full copy: per
+   module the element-wise median of its holders' θ and momentum (swarm.round_checkpoint.merge_uploads),
+   and writes `round_{r+1}` beside the current checkpoint, then points `latest` at it; round checkpoints
+   that are not every `checkpoint_every`-th, the first or the last are pruned. FetchCheckpoint serves
+   them, so a newcomer starts from the current round, momentum included.
+
+Crashes: every step of opening and closing a round can be interrupted by a kill -9 and resumes from the
+status file. Opening writes the plan (task ids, which are deterministic, and payloads) before adding the
+tasks in one transaction (again idempotently after a crash); closing writes the new checkpoint under a
+temporary name, renames it, swaps the `latest` symlink, and only then advances the status.
 
 The bootstrap DHT peer runs in the coordinator's process (`start_bootstrap_dht`); its multiaddrs are
 added to RegisterResponse.bootstrap_peers.
@@ -37,10 +43,13 @@ each function imports what it needs when called.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 from .swarm_plan import plan_assignment, round_payloads, worker_budget
@@ -66,13 +75,41 @@ def init_swarm(state_dir: Path, run: str, checkpoint: Path) -> str:
     status_path = Path(state_dir) / "swarm" / f"{run}.json"
     if status_path.exists():
         raise ValueError(f"{status_path} exists: run {run!r} is already a swarm run; pick another run name")
+    from model.checkpoint import write_json
+
     name = round_name(run, 0)
-    save_round_checkpoint(Path(state_dir) / "checkpoints" / name, net, {}, 0)
+    _write_round(Path(state_dir) / "checkpoints", name, lambda d: save_round_checkpoint(d, net, {}, 0))
     status_path.parent.mkdir(parents=True, exist_ok=True)
-    status_path.write_text(json.dumps({"round": 0, "checkpoint": name, "assignment": {}, "tasks": [],
-                                       "num_layers": net.cfg.num_layers, "num_experts": net.cfg.moe.num_experts},
-                                      indent=2))
+    write_json(status_path, {"round": 0, "checkpoint": name, "assignment": {}, "tasks": [],
+                             "num_layers": net.cfg.num_layers, "num_experts": net.cfg.moe.num_experts})
     return name
+
+
+def round_task_id(run: str, round_: int, slot: str) -> str:
+    """The `train` task of (run, round, slot): the same id every time, so adding a round's tasks again (a
+    driver resuming after a crash) adds nothing."""
+    return hashlib.sha256(f"{run}\0train\0{round_}\0{slot}".encode()).hexdigest()[:32]
+
+
+def _write_round(checkpoints: Path, name: str, write) -> Path:
+    """Write a round checkpoint as a whole or not at all: `write(directory)` fills a temporary directory
+    that is then renamed to `checkpoints/name` (a complete one already there, from a run that crashed after
+    writing it, is kept), and `latest` beside it is pointed at it (a symlink, swapped atomically)."""
+    final = checkpoints / name
+    if not (final / "config.json").is_file():
+        tmp = final.with_name(f".{final.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(final, ignore_errors=True)  # a partial directory (written in place by an older version)
+        write(tmp)
+        os.replace(tmp, final)
+    latest = final.parent / "latest"
+    link = final.parent / ".latest.tmp"
+    link.unlink(missing_ok=True)
+    os.symlink(final.name, link)
+    if latest.is_dir() and not latest.is_symlink():
+        shutil.rmtree(latest)  # the real directory older versions wrote
+    os.replace(link, latest)
+    return final
 
 
 def read_status(state_dir: Path, run: str) -> dict | None:
@@ -191,14 +228,18 @@ class SwarmDriver:
         status = self._status()
         mcfg = load_config(Path(self.cfg.state_dir) / "checkpoints" / status["checkpoint"])
         with self.store.engine.connect() as conn:
-            rows = conn.execute(select(S.workers.c.id, S.workers.c.capabilities).where(
-                S.workers.c.last_seen >= time.time() - self.live_window_s())).all()
+            rows = conn.execute(select(S.workers.c.id, S.workers.c.token, S.workers.c.capabilities).where(
+                S.workers.c.last_seen >= time.time() - self.live_window_s())
+                .order_by(S.workers.c.last_seen.desc(), S.workers.c.id)).all()
         kw = dict(micro_batch_size=self.s.micro_batch_size, seq_len=self.s.seq_len)
-        caps = {}
-        for wid, capabilities in rows:
+        caps, per_token = {}, {}
+        for wid, token, capabilities in rows:
             capabilities = json.loads(capabilities)
             if capabilities.get("kinds") and "train" not in capabilities["kinds"]:
                 continue  # it said which kinds it runs, and train is not one of them
+            if per_token.get(token, 0) >= self.s.slots_per_token:
+                continue  # the token's most recently seen workers have its slots (sybils, stale registrations)
+            per_token[token] = per_token.get(token, 0) + 1
             budget = worker_budget(capabilities, self.s.memory_budget_bytes)
             caps[wid] = experts_that_fit(mcfg, budget, **kw)
         if not caps:
@@ -220,18 +261,34 @@ class SwarmDriver:
             self._corpus_at = (corpus, at)
         return self._corpus_at
 
+    def _crash_point(self, where: str) -> None:
+        """Called between the steps of opening and closing a round that a crash could separate (tests kill the
+        driver here, through a subclass)."""
+
     def step(self) -> None:
-        """Add the current round's tasks if it has none; close the round once all of them finished."""
+        """Add the current round's tasks if it has none; close the round once all of them finished, or once its
+        deadline passed. Every step can be interrupted (kill -9) and resumes from the status file."""
         if not self.status_path.exists():
             return
         status = self._status()
+        if "opening" in status:  # a crash while the round's tasks were added: add the planned ones
+            self._add_planned(status)
+            return
         if status["round"] >= self.s.rounds:
             return
         if not status["tasks"]:
             self._open_round(status)
             return
         states = self._task_states(status["tasks"])
-        if all(st in ("done", "dead") for st in states.values()):
+        unfinished = [t for t in status["tasks"] if states.get(t) not in ("done", "dead")]
+        late = time.time() > status.get("opened_at", time.time()) + self.s.round_timeout_s
+        if unfinished and late:
+            n = self.scheduler.cancel_tasks(unfinished, f"swarm round {status['round']} passed its deadline "
+                                                        f"(swarm.round_timeout_s = {self.s.round_timeout_s:g})")
+            log.warning("swarm round %d: deadline passed, %d unfinished slot(s) cancelled; closing it with the "
+                        "results it has", status["round"], n)
+            unfinished = []
+        if not unfinished:
             self._close_round(status)
 
     def _task_states(self, ids: list[str]) -> dict[str, str]:
@@ -243,6 +300,8 @@ class SwarmDriver:
             return dict(conn.execute(select(S.tasks.c.id, S.tasks.c.state).where(S.tasks.c.id.in_(ids))).all())
 
     def _open_round(self, status: dict) -> None:
+        """Plan the round, write the plan (the round's task ids and payloads) into the status file, then add the
+        tasks: a crash after the plan is written adds exactly those tasks when the driver resumes."""
         from model.checkpoint import load_config
 
         mcfg = load_config(Path(self.cfg.state_dir) / "checkpoints" / status["checkpoint"])
@@ -253,13 +312,13 @@ class SwarmDriver:
             from data_shards.lease import Cursor
 
             corpus, shards_at = self._corpus(mcfg.vocab_size)
-            planned, cursor = corpus.plan(Cursor(**status.get("data_cursor", {})), len(plan.assignment),
-                                          self.s.inner_steps * self.s.batch_size, self.s.seq_len)
-            leases = planned
+            leases, cursor = corpus.plan(Cursor(**status.get("data_cursor", {})), len(plan.assignment),
+                                         self.s.inner_steps * self.s.batch_size, self.s.seq_len)
             status["data_cursor"] = {"epoch": cursor.epoch, "position": cursor.position}
         payloads = round_payloads(self.s, self.cfg.run, status["round"], status["checkpoint"], plan, mcfg.num_layers,
                                   leases, shards_at)
-        status["tasks"] = [self.scheduler.add_task("train", p) for p in payloads]
+        status["tasks"] = [round_task_id(self.cfg.run, status["round"], p["slot"]) for p in payloads]
+        status["opening"], status["opened_at"] = payloads, time.time()
         status["assignment"], status["frozen"] = plan.assignment, plan.frozen
         status["num_layers"], status["num_experts"] = mcfg.num_layers, mcfg.moe.num_experts
         self._write_status(status)
@@ -267,32 +326,66 @@ class SwarmDriver:
                  len(payloads), plan.holders, plan.frozen or "none",
                  "synthetic" if leases is None else f"{sum(x.tokens for x in leases)} tokens of leases up to epoch "
                  f"{status['data_cursor']['epoch']} document {status['data_cursor']['position']}")
+        self._crash_point("open:planned")
+        self._add_planned(status)
+
+    def _add_planned(self, status: dict) -> None:
+        self.scheduler.add_tasks("train", list(zip(status["tasks"], status["opening"], strict=True)))
+        self._crash_point("open:added")
+        del status["opening"]
+        self._write_status(status)
 
     def _close_round(self, status: dict) -> None:
+        """Merge the round's accepted uploads into the full copy and write the next round's checkpoint beside the
+        current one (swapped in as `latest` atomically); then advance the status; then prune round checkpoints
+        that are neither kept (every checkpoint_every rounds, the first, the last) nor current."""
         from sqlalchemy import select
-
-        from model.checkpoint import load_checkpoint
-        from swarm.round_checkpoint import load_outer_state, merge_uploads, save_round_checkpoint
 
         from . import store as S
 
         root = Path(self.cfg.state_dir)
-        prev = root / "checkpoints" / status["checkpoint"]
-        full = load_checkpoint(prev)
-        momentum, _ = load_outer_state(prev)
-        with self.store.engine.connect() as conn:
-            paths = [p for (p,) in conn.execute(select(S.results.c.path).where(
-                S.results.c.task_id.in_(status["tasks"])))]
-        updated = merge_uploads(full, momentum, [(root / p).read_bytes() for p in paths])
         r = status["round"] + 1
-        latest = root / "checkpoints" / self.cfg.run / "latest"
-        shutil.rmtree(latest, ignore_errors=True)
-        save_round_checkpoint(latest, full, momentum, r)
-        name = f"{self.cfg.run}/latest"
-        if r % self.s.checkpoint_every == 0 or r == self.s.rounds:
-            name = round_name(self.cfg.run, r)
-            save_round_checkpoint(root / "checkpoints" / name, full, momentum, r)
-        log.info("swarm round %d closed: %d results, %d modules updated; next start %s", r - 1, len(paths),
-                 len(updated), name)
+        name = round_name(self.cfg.run, r)
+        with self.store.engine.connect() as conn:
+            results = conn.execute(select(S.results.c.task_id, S.results.c.path).where(
+                S.results.c.task_id.in_(status["tasks"]))).all()
+        paths = [p for _, p in results]
+        merged: dict = {}
+
+        def write(directory: Path) -> None:
+            from model.checkpoint import load_checkpoint
+            from swarm.round_checkpoint import load_outer_state, merge_uploads, save_round_checkpoint
+
+            prev = root / "checkpoints" / status["checkpoint"]
+            full = load_checkpoint(prev)
+            momentum, _ = load_outer_state(prev)
+            updated, disagree = merge_uploads(full, momentum, [(root / p).read_bytes() for p in paths])
+            merged.update(modules=len(updated), disagree={m: [results[i][0] for i in v] for m, v in disagree.items()})
+            save_round_checkpoint(directory, full, momentum, r)
+            self._crash_point("close:written")
+
+        _write_round(root / "checkpoints", name, write)
+        self._crash_point("close:renamed")
+        for module, who in merged.get("disagree", {}).items():
+            log.warning("swarm round %d, module %s: the upload(s) of task(s) %s are far from the holders' median; "
+                        "merged without them deciding", r - 1, module, who)
+        log.info("swarm round %d closed: %d results, %s modules merged; next start %s", r - 1, len(paths),
+                 merged.get("modules", "all (already written)"), name)
         status.update(round=r, checkpoint=name, tasks=[])
+        status.pop("opened_at", None)
+        if merged.get("disagree"):
+            status["disagree"] = {str(r - 1): merged["disagree"]}
         self._write_status(status)
+        self._crash_point("close:status")
+        self._prune(r)
+
+    def _prune(self, current: int) -> None:
+        """Delete round checkpoints that are not kept: every checkpoint_every-th, round 0 and the last stay."""
+        base = Path(self.cfg.state_dir) / "checkpoints" / self.cfg.run
+        for d in base.glob("round_*"):
+            try:
+                r = int(d.name.removeprefix("round_"))
+            except ValueError:
+                continue
+            if r != current and r != 0 and r % self.s.checkpoint_every and r != self.s.rounds:
+                shutil.rmtree(d, ignore_errors=True)

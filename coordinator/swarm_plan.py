@@ -58,8 +58,15 @@ class SwarmSection(BaseModel):
     failure_policy: Literal["retry", "local"] = _setting("failure_policy")
     outlier_factor: float = _setting("outlier_factor", gt=1)
     replication: int = Field(2, ge=1, description="holders wanted per expert")
-    checkpoint_every: int = Field(10, ge=1, description="K: write a round checkpoint every K rounds")
+    checkpoint_every: int = Field(10, ge=1, description="K: keep a round checkpoint every K rounds (the current "
+                                  "round's is always kept, as `latest`)")
+    round_timeout_s: float = Field(3600.0, gt=0, description="a round's deadline, from when its tasks are added: "
+                                   "slots unfinished by then are cancelled (no credit) and the round closes with "
+                                   "the results it has")
     workers: int = Field(2, ge=1, description="train slots per round when no worker has registered yet")
+    slots_per_token: int = Field(1, ge=1, description="train slots one token's workers may fill per round: the "
+                                 "most recently seen ones (a restarted daemon's old registration, or a token's "
+                                 "extra registrations, get none)")
     memory_budget_bytes: int = Field(8 * 2**30, ge=0, description="memory budget of a worker that reports none")
     shards: Path | None = Field(None, description="a shard directory (`mujina-data shard` output: manifest.json + "
                                 "shards) the rounds train on, relative to the project file; each train task gets a "

@@ -42,9 +42,13 @@ def save_round_checkpoint(directory: str | Path, full: Transformer, momentum_ful
     """The project checkpoint format plus the outer momentum: what a newcomer starts round `round_` from."""
     from model.checkpoint import save_checkpoint
 
+    from .uploads import write_module_starts
+
     Path(directory).mkdir(parents=True, exist_ok=True)
     save_outer_state(directory, momentum_full, round_)  # before config.json, which marks a complete checkpoint
-    return save_checkpoint(directory, full, trainer_state={"swarm_round": round_})
+    out = save_checkpoint(directory, full, trainer_state={"swarm_round": round_})
+    write_module_starts(directory)  # what the train validator bounds uploads with
+    return out
 
 
 def load_outer_state(directory: str | Path) -> tuple[dict[str, Tensor], int]:
@@ -92,22 +96,58 @@ def local_momentum_from_checkpoint(directory: str | Path, modules: Iterable[str]
     return out
 
 
-def merge_uploads(full: Transformer, momentum_full: dict, uploads: list[bytes]) -> set[str]:
-    """Write uploaded modules into the full copy (later uploads win for modules several workers hold; they
-    agree to the compression's rounding). Returns the modules updated; the others stay as they were."""
+def _targets(full: Transformer, momentum_full: dict, module: str, what: str) -> list[Tensor]:
+    return module_tensors(full, module) if what == "theta" else momentum_views(momentum_full, full, module)
+
+
+def median(stacked: Tensor) -> Tensor:
+    """Element-wise median over dim 0; the mean of the two middle values for an even count (torch.median
+    takes the lower one, which would let one of two holders decide alone)."""
+    n = stacked.shape[0]
+    ordered = stacked.sort(dim=0).values
+    return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+
+
+def merge_uploads(full: Transformer, momentum_full: dict,
+                  uploads: list[bytes]) -> tuple[set[str], dict[str, list[int]]]:
+    """Merge a round's uploads into the full copy, module by module: θ and momentum are the element-wise
+    median of the module's holders' uploads (the mean of two), never one holder's word alone. Uploads
+    reach here checked (coordinator/validate_train.py); a tensor of the wrong size or with non-finite values
+    is still skipped.
+
+    Returns (modules updated, module -> indices into `uploads` of the holders whose θ is far from the merged
+    one: more than half of the module's move this round away, which honest holders never are, they agree to
+    the compression's rounding). The others stay as they were."""
     from safetensors.torch import load
 
     if not momentum_full:
         momentum_into(momentum_full, full, {})
-    done = set()
-    for data in uploads:
-        tensors = load(data)  # safetensors: no code runs while reading
-        for key, flat in tensors.items():
+    found: dict[str, dict[str, list[tuple[int, Tensor]]]] = {}
+    for i, data in enumerate(uploads):
+        for key, flat in load(data).items():  # safetensors: no code runs while reading
             module, _, what = key.rpartition(".")
-            target = module_tensors(full, module) if what == "theta" else momentum_views(momentum_full, full, module)
-            if flat.numel() != sum(t.numel() for t in target) or not bool(flat.isfinite().all()):
-                log.warning("upload for module %s has the wrong size or non-finite values; ignored", module)
+            if what not in ("theta", "momentum"):
+                log.warning("upload %d: key %s is neither a module's theta nor its momentum; ignored", i, key)
                 continue
-            unflatten_into(flat, target)
-            done.add(module)
-    return done
+            try:
+                target = _targets(full, momentum_full, module, what)
+            except (ValueError, KeyError, IndexError):
+                log.warning("upload %d: %s is not a module of this model; ignored", i, module)
+                continue
+            if flat.numel() != sum(t.numel() for t in target) or not bool(flat.isfinite().all()):
+                log.warning("upload %d: module %s has the wrong size or non-finite values; ignored", i, module)
+                continue
+            found.setdefault(module, {}).setdefault(what, []).append((i, flat.float()))
+    done, disagree = set(), {}
+    for module, parts in found.items():
+        start = flatten(module_tensors(full, module))
+        for what, got in parts.items():
+            merged = median(torch.stack([t for _, t in got]))
+            if what == "theta":
+                move = float((merged - start).abs().max())
+                far = [i for i, t in got if float((t - merged).abs().max()) > 0.5 * move + 1e-6]
+                if far:
+                    disagree[module] = far
+            unflatten_into(merged, _targets(full, momentum_full, module, what))
+        done.add(module)
+    return done, disagree

@@ -27,7 +27,7 @@ from worker.executors.train import TrainExecutor
 
 def _complete(sched: Scheduler, state_dir: Path, token: str, grant, result) -> None:
     info = sched.lease_for_complete(token, grant.task_id, grant.lease_id)
-    credits = sched.check_result(info, result.metrics)
+    credits = sched.check_result(info, result.metrics, result.data)
     rel = f"results/{grant.task_id}.{grant.lease_id}.bin"
     (state_dir / "results").mkdir(exist_ok=True)
     tmp = state_dir / "results" / "upload.tmp"
@@ -150,5 +150,31 @@ def test_a_departed_worker_gets_no_slot(tmp_path):
         driver.step()
         status = json.loads((coord.cfg.state_dir / "swarm" / f"{coord.cfg.run}.json").read_text())
         assert list(status["assignment"]) == [b] and len(status["tasks"]) == 1
+    finally:
+        coord.close()
+
+
+def test_a_tokens_extra_registrations_and_a_restarted_workers_old_id_get_no_slot(tmp_path):
+    """Sybils: one token registers five workers; it gets swarm.slots_per_token slots (1), held by its most
+    recently seen worker. A restarted daemon registers anew: its old id, still within the live window, gets
+    nothing, so a round never waits on a slot nobody will run."""
+    coord = Coord(tmp_path, f"sqlite:///{tmp_path / 'state' / 'coordinator.db'}", swarm=swarm_section())
+    try:
+        init_swarm(coord.cfg.state_dir, coord.cfg.run, save_checkpoint(tmp_path / "moe", tiny_model()))
+        driver = SwarmDriver(coord.cfg, coord.store, coord.scheduler)
+        caps = {"devices": [("cpu", "cpu", 0)], "host_memory_bytes": 8 * 2**30, "kinds": ["train"]}
+        mallory, bob = coord.client(TOKEN), coord.client(OTHER_TOKEN)
+        sybils = [mallory.register(f"sybil{i}", **caps).worker_id for i in range(5)]
+        old = bob.register("bob", **caps).worker_id
+        new = bob.register("bob", **caps).worker_id  # the same daemon, restarted
+        assert set(driver._capacities()) == {sybils[4], new}, (sybils, old, new)  # the newest of each token
+
+        def third_sybil_newest() -> bool:
+            mallory.heartbeat(sybils[2])  # last_seen reaches the store with the sweeper's next flush
+            return set(driver._capacities()) == {sybils[2], new}
+        wait_until(third_sybil_newest, "the heartbeat to make sybil 2 the token's most recently seen worker")
+        driver.step()
+        status = json.loads((coord.cfg.state_dir / "swarm" / f"{coord.cfg.run}.json").read_text())
+        assert sorted(status["assignment"]) == sorted([sybils[2], new]) and len(status["tasks"]) == 2
     finally:
         coord.close()

@@ -15,5 +15,5 @@ def test_merge_ignores_uploads_with_wrong_sizes_or_non_finite_values():
     full = tiny_model()
     before = full.tok_embeddings.weight.clone()
     bad = save({"trunk.theta": torch.full((3,), float("nan")), "l0e0.theta": torch.full((10,), 1.0)})
-    assert merge_uploads(full, {}, [bad]) == set()
+    assert merge_uploads(full, {}, [bad]) == (set(), {})
     assert torch.equal(full.tok_embeddings.weight, before)
