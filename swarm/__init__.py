@@ -8,7 +8,8 @@ its holders (hivemind), then every holder takes the same outer Nesterov step. Th
                          (torch-free: the coordinator validates payloads without torch)
     memory.py            the peak memory of a round; how many experts fit a budget (torch-free at import)
     tensors.py           a module's tensors in a model; the local model (trunk + held experts); merging
-    round_checkpoint.py  round checkpoints (weights + outer momentum) and merging a round's uploads
+    round_checkpoint.py  round checkpoints (weights + outer momentum) and merging a round's uploads (median)
+    uploads.py           what a worker uploads, and the coordinator's check of it before credit (torch-free)
     outer.py             module outcomes, the round report, the outer Nesterov step and failure policies
     agreement.py         the sketch that tells whether holders ended an all-reduce with the same average
     hivemind_compat.py   every hivemind 1.1.12 workaround
