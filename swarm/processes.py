@@ -1,12 +1,14 @@
 """hivemind's child processes (the DHT and every averager are fork()ed): starting them safely, waiting on
-them without hanging when one dies, and telling a crash from a stop.
+them without hanging when one dies, telling a crash from a stop, and making them die with their parent.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,6 +22,58 @@ T = TypeVar("T")
 P = TypeVar("P")
 
 READY_TIMEOUT_S = 120.0  # an averager process starts in ~1 s; 120 s covers a heavily loaded machine
+PARENT_POLL_S = 1.0      # how often a hivemind child looks whether the process that started it is gone
+
+# Set in the parent around the fork()s of start_children; a child forked while it is set watches its parent.
+_forking_children = False
+
+
+def _children_of(pid: int) -> list[int]:
+    """Pids whose parent is `pid` (Linux /proc; [] elsewhere)."""
+    out = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return out
+    for entry in filter(str.isdigit, entries):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid:
+            out.append(int(entry))
+    return out
+
+
+def _watch_parent() -> None:
+    """In a forked hivemind child (DHT or averager): when the process that forked it dies (kill -9, the OOM
+    killer), take this child's own children (hivemind's p2pd daemon) and exit. Without it they outlived a
+    killed worker, holding ports and GiBs. A polling thread, not PR_SET_PDEATHSIG: that signal follows the
+    forking *thread*, and executors fork from threads that end while their children must live on."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        for pid in _children_of(os.getpid()):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
+def _after_fork_in_child() -> None:
+    global _forking_children
+    if _forking_children:
+        _forking_children = False
+        _watch_parent()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @contextmanager
@@ -31,11 +85,14 @@ def fork_safely() -> Iterator[None]:
     fork and crashed a DHT child with SIGSEGV in a full test run, leaving its parent waiting. So: collect
     the parent's garbage first, then freeze every object, so the child's collector never touches them
     (the recipe of the `gc.freeze` documentation); the parent unfreezes once its children exist."""
+    global _forking_children
     gc.collect()
     gc.freeze()
+    _forking_children = True  # the children forked here watch this process (_watch_parent)
     try:
         yield
     finally:
+        _forking_children = False
         gc.unfreeze()
 
 
