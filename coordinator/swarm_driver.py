@@ -65,7 +65,7 @@ def round_name(run: str, round_: int) -> str:
 
 def init_swarm(state_dir: Path, run: str, checkpoint: Path) -> str:
     """Start a swarm run from an upcycled MoE checkpoint; returns the round-0 checkpoint name."""
-    from model.checkpoint import load_checkpoint
+    from model.checkpoint import load_checkpoint, write_json
     from swarm.round_checkpoint import save_round_checkpoint
 
     net = load_checkpoint(checkpoint)  # validates the directory
@@ -75,8 +75,6 @@ def init_swarm(state_dir: Path, run: str, checkpoint: Path) -> str:
     status_path = Path(state_dir) / "swarm" / f"{run}.json"
     if status_path.exists():
         raise ValueError(f"{status_path} exists: run {run!r} is already a swarm run; pick another run name")
-    from model.checkpoint import write_json
-
     name = round_name(run, 0)
     _write_round(Path(state_dir) / "checkpoints", name, lambda d: save_round_checkpoint(d, net, {}, 0))
     status_path.parent.mkdir(parents=True, exist_ok=True)
