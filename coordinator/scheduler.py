@@ -410,10 +410,11 @@ class Scheduler:
         now, ids = time.time(), [tid for tid, _ in tasks]
         with self.store.tx() as conn:
             have = {r for (r,) in conn.execute(select(S.tasks.c.id).where(S.tasks.c.id.in_(ids)))}
+            # created in list order (a microsecond apart): leases hand them out in that order, as separate adds did
             new = [dict(id=tid, kind=kind, run=self.cfg.run, priority=priority, state="pending",
                         payload=json.dumps(payload), min_gpu_memory=0, needs_cuda=False, min_speed=0.0, attempts=0,
-                        max_attempts=self.cfg.leases.max_attempts, created=now, updated=now)
-                   for tid, payload in tasks if tid not in have]
+                        max_attempts=self.cfg.leases.max_attempts, created=now + i * 1e-6, updated=now)
+                   for i, (tid, payload) in enumerate(tasks) if tid not in have]
             if new:
                 conn.execute(insert(S.tasks), new)
         return ids
