@@ -392,14 +392,20 @@ class Scheduler:
                  task_id: str | None = None) -> str:
         """Add a pending task; `task_id` (at most 32 characters) makes the id deterministic (plan.py)."""
         validator_for(kind).check_payload(payload)
-        task_id, now = task_id or new_id(), time.time()
+        task_id = task_id or new_id()
         with self.store.tx() as conn:
-            conn.execute(insert(S.tasks).values(
-                id=task_id, kind=kind, run=self.cfg.run, priority=priority, state="pending",
-                payload=json.dumps(payload), min_gpu_memory=min_gpu_memory, needs_cuda=needs_cuda,
-                min_speed=min_speed, attempts=0, max_attempts=max_attempts or self.cfg.leases.max_attempts,
-                created=now, updated=now))
+            conn.execute(insert(S.tasks).values(self._task_row(
+                task_id, kind, payload, time.time(), priority=priority, min_gpu_memory=min_gpu_memory,
+                needs_cuda=needs_cuda, min_speed=min_speed, max_attempts=max_attempts)))
         return task_id
+
+    def _task_row(self, task_id: str, kind: str, payload: dict, created: float, *, priority: int = 0,
+                  min_gpu_memory: int = 0, needs_cuda: bool = False, min_speed: float = 0.0,
+                  max_attempts: int | None = None) -> dict:
+        return dict(id=task_id, kind=kind, run=self.cfg.run, priority=priority, state="pending",
+                    payload=json.dumps(payload), min_gpu_memory=min_gpu_memory, needs_cuda=needs_cuda,
+                    min_speed=min_speed, attempts=0, max_attempts=max_attempts or self.cfg.leases.max_attempts,
+                    created=created, updated=created)
 
     def add_tasks(self, kind: str, tasks: list[tuple[str, dict]], priority: int = 0) -> list[str]:
         """Add `(task_id, payload)` tasks in one transaction, skipping ids that exist already: adding the same
@@ -411,9 +417,7 @@ class Scheduler:
         with self.store.tx() as conn:
             have = {r for (r,) in conn.execute(select(S.tasks.c.id).where(S.tasks.c.id.in_(ids)))}
             # created in list order (a microsecond apart): leases hand them out in that order, as separate adds did
-            new = [dict(id=tid, kind=kind, run=self.cfg.run, priority=priority, state="pending",
-                        payload=json.dumps(payload), min_gpu_memory=0, needs_cuda=False, min_speed=0.0, attempts=0,
-                        max_attempts=self.cfg.leases.max_attempts, created=now + i * 1e-6, updated=now)
+            new = [self._task_row(tid, kind, payload, now + i * 1e-6, priority=priority)
                    for i, (tid, payload) in enumerate(tasks) if tid not in have]
             if new:
                 conn.execute(insert(S.tasks), new)

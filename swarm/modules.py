@@ -39,10 +39,13 @@ def parse_module(name: str) -> tuple[int, int] | None:
     return int(m.group(1)), int(m.group(2))
 
 
+EXPERT_TENSORS = ("w1_EFD", "w3_EFD", "w2_EDF", "router.weight")  # per-expert tensors of a MoE block, in order
+_EXPERT_SUFFIXES = tuple(f"feed_forward.{t}" for t in EXPERT_TENSORS)
+
+
 def is_expert_param(name: str) -> bool:
     """Whether a Transformer parameter name is per-expert (stacked expert weights or the router)."""
-    return name.endswith(("feed_forward.w1_EFD", "feed_forward.w3_EFD", "feed_forward.w2_EDF",
-                          "feed_forward.router.weight"))
+    return name.endswith(_EXPERT_SUFFIXES)
 
 
 def check_assignment(cfg_moe, num_layers: int, assignment: Mapping) -> Assignment:

@@ -20,8 +20,8 @@ from torch import Tensor
 from model.checkpoint import atomic_write
 from model.transformer import Transformer
 
-from .modules import TRUNK, parse_module
-from .tensors import EXPERT_TENSORS, flatten, module_tensors, momentum_into, momentum_views, trunk_names, unflatten_into
+from .modules import EXPERT_TENSORS, TRUNK, parse_module
+from .tensors import flatten, module_tensors, momentum_into, momentum_views, trunk_names, unflatten_into
 
 log = logging.getLogger(__name__)
 

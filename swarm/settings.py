@@ -190,7 +190,7 @@ class InnerConfig:
                 raise ValueError(f"inner.{key} is missing")
         d = dict(d)
         optim, lease = d.pop("optim", None), d.pop("lease", None)
-        kw = checked_fields(cls, {k: v for k, v in d.items()}, "inner")
+        kw = checked_fields(cls, d, "inner")
         if optim is not None and not isinstance(optim, dict):
             raise ValueError("inner.optim must be a mapping")
         if lease is not None and not isinstance(lease, dict):

@@ -17,9 +17,7 @@ from torch import Tensor
 
 from model.transformer import Transformer
 
-from .modules import TRUNK, Assignment, check_assignment, is_expert_param, parse_module
-
-EXPERT_TENSORS = ("w1_EFD", "w3_EFD", "w2_EDF", "router.weight")  # per-expert tensors of a MoE block, in order
+from .modules import EXPERT_TENSORS, TRUNK, Assignment, check_assignment, is_expert_param, parse_module
 
 
 def full_assignment(model: Transformer) -> Assignment:
@@ -67,15 +65,7 @@ def local_model(full: Transformer, assignment: Assignment) -> Transformer:
         local = Transformer(_local_config(full.cfg, assignment))
     local.to_empty(device=next(full.parameters()).device)
     local = local.to(next(full.parameters()).dtype)
-    src = dict(full.named_parameters())
-    for name, p in local.named_parameters():
-        if not is_expert_param(name):
-            p.copy_(src[name])
-    for i, experts in assignment.items():
-        sf, df = full.layers[i].feed_forward, local.layers[i].feed_forward
-        idx = torch.tensor(experts, device=sf.w1_EFD.device)
-        for dst, s in _expert_tensors(df, sf):
-            dst.copy_(s[idx])
+    _copy_held(full, local, assignment, to_local=True)
     return local
 
 
@@ -84,6 +74,19 @@ def _expert_tensors(dst_ff, src_ff) -> list[tuple[Tensor, Tensor]]:
     router's rows, each indexed by expert along dim 0."""
     return [(dst_ff.w1_EFD, src_ff.w1_EFD), (dst_ff.w3_EFD, src_ff.w3_EFD), (dst_ff.w2_EDF, src_ff.w2_EDF),
             (dst_ff.router.weight, src_ff.router.weight)]
+
+
+def _copy_held(src: Transformer, dst: Transformer, assignment: Assignment, *, to_local: bool) -> None:
+    """Copy the trunk and the held experts from `src` to `dst`: full -> local (`to_local`, expert e of layer
+    i lands at its position j in the assignment) or local -> full (position j back to expert e)."""
+    params = dict(src.named_parameters())
+    for name, p in dst.named_parameters():
+        if not is_expert_param(name):
+            p.copy_(params[name])
+    for i, experts in assignment.items():
+        for j, e in enumerate(experts):
+            for d, s in _expert_tensors(dst.layers[i].feed_forward, src.layers[i].feed_forward):
+                d[j if to_local else e].copy_(s[e if to_local else j])
 
 
 def _local_config(full_cfg, assignment: Assignment):
@@ -122,15 +125,7 @@ def local_model_from_checkpoint(directory: str | Path, assignment: Assignment) -
 @torch.no_grad()
 def merge_into(full: Transformer, local: Transformer, assignment: Assignment) -> None:
     """Write the local model's trunk and held experts back into the full model."""
-    src = dict(local.named_parameters())
-    for name, p in full.named_parameters():
-        if not is_expert_param(name):
-            p.copy_(src[name])
-    for i, experts in assignment.items():
-        sf, df = local.layers[i].feed_forward, full.layers[i].feed_forward
-        for j, e in enumerate(experts):
-            for dst, s in _expert_tensors(df, sf):
-                dst[e].copy_(s[j])
+    _copy_held(local, full, assignment, to_local=False)
 
 
 def momentum_views(momentum_full: dict[str, Tensor], template: Transformer, module: str) -> list[Tensor]:

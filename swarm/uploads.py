@@ -19,10 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .modules import held_modules, is_expert_param, parse_module
+from .modules import EXPERT_TENSORS, held_modules, is_expert_param, parse_module
 from .settings import InnerConfig, SwarmSettings, TrainPayload
 
-EXPERT_TENSORS = ("w1_EFD", "w3_EFD", "w2_EDF", "router.weight")   # as swarm/tensors.py (torch-free copy)
 CARRY_ROUNDS = 4   # rounds of local progress a module may carry after failed averagings (failure_policy retry)
 
 
