@@ -91,3 +91,18 @@ def test_a_payload_that_names_local_files_or_paths_outside_the_cache_is_refused(
         with pytest.raises(TaskError, match="train payload"):
             run_train(ctx)
     assert fetched == [] and run_train.kept == {}
+
+
+def test_the_executor_table_refuses_unknown_kinds_and_keeps_one_train_executor():
+    """A coordinator can name any kind: one the table does not know is a TaskError (INVALID_TASK), never an
+    import of a module it names. The daemon's train executor is built once, and closed with the daemon."""
+    from worker.executors import Executors, TaskError
+
+    executors = Executors()
+    for kind in ("nope", "../train", "worker.daemon", "__init__", ""):
+        with pytest.raises(TaskError, match="no executor for task kind"):
+            executors(kind)
+    train = executors("train")
+    assert isinstance(train, TrainExecutor) and executors("train") is train
+    executors.close()
+    assert train.kept == {}
