@@ -4,8 +4,8 @@ Torch-free: the coordinator validates the section and plans rounds without loadi
 driver (coordinator/swarm_driver.py) calls `plan_assignment` and `round_payloads` once per round; the
 payloads are swarm.settings.TrainPayload, the typed contract the workers parse.
 
-The averaging fields of the section (outer_lr, outer_momentum, compression, matchmaking_time,
-averaging_timeout, failure_policy, outlier_factor) are swarm.settings.SwarmSettings' own fields, with its
+The averaging fields of the section (outer_lr, outer_momentum, compression, averaging_timeout,
+failure_policy, clip_factor, clip_iters) are swarm.settings.SwarmSettings' own fields, with its
 defaults and help: one set of defaults for the coordinator and the workers.
 """
 
@@ -53,16 +53,20 @@ class SwarmSection(BaseModel):
     outer_lr: float = _setting("outer_lr", gt=0)
     outer_momentum: float = _setting("outer_momentum", ge=0, lt=1)
     compression: Literal["fp16", "8bit", "none"] = _setting("compression")
-    matchmaking_time: float = _setting("matchmaking_time", gt=0)
     averaging_timeout: float = _setting("averaging_timeout", gt=0)
     failure_policy: Literal["retry", "local"] = _setting("failure_policy")
-    outlier_factor: float = _setting("outlier_factor", gt=1)
+    clip_factor: float = _setting("clip_factor", gt=0)
+    clip_iters: int = _setting("clip_iters", ge=1, le=100)
     replication: int = Field(2, ge=1, description="holders wanted per expert")
     checkpoint_every: int = Field(10, ge=1, description="K: keep a round checkpoint every K rounds (the current "
                                   "round's is always kept, as `latest`)")
     round_timeout_s: float = Field(3600.0, gt=0, description="a round's deadline, from when its tasks are added: "
                                    "slots unfinished by then are cancelled (no credit) and the round closes with "
                                    "the results it has")
+    join_timeout_s: float = Field(60.0, gt=0, description="how long a round waits, from when its tasks are added, "
+                                  "for every slot's worker to join (the Join RPC, with its hivemind peer id) before "
+                                  "it freezes the averaging groups with the slots that joined; a slot that joins "
+                                  "later keeps its Δs local this round")
     workers: int = Field(2, ge=1, description="train slots per round when no worker has registered yet")
     slots_per_token: int = Field(1, ge=1, description="train slots one token's workers may fill per round: the "
                                  "most recently seen ones (a restarted daemon's old registration, or a token's "
@@ -79,7 +83,7 @@ class SwarmSection(BaseModel):
                              f"({self.micro_batch_size})")
         if self.inner_min_lr > self.inner_lr:
             raise ValueError("swarm.inner_min_lr must not exceed swarm.inner_lr")
-        self.settings("check")  # the workers' timeouts fit averaging_timeout
+        self.settings("check")  # the fields SwarmSettings checks across each other
         return self
 
     def settings(self, run: str) -> SwarmSettings:

@@ -382,7 +382,7 @@ class Demo:
                 "min_output_chars": 20, "tokenizer": str(self.out / "tokenizer")},
             "swarm": {"inner_steps": s.swarm_inner_steps, "rounds": s.swarm_rounds, "batch_size": 4,
                       "micro_batch_size": 4, "seq_len": 64, "inner_lr": 1.0e-3, "inner_warmup_steps": 2,
-                      "matchmaking_time": 3.0, "averaging_timeout": 60.0, "replication": 2, "checkpoint_every": 1,
+                      "averaging_timeout": 60.0, "replication": 2, "checkpoint_every": 1,
                       "workers": s.workers, "shards": str(self.out / "shards" / "train")},
         })
         self.grpc_port_file = state / "grpc.port"

@@ -1,15 +1,14 @@
-"""Every workaround for hivemind 1.1.12 in one place: what we set before it is imported, a compression it
-cannot decode under numpy 2, and the averager result it counts but does not return.
+"""Every workaround for hivemind 1.1.12 in one place: what we set before it is imported, and a compression it
+cannot decode under numpy 2.
 
-Import this module before hivemind (swarm/processes.py and swarm/averager.py do, at their top): hivemind
+Import this module before hivemind (swarm/processes.py and swarm/exchange.py do, at their top): hivemind
 reads HIVEMIND_MEMORY_SHARING_STRATEGY once, when it is first imported.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-from functools import cache, lru_cache
+from functools import cache
 
 # hivemind (imported lazily below) shares its futures' state through torch shared memory, by default with
 # torch's "file_system" strategy: a torch_shm_manager process per process, started on first use. A worker
@@ -49,39 +48,3 @@ def _uniform_8bit():
 
     serialization._BASE_COMPRESSION_TYPES["UNIFORM_8BIT"] = Uniform8Bit()
     return Uniform8Bit
-
-
-
-@lru_cache(maxsize=1)
-def checked_averager_class():
-    """hivemind's DecentralizedAverager whose `step()` result is (gathered, received): received is the
-    fraction of this peer's averaged parts that arrived. hivemind counts the parts that did not
-    (`TensorPartContainer.failed_size`, the "received N% results" warning) but does not return it."""
-    import hivemind
-
-    # Named as hivemind's class: hivemind names its RPC handlers after the class ("DecentralizedAverager.
-    # rpc_join_group"), so another name could not average with peers that run hivemind's own class.
-    class DecentralizedAverager(hivemind.averaging.DecentralizedAverager):
-        def __init__(self, *args, **kwargs):
-            self._received: dict[bytes, float] = {}   # group id -> fraction; lives in the averager's process
-            super().__init__(*args, **kwargs)
-
-        async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
-            gid = group_info.group_id if group_id is None else group_id
-            running = self._running_groups[gid]       # resolves to the AllReduceRunner that super() builds
-            await super()._run_allreduce_inplace_(tensors, group_info, group_id, **kwargs)
-            parts = running.result().tensor_part_container
-            self._received[gid] = 1.0 - parts.failed_size / max(parts.total_size, 1)
-
-        async def _aggregate_with_group(self, group_info, min_vector_size, **kwargs):
-            gathered = await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
-            return gathered, self._received.pop(group_info.group_id, 0.0)
-
-    return DecentralizedAverager
-
-
-
-def quiet_group_size_advice() -> None:
-    """A module's group is its holders, whatever their number: hivemind's advice to make target_group_size a
-    power of 2 (one warning per module and round) does not apply."""
-    logging.getLogger("hivemind.averaging.key_manager").setLevel(logging.ERROR)

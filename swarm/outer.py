@@ -3,22 +3,21 @@
 One round (DiLoCo, Douillard et al. 2023), per module m held:
 
     Δ_m       = θ_start_m − θ_local_m                 (after H inner AdamW steps, swarm/round.py)
-    Δ̄_m       = Σ_p w_p Δ_m,p / Σ_p w_p             over the holders p; w_p = tokens module m processed on p
+    Δ̄_m       = CenteredClip_p(Δ_m,p; w_p)           over the holders p (swarm/robust.py); w_p = the tokens the
+                                                    coordinator leased to p's slot, from the round's ticket
     mom_m     = μ · mom_m + Δ̄_m                       (outer Nesterov SGD, lr 0.7, μ 0.9 by default)
     θ_start_m = θ_start_m − lr · (Δ̄_m + μ · mom_m)    the next round's start, the same on every holder
 
 Holders that start from the same θ and momentum and receive the same Δ̄ end the round with the same
-parameters. A module whose group fails (or whose holders' averages disagree) follows the failure policy:
+parameters. A module whose group fails (no other member's Δ arrived) follows the failure policy:
 "retry" keeps the module's θ_start and momentum, identical on every holder, and its local progress, so the
 next round's Δ carries both rounds of work; "local" applies the outer step with the local Δ alone (holders
-then differ until their next agreed average). A refused Δ never reaches the weights: its holder goes back
-to θ_start.
+then differ until their next agreed average). A non-finite Δ is never sent and never reaches the weights:
+its holder goes back to θ_start.
 """
 
 from __future__ import annotations
 
-import math
-import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -30,18 +29,18 @@ from model.transformer import Transformer
 from .settings import SwarmSettings
 from .tensors import flatten, module_tensors, unflatten_into
 
-NO_TIMINGS = {"allreduce": 0.0, "reports": 0.0}   # SwarmAverager.timings before any wait
+NO_TIMINGS = {"allreduce": 0.0}   # SwarmExchange.timings before any wait
 
 
 @dataclass
 class ModuleOutcome:
     module: str
-    outcome: str                 # ok | failed | refused | mismatch (partial or disagreeing Δ̄) | local (averaging
-                                 # off or sole holder)
+    outcome: str                 # ok | failed (no other member's Δ arrived) | refused (own Δ not finite) |
+                                 # local (averaging off, sole holder, or not on the ticket's group)
     delta_norm: float
     group_size: int = 1
     bytes_sent: int = 0
-    refused_peers: list[str] = field(default_factory=list)
+    refused_peers: list[str] = field(default_factory=list)   # members whose Δ did not arrive or was refused
 
 
 @dataclass
@@ -49,10 +48,9 @@ class RoundReport:
     round: int
     modules: list[ModuleOutcome]
     seconds: float
-    # of `seconds`: waiting for the all-reduces (the group's slowest member, then the transfer) and for the
-    # members' reports in the DHT, both attempts together
+    # of `seconds`: sending the Δs and waiting for the other members' (the group's slowest member, then the
+    # transfer)
     allreduce_seconds: float = 0.0
-    reports_seconds: float = 0.0
 
     @property
     def bytes_sent(self) -> int:
@@ -60,16 +58,6 @@ class RoundReport:
 
     def count(self, outcome: str) -> int:
         return sum(m.outcome == outcome for m in self.modules)
-
-
-def is_outlier(norms: dict[str, float], factor: float) -> set[str]:
-    """Peers whose Δ is non-finite, or (with >= 3 finite reports) above factor × the median norm."""
-    bad = {p for p, n in norms.items() if not math.isfinite(n)}
-    finite = [n for p, n in norms.items() if p not in bad]
-    if len(finite) >= 3:
-        med = statistics.median(finite)
-        bad |= {p for p, n in norms.items() if p not in bad and n > factor * max(med, 1e-12)}
-    return bad
 
 
 class OuterState:
@@ -96,24 +84,23 @@ class OuterState:
         unflatten_into(self.theta[m], module_tensors(self.model, m, self.index))
 
 
-def outer_round(averager, state: OuterState, settings: SwarmSettings, round_: int,
-                weights: dict[str, float]) -> RoundReport:
+def outer_round(averager, state: OuterState, settings: SwarmSettings, round_: int) -> RoundReport:
     """Δ per module, averaging among holders, outer step (see the module docstring for the policies)."""
     t0 = time.perf_counter()
     deltas = state.deltas()
     if averager is None:
         outcomes = {m: ModuleOutcome(m, "local", float(d.norm())) for m, d in deltas.items()}
     else:
-        outcomes = averager.average(round_, deltas, weights)
+        outcomes = averager.average(round_, deltas)
     for m, o in outcomes.items():
-        failed = o.outcome in ("failed", "mismatch")  # deltas[m] is then this holder's own Δ
+        failed = o.outcome == "failed"  # deltas[m] is then this holder's own Δ
         if o.outcome in ("ok", "local") or (failed and settings.failure_policy == "local"):
             state.step(m, deltas[m], settings.outer_lr, settings.outer_momentum)
         elif o.outcome == "refused":
             state.revert(m)  # a bad Δ never reaches the weights; this holder resumes from θ_start
-        # failed/mismatch + retry: keep θ_start and momentum (the same on every holder) as the reference and
+        # failed + retry: keep θ_start and momentum (the same on every holder) as the reference and
         # the local progress; next round's Δ carries both rounds
     timings = averager.timings if averager is not None else NO_TIMINGS
     return RoundReport(round_, [outcomes[m] for m in state.modules], time.perf_counter() - t0,
-                       allreduce_seconds=timings["allreduce"], reports_seconds=timings["reports"])
+                       allreduce_seconds=timings["allreduce"])
 

@@ -4,8 +4,13 @@ A round, as a plain object (the daemon's `train` executor, the benchmarks and te
 
     w = SwarmWorker(checkpoint_dir, assignment={0: [0, 1], 1: [2, 3]}, settings=SwarmSettings(run="demo"),
                     inner=InnerConfig(inner_steps=50, total_steps=500), initial_peers=[...])
-    metrics = w.run_round(0)      # H inner AdamW steps on held experts, then average + outer step
+    metrics = w.run_round(0, ticket=t)   # H inner AdamW steps on held experts, then average + outer step
     w.shutdown()
+
+`ticket` (swarm/ticket.py) names each module's group and weights: a RoundTicket, or a function
+`ticket(wait)` that returns it (None while the coordinator has not frozen the round, if not `wait`). The
+round asks for it without waiting after inner step 1, so that members that finish early find this
+peer ready to take their Δs, and waits for it before averaging.
 
 The worker keeps its local model (trunk + held experts, swarm/tensors.py), its inner AdamW state, θ_start
 and the outer momentum between rounds, so the daemon reuses one `SwarmWorker` for consecutive `train` tasks
@@ -40,12 +45,13 @@ from model.parallel import apply_activation_checkpointing
 from model.step import NonFiniteStep, build_optimizer, train_step
 from model.transformer import Transformer
 
-from .averager import SwarmAverager
-from .modules import Assignment, check_assignment, held_modules, local_index, tokens_per_module
+from .exchange import SwarmExchange
+from .modules import Assignment, check_assignment, held_modules, local_index
 from .outer import OuterState, RoundReport, outer_round
 from .round_checkpoint import local_momentum_from_checkpoint, read_round
 from .settings import InnerConfig, SwarmSettings
 from .tensors import flatten, local_model, local_model_from_checkpoint, merge_into, module_tensors, momentum_into
+from .ticket import RoundTicket
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +113,8 @@ class SwarmWorker:
     """One volunteer's side of swarm training: local model, inner optimizer, outer state, averagers."""
 
     def __init__(self, checkpoint: str | Path | Transformer, assignment: Assignment, settings: SwarmSettings,
-                 inner: InnerConfig, *, initial_peers: list[str] | tuple = (), expected_holders=None,
-                 client_mode: bool = False, dht=None):
+                 inner: InnerConfig, *, initial_peers: list[str] | tuple = (), client_mode: bool = False, dht=None,
+                 identity_path: str | None = None):
         self.settings, self.inner = settings, inner
         if isinstance(checkpoint, Transformer):  # tests and tools: an in-memory full model, round 0
             self.full_cfg, self.start_round = checkpoint.cfg, 0
@@ -135,9 +141,8 @@ class SwarmWorker:
         if inner.seq_len > self.model.cfg.max_seq_len:
             raise ValueError(f"inner.seq_len={inner.seq_len} exceeds the model's max_seq_len")
         sizes = {m: t.numel() for m, t in self.outer.theta.items()}
-        self.averager = SwarmAverager(settings, sizes, initial_peers=initial_peers, dht=dht,
-                                      client_mode=client_mode, expected_holders=expected_holders) \
-            if settings.averaging else None
+        self.averager = SwarmExchange(settings, sizes, initial_peers=initial_peers, dht=dht, client_mode=client_mode,
+                                      identity_path=identity_path) if settings.averaging else None
         self.last_report: RoundReport | None = None
 
     @property
@@ -195,40 +200,38 @@ class SwarmWorker:
     # -- the round --
 
     def run_round(self, round_: int, on_step: Callable[[int], None] | None = None,
-                  check_stop: Callable[[], None] | None = None) -> dict[str, float]:
+                  check_stop: Callable[[], None] | None = None,
+                  ticket: RoundTicket | Callable[[bool], RoundTicket | None] | None = None) -> dict[str, float]:
         """H inner steps, then averaging and the outer step. Returns the round's metrics. `on_step(s)` runs
         after inner step s (the executor reports progress there, and stops the round if asked to); `check_stop`
-        raises to stop the round while it waits for the averaging."""
+        raises to stop the round while it waits for the averaging; `ticket`: see the module docstring (needed
+        when averaging is on)."""
+        if self.averager is not None and ticket is None:
+            raise ValueError(f"round {round_}: averaging needs the round's ticket")
+        get_ticket = (lambda wait: ticket) if isinstance(ticket, RoundTicket) else ticket
         t0 = time.perf_counter()
         H = self.inner.inner_steps
         losses, tokens = [], 0
-        counts_LE = torch.zeros(self.model.cfg.num_layers, self.model.cfg.moe.num_experts, dtype=torch.long)
         self.model.train()
-        try:
-            t_step = t0
-            for s in range(H):
-                loss, n, c = self.inner_step(round_ * H + s)
-                losses.append(loss)
-                tokens += n
-                counts_LE += c
-                if on_step is not None:
-                    on_step(s)
-                if self.averager is not None and s == min(1, H - 1):
-                    # matchmaking overlaps the remaining inner steps (step 0 is the slow one: it warms up)
-                    self.averager.begin(round_, ready_in=(H - 1 - s) * (time.perf_counter() - t_step))
-                t_step = time.perf_counter()
-        except BaseException:
-            if self.averager is not None:
-                self.averager.cancel()
-            raise
+        for s in range(H):
+            loss, n, _ = self.inner_step(round_ * H + s)
+            losses.append(loss)
+            tokens += n
+            if on_step is not None:
+                on_step(s)
+            if self.averager is not None and s == min(1, H - 1) and self.averager.ticket(round_) is None:
+                early = get_ticket(False)   # members that finish first find this peer ready for their Δs
+                if early is not None:
+                    self.averager.set_ticket(early)
         self.lease = None  # a lease is trained on once
         inner_seconds = time.perf_counter() - t0
         self.before_outer(round_)
-        weights = tokens_per_module(tokens, counts_LE, self.assignment)
         if self.averager is not None:
             self.averager.check_stop = check_stop
         try:
-            report = outer_round(self.averager, self.outer, self.settings, round_, weights)
+            if self.averager is not None and self.averager.ticket(round_) is None:
+                self.averager.set_ticket(get_ticket(True))
+            report = outer_round(self.averager, self.outer, self.settings, round_)
         finally:
             if self.averager is not None:
                 self.averager.check_stop = None
@@ -243,10 +246,9 @@ class SwarmWorker:
             "delta_norm_expert_max": max(expert_norms) if expert_norms else 0.0,
             "delta_norm_max": max(norms), "bytes_sent": float(report.bytes_sent),
             "inner_seconds": inner_seconds, "round_seconds": time.perf_counter() - t0,
-            "allreduce_seconds": report.allreduce_seconds, "reports_seconds": report.reports_seconds,
+            "allreduce_seconds": report.allreduce_seconds,
             "modules_averaged": float(report.count("ok")), "modules_failed": float(report.count("failed")),
             "modules_refused": float(report.count("refused")), "modules_local": float(report.count("local")),
-            "modules_mismatch": float(report.count("mismatch")),
         }
 
     def export_into(self, full: Transformer, momentum_full: dict[str, torch.Tensor]) -> None:

@@ -35,65 +35,35 @@ class SwarmSettings:
     """How a run's workers average and take the outer step. The coordinator's `swarm:` section (project.yaml)
     exposes the same fields with the same defaults, and every `train` task carries them."""
 
-    run: str = help_field("The swarm run's name: the prefix of every DHT key and averager (no '.' or '/').")
+    run: str = help_field("The swarm run's name: in every ticket and Δ header (no '.' or '/').")
     outer_lr: float = help_field("Outer Nesterov SGD learning rate (DiLoCo: 0.7).", default=0.7)
     outer_momentum: float = help_field("Outer Nesterov momentum (DiLoCo: 0.9).", default=0.9)
     compression: str = help_field("How Δ travels: fp16, 8bit or none.", default="fp16")
     averaging: bool = help_field("False: every module takes the outer step with its local Δ alone.", default=True)
-    matchmaking_time: float = help_field("Seconds a group leader waits for peers.", default=5.0)
-    request_timeout: float | None = help_field("hivemind's request timeout; below matchmaking_time. Default: "
-                                               "min(3, matchmaking_time / 2).", default=None)
-    averaging_timeout: float = help_field("The most a peer dying mid-round delays the others: each all-reduce gets "
-                                          "about a third of it, the wait for reports and a second attempt the rest "
-                                          "(swarm/averager.py, Faults).", default=60.0)
-    stats_timeout: float | None = help_field("Slack for the members' reports past the all-reduce's timeout. Default: "
-                                             "max(2, averaging_timeout / 10).", default=None)
+    averaging_timeout: float = help_field("Seconds a member waits for the other members' Δs once its own is ready; "
+                                          "a member whose Δ has not arrived by then is left out of the round's "
+                                          "aggregate (swarm/exchange.py).", default=60.0)
     failure_policy: str = help_field("A module whose group fails: retry (carry its Δ to the next round) or local "
                                      "(apply it alone).", default="retry")
-    outlier_factor: float = help_field("Refuse a Δ whose norm exceeds this × the group's median.", default=10.0)
-    target_group_size: int = help_field("The largest averaging group.", default=64)
+    clip_factor: float = help_field("CenteredClip's radius, in medians of the Δs' distances from their coordinate-wise "
+                                    "median (swarm/robust.py): a Δ farther than that counts only that far.",
+                                    default=1.0)
+    clip_iters: int = help_field("CenteredClip iterations; each bounds what one member moves the aggregate by its "
+                                 "weight's share of the radius.", default=3)
 
     def __post_init__(self) -> None:
         if not isinstance(self.run, str) or "." in self.run or "/" in self.run or not self.run:
             raise ValueError(f"swarm run name {self.run!r} must be non-empty without '.' or '/'")
-        if self.request_timeout is None:
-            object.__setattr__(self, "request_timeout", min(3.0, self.matchmaking_time / 2))
-        if self.stats_timeout is None:
-            object.__setattr__(self, "stats_timeout", max(2.0, self.averaging_timeout / 10))
         if self.compression not in COMPRESSIONS:
             raise ValueError(f"swarm compression must be one of {', '.join(COMPRESSIONS)}, got {self.compression!r}")
         if self.failure_policy not in ("retry", "local"):
             raise ValueError(f"swarm failure_policy must be retry or local, got {self.failure_policy!r}")
         if not (self.outer_lr > 0 and 0 <= self.outer_momentum < 1):
             raise ValueError("swarm outer_lr must be > 0 and outer_momentum in [0, 1)")
-        if not (self.matchmaking_time > 0 and self.averaging_timeout > 0 and self.request_timeout > 0
-                and self.stats_timeout >= 0):
-            raise ValueError("swarm matchmaking_time, averaging_timeout and request_timeout must be > 0, "
-                             "stats_timeout >= 0")
-        if self.request_timeout >= self.matchmaking_time:
-            raise ValueError(f"swarm request_timeout ({self.request_timeout}) must be below matchmaking_time "
-                             f"({self.matchmaking_time}), or hivemind's matchmaking can deadlock")
-        if self.outlier_factor <= 1:
-            raise ValueError("swarm outlier_factor must be > 1")
-        if self.target_group_size < 2:
-            raise ValueError("swarm target_group_size must be >= 2")
-        if self.chunk_timeout < self.request_timeout:
-            least = self.matchmaking_time + self.stats_timeout + 9 * self.request_timeout
-            raise ValueError(
-                f"swarm averaging_timeout ({self.averaging_timeout}) is too short for matchmaking_time "
-                f"({self.matchmaking_time}) and stats_timeout ({self.stats_timeout}): a dead peer's delay (its "
-                f"all-reduce's timeouts, the wait for reports, a second matchmaking) must fit in it with at least "
-                f"request_timeout ({self.request_timeout}) per all-reduce chunk; use averaging_timeout >= {least:g}")
-
-    @property
-    def allreduce_timeout(self) -> float:
-        """A: the most one all-reduce may take, a third of T - matchmaking_time - stats_timeout (see "Faults")."""
-        return (self.averaging_timeout - self.matchmaking_time - self.stats_timeout) / 3
-
-    @property
-    def chunk_timeout(self) -> float:
-        """hivemind's next_chunk_timeout: a sender that stalls this long is banned from the all-reduce."""
-        return self.allreduce_timeout / 3
+        if not self.averaging_timeout > 0:
+            raise ValueError("swarm averaging_timeout must be > 0")
+        if not self.clip_factor > 0 or isinstance(self.clip_iters, bool) or not 1 <= self.clip_iters <= 100:
+            raise ValueError("swarm clip_factor must be > 0 and clip_iters in [1, 100]")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -181,3 +181,16 @@ def expect_ticket(t: RoundTicket, *, run: str, round_: int, slot: str, peer_id: 
     if t.expires < now:
         raise TicketError(f"the ticket expired {now - t.expires:.0f} s ago: refused")
     return t
+
+
+def round_tickets(run: str, round_: int, members: dict[str, tuple[str, list[str], float]],
+                  expires: float) -> dict[str, RoundTicket]:
+    """Every slot's ticket of a round: `members` maps slot -> (its peer id, the modules it holds, its weight);
+    the group of a module is every member holding it. What the coordinator signs once it froze the round;
+    benchmarks and tests that run workers without a coordinator use it as is."""
+    holders: dict[str, dict[str, float]] = {}
+    for peer, modules, weight in members.values():
+        for m in modules:
+            holders.setdefault(m, {})[peer] = weight
+    return {slot: RoundTicket(run, round_, slot, peer, {m: dict(holders[m]) for m in modules}, expires)
+            for slot, (peer, modules, weight) in members.items()}

@@ -103,18 +103,18 @@ class SwarmMetrics(NullSwarmMetrics):
         for outcome in ("averaged", "local_only", "failed"):
             self.rounds.labels(outcome)
         for group in ("trunk", "expert"):
-            for outcome in ("ok", "failed", "refused", "mismatch"):
+            for outcome in ("ok", "failed", "refused"):
                 self.averaging.labels(group, outcome)
 
     def record_round(self, report, inner_loss: float, inner_seconds: float, round_seconds: float, *,
                      run: str) -> None:
         outcomes = {m.outcome for m in report.modules}
         # averaged: some module was averaged; local_only: nothing to average with (averaging off, sole
-        # holders); failed: every averaging failed, was refused or disagreed (mismatch)
+        # holders); failed: every averaging failed (no other member's Δ arrived) or was refused
         label = "averaged" if "ok" in outcomes else "local_only" if outcomes == {"local"} else "failed"
         self.rounds.labels(label).inc()
         for m in report.modules:
-            if m.outcome in ("ok", "failed", "refused", "mismatch"):
+            if m.outcome in ("ok", "failed", "refused"):
                 self.averaging.labels("trunk" if m.module == "trunk" else "expert", m.outcome).inc()
         self.bytes_sent.inc(report.bytes_sent)
         self.inner_loss.labels(run, "swarm").set(inner_loss)

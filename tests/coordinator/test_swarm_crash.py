@@ -29,7 +29,7 @@ from tests.conftest import REPO, tiny_model
 from tests.coordinator.conftest import TOKEN, write_project
 
 SWARM = {"inner_steps": 2, "rounds": 3, "batch_size": 2, "micro_batch_size": 2, "seq_len": 32, "workers": 2,
-         "matchmaking_time": 3.0, "averaging_timeout": 35.0, "checkpoint_every": 2}
+         "averaging_timeout": 35.0, "checkpoint_every": 2}
 
 # The driver, in a process of its own, killed (os._exit: no cleanup, as kill -9) at one named point.
 CHILD = """

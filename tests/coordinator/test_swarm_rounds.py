@@ -44,7 +44,7 @@ def test_two_rounds_through_the_coordinator(tiny_checkpoint, tmp_path):
     cfg = ProjectConfig.model_validate({
         "run": "demo", "state_dir": str(state),
         "swarm": {"inner_steps": 3, "rounds": 2, "batch_size": 2, "micro_batch_size": 2, "seq_len": 32,
-                  "matchmaking_time": 3.0, "averaging_timeout": 35.0, "checkpoint_every": 1, "compression": "none"}})
+                  "averaging_timeout": 35.0, "checkpoint_every": 1, "compression": "none"}})
     state.mkdir()
     store = Store.open(cfg.db_url())
     sched = Scheduler(store, cfg)

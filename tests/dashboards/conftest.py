@@ -50,7 +50,7 @@ EXPIRED = 3
 WORKER_TOKEN = "mj_test_token_carol"
 WORKER_NAME = "carol-cpu"
 SWARM = {"inner_steps": 2, "rounds": 1, "batch_size": 2, "micro_batch_size": 2, "seq_len": 32, "workers": 1,
-         "matchmaking_time": 2.0, "averaging_timeout": 35.0, "compression": "none", "checkpoint_every": 1}
+         "averaging_timeout": 35.0, "compression": "none", "checkpoint_every": 1}
 HELD = 2  # experts the one slot's memory budget fits (of 4): the other 2 are frozen
 
 

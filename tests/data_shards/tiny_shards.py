@@ -33,7 +33,7 @@ def readers_for(directory: Path, lease: Lease) -> dict[str, ShardReader]:
 def swarm_section(shards: Path | None = None, **kw) -> dict:
     """A project `swarm:` section of 2 rounds of STEPS x BATCH x SEQ_LEN, on `shards` when given."""
     s = {"inner_steps": STEPS, "rounds": 2, "batch_size": BATCH, "micro_batch_size": BATCH, "seq_len": SEQ_LEN,
-         "matchmaking_time": 2.0, "averaging_timeout": 35.0, "checkpoint_every": 1, "compression": "none",
+         "averaging_timeout": 35.0, "checkpoint_every": 1, "compression": "none",
          "inner_warmup_steps": 0, **kw}
     if shards is not None:
         s["shards"] = str(shards)

@@ -1,23 +1,24 @@
-"""In-process swarm workers on 127.0.0.1 (each with its own hivemind DHT and averagers) on the tiny MoE of
+"""In-process swarm workers on 127.0.0.1 (each with its own hivemind DHT and exchange), with the tickets a
+coordinator would sign for them, on the tiny MoE of
 tests/conftest.py (`tiny_model`, the `tiny_checkpoint` fixture)."""
 
 from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 
 import pytest
 
-from swarm.modules import count_holders
+from swarm.exchange import SwarmExchange
 from swarm.round import SwarmWorker
 from swarm.settings import InnerConfig, SwarmSettings
+from swarm.ticket import round_tickets
 from tests.conftest import tiny_model  # noqa: F401  (imported from here by other tests)
 
 
 def settings(**kw) -> SwarmSettings:
-    # all-reduce timeout (averaging_timeout - matchmaking_time - stats_timeout) / 3 = 10 s, chunks 3.3 s
-    base = dict(run="t", matchmaking_time=3.0, request_timeout=1.0, averaging_timeout=35.0, stats_timeout=2.0)
-    return SwarmSettings(**{**base, **kw})
+    return SwarmSettings(**{**dict(run="t", averaging_timeout=20.0), **kw})
 
 
 def inner(**kw) -> InnerConfig:
@@ -25,30 +26,40 @@ def inner(**kw) -> InnerConfig:
     return InnerConfig(**{**base, **kw})
 
 
-def holders(assignments: list[dict[int, list[int]]]) -> dict[str, int]:
-    return count_holders(assignments)
-
-
-def start_workers(checkpoint, assignments, s: SwarmSettings, cfg: InnerConfig, cls=SwarmWorker, peers=(),
-                  expected=None) -> list[SwarmWorker]:
+def start_workers(checkpoint, assignments, s: SwarmSettings, cfg: InnerConfig, cls=SwarmWorker,
+                  peers=()) -> list[SwarmWorker]:
     """One worker per assignment; worker i reads batch indices [i*B, (i+1)*B). The first bootstraps the DHT."""
-    expected = expected or holders(assignments)
     workers: list[SwarmWorker] = []
     for i, a in enumerate(assignments):
         c = dataclasses.replace(cfg, data_offset=i * cfg.batch_size)
         boot = list(peers) or (workers[0].averager.visible_maddrs() if workers else [])
-        workers.append(cls(checkpoint, a, s, c, initial_peers=boot, expected_holders=expected))
+        workers.append(cls(checkpoint, a, s, c, initial_peers=boot))
     return workers
 
 
-def run_round(workers: list[SwarmWorker], round_: int) -> list[dict]:
-    """Run one round on every worker at once (threads: torch and hivemind release the GIL)."""
+def member(w: SwarmWorker, weight: float | None = None) -> tuple[str, list[str], float]:
+    """A worker's entry in round_tickets: its peer id, modules, and (by default) the tokens of its round."""
+    i = w.inner
+    return w.peer_id, list(w.modules), float(weight or i.inner_steps * i.batch_size * i.seq_len)
+
+
+def tickets(workers: list[SwarmWorker], round_: int, extra: dict | None = None, run: str = "t") -> list:
+    """What the coordinator would sign for these workers' round (plus `extra` slot -> member entries)."""
+    members = {f"w{i}": member(w) for i, w in enumerate(workers)} | (extra or {})
+    out = round_tickets(run, round_, members, time.time() + 3600)
+    return [out[f"w{i}"] for i in range(len(workers))]
+
+
+def run_round(workers: list[SwarmWorker], round_: int, given: list | None = None) -> list[dict]:
+    """Run one round on every worker at once (threads: torch and hivemind release the GIL), each with its
+    ticket (`given`, or the tickets of exactly these workers)."""
+    given = given or tickets(workers, round_, run=workers[0].settings.run)
     results: list = [None] * len(workers)
     errors: list = []
 
     def go(i):
         try:
-            results[i] = workers[i].run_round(round_)
+            results[i] = workers[i].run_round(round_, ticket=given[i])
         except BaseException as e:  # re-raised in the test thread
             errors.append(e)
 
@@ -71,11 +82,25 @@ def shutdown():
         w.shutdown()
 
 
-def average_together(peers, given: list[dict], weights: list[float], round_: int = 0) -> list[dict]:
-    """SwarmAverager.average on every peer at once (threads), peer i with given[i] and weight weights[i]."""
+def start_exchanges(n: int, sizes: dict[str, int], s: SwarmSettings) -> list[SwarmExchange]:
+    first = SwarmExchange(s, sizes)
+    return [first] + [SwarmExchange(s, sizes, initial_peers=first.visible_maddrs()) for _ in range(n - 1)]
+
+
+def exchange_tickets(peers: list[SwarmExchange], weights: list[float], round_: int = 0,
+                     run: str = "t") -> list:
+    members = {f"p{i}": (x.peer_id, list(x.sizes), w) for i, (x, w) in enumerate(zip(peers, weights, strict=True))}
+    out = round_tickets(run, round_, members, time.time() + 3600)
+    return [out[f"p{i}"] for i in range(len(peers))]
+
+
+def average_together(peers: list[SwarmExchange], given: list[dict], weights: list[float], round_: int = 0) -> list:
+    """SwarmExchange.average on every peer at once (threads), peer i with given[i] and ticket weight weights[i]."""
+    for x, t in zip(peers, exchange_tickets(peers, weights, round_, peers[0].settings.run), strict=True):
+        x.set_ticket(t)
     out: list = [None] * len(peers)
-    threads = [threading.Thread(target=lambda i=i: out.__setitem__(
-        i, peers[i].average(round_, given[i], {m: weights[i] for m in given[i]}))) for i in range(len(peers))]
+    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, peers[i].average(round_, given[i])))
+               for i in range(len(peers))]
     for t in threads:
         t.start()
     for t in threads:

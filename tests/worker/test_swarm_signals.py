@@ -50,7 +50,7 @@ def test_sigterm_to_the_process_group_mid_round_stops_the_worker_and_hivemind(tm
     # (the train executor checks for a stop request between rounds, not between inner steps)
     project = write_project(tmp_path, run="sig", leases={"duration_s": 10.0}, swarm={
         "inner_steps": 300, "rounds": 3, "batch_size": 2, "micro_batch_size": 2, "seq_len": 32, "workers": 1,
-        "matchmaking_time": 2.0, "averaging_timeout": 35.0, "compression": "none"})
+        "averaging_timeout": 35.0, "compression": "none"})
     cfg = load_project(project)
     init_swarm(project, tmp_path)
     coord, port = start_coordinator(project, cfg.db_url(), tmp_path / "coordinator.log")
