@@ -263,9 +263,10 @@ class SwarmExchange:
                 reply = await asyncio.wait_for(self._p2p.call_protobuf_handler(
                     PeerID.from_base58(peer), HANDLER, stream(), averaging_pb2.AveragingData), max(left, 0.01))
                 code = MC.Name(reply.code)
-            except Exception as e:  # unreachable, died, timed out
+            except Exception as e:  # unreachable, died, timed out; or it answered before reading all we sent
                 code = f"error: {type(e).__name__}: {e}"
-            if code != "NOT_DECLARED" or time.monotonic() + RETRY_S >= deadline:
+            # "no ticket yet" (often cut short while we still stream: an error here) is worth another try
+            if not (code == "NOT_DECLARED" or code.startswith("error")) or time.monotonic() + RETRY_S >= deadline:
                 return code
             await asyncio.sleep(RETRY_S)
 
