@@ -115,7 +115,7 @@ class SwarmWorker:
     def __init__(self, checkpoint: str | Path | Transformer, assignment: Assignment, settings: SwarmSettings,
                  inner: InnerConfig, *, initial_peers: list[str] | tuple = (), client_mode: bool = False, dht=None,
                  identity_path: str | None = None):
-        self.settings, self.inner = settings, inner
+        self.settings, self.inner, self.identity_path = settings, inner, identity_path
         if isinstance(checkpoint, Transformer):  # tests and tools: an in-memory full model, round 0
             self.full_cfg, self.start_round = checkpoint.cfg, 0
             self.assignment = check_assignment(checkpoint.cfg.moe, checkpoint.cfg.num_layers, assignment)

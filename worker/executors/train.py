@@ -2,8 +2,10 @@
 
 The executor parses the payload (swarm.settings.TrainPayload: the whole contract of a round), fetches the
 round checkpoint and the lease's shards through the daemon's cache, checks that the round fits this
-worker's memory, and runs `SwarmWorker.run_round`. It keeps, for the daemon that owns it, what outlives a
-round: the `SwarmWorker` of each slot (its model, optimizer, outer state and hivemind peers, reused for the
+worker's memory, joins the round (the coordinator's Join RPC, TaskContext.join) and runs
+`SwarmWorker.run_round` with the ticket the coordinator signed (its signature checked with the key the
+daemon pinned). It keeps, for the daemon that owns it, what outlives a
+round: the `SwarmWorker` of each slot (its model, optimizer, outer state and hivemind peer, reused for the
 slot's next round with the same assignment) and the shard files it has already hashed.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +24,15 @@ from model.checkpoint import load_config
 from swarm.round import LeaseBatches, SwarmWorker
 from swarm.round_checkpoint import OUTER_STATE
 from swarm.settings import TrainPayload
+from swarm.ticket import RoundTicket, TicketError, expect_ticket, verify_ticket
 from worker.metrics import NullSwarmMetrics, SwarmMetrics
 
 from . import Result, TaskContext, TaskError
 
 log = logging.getLogger(__name__)
+
+IDENTITY_FILE = "swarm_identity.key"   # in the daemon's cache dir: its libp2p key, so its peer id survives restarts
+JOIN_POLL_S = 0.5                       # how often a round waiting for its ticket asks the coordinator again
 
 
 @dataclass
@@ -68,7 +75,8 @@ class TrainExecutor:
             ctx.report_progress(0.9 * (s + 1) / H)
 
         try:
-            metrics = w.run_round(p.round, on_step, ctx.check_stop)  # also stops a round waiting for its all-reduce
+            # also stops a round waiting for its ticket or the other members' Δs
+            metrics = w.run_round(p.round, on_step, ctx.check_stop, ticket=self._tickets(ctx, p, w))
         except BaseException:
             # stopped or failed mid-round: its parameters are neither θ_start nor the round's result, so the
             # next attempt must start from the checkpoint, not from this worker
@@ -101,14 +109,48 @@ class TrainExecutor:
             raise TaskError("train tasks need the daemon's checkpoint fetcher")
         path = self._fetch_checkpoint(ctx, p.checkpoint)
         self._check_memory(ctx, load_config(path), p)
+        # one persistent libp2p identity per daemon (its cache dir), for the worker of the slot it runs; a
+        # second slot at the same time gets a fresh one
+        identity = ctx.work_dir.parent / IDENTITY_FILE
+        taken = any(k.worker.identity_path == str(identity) for k in self.kept.values())
         try:
             w = SwarmWorker(path, p.assignment, p.settings, p.inner, initial_peers=ctx.bootstrap_peers,
-                            expected_holders=p.expected_holders or None,
-                            client_mode=ctx.settings.get("client_mode") == "1")
+                            client_mode=ctx.settings.get("client_mode") == "1",
+                            identity_path=None if taken else str(identity))
         except ValueError as e:
             raise TaskError(str(e)) from e
         self.kept[p.slot] = _Kept(w, key, p.round)
         return w
+
+    @staticmethod
+    def _tickets(ctx: TaskContext, p: TrainPayload, w: SwarmWorker):
+        """`ticket(wait)` for SwarmWorker.run_round: the round's ticket from the coordinator's Join RPC, its
+        signature checked with the pinned key and its fields with this task's. Joins once now, so that the
+        coordinator can freeze the round as soon as every slot joined."""
+        if not p.settings.averaging:
+            return None
+        key = ctx.settings.get("ticket_key")
+        if ctx.join is None or not key:
+            raise TaskError("swarm rounds need the coordinator's round tickets (the Join RPC and a ticket key at "
+                            "Register); this coordinator sent none: upgrade it")
+
+        def ticket(wait: bool) -> RoundTicket | None:
+            while True:
+                signed = ctx.join(w.peer_id)
+                if signed is not None:
+                    try:
+                        t = verify_ticket(key, signed.body, signed.signature)
+                        return expect_ticket(t, run=p.settings.run, round_=p.round, slot=p.slot, peer_id=w.peer_id,
+                                             now=time.time())
+                    except TicketError as e:
+                        raise TaskError(str(e)) from None
+                if not wait:
+                    return None
+                ctx.check_stop()   # the lease cancelled, or SIGTERM
+                time.sleep(JOIN_POLL_S)
+
+        ticket(False)  # join now
+        return ticket
 
     @staticmethod
     def _check_memory(ctx: TaskContext, cfg, p: TrainPayload) -> None:
