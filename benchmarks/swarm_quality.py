@@ -79,21 +79,67 @@ def inner_optim(rounds: int, lr: float, mu: float, weight_decay_scale: bool) -> 
     return {**CONTINUE_OPTIM, "weight_decay": inner_weight_decay(s)}
 
 
+HOSTILE = ("reversed", "scaled", "weight", "veto")
+
+
+def make_hostile(exchange, kind: str) -> None:
+    """Turn a worker's SwarmExchange into the attacker of `kind` (the last worker of a --byzantine run):
+    reversed  sends −Δ (its honest norm, the other way)
+    scaled    sends 9·Δ
+    weight    sends −Δ and claims weight 1e6 in every message (what once set hivemind's average)
+    veto      takes part in nothing: never sends (the old protocol's veto was one 'failed' report)"""
+    from hivemind.proto import averaging_pb2
+
+    from swarm.exchange import SwarmExchange
+    from swarm.outer import ModuleOutcome
+
+    class Hostile(SwarmExchange):
+        def average(self, round_, deltas):
+            if kind == "veto":
+                return {m: ModuleOutcome(m, "local", float(d.norm())) for m, d in deltas.items()}
+            lie = {m: (9.0 if kind == "scaled" else -1.0) * d for m, d in deltas.items()}
+            out = super().average(round_, lie)   # writes the group's aggregate into lie
+            for m, d in deltas.items():   # it applies the aggregate as the others do: its next Δ looks honest
+                d.copy_(lie[m])
+            return out
+
+        async def _send(self, peer, header, parts, deadline):
+            if kind == "weight":
+                real = averaging_pb2.AveragingData
+
+                def claiming(*a, **kw):
+                    return real(*a, **{**kw, "weight": 1e6})
+                averaging_pb2.AveragingData = claiming
+                try:
+                    return await super()._send(peer, header, parts, deadline)
+                finally:
+                    averaging_pb2.AveragingData = real
+            return await super()._send(peer, header, parts, deadline)
+
+    exchange.__class__ = Hostile
+
+
 def run_worker(spec_path: str) -> None:
-    """One swarm worker (a subprocess): ready -> wait for `go` -> R rounds -> export its modules."""
+    """One swarm worker (a subprocess): ready (prints its peer id) -> reads the members (slot -> peer id,
+    modules, weight: what the coordinator's tickets would say) -> R rounds -> export its modules."""
     from swarm.round import SwarmWorker
     from swarm.settings import InnerConfig, SwarmSettings
+    from swarm.ticket import round_tickets
 
     torch.set_num_threads(1)
     spec = json.loads(Path(spec_path).read_text())
     layers = spec["layers"]
     assignment = {i: spec["experts"] for i in range(layers)}
     w = SwarmWorker(spec["checkpoint"], assignment, SwarmSettings(**spec["settings"]), InnerConfig(**spec["inner"]),
-                    initial_peers=spec["peers"], expected_holders=spec["expected"])
-    print("ready", flush=True)
-    sys.stdin.readline()
+                    initial_peers=spec["peers"])
+    if spec.get("hostile"):
+        make_hostile(w.averager, spec["hostile"])
+    print("ready", w.peer_id, json.dumps(w.modules), flush=True)
+    members = {slot: tuple(m) for slot, m in json.loads(sys.stdin.readline()).items()}
+    me = next(slot for slot, m in members.items() if m[0] == w.peer_id)
     t0 = time.perf_counter()
-    rounds = [w.run_round(r) for r in range(spec["rounds"])]
+    rounds = [w.run_round(r, ticket=round_tickets("bench", r, members, time.time() + 86400)[me])
+              for r in range(spec["rounds"])]
     wall = time.perf_counter() - t0
     full = load_checkpoint(spec["checkpoint"])
     w.export_into(full, {})
@@ -119,6 +165,12 @@ def main() -> None:
     p.add_argument("--same-weight-decay", action="store_true",
                    help="give the workers the reference's weight decay as is (default: divided by the outer step's "
                         "amplification, see inner_optim)")
+    p.add_argument("--byzantine", nargs="*", default=[], choices=HOSTILE, metavar="KIND",
+                   help=f"after the honest swarm run, one run per KIND ({', '.join(HOSTILE)}) with the last of the 4 "
+                        "workers hostile; loss ratios are against the honest run. Use with --experts all, so every "
+                        "module has 4 holders (2 holders cannot out-vote a liar)")
+    p.add_argument("--averaging-timeout", type=float, default=20.0,
+                   help="how long a member waits for the others' Δs (a silent 'veto' member costs this per round)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -164,47 +216,58 @@ def main() -> None:
     boot = start_dht(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     peers = [str(a) for a in boot.get_visible_maddrs()]
     layers = moe.cfg.num_layers
-    expected = {"trunk": n} | {f"l{i}e{e}": sum(e in a for a in layout) for i in range(layers) for e in range(E)}
     settings = dict(run="bench", compression=args.compression, outer_lr=args.outer_lr,
-                    outer_momentum=args.outer_momentum, matchmaking_time=3.0, request_timeout=1.0,
-                    averaging_timeout=60.0, stats_timeout=3.0)
+                    outer_momentum=args.outer_momentum, averaging_timeout=args.averaging_timeout)
     worker_optim = inner_optim(R, args.outer_lr, args.outer_momentum, not args.same_weight_decay)
-    procs = []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"}
-    for w, experts in enumerate(layout):
-        spec = {"checkpoint": str(ckpt), "layers": layers, "experts": experts, "peers": peers, "expected": expected,
-                "rounds": R, "out": str(tmp / f"worker{w}"), "settings": settings,
-                "inner": {"inner_steps": H, "total_steps": R * H, "batch_size": b, "micro_batch_size": b,
-                          "seq_len": args.seq_len, "data_seed": 1, "data_offset": w * b, "optim": worker_optim}}
-        (tmp / f"worker{w}.json").write_text(json.dumps(spec))
-        procs.append(subprocess.Popen([sys.executable, __file__, "--worker", str(tmp / f"worker{w}.json")],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env))
-    for proc in procs:
-        if proc.stdout.readline().strip() != "ready":
-            raise SystemExit("a swarm worker failed to start; see its stderr above")
-    t = time.perf_counter()
-    for proc in procs:
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
-    results = [json.loads(proc.stdout.readline()) for proc in procs]
-    for proc in procs:
-        proc.wait()
-    swarm_s = time.perf_counter() - t
-    boot.shutdown()
+    weight = float(H * b * args.seq_len)   # the tokens each slot is leased per round: the ticket's weight
 
-    # assemble the swarm's model: the trunk from worker 0, each expert from its first holder
-    full = load_checkpoint(ckpt)
-    with torch.no_grad():
-        for w, experts in reversed(list(enumerate(layout))):
-            got = dict(load_checkpoint(tmp / f"worker{w}").named_parameters())
-            for name, param in full.named_parameters():
-                if "feed_forward" not in name:
-                    param.copy_(got[name])
-                else:
-                    for e in experts:
-                        param[e].copy_(got[name][e])
-    swarm_ckpt = save_checkpoint(tmp / "swarm", full)
-    swarm_loss = trainer(swarm_ckpt, 1, "swarm_eval").evaluate()
+    def swarm(hostile: str | None) -> dict:
+        """One swarm run (the last worker `hostile`, if given); its eval loss and per-worker results."""
+        name = hostile or "honest"
+        procs, t = [], time.perf_counter()
+        for w, experts in enumerate(layout):
+            spec = {"checkpoint": str(ckpt), "layers": layers, "experts": experts, "peers": peers,
+                    "rounds": R, "out": str(tmp / f"{name}_worker{w}"), "settings": settings,
+                    "hostile": hostile if w == n - 1 else None,
+                    "inner": {"inner_steps": H, "total_steps": R * H, "batch_size": b, "micro_batch_size": b,
+                              "seq_len": args.seq_len, "data_seed": 1, "data_offset": w * b, "optim": worker_optim}}
+            (tmp / f"{name}_worker{w}.json").write_text(json.dumps(spec))
+            procs.append(subprocess.Popen([sys.executable, __file__, "--worker", str(tmp / f"{name}_worker{w}.json")],
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env))
+        members = {}
+        for w, proc in enumerate(procs):
+            word, peer, modules = (proc.stdout.readline().strip().split(" ", 2) + ["", "", ""])[:3]
+            if word != "ready":
+                raise SystemExit("a swarm worker failed to start; see its stderr above")
+            members[f"w{w}"] = (peer, json.loads(modules), weight)
+        t = time.perf_counter()
+        for proc in procs:
+            proc.stdin.write(json.dumps(members) + "\n")
+            proc.stdin.flush()
+        results = [json.loads(proc.stdout.readline()) for proc in procs]
+        for proc in procs:
+            proc.wait()
+        seconds = time.perf_counter() - t
+        # assemble the swarm's model: the trunk from worker 0, each expert from its first holder (never the
+        # hostile last worker: every module has an honest holder before it)
+        full = load_checkpoint(ckpt)
+        with torch.no_grad():
+            for w, experts in reversed(list(enumerate(layout))):
+                got = dict(load_checkpoint(tmp / f"{name}_worker{w}").named_parameters())
+                for pname, param in full.named_parameters():
+                    if "feed_forward" not in pname:
+                        param.copy_(got[pname])
+                    else:
+                        for e in experts:
+                            param[e].copy_(got[pname][e])
+        loss = trainer(save_checkpoint(tmp / f"{name}_swarm", full), 1, f"{name}_eval").evaluate()
+        return {"loss": loss, "results": results, "seconds": seconds, "full": full}
+
+    honest = swarm(None)
+    swarm_s, results, swarm_loss, full = honest["seconds"], honest["results"], honest["loss"], honest["full"]
+    attacked = {kind: swarm(kind) for kind in args.byzantine}
+    boot.shutdown()
 
     P = sum(q.numel() for q in full.parameters())
     dp_bytes = R * H * 2 * (n - 1) / n * P * 4
@@ -213,12 +276,24 @@ def main() -> None:
     # where each worker's time outside its inner steps went, per round (medians over rounds, then workers)
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     overhead = {key: med([med([r[key] for r in res["rounds"]]) for res in results])
-                for key in ("allreduce_seconds", "reports_seconds")}
+                for key in ("allreduce_seconds", "aggregate_seconds")}
     overhead["round_minus_inner_seconds"] = med([med([r["round_seconds"] - r["inner_seconds"] for r in res["rounds"]])
                                                  for res in results])
     overhead["inner_seconds"] = med([med([r["inner_seconds"] for r in res["rounds"]]) for res in results])
-    failed = sum(r["modules_failed"] + r["modules_refused"] + r["modules_mismatch"]
-                 for res in results for r in res["rounds"])
+    failed = sum(r["modules_failed"] + r["modules_refused"] for res in results for r in res["rounds"])
+    round_s = med([med([r["round_seconds"] for r in res["rounds"]]) for res in results])
+    # the defences' cost in the honest run: CenteredClip and the receiver's checks of each Δ (the checks are
+    # part of the transfer; CenteredClip is timed alone), as a share of the round
+    defence_share = overhead["aggregate_seconds"] / round_s
+    byzantine = {}
+    for kind, run in attacked.items():
+        honest_workers = run["results"][:-1]
+        byzantine[kind] = {
+            "eval_loss": run["loss"], "loss_ratio_vs_honest": run["loss"] / swarm_loss,
+            "round_seconds_median": med([med([r["round_seconds"] for r in res["rounds"]]) for res in honest_workers]),
+            "seconds": run["seconds"],
+            "honest_modules_failed": sum(r["modules_failed"] for res in honest_workers for r in res["rounds"]),
+        }
     figures = {
         "loss_ratio": swarm_loss / ref_loss,
         "comm_reduction": dp_bytes / (sum(sent) / n),
@@ -230,6 +305,7 @@ def main() -> None:
         "bytes_sent_per_worker": sent, "dp_bytes_per_worker": dp_bytes, "utilization_per_worker": util,
         "module_averagings_failed_or_refused": failed, "params": P, "per_round_median": overhead,
         "seconds": {"dense_and_upcycle": dense_s, "reference": ref_s, "swarm": swarm_s},
+        "round_seconds_median": round_s, "defence_share_of_round": defence_share, "byzantine": byzantine,
     }
     settings_used = {"model": f"debug dense (164k params) -> {E} experts top-2 MoE", "dense_steps": args.dense_steps,
                      "rounds": R, "inner_steps": H, "workers": n, "experts_per_worker": layout,
@@ -237,7 +313,8 @@ def main() -> None:
                      "tokens_each": R * H * n * b * args.seq_len, "reference_optim": CONTINUE_OPTIM,
                      "inner_optim": worker_optim,
                      "outer": f"Nesterov SGD lr {args.outer_lr} momentum {args.outer_momentum}",
-                     "compression": args.compression,
+                     "compression": args.compression, "averaging_timeout": args.averaging_timeout,
+                     "byzantine": args.byzantine,
                      "machine_cpus": os.cpu_count(), "load_avg": os.getloadavg()}
     print("\nsettings:", json.dumps(settings_used))
     print(f"\n{'':24s}{'reference':>12s}{'swarm':>12s}")
@@ -249,6 +326,14 @@ def main() -> None:
     print(f"\n{'figure':16s}{'value':>10s}{'goal':>10s}")
     for key, goal in (("loss_ratio", "<= 1.03"), ("comm_reduction", ">= 100"), ("utilization", ">= 0.9")):
         print(f"{key:16s}{figures[key]:10.3f}{goal:>10s}")
+    print(f"{'defence share':16s}{defence_share:10.4f}{'<= 0.05':>10s}   (CenteredClip / round time, honest run)")
+    if byzantine:
+        print(f"\n{'one hostile of 4':18s}{'eval loss':>10s}{'vs honest':>10s}{'goal':>8s}{'round s':>9s}"
+              f"{'honest failed':>15s}")
+        print(f"{'none (honest)':18s}{swarm_loss:10.4f}{1.0:10.4f}{'':>8s}{round_s:9.2f}{'':>15s}")
+        for kind, row in byzantine.items():
+            print(f"{kind:18s}{row['eval_loss']:10.4f}{row['loss_ratio_vs_honest']:10.4f}{'<= 1.01':>8s}"
+                  f"{row['round_seconds_median']:9.2f}{int(row['honest_modules_failed']):15d}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({**figures, "detail": detail, "settings": settings_used}, indent=2) + "\n")

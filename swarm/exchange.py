@@ -355,10 +355,12 @@ class SwarmExchange:
                 out[m].outcome = "failed"
                 continue
             contributions = {self.peer_id: own[m], **received}
+            t_agg = time.perf_counter()
             agg = centered_clip(contributions, {p: members[p] for p in contributions}, s.clip_factor, s.clip_iters)
             for p, scale in sorted(agg.clipped.items()):
                 log.info("round %d, module %s: clipped the Δ of %s to %.3g of its distance (τ %.3g)", round_, m,
                          p, scale, agg.tau)
             deltas[m].copy_(agg.value.to(deltas[m].device, deltas[m].dtype))
+            self.timings["aggregate"] += time.perf_counter() - t_agg
             out[m].outcome, out[m].group_size, out[m].refused_peers = "ok", len(contributions), missing
         return out

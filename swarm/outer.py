@@ -29,7 +29,7 @@ from model.transformer import Transformer
 from .settings import SwarmSettings
 from .tensors import flatten, module_tensors, unflatten_into
 
-NO_TIMINGS = {"allreduce": 0.0}   # SwarmExchange.timings before any wait
+NO_TIMINGS = {"allreduce": 0.0, "aggregate": 0.0}   # SwarmExchange.timings before any wait
 
 
 @dataclass
@@ -49,8 +49,9 @@ class RoundReport:
     modules: list[ModuleOutcome]
     seconds: float
     # of `seconds`: sending the Δs and waiting for the other members' (the group's slowest member, then the
-    # transfer)
+    # transfer); and CenteredClip (what the robust aggregation costs over a plain mean)
     allreduce_seconds: float = 0.0
+    aggregate_seconds: float = 0.0
 
     @property
     def bytes_sent(self) -> int:
@@ -102,5 +103,5 @@ def outer_round(averager, state: OuterState, settings: SwarmSettings, round_: in
         # the local progress; next round's Δ carries both rounds
     timings = averager.timings if averager is not None else NO_TIMINGS
     return RoundReport(round_, [outcomes[m] for m in state.modules], time.perf_counter() - t0,
-                       allreduce_seconds=timings["allreduce"])
+                       allreduce_seconds=timings["allreduce"], aggregate_seconds=timings["aggregate"])
 

@@ -246,7 +246,7 @@ class SwarmWorker:
             "delta_norm_expert_max": max(expert_norms) if expert_norms else 0.0,
             "delta_norm_max": max(norms), "bytes_sent": float(report.bytes_sent),
             "inner_seconds": inner_seconds, "round_seconds": time.perf_counter() - t0,
-            "allreduce_seconds": report.allreduce_seconds,
+            "allreduce_seconds": report.allreduce_seconds, "aggregate_seconds": report.aggregate_seconds,
             "modules_averaged": float(report.count("ok")), "modules_failed": float(report.count("failed")),
             "modules_refused": float(report.count("refused")), "modules_local": float(report.count("local")),
         }
