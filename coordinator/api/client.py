@@ -7,7 +7,7 @@
         c.complete(r.task.task_id, r.task.lease_id, b"...", metrics={"loss": 2.1, "tokens": 4096})
 
 Every call sends `authorization: Bearer TOKEN` and has a deadline (`timeout`, seconds). Calls that
-are safe to repeat (Heartbeat; Complete, idempotent per lease; fetches, resumed at the bytes already
+are safe to repeat (Heartbeat; Join; Complete, idempotent per lease; fetches, resumed at the bytes already
 written) retry on UNAVAILABLE — the coordinator restarting — until `retry_for` seconds have passed,
 then raise. Register, Lease and Fail are not retried: repeating them could lease twice or count a
 failure twice, so the caller decides. This module imports only grpc and the generated protocol, so
@@ -94,6 +94,13 @@ class CoordinatorClient:
              timeout: float | None = None) -> pb.FailResponse:
         return self._call(self.stub.Fail, pb.FailRequest(task_id=task_id, lease_id=lease_id, reason=reason,
                                                          message=message), timeout)
+
+    def join(self, worker_id: str, task_id: str, lease_id: str, peer_id: str, *,
+             timeout: float | None = None) -> pb.JoinResponse:
+        """Join the swarm round of a leased `train` task as hivemind peer `peer_id` (idempotent; retried on
+        UNAVAILABLE). Not `ready`: ask again after `retry_s`; ready: `ticket` and its `signature`."""
+        req = pb.JoinRequest(worker_id=worker_id, task_id=task_id, lease_id=lease_id, peer_id=peer_id)
+        return self._retrying("Join", lambda: self._call(self.stub.Join, req, timeout))
 
     def complete(self, task_id: str, lease_id: str, data: bytes = b"", metrics: dict[str, float] | None = None,
                  metadata_json: str = "", *, timeout: float | None = None) -> pb.CompleteResponse:

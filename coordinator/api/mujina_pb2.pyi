@@ -255,3 +255,27 @@ class FileChunk(_message.Message):
     total_size: int
     sha256: str
     def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., total_size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class JoinRequest(_message.Message):
+    __slots__ = ("worker_id", "task_id", "lease_id", "peer_id")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    task_id: str
+    lease_id: str
+    peer_id: str
+    def __init__(self, worker_id: _Optional[str] = ..., task_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., peer_id: _Optional[str] = ...) -> None: ...
+
+class JoinResponse(_message.Message):
+    __slots__ = ("ready", "ticket", "signature", "retry_s")
+    READY_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    RETRY_S_FIELD_NUMBER: _ClassVar[int]
+    ready: bool
+    ticket: bytes
+    signature: bytes
+    retry_s: float
+    def __init__(self, ready: _Optional[bool] = ..., ticket: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., retry_s: _Optional[float] = ...) -> None: ...

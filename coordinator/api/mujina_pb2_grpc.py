@@ -64,6 +64,11 @@ class CoordinatorStub:
                 request_serializer=mujina__pb2.FailRequest.SerializeToString,
                 response_deserializer=mujina__pb2.FailResponse.FromString,
                 _registered_method=True)
+        self.Join = channel.unary_unary(
+                '/mujina.v1.Coordinator/Join',
+                request_serializer=mujina__pb2.JoinRequest.SerializeToString,
+                response_deserializer=mujina__pb2.JoinResponse.FromString,
+                _registered_method=True)
         self.FetchShard = channel.unary_stream(
                 '/mujina.v1.Coordinator/FetchShard',
                 request_serializer=mujina__pb2.FetchRequest.SerializeToString,
@@ -138,6 +143,22 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Join(self, request, context):
+        """Joins a swarm round's averaging: the worker running `train` task task_id under lease lease_id says
+        which hivemind peer id it averages with. Poll it every JoinResponse.retry_s until `ready`: once every
+        slot of the round joined, or the round's join timeout (swarm.join_timeout_s) passed, the coordinator
+        freezes the round's members and answers with a round ticket (swarm/ticket.py) signed with the key
+        RegisterResponse.settings["ticket_key"] names. Idempotent for the same peer id; a new lease of the
+        same task may replace its peer id until the freeze. A peer that joined after the freeze gets a ticket
+        in which it is a member of no group. Errors: NOT_FOUND (worker or lease), PERMISSION_DENIED (worker or
+        lease of another token; the peer id already joined for another slot of the round), INVALID_ARGUMENT
+        (empty ids, a peer id that is not base58, a lease of another worker or task), FAILED_PRECONDITION
+        (lease not active, task not of the current round, no swarm run, another peer id for this lease).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def FetchShard(self, request, context):
         """Streams a token shard from the coordinator's state directory (shards/NAME), from `offset`.
         Errors: INVALID_ARGUMENT (name not a plain relative path), NOT_FOUND, OUT_OF_RANGE.
@@ -185,6 +206,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Fail,
                     request_deserializer=mujina__pb2.FailRequest.FromString,
                     response_serializer=mujina__pb2.FailResponse.SerializeToString,
+            ),
+            'Join': grpc.unary_unary_rpc_method_handler(
+                    servicer.Join,
+                    request_deserializer=mujina__pb2.JoinRequest.FromString,
+                    response_serializer=mujina__pb2.JoinResponse.SerializeToString,
             ),
             'FetchShard': grpc.unary_stream_rpc_method_handler(
                     servicer.FetchShard,
@@ -359,6 +385,33 @@ class Coordinator:
             '/mujina.v1.Coordinator/Fail',
             mujina__pb2.FailRequest.SerializeToString,
             mujina__pb2.FailResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Join(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mujina.v1.Coordinator/Join',
+            mujina__pb2.JoinRequest.SerializeToString,
+            mujina__pb2.JoinResponse.FromString,
             options,
             channel_credentials,
             insecure,
