@@ -129,7 +129,7 @@ def cmd_serve(args) -> int:
     if cfg.swarm is not None:
         from .swarm_driver import SwarmDriver
 
-        swarm = SwarmDriver(cfg, srv.store, srv.scheduler).start()
+        swarm = SwarmDriver(cfg, srv.store, srv.scheduler, joins=srv.joins).start()
     if args.port_file:
         args.port_file.write_text(str(srv.port))
     stop = threading.Event()

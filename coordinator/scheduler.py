@@ -248,6 +248,20 @@ class Scheduler:
             raise RequestError("INVALID_ARGUMENT", f"lease {lease_id} is for task {lease.task_id}, not {task_id!r}")
         return lease
 
+    def active_lease(self, token: str, worker_id: str, task_id: str, lease_id: str):
+        """The lease `lease_id` if it is active and held by worker `worker_id` of `token` on task `task_id`;
+        RequestError otherwise (swarm Join: only a slot's current worker speaks for it)."""
+        self._worker(token, worker_id)
+        with self.store.read() as conn:
+            lease = self._owned_lease(conn, token, task_id, lease_id)
+        if lease.worker_id != worker_id:
+            raise RequestError("INVALID_ARGUMENT", f"lease {lease_id} is held by another worker of this token, "
+                               f"not {worker_id}")
+        if lease.state != "active":
+            raise RequestError("FAILED_PRECONDITION", f"lease {lease_id} is {lease.state}, not active: lease the "
+                               "task again")
+        return lease
+
     def fail(self, token: str, task_id: str, lease_id: str, reason: str, message: str) -> tuple[bool, bool]:
         """Returns (requeued, dead)."""
         now = time.time()

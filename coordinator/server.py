@@ -40,6 +40,8 @@ from .metrics import NullMetrics, make_metrics
 from .scheduler import Grant, RequestError, Scheduler
 from .status_page import StatusPage
 
+JOIN_RETRY_S = 0.5  # JoinResponse.retry_s while a swarm round's members are not frozen yet
+
 log = logging.getLogger(__name__)
 
 SERVICE = "mujina.v1.Coordinator"
@@ -115,8 +117,12 @@ async def _in_pool(pool, fn, *args):
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
-    def __init__(self, cfg: ProjectConfig, store: S.Store, scheduler: Scheduler, metrics: NullMetrics):
+    def __init__(self, cfg: ProjectConfig, store: S.Store, scheduler: Scheduler, metrics: NullMetrics, joins=None):
         self.cfg, self.store, self.scheduler, self.metrics = cfg, store, scheduler, metrics
+        self.joins = joins  # a swarm run's RoundJoins (coordinator/swarm_join.py); None without a swarm section
+        self.settings = {"run": cfg.run}  # RegisterResponse.settings
+        if joins is not None:
+            self.settings["ticket_key"] = joins.key.public_hex  # workers pin it and verify round tickets with it
         # How handlers reach the store, chosen once: SQLite answers in microseconds, so calling it on
         # the event loop is cheapest; PostgreSQL statements are round trips and commits wait for its
         # fsync, which would stall every other RPC (idle heartbeats included), so they run in threads.
@@ -176,7 +182,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                  gpu_memory, cuda, caps.speed)
         return pb.RegisterResponse(worker_id=worker_id, heartbeat_interval_s=self.cfg.leases.heartbeat_interval_s,
                                    lease_duration_s=self.cfg.leases.duration_s,
-                                   bootstrap_peers=self.cfg.server.bootstrap_peers, settings={"run": self.cfg.run})
+                                   bootstrap_peers=self.cfg.server.bootstrap_peers, settings=self.settings)
 
     @_guard
     async def Heartbeat(self, token, request, context):
@@ -311,6 +317,20 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                                         request.message)
         return pb.FailResponse(requeued=requeued, dead=dead)
 
+    @_guard
+    async def Join(self, token, request, context):
+        for name in ("worker_id", "task_id", "lease_id", "peer_id"):
+            if not getattr(request, name):
+                raise RequestError("INVALID_ARGUMENT", f"{name} is empty")
+        if self.joins is None:
+            raise RequestError("FAILED_PRECONDITION", f"run {self.cfg.run!r} is not a swarm run: this coordinator's "
+                               "project has no `swarm:` section")
+        signed = await self._db(self.joins.join, token, request.worker_id, request.task_id, request.lease_id,
+                                request.peer_id)
+        if signed is None:
+            return pb.JoinResponse(ready=False, retry_s=JOIN_RETRY_S)
+        return pb.JoinResponse(ready=True, ticket=signed.body, signature=signed.signature)
+
     def _serve_file(self, root: str, request):
         name = request.name
         if not _NAME_RE.match(name) or any(part in (".", "..") for part in name.split("/")):
@@ -404,6 +424,14 @@ class CoordinatorServer:
         self.status_page = (None if http_port is None
                             else StatusPage(self.store, cfg.run, http_host, http_port, experts=experts))
         self.scheduler = Scheduler(self.store, cfg, self.metrics)
+        self.joins = None  # a swarm run's joins and round tickets, signed with a key kept in the state directory
+        if cfg.swarm is not None:
+            from swarm.ticket import TicketKey
+
+            from .swarm_join import RoundJoins
+
+            key = TicketKey.load_or_create(Path(cfg.state_dir) / "keys" / "ticket_ed25519")
+            self.joins = RoundJoins(cfg, self.store, self.scheduler, key)
         self._stop = threading.Event()
         self._sweeper = threading.Thread(target=self._sweep_loop, name="lease-sweeper", daemon=True)
         # uvloop: the handlers and gRPC's callbacks run on this one loop, and uvloop's scheduling costs less
@@ -430,7 +458,7 @@ class CoordinatorServer:
                 ("grpc.so_reuseport", 0)]
         self.server = grpc.aio.server(options=opts)
         self.health = HealthServicer()
-        self.service = CoordinatorService(self.cfg, self.store, self.scheduler, self.metrics)
+        self.service = CoordinatorService(self.cfg, self.store, self.scheduler, self.metrics, self.joins)
         if self.store.is_sqlite:  # the handlers' transactions share a commit per loop turn (Store.group_commits)
             self.store.group_commits(asyncio.get_running_loop())
         pb_grpc.add_CoordinatorServicer_to_server(self.service, self.server)

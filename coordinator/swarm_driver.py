@@ -20,7 +20,11 @@ While `serve` runs, `SwarmDriver` then, once per round:
    epoch with a new shard order. The shard files are served as shards/swarm-{run}/ (`publish_shards`). The
    validator (validate_train.py) refuses a result that claims more tokens than its lease holds; credit is
    the tokens trained;
-3. when every task of the round is done (or dead), or its deadline (`round_timeout_s`) passed and the
+3. freezes the round's members once every slot's worker joined (the Join RPC, coordinator/swarm_join.py:
+   it freezes them itself the moment the last slot joins) or `join_timeout_s` passed: `status["members"]`
+   maps task id -> hivemind peer id, and Join answers each slot with a signed round ticket naming its
+   averaging groups and their weights;
+4. when every task of the round is done (or dead), or its deadline (`round_timeout_s`) passed and the
    unfinished ones were cancelled, merges the checked uploads (validate_train.py) into its full copy: per
    module the element-wise median of its holders' θ and momentum (swarm.round_checkpoint.merge_uploads),
    and writes `round_{r+1}` beside the current checkpoint, then points `latest` at it; round checkpoints
@@ -30,7 +34,8 @@ While `serve` runs, `SwarmDriver` then, once per round:
 Crashes: every step of opening and closing a round can be interrupted by a kill -9 and resumes from the
 status file. Opening writes the plan (task ids, which are deterministic, and payloads) before adding the
 tasks in one transaction (again idempotently after a crash); closing writes the new checkpoint under a
-temporary name, renames it, swaps the `latest` symlink, and only then advances the status.
+temporary name, renames it, swaps the `latest` symlink, and only then advances the status (clearing the
+members). Joins before the freeze live in memory only: after a restart the workers, which poll Join, join again.
 
 The bootstrap DHT peer runs in the coordinator's process (`start_bootstrap_dht`); its multiaddrs are
 added to RegisterResponse.bootstrap_peers.
@@ -175,8 +180,16 @@ def publish_shards(directory: Path, state_dir: Path, name: str) -> str:
 class SwarmDriver:
     """Advances a swarm run round by round from inside `serve` (a thread polling the store)."""
 
-    def __init__(self, cfg, store, scheduler, poll_s: float = 1.0):
+    def __init__(self, cfg, store, scheduler, poll_s: float = 1.0, joins=None):
+        """`joins`: the server's RoundJoins (coordinator/swarm_join.py), whose lock guards the status file and
+        whose members the driver freezes at the join timeout; without one (no server: tests, tools) the driver
+        keeps its own, with a key nobody is given."""
+        from swarm.ticket import TicketKey
+
+        from .swarm_join import RoundJoins
+
         self.cfg, self.store, self.scheduler, self.s = cfg, store, scheduler, cfg.swarm
+        self.joins = joins or RoundJoins(cfg, store, scheduler, TicketKey.generate())
         self.poll_s = poll_s
         self._corpus_at = None  # (data_shards.lease.Corpus, its directory under shards/), opened on first use
         self.status_path = Path(cfg.state_dir) / "swarm" / f"{cfg.run}.json"
@@ -202,9 +215,7 @@ class SwarmDriver:
         return json.loads(self.status_path.read_text())
 
     def _write_status(self, status: dict) -> None:
-        from model.checkpoint import write_json
-
-        write_json(self.status_path, status)
+        self.joins.write_status(status)  # under the lock Join's freeze takes; keeps the round's frozen members
 
     def live_window_s(self) -> float:
         """A worker last seen longer ago than this has left: its leases would have expired (leases.duration_s),
@@ -277,6 +288,7 @@ class SwarmDriver:
         if not status["tasks"]:
             self._open_round(status)
             return
+        self.joins.freeze_if_late()
         states = self._task_states(status["tasks"])
         unfinished = [t for t in status["tasks"] if states.get(t) not in ("done", "dead")]
         late = time.time() > status.get("opened_at", time.time()) + self.s.round_timeout_s
@@ -371,6 +383,7 @@ class SwarmDriver:
                  merged.get("modules", "all (already written)"), name)
         status.update(round=r, checkpoint=name, tasks=[])
         status.pop("opened_at", None)
+        status.pop("members", None)
         if merged.get("disagree"):
             status["disagree"] = {str(r - 1): merged["disagree"]}
         self._write_status(status)

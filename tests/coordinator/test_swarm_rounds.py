@@ -79,9 +79,14 @@ def test_two_rounds_through_the_coordinator(tiny_checkpoint, tmp_path):
             results = [None, None]
 
             def run(i, grant, r, results):
+                who, wid = workers[i]
+                # as a daemon: its work dirs inside its own cache dir (its libp2p identity beside them), Join
+                # with its lease, the coordinator's ticket key from Register
                 ctx = TaskContext(grant.task_id, grant.lease_id, "train", json.loads(grant.payload_json), 1,
-                                  tmp_path / f"work{i}{r}", bootstrap_peers=peers, fetch=fetch)
-                ctx.work_dir.mkdir()
+                                  tmp_path / who / f"work{r}", bootstrap_peers=peers, fetch=fetch,
+                                  settings={"ticket_key": driver.joins.key.public_hex},
+                                  join=lambda peer: driver.joins.join(who, wid, grant.task_id, grant.lease_id, peer))
+                ctx.work_dir.mkdir(parents=True)
                 results[i] = executors[i](ctx)
 
             threads = [threading.Thread(target=run, args=(i, g, r, results)) for i, (_, g) in enumerate(grants)]
