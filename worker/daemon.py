@@ -13,16 +13,22 @@ Behaviour a volunteer can rely on:
   * SIGTERM (or a first SIGINT): lease nothing more, ask the running task to stop and hand its lease
     back with Fail(SHUTDOWN), so the task is requeued without counting an attempt; a second SIGINT
     aborts at once;
-  * outside --active-hours it leases nothing; one log line always says why the daemon is idle.
+  * outside --active-hours it leases nothing; one log line always says why the daemon is idle;
+  * the coordinator's round-ticket key (RegisterResponse.settings["ticket_key"]) is pinned in
+    CACHE_DIR/coordinator_ticket_key at the first Register; a coordinator that later names another key is
+    refused (delete the file if the organizer rotated it). Swarm tasks join their round through
+    TaskContext.join (the Join RPC).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import logging
 import os
 import random
+import re
 import shutil
 import socket
 import sys
@@ -45,6 +51,7 @@ from .metrics import NullMetrics, make_metrics
 log = logging.getLogger(__name__)
 
 TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+TICKET_KEY_FILE = "coordinator_ticket_key"  # in the cache dir: the coordinator's round-ticket key, pinned
 
 
 def parse_active_hours(text: str | None) -> tuple[int, int] | None:
@@ -278,10 +285,35 @@ class Daemon:
         if r is None:
             return False
         self.worker_id, self.heartbeat_interval = r.worker_id, r.heartbeat_interval_s
-        self.settings, self.bootstrap_peers = dict(r.settings), list(r.bootstrap_peers)
+        self.settings, self.bootstrap_peers = self._pin_ticket_key(dict(r.settings)), list(r.bootstrap_peers)
         log.info("registered as worker %s with %s (%s, %.1f GiB), speed %.0f tokens/s, kinds %s", self.worker_id,
                  self.device.torch_device, self.device.name, mem / 2**30, speed, ",".join(self.cfg.kinds))
         return True
+
+    def _pin_ticket_key(self, settings: dict[str, str]) -> dict[str, str]:
+        """Pin the coordinator's round-ticket key (settings["ticket_key"]) in the cache the first time; refuse a
+        later Register that names another. settings["ticket_key"] is then the pinned key, also when a Register
+        answer carries none: the only key this worker verifies tickets with."""
+        path = self.cfg.cache_dir / TICKET_KEY_FILE
+        pinned = path.read_text().strip() if path.exists() else None
+        got = settings.get("ticket_key")
+        if got is not None and not re.fullmatch(r"[0-9a-f]{64}", got):
+            raise ValueError(f"the coordinator's ticket key {got[:80]!r} is not a hex Ed25519 public key: is "
+                             f"{self.cfg.coordinator} a mujina coordinator?")
+        if got is not None and pinned is None:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(got + "\n")
+            os.replace(tmp, path)
+            log.info("pinned the coordinator's round-ticket key %s in %s", got, path)
+            pinned = got
+        elif got is not None and got != pinned:
+            raise ValueError(f"the coordinator's round-ticket key {got} is not the one pinned in {path} ({pinned}): "
+                             "refusing to run, since tickets signed with another key could put this worker in "
+                             "anyone's averaging group. If the organizer rotated the key (or you now work for "
+                             f"another coordinator), delete {path} and start again")
+        if pinned is not None:
+            settings["ticket_key"] = pinned
+        return settings
 
     # the loop
 
@@ -359,7 +391,8 @@ class Daemon:
                               max_memory_bytes=self.cfg.max_gpu_memory, settings=self.settings,
                               bootstrap_peers=self.bootstrap_peers, teachers=self.cfg.teachers,
                               fetch=self.cache.fetch, report_progress=progress.update,
-                              stop_requested=lambda: self.stopping.is_set() or cancel.is_set())
+                              stop_requested=lambda: self.stopping.is_set() or cancel.is_set(),
+                              join=functools.partial(self._join, task))
             beat.start()
             try:
                 result = self.executors(task.kind)(ctx)
@@ -411,6 +444,22 @@ class Daemon:
                 log.info("lease %s cancelled by the coordinator (expired or done elsewhere): stopping the task",
                          lease_id)
                 cancel.set()
+
+    def _join(self, task, peer_id: str):
+        """TaskContext.join of `task`: its round ticket (swarm.ticket.SignedTicket, unverified) once the
+        coordinator froze the round's members; None before, or while the coordinator is unreachable (the task
+        asks again); TaskError with the coordinator's reason when it refuses."""
+        from swarm.ticket import SignedTicket
+
+        try:
+            r = self.client.join(self.worker_id, task.task_id, task.lease_id, peer_id, timeout=10.0)
+        except grpc.RpcError as err:
+            if err.code() in TRANSIENT:
+                log.info("Join of task %s: coordinator unreachable (%s); asking again", task.task_id, err.code().name)
+                return None
+            raise TaskError(f"the coordinator refused task {task.task_id}'s Join as peer {peer_id}: "
+                            f"{err.code().name}: {err.details()}") from None
+        return SignedTicket(r.ticket, r.signature) if r.ready else None
 
     def _give_back(self, task, reason: int, message: str) -> None:
         try:

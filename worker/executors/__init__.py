@@ -21,7 +21,10 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from swarm.ticket import SignedTicket
 
 
 class TaskError(ValueError):
@@ -42,7 +45,9 @@ class TaskContext:
     work_dir: Path                      # private scratch directory of this task, removed afterwards
     device: str = "cpu"                 # torch device string the task should use, e.g. "cuda:0"
     max_memory_bytes: int = 0           # memory budget for this task (0: no limit given)
-    settings: dict[str, str] = field(default_factory=dict)   # RegisterResponse.settings (e.g. "run")
+    # RegisterResponse.settings (e.g. "run"); "ticket_key": the coordinator's round-ticket key, as pinned in
+    # the worker's cache (the daemon refuses to run when the coordinator's key differs from the pinned one)
+    settings: dict[str, str] = field(default_factory=dict)
     bootstrap_peers: list[str] = field(default_factory=list)  # hivemind multiaddrs (swarm tasks)
     teachers: dict[str, Path] = field(default_factory=dict)   # teacher model name -> local HF directory
     # Fetch a file through the worker's content-addressed cache; returns its local path.
@@ -52,6 +57,11 @@ class TaskContext:
     report_progress: Callable[[float], None] = lambda fraction: None
     # True once the daemon wants this task to stop (lease cancelled, SIGTERM).
     stop_requested: Callable[[], bool] = lambda: False
+    # Swarm tasks: join(peer_id) joins this task's round as that hivemind peer (the Join RPC, this task's lease):
+    # the ticket once the coordinator froze the round's members, not yet verified (swarm.ticket.verify_ticket
+    # with settings["ticket_key"]); None while it has not (call again after about 0.5 s) or the coordinator
+    # is unreachable; TaskError when the coordinator refuses. None outside a daemon.
+    join: Callable[[str], SignedTicket | None] | None = None
 
     def check_stop(self) -> None:
         if self.stop_requested():
