@@ -320,7 +320,7 @@ class SwarmExchange:
                 continue
             packed = self.compression.compress(d.detach().float().cpu().reshape(-1),
                                                CompressionInfo.from_tensor(d))
-            own[m] = self.compression.extract(packed).float().reshape(-1)   # what the others receive
+            own[m] = packed   # decoded when aggregated: what the others receive
             sends[m] = (header(m), list(split_for_streaming(packed, CHUNK_BYTES)), others)
             out[m].bytes_sent = packed.ByteSize() * len(others)
         if not sends:
@@ -354,7 +354,7 @@ class SwarmExchange:
             if not received:
                 out[m].outcome = "failed"
                 continue
-            contributions = {self.peer_id: own[m], **received}
+            contributions = {self.peer_id: self.compression.extract(own[m]).float().reshape(-1), **received}
             t_agg = time.perf_counter()
             agg = centered_clip(contributions, {p: members[p] for p in contributions}, s.clip_factor, s.clip_iters)
             for p, scale in sorted(agg.clipped.items()):

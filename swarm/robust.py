@@ -23,6 +23,7 @@ peer id, fixed-order CPU arithmetic), so honest holders end the round with the s
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 
 import torch
@@ -36,29 +37,54 @@ class Aggregate:
     clipped: dict[str, float]      # peer -> the smallest scale its Δ got in any iteration, where < 1
 
 
+MEDIAN_CHUNK = 1 << 18   # coordinates per chunk of the coordinate-wise median (n x chunk floats at a time)
+
+
 @torch.no_grad()
 def centered_clip(deltas: dict[str, Tensor], weights: dict[str, float], clip_factor: float = 1.0,
                   iters: int = 3) -> Aggregate:
-    """CenteredClip of flat Δs (peer -> Δ), weighted; see the module docstring."""
+    """CenteredClip of flat Δs (peer -> Δ), weighted; see the module docstring.
+
+    Memory beyond the inputs: the centre, the next centre and one Δ-sized temporary (and the median's
+    n x MEDIAN_CHUNK chunk), whatever the number of contributions: a group of n holders of the trunk
+    does not need n more copies of it."""
     peers = sorted(deltas)
     if not peers:
         raise ValueError("nothing to aggregate")
-    x = torch.stack([deltas[p].float().cpu() for p in peers])                       # (n, d)
+    xs = [deltas[p].detach().float().cpu().reshape(-1) for p in peers]
     w = torch.tensor([float(weights[p]) for p in peers], dtype=torch.float64)
     if not bool((w > 0).all()):
         raise ValueError(f"weights must be > 0, got {dict(zip(peers, w.tolist(), strict=True))}")
-    wf = (w / w.sum()).float()
-    if len(peers) < 3:
-        return Aggregate(wf @ x, 0.0, {})
+    share = (w / w.sum()).tolist()
     n = len(peers)
-    v = x.sort(dim=0).values[(n - 1) // 2:n // 2 + 1].mean(0)   # coordinate-wise median (mean of the middle two)
-    tau = clip_factor * float((x - v).norm(dim=1).median())
-    smallest = torch.ones(len(peers))
+    if n < 3:
+        out = torch.zeros_like(xs[0])
+        for x, c in zip(xs, share, strict=True):
+            out.add_(x, alpha=c)
+        return Aggregate(out, 0.0, {})
+    v = _median(xs)
+    tau = clip_factor * statistics.median([float(torch.dist(x, v)) for x in xs])
+    smallest = [1.0] * n
     if tau > 0:
         for _ in range(iters):
-            diff = x - v
-            scale = (tau / diff.norm(dim=1).clamp_min(1e-30)).clamp(max=1.0)
-            smallest = torch.minimum(smallest, scale)
-            v = v + (wf * scale) @ diff
-    clipped = {p: float(s) for p, s in zip(peers, smallest.tolist(), strict=True) if s < 1.0}
+            dist = [float(torch.dist(x, v)) for x in xs]
+            scale = [min(1.0, tau / max(d, 1e-30)) for d in dist]
+            smallest = [min(a, b) for a, b in zip(smallest, scale, strict=True)]
+            step = torch.zeros_like(v)
+            for x, c, sc in zip(xs, share, scale, strict=True):
+                step.add_(x - v, alpha=c * sc)
+            v = v + step
+    clipped = {p: s for p, s in zip(peers, smallest, strict=True) if s < 1.0}
     return Aggregate(v, tau, clipped)
+
+
+def _median(xs: list[Tensor]) -> Tensor:
+    """The coordinate-wise median (the mean of the middle two for an even count), chunk by chunk."""
+    n, size = len(xs), xs[0].numel()
+    out = torch.empty(size)
+    lo, hi = (n - 1) // 2, n // 2 + 1
+    for start in range(0, size, MEDIAN_CHUNK):
+        stop = min(size, start + MEDIAN_CHUNK)
+        block = torch.stack([x[start:stop] for x in xs]).sort(dim=0).values
+        out[start:stop] = block[lo:hi].mean(0)
+    return out
