@@ -6,8 +6,10 @@ layer, each with its router row), in bytes:
 
     weights 4 (fp32 master weights)        grads 4 (freed after each inner step)
     AdamW   8 (exp_avg, exp_avg_sq)        8-bit AdamW (bitsandbytes, CUDA): 2
-    outer   8 (θ_start and momentum)       averaging 4 (one shared buffer per module, hivemind's copy)
-    Δ       8 during the outer step only (the flat Δ and the flat θ_local it is computed from)
+    outer   8 (θ_start and momentum)       Δ 8 during the outer step only (the flat Δ and θ_local)
+    averaging 4 per other holder of the module (the Δs received, decoded, swarm/exchange.py), 4 for this
+            worker's own encoded Δ, and 12 per parameter of the largest module (CenteredClip's centre, next
+            centre and one temporary, swarm/robust.py)
 
 plus scratch: two temporaries the size of the largest held tensor (a layer's stacked expert weight,
 k·F·D, or the embedding): AdamW's step and the stacked weights' backward each hold one at a time.
@@ -29,7 +31,7 @@ cross-entropy's softmax and gradient. Activation checkpointing keeps one layer's
 input of every layer. tests/swarm/test_memory.py measures two assignment sizes against the prediction.
 
 On CUDA (`device="cuda"`, the worker's bf16 autocast) the same terms count device memory, except that
-hivemind's averaging buffers are in host memory, matmul activations are 2 bytes wide (the logits' fp32
+the averaging buffers are in host memory, matmul activations are 2 bytes wide (the logits' fp32
 copy, softmax and gradient stay 4), and autocast keeps a bf16 copy of every weight it casts until the
 backward pass (only the output head's under activation checkpointing, which recomputes the others per
 block). benchmarks/gpu_memory.py and tests/gpu measured it on an H100 within 6.3% of max_memory_allocated.
@@ -99,9 +101,12 @@ def activation_bytes(cfg: ModelConfig, experts_per_layer: int, tokens: int, chec
 
 def estimate_round_memory(cfg: ModelConfig, experts_per_layer: int, *, micro_batch_size: int, seq_len: int,
                           optimizer: str = "adamw", averaging: bool = True, activation_checkpointing: bool = False,
-                          base_bytes: int = 0, device: str = "cpu") -> MemoryEstimate:
+                          base_bytes: int = 0, device: str = "cpu", holders: tuple[int, int] = (2, 2)
+                          ) -> MemoryEstimate:
     """Peak memory of one round on a worker holding `experts_per_layer` experts in every layer: host memory
-    on `device="cpu"`, device memory on `"cuda"` (bf16 autocast; hivemind's buffers are then in host memory)."""
+    on `device="cpu"`, device memory on `"cuda"` (bf16 autocast; the averaging buffers are then in host
+    memory). `holders`: how many workers hold the trunk and each expert (the exchange keeps a copy of every
+    other holder's Δ; a Δ may arrive during this worker's inner steps)."""
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be cpu or cuda, got {device!r}")
     if cfg.moe is None:
@@ -116,11 +121,20 @@ def estimate_round_memory(cfg: ModelConfig, experts_per_layer: int, *, micro_bat
     return MemoryEstimate(
         base=base_bytes, weights=P * FP32, grads=P * FP32, optimizer=P * opt_bytes, outer=2 * P * FP32,
         scratch=2 * largest_tensor(cfg, experts_per_layer) * FP32,
-        averaging=P * FP32 if averaging and not cuda else 0, delta=2 * P * FP32,
+        averaging=averaging_bytes(cfg, trunk, experts, holders) if averaging and not cuda else 0, delta=2 * P * FP32,
         casts=(cfg.vocab_size * cfg.hidden_size if activation_checkpointing else P - cfg.vocab_size * cfg.hidden_size)
         * BF16 if cuda else 0,
         activations=activation_bytes(cfg, experts_per_layer, micro_batch_size * seq_len, activation_checkpointing,
                                      device))
+
+
+def averaging_bytes(cfg: ModelConfig, trunk: int, experts: int, holders: tuple[int, int]) -> int:
+    """The exchange's host memory: the other holders' Δs of every module (fp32, decoded), this worker's own
+    encoded Δ, and CenteredClip's three module-sized buffers for the largest module."""
+    D, F = cfg.hidden_size, cfg.intermediate_size
+    largest = max(trunk, 3 * D * F + D if experts else 0)
+    return ((max(holders[0], 1) - 1) * trunk + (max(holders[1], 1) - 1) * experts + trunk + experts
+            + 3 * largest) * FP32
 
 
 def experts_that_fit(cfg: ModelConfig, budget_bytes: int, **kw) -> int:
