@@ -1,12 +1,15 @@
 """In-process swarm workers on 127.0.0.1 (each with its own hivemind DHT and exchange), with the tickets a
 coordinator would sign for them, on the tiny MoE of
-tests/conftest.py (`tiny_model`, the `tiny_checkpoint` fixture)."""
+tests/conftest.py (`tiny_model`, the `tiny_checkpoint` fixture); and the process tree of a worker that runs in
+its own process (`descendants`, `alive`), for tests that kill one."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -106,3 +109,33 @@ def average_together(peers: list[SwarmExchange], given: list[dict], weights: lis
     for t in threads:
         t.join()
     return out
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie has exited; only its gone parent would have reaped it). Linux /proc."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """Every process below `pid` (children, theirs, ...) -> the start of its command line. Linux /proc."""
+    parent_of = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            parent_of[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    found, frontier = {}, [pid]
+    while frontier:
+        p = frontier.pop()
+        for child, ppid in parent_of.items():
+            if ppid == p and child not in found:
+                try:
+                    found[child] = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:80]
+                except OSError:
+                    found[child] = "?"
+                frontier.append(child)
+    return found
