@@ -32,8 +32,10 @@ def test_the_coordinator_and_the_workers_share_one_set_of_swarm_defaults():
         if f.name in SwarmSection.model_fields:
             assert getattr(section, f.name) == getattr(settings, f.name), f.name
     assert section.settings("r") == settings
-    # derived defaults fit the timeout budget: request_timeout below matchmaking_time, stats slack from T
-    assert settings.request_timeout == 2.5 and settings.stats_timeout == 6.0
+    # CenteredClip's settings are the project's to choose; the old protocol's timeouts and outlier rule are gone
+    assert (section.clip_factor, section.clip_iters) == (settings.clip_factor, settings.clip_iters) == (1.0, 3)
+    assert not {"matchmaking_time", "outlier_factor", "request_timeout", "target_group_size"} \
+        & set(SwarmSection.model_fields)
 
 
 def test_round_payloads_are_train_payloads():
@@ -65,7 +67,10 @@ def test_round_payloads_are_train_payloads():
     (lambda d: d["inner"]["optim"].update(momentum=0.9), "unknown key"),
     (lambda d: d["settings"].pop("run"), "settings.run is missing"),
     (lambda d: d["settings"].update(compression="zip"), "compression"),
-    (lambda d: d["settings"].update(request_timeout=99.0), "request_timeout"),
+    (lambda d: d["settings"].update(clip_iters=0), "clip_iters"),
+    (lambda d: d["settings"].update(clip_iters=2.5), "settings.clip_iters must be an int"),
+    (lambda d: d["settings"].update(clip_factor=-1.0), "clip_factor"),
+    (lambda d: d["settings"].update(matchmaking_time=5.0), "unknown key.*matchmaking_time"),  # the old protocol's
     (lambda d: d.update(assignment={"0": [1, 1]}), "repeat"),
     (lambda d: d.update(assignment={"x": [1]}), "not an integer"),
     (lambda d: d.update(assignment={"0": [1, 2], "1": [1]}), "same number"),
