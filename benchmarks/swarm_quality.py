@@ -4,7 +4,7 @@
 
 1. train the `debug` dense model on the synthetic source, upcycle it to a 4-expert top-2 MoE;
 2. (a) continue it with the reference trainer (model/train.py) for R·H steps of 4·b sequences;
-   (b) continue it with 4 swarm workers on 127.0.0.1 (one process each, real hivemind DHT and averagers,
+   (b) continue it with 4 swarm workers on 127.0.0.1 (one process each, a real hivemind DHT and the ticketed exchange,
        a bootstrap DHT peer in this process as the coordinator would run), each holding the trunk and half
        of the experts (2 of 4 per layer, every expert held by 2 workers, laid out by the coordinator's
        plan_assignment: [0,1], [0,1], [2,3], [2,3]), for R rounds of H inner steps of b sequences, with the
@@ -133,7 +133,7 @@ def run_worker(spec_path: str) -> None:
     w = SwarmWorker(spec["checkpoint"], assignment, SwarmSettings(**spec["settings"]), InnerConfig(**spec["inner"]),
                     initial_peers=spec["peers"])
     if spec.get("hostile"):
-        make_hostile(w.averager, spec["hostile"])
+        make_hostile(w.exchange, spec["hostile"])
     print("ready", w.peer_id, json.dumps(w.modules), flush=True)
     members = {slot: tuple(m) for slot, m in json.loads(sys.stdin.readline()).items()}
     me = next(slot for slot, m in members.items() if m[0] == w.peer_id)

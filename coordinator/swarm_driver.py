@@ -240,8 +240,7 @@ class SwarmDriver:
             rows = conn.execute(select(S.workers.c.id, S.workers.c.token, S.workers.c.capabilities).where(
                 S.workers.c.last_seen >= time.time() - self.live_window_s())
                 .order_by(S.workers.c.last_seen.desc(), S.workers.c.id)).all()
-        kw = dict(micro_batch_size=self.s.micro_batch_size, seq_len=self.s.seq_len)
-        caps, per_token = {}, {}
+        eligible, per_token = {}, {}
         for wid, token, capabilities in rows:
             capabilities = json.loads(capabilities)
             if capabilities.get("kinds") and "train" not in capabilities["kinds"]:
@@ -249,8 +248,13 @@ class SwarmDriver:
             if per_token.get(token, 0) >= self.s.slots_per_token:
                 continue  # the token's most recently seen workers have its slots (sybils, stale registrations)
             per_token[token] = per_token.get(token, 0) + 1
-            budget = worker_budget(capabilities, self.s.memory_budget_bytes)
-            caps[wid] = experts_that_fit(mcfg, budget, **kw)
+            eligible[wid] = capabilities
+        # every slot holds the trunk, `replication` slots each expert: the Δs a worker's exchange receives
+        slots = len(eligible) or self.s.workers
+        kw = dict(micro_batch_size=self.s.micro_batch_size, seq_len=self.s.seq_len,
+                  holders=(slots, min(self.s.replication, slots)))
+        caps = {wid: experts_that_fit(mcfg, worker_budget(c, self.s.memory_budget_bytes), **kw)
+                for wid, c in eligible.items()}
         if not caps:
             caps = {f"slot{i}": experts_that_fit(mcfg, self.s.memory_budget_bytes, **kw) for i in range(self.s.workers)}
         return caps

@@ -277,18 +277,21 @@ class SwarmExchange:
                 for m, (header, parts, peers) in sends.items() for p in peers}
         boxes = {m: self._inbox[(round_, m)] for m in sends if (round_, m) in self._inbox}
         waits = [asyncio.ensure_future(b.complete.wait()) for b in boxes.values() if not b.done()]
-        if waits:
-            await asyncio.wait(waits, timeout=max(deadline - time.monotonic(), 0.0))
-        for w in waits:
-            w.cancel()
-        for b in boxes.values():
-            b.closed = True
+        try:   # a stopped round (cancelled here) stops its sends and closes its inboxes too
+            if waits:
+                await asyncio.wait(waits, timeout=max(deadline - time.monotonic(), 0.0))
+            for b in boxes.values():
+                b.closed = True
+            if jobs:
+                await asyncio.wait(jobs.values(), timeout=max(deadline - time.monotonic(), 0.0) + 1.0)
+        finally:
+            for b in boxes.values():
+                b.closed = True
+            for task in [*waits, *jobs.values()]:
+                task.cancel()
         answers: dict[str, dict[str, str]] = {m: {} for m in sends}
-        if jobs:
-            await asyncio.wait(jobs.values(), timeout=max(deadline - time.monotonic(), 0.0) + 1.0)
         for (m, p), job in jobs.items():
-            answers[m][p] = job.result() if job.done() else "no answer"
-            job.cancel()
+            answers[m][p] = job.result() if job.done() and not job.cancelled() else "no answer"
         return {m: (dict(b.received), dict(b.refused), answers.get(m, {})) for m, b in boxes.items()}
 
     # -- a round --

@@ -85,14 +85,14 @@ class OuterState:
         unflatten_into(self.theta[m], module_tensors(self.model, m, self.index))
 
 
-def outer_round(averager, state: OuterState, settings: SwarmSettings, round_: int) -> RoundReport:
+def outer_round(exchange, state: OuterState, settings: SwarmSettings, round_: int) -> RoundReport:
     """Δ per module, averaging among holders, outer step (see the module docstring for the policies)."""
     t0 = time.perf_counter()
     deltas = state.deltas()
-    if averager is None:
+    if exchange is None:
         outcomes = {m: ModuleOutcome(m, "local", float(d.norm())) for m, d in deltas.items()}
     else:
-        outcomes = averager.average(round_, deltas)
+        outcomes = exchange.average(round_, deltas)
     for m, o in outcomes.items():
         failed = o.outcome == "failed"  # deltas[m] is then this holder's own Δ
         if o.outcome in ("ok", "local") or (failed and settings.failure_policy == "local"):
@@ -101,7 +101,7 @@ def outer_round(averager, state: OuterState, settings: SwarmSettings, round_: in
             state.revert(m)  # a bad Δ never reaches the weights; this holder resumes from θ_start
         # failed + retry: keep θ_start and momentum (the same on every holder) as the reference and
         # the local progress; next round's Δ carries both rounds
-    timings = averager.timings if averager is not None else NO_TIMINGS
+    timings = exchange.timings if exchange is not None else NO_TIMINGS
     return RoundReport(round_, [outcomes[m] for m in state.modules], time.perf_counter() - t0,
                        allreduce_seconds=timings["allreduce"], aggregate_seconds=timings["aggregate"])
 

@@ -1,5 +1,5 @@
-"""hivemind's child processes (the DHT and every averager are fork()ed): starting them safely, waiting on
-them without hanging when one dies, telling a crash from a stop, and making them die with their parent.
+"""hivemind's child process (the DHT, fork()ed, with its p2pd): starting it safely, waiting on it
+without hanging when it dies, telling a crash from a stop, and making it die with its parent.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 P = TypeVar("P")
 
-READY_TIMEOUT_S = 120.0  # an averager process starts in ~1 s; 120 s covers a heavily loaded machine
+READY_TIMEOUT_S = 120.0  # the DHT process starts in ~1 s; 120 s covers a heavily loaded machine
 PARENT_POLL_S = 1.0      # how often a hivemind child looks whether the process that started it is gone
 
 # Set in the parent around the fork()s of start_children; a child forked while it is set watches its parent.
@@ -47,7 +47,7 @@ def _children_of(pid: int) -> list[int]:
 
 
 def _watch_parent() -> None:
-    """In a forked hivemind child (DHT or averager): when the process that forked it dies (kill -9, the OOM
+    """In a forked hivemind child (the DHT): when the process that forked it dies (kill -9, the OOM
     killer), take this child's own children (hivemind's p2pd daemon) and exit. Without it they outlived a
     killed worker, holding ports and GiBs. A polling thread, not PR_SET_PDEATHSIG: that signal follows the
     forking *thread*, and executors fork from threads that end while their children must live on."""
@@ -78,7 +78,7 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 @contextmanager
 def fork_safely() -> Iterator[None]:
-    """Around the start of hivemind's DHT and averagers, which are fork()ed child processes.
+    """Around the start of hivemind's DHT, a fork()ed child process.
 
     A forked child runs the garbage collector on its copy of the parent's objects; freeing some of them
     there (gRPC's channels and calls, held by the worker daemon and by test processes) is not safe after
@@ -101,7 +101,7 @@ STOP_SIGNALS = {int(signal.SIGTERM), int(signal.SIGINT), int(signal.SIGKILL), in
 
 
 class ChildDied(RuntimeError):
-    """A hivemind process (DHT or averager) died; what the parent waited for from it will never come."""
+    """A hivemind process (the DHT) died; what the parent waited for from it will never come."""
 
     def __init__(self, what: str, exitcode: int | None):
         super().__init__(f"{what}: its hivemind process died (exit code {exitcode})")

@@ -110,7 +110,7 @@ class LeaseBatches:
 
 
 class SwarmWorker:
-    """One volunteer's side of swarm training: local model, inner optimizer, outer state, averagers."""
+    """One volunteer's side of swarm training: local model, inner optimizer, outer state, exchange."""
 
     def __init__(self, checkpoint: str | Path | Transformer, assignment: Assignment, settings: SwarmSettings,
                  inner: InnerConfig, *, initial_peers: list[str] | tuple = (), client_mode: bool = False, dht=None,
@@ -141,17 +141,17 @@ class SwarmWorker:
         if inner.seq_len > self.model.cfg.max_seq_len:
             raise ValueError(f"inner.seq_len={inner.seq_len} exceeds the model's max_seq_len")
         sizes = {m: t.numel() for m, t in self.outer.theta.items()}
-        self.averager = SwarmExchange(settings, sizes, initial_peers=initial_peers, dht=dht, client_mode=client_mode,
+        self.exchange = SwarmExchange(settings, sizes, initial_peers=initial_peers, dht=dht, client_mode=client_mode,
                                       identity_path=identity_path) if settings.averaging else None
         self.last_report: RoundReport | None = None
 
     @property
     def peer_id(self) -> str | None:
-        return self.averager.peer_id if self.averager else None
+        return self.exchange.peer_id if self.exchange else None
 
     def shutdown(self) -> None:
-        if self.averager is not None:
-            self.averager.shutdown()
+        if self.exchange is not None:
+            self.exchange.shutdown()
 
     # -- inner loop --
 
@@ -206,7 +206,7 @@ class SwarmWorker:
         after inner step s (the executor reports progress there, and stops the round if asked to); `check_stop`
         raises to stop the round while it waits for the averaging; `ticket`: see the module docstring (needed
         when averaging is on)."""
-        if self.averager is not None and ticket is None:
+        if self.exchange is not None and ticket is None:
             raise ValueError(f"round {round_}: averaging needs the round's ticket")
         get_ticket = (lambda wait: ticket) if isinstance(ticket, RoundTicket) else ticket
         t0 = time.perf_counter()
@@ -219,22 +219,22 @@ class SwarmWorker:
             tokens += n
             if on_step is not None:
                 on_step(s)
-            if self.averager is not None and s == min(1, H - 1) and self.averager.ticket(round_) is None:
+            if self.exchange is not None and s == min(1, H - 1) and self.exchange.ticket(round_) is None:
                 early = get_ticket(False)   # members that finish first find this peer ready for their Δs
                 if early is not None:
-                    self.averager.set_ticket(early)
+                    self.exchange.set_ticket(early)
         self.lease = None  # a lease is trained on once
         inner_seconds = time.perf_counter() - t0
         self.before_outer(round_)
-        if self.averager is not None:
-            self.averager.check_stop = check_stop
+        if self.exchange is not None:
+            self.exchange.check_stop = check_stop
         try:
-            if self.averager is not None and self.averager.ticket(round_) is None:
-                self.averager.set_ticket(get_ticket(True))
-            report = outer_round(self.averager, self.outer, self.settings, round_)
+            if self.exchange is not None and self.exchange.ticket(round_) is None:
+                self.exchange.set_ticket(get_ticket(True))
+            report = outer_round(self.exchange, self.outer, self.settings, round_)
         finally:
-            if self.averager is not None:
-                self.averager.check_stop = None
+            if self.exchange is not None:
+                self.exchange.check_stop = None
         self.last_report = report
         # norms of the Δs that were kept (a refused Δ may be NaN; modules_refused counts those)
         kept = [m for m in report.modules if m.outcome != "refused"]

@@ -17,6 +17,7 @@ coordinator cannot make a worker read a local file or pick its device.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -62,8 +63,10 @@ class SwarmSettings:
             raise ValueError("swarm outer_lr must be > 0 and outer_momentum in [0, 1)")
         if not self.averaging_timeout > 0:
             raise ValueError("swarm averaging_timeout must be > 0")
-        if not self.clip_factor > 0 or isinstance(self.clip_iters, bool) or not 1 <= self.clip_iters <= 100:
-            raise ValueError("swarm clip_factor must be > 0 and clip_iters in [1, 100]")
+        if not 0 < self.clip_factor < math.inf:
+            raise ValueError(f"swarm clip_factor must be finite and > 0, got {self.clip_factor!r}")
+        if type(self.clip_iters) is not int or not 1 <= self.clip_iters <= 100:
+            raise ValueError(f"swarm clip_iters must be an integer in [1, 100], got {self.clip_iters!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -190,7 +193,7 @@ class TrainPayload:
     assignment: Assignment              # layer -> experts this slot holds
     settings: SwarmSettings
     inner: InnerConfig
-    expected_holders: dict[str, int]    # module -> holders this round (sizes each averaging group)
+    expected_holders: dict[str, int]    # module -> holders this round (what the exchange may receive: memory)
 
     def to_dict(self) -> dict[str, Any]:
         return {"round": self.round, "checkpoint": self.checkpoint, "slot": self.slot,

@@ -79,7 +79,7 @@ def cmd_run(args) -> int:
 
     def on_signal(signum, _frame):
         if os.getpid() != daemon_pid:
-            # A fork()ed child (hivemind's DHT and averager processes) inherits this handler but has no daemon
+            # A fork()ed child (hivemind's DHT process) inherits this handler but has no daemon
             # to stop: a SIGTERM sent to the whole process group (systemd, `kill -- -PGID`) ends it as it ends
             # any process, else the daemon would wait for it forever at exit; a SIGINT (a terminal's Ctrl-C) is
             # ignored, as hivemind's own handlers do, and the daemon shuts its children down in order.

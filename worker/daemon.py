@@ -346,7 +346,7 @@ class Daemon:
                 self.run_task(resp.task)
             self.flush_spool(final=True)
         finally:
-            self.executors.close()  # swarm peers (DHT, averagers) leave cleanly
+            self.executors.close()  # swarm peers (DHT, p2pd) leave cleanly
             self.client.close()
             self.metrics.close()
         return 0

@@ -3,7 +3,7 @@
 synthetic data, MoE training, ledger, Hugging Face export and a transformers sample).
 
 One demo run serves the tests: it is interrupted with SIGINT while the workers generate, run again and
-interrupted while the swarm's workers start their round (hivemind DHT, averagers, p2pd daemons), then run
+interrupted while the swarm's workers start their round (hivemind DHTs and p2pd daemons), then run
 a third time, which must skip the finished stages, resume and finish. After each, no process of the demo
 may be left (every descendant carries MUJINA_DEMO=OUT in its environment, p2pd and torch's shared-memory
 manager included), and none may have needed SIGKILL: the workers exit by themselves on SIGTERM."""

@@ -35,7 +35,7 @@ def start_workers(checkpoint, assignments, s: SwarmSettings, cfg: InnerConfig, c
     workers: list[SwarmWorker] = []
     for i, a in enumerate(assignments):
         c = dataclasses.replace(cfg, data_offset=i * cfg.batch_size)
-        boot = list(peers) or (workers[0].averager.visible_maddrs() if workers else [])
+        boot = list(peers) or (workers[0].exchange.visible_maddrs() if workers else [])
         workers.append(cls(checkpoint, a, s, c, initial_peers=boot))
     return workers
 

@@ -99,7 +99,7 @@ def test_a_nan_delta_is_not_sent_and_the_others_average_without_it(tiny_checkpoi
     workers = start_workers(tiny_checkpoint, assignments[:2], settings(compression="none", averaging_timeout=5.0),
                             inner())
     bad = NaNWorker(tiny_checkpoint, assignments[2], settings(compression="none", averaging_timeout=5.0),
-                    inner(data_offset=4), initial_peers=workers[0].averager.visible_maddrs())
+                    inner(data_offset=4), initial_peers=workers[0].exchange.visible_maddrs())
     shutdown(workers + [bad])
     before = bad.module_state("l0e1").clone()
     with caplog.at_level(logging.WARNING, logger="swarm"):
@@ -126,7 +126,7 @@ def test_a_worker_joining_at_round_r_gets_round_r_parameters_and_momentum(tiny_c
     ckpt = save_round_checkpoint(tmp_path / "round_1", full, momentum, 1)
     assert load_outer_state(ckpt)[1] == 1
     newcomer = SwarmWorker(ckpt, {0: [0, 3]}, settings(compression="none"), inner(data_offset=4),
-                           initial_peers=workers[0].averager.visible_maddrs())
+                           initial_peers=workers[0].exchange.visible_maddrs())
     shutdown([newcomer])
     assert newcomer.start_round == 1
     for module, holder in (("trunk", workers[0]), ("l0e0", workers[0]), ("l0e3", workers[1])):

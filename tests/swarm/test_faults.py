@@ -82,7 +82,7 @@ def test_killing_one_of_three_workers_mid_round_does_not_stop_the_round(tiny_che
     survivors = start_workers(tiny_checkpoint, assignments[:2], settings(compression="none", averaging_timeout=8.0),
                               inner())
     shutdown(survivors)
-    victim, victim_id = start_victim(tiny_checkpoint, assignments[2], 4, survivors[0].averager.visible_maddrs())
+    victim, victim_id = start_victim(tiny_checkpoint, assignments[2], 4, survivors[0].exchange.visible_maddrs())
     try:
         given, victims = round_zero_tickets(survivors, victim_id, assignments[2])
         killer, killed = kill_once_trained(victim, victims, lambda: os.killpg(victim.pid, signal.SIGKILL))
@@ -111,7 +111,7 @@ def test_a_worker_killed_alone_mid_round_leaves_no_process_and_the_others_finish
     survivors = start_workers(tiny_checkpoint, assignments[:2], settings(compression="none", averaging_timeout=8.0),
                               inner())
     shutdown(survivors)
-    victim, victim_id = start_victim(tiny_checkpoint, assignments[2], 4, survivors[0].averager.visible_maddrs())
+    victim, victim_id = start_victim(tiny_checkpoint, assignments[2], 4, survivors[0].exchange.visible_maddrs())
     try:
         children = descendants(victim.pid)
         assert len(children) >= 2 and any("p2pd" in c for c in children.values()), children  # its DHT and p2pd

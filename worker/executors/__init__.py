@@ -105,7 +105,7 @@ class Executors:
         return self._built[kind]
 
     def close(self) -> None:
-        """Release what stateful executors hold (swarm peers: their DHT and averager processes)."""
+        """Release what stateful executors hold (swarm peers: their DHT process and p2pd)."""
         for executor in self._built.values():
             close = getattr(executor, "close", None)
             if close is not None:

@@ -35,6 +35,13 @@ IDENTITY_FILE = "swarm_identity.key"   # in the daemon's cache dir: its libp2p k
 JOIN_POLL_S = 0.5                       # how often a round waiting for its ticket asks the coordinator again
 
 
+def _holders(p: TrainPayload) -> tuple[int, int]:
+    """(trunk holders, most holders of a held expert) this round: the Δs the exchange may receive."""
+    held = p.expected_holders or {}
+    experts = [n for m, n in held.items() if m != "trunk"]
+    return held.get("trunk", 2), max(experts, default=2)
+
+
 @dataclass
 class _Kept:
     worker: SwarmWorker
@@ -51,7 +58,7 @@ class TrainExecutor:
         self.verified: set[tuple] = set()             # (path, size, mtime, sha256) of shard files already hashed
 
     def close(self) -> None:
-        """Stop every kept swarm worker (their DHT and averagers leave cleanly)."""
+        """Stop every kept swarm worker (their DHT and p2pd leave cleanly)."""
         while self.kept:
             self.kept.popitem()[1].worker.shutdown()
 
@@ -167,7 +174,8 @@ class TrainExecutor:
         inner = p.inner
         need = estimate_round_memory(cfg, k, micro_batch_size=inner.micro_batch_size, seq_len=inner.seq_len,
                                      optimizer=inner.optimizer, averaging=p.settings.averaging,
-                                     activation_checkpointing=inner.activation_checkpointing).total
+                                     activation_checkpointing=inner.activation_checkpointing,
+                                     holders=_holders(p)).total
         have = ctx.max_memory_bytes or device_memory(torch.device(ctx.device))
         if have and need > have:
             raise TaskError(f"this round holds {k} experts per layer and needs about {need / 2**30:.2f} GiB "
