@@ -8,7 +8,8 @@ Every transition is one store transaction, so a crash leaves each task in exactl
 has a deadline that heartbeats move; `sweep_expired` requeues what was not renewed. Completion is
 idempotent per (task, lease) and the first accepted result wins: the results table's primary key is
 the task id and the ledger's unique constraint is (task, unit), so no code path can record a task
-twice. Errors are `RequestError`s carrying a gRPC status name; the server turns them into statuses.
+twice. Errors are `RequestError`s (coordinator/errors.py) carrying a gRPC status name; the server turns them
+into statuses.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from sqlalchemy import and_, func, insert, select, update
 
 from . import store as S
 from .config import ProjectConfig
+from .errors import RequestError
 from .metrics import NullMetrics, loss_phase
 from .validate import Credit, ValidationError, Validator
 from .validators import validator_for
@@ -59,14 +61,6 @@ _TASK_DONE = "UPDATE tasks SET state = 'done', lease_id = NULL, updated = :now W
 _SEEN = "UPDATE workers SET last_seen = :seen WHERE id = :wid"
 _CREDIT = ("INSERT INTO ledger (task_id, volunteer, kind, unit, amount, at) "
            "VALUES (:tid, :vol, :kind, :unit, :amount, :now)")
-
-
-class RequestError(Exception):
-    """A request the coordinator refuses; `code` is a grpc.StatusCode name."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code, self.message = code, message
 
 
 def new_id() -> str:

@@ -42,7 +42,7 @@ from swarm.modules import held_modules
 from swarm.settings import TrainPayload
 from swarm.ticket import PEER_ID, RoundTicket, SignedTicket, TicketKey
 
-from .scheduler import RequestError
+from .errors import RequestError
 
 log = logging.getLogger(__name__)
 

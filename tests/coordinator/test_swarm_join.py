@@ -17,10 +17,12 @@ from coordinator.api import mujina_pb2 as pb
 from coordinator.server import CoordinatorServer
 from coordinator.swarm_driver import SwarmDriver, init_swarm
 from model.checkpoint import save_checkpoint
+from model.config import ModelConfig
+from swarm.memory import estimate_round_memory
 from swarm.modules import held_modules
 from swarm.settings import TrainPayload
 from swarm.ticket import RoundTicket, TicketError, TicketKey, verify_ticket
-from tests.conftest import tiny_model, wait_until
+from tests.conftest import TINY, tiny_model, wait_until
 from tests.coordinator.conftest import OTHER_TOKEN, TOKEN, Coord
 from tests.data_shards.tiny_shards import BATCH, SEQ_LEN, STEPS, make_shards, swarm_section
 
@@ -189,7 +191,8 @@ def test_not_ready_until_every_slot_joined_then_ready_for_all_with_identical_gro
 
 
 def test_each_group_names_only_the_members_whose_slot_holds_its_module(make_swarm):
-    sw = make_swarm(host_memory_bytes=10**6)  # room for 2 of the 4 experts: the slots hold disjoint experts
+    two = estimate_round_memory(ModelConfig.from_dict(TINY), 2, micro_batch_size=BATCH, seq_len=SEQ_LEN).total
+    sw = make_swarm(host_memory_bytes=two)  # room for 2 of the 4 experts: the slots hold disjoint experts
     sw.join_a(P)
     tb, ta = sw.ticket(sw.join_b(Q)), sw.ticket(sw.join_a(P))
     tokens = STEPS * BATCH * SEQ_LEN
