@@ -79,7 +79,7 @@ def inner_optim(rounds: int, lr: float, mu: float, weight_decay_scale: bool) -> 
     return {**CONTINUE_OPTIM, "weight_decay": inner_weight_decay(s)}
 
 
-HOSTILE = ("reversed", "scaled", "weight", "veto")
+HOSTILE = ("reversed", "scaled", "weight", "veto", "zero")
 
 
 def make_hostile(exchange, kind: str) -> None:
@@ -87,7 +87,10 @@ def make_hostile(exchange, kind: str) -> None:
     reversed  sends −Δ (its honest norm, the other way)
     scaled    sends 9·Δ
     weight    sends −Δ and claims weight 1e6 in every message (what once set hivemind's average)
-    veto      takes part in nothing: never sends (the old protocol's veto was one 'failed' report)"""
+    veto      takes part in nothing: never sends (the old protocol's veto was one 'failed' report); the
+              others aggregate three Δs, so its loss is also the three-honest-workers baseline
+    zero      sends a Δ of zeros: no distance rule can tell it from an honest Δ (swarm/robust.py), it dilutes
+              the average by its weight's share"""
     from hivemind.proto import averaging_pb2
 
     from swarm.exchange import SwarmExchange
@@ -97,7 +100,8 @@ def make_hostile(exchange, kind: str) -> None:
         def average(self, round_, deltas):
             if kind == "veto":
                 return {m: ModuleOutcome(m, "local", float(d.norm())) for m, d in deltas.items()}
-            lie = {m: (9.0 if kind == "scaled" else -1.0) * d for m, d in deltas.items()}
+            factor = {"scaled": 9.0, "zero": 0.0}.get(kind, -1.0)
+            lie = {m: factor * d for m, d in deltas.items()}
             out = super().average(round_, lie)   # writes the group's aggregate into lie
             for m, d in deltas.items():   # it applies the aggregate as the others do: its next Δ looks honest
                 d.copy_(lie[m])

@@ -5,7 +5,7 @@ driver (coordinator/swarm_driver.py) calls `plan_assignment` and `round_payloads
 payloads are swarm.settings.TrainPayload, the typed contract the workers parse.
 
 The averaging fields of the section (outer_lr, outer_momentum, compression, averaging_timeout,
-failure_policy, clip_factor, clip_iters) are swarm.settings.SwarmSettings' own fields, with its
+failure_policy, clip_factor, exclude_factor, clip_iters) are swarm.settings.SwarmSettings' own fields, with its
 defaults and help: one set of defaults for the coordinator and the workers.
 """
 
@@ -56,6 +56,7 @@ class SwarmSection(BaseModel):
     averaging_timeout: float = _setting("averaging_timeout", gt=0)
     failure_policy: Literal["retry", "local"] = _setting("failure_policy")
     clip_factor: float = _setting("clip_factor", gt=0)
+    exclude_factor: float = _setting("exclude_factor", gt=1)
     clip_iters: int = _setting("clip_iters", ge=1, le=100)
     replication: int = Field(2, ge=1, description="holders wanted per expert")
     checkpoint_every: int = Field(10, ge=1, description="K: keep a round checkpoint every K rounds (the current "

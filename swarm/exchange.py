@@ -359,11 +359,16 @@ class SwarmExchange:
                 continue
             contributions = {self.peer_id: self.compression.extract(own[m]).float().reshape(-1), **received}
             t_agg = time.perf_counter()
-            agg = centered_clip(contributions, {p: members[p] for p in contributions}, s.clip_factor, s.clip_iters)
+            agg = centered_clip(contributions, {p: members[p] for p in contributions}, s.clip_factor, s.clip_iters,
+                                s.exclude_factor)
+            for p, far in sorted(agg.excluded.items()):
+                log.warning("round %d, module %s: left out the Δ of %s: %.2f medians from the group's centre "
+                            "(exclude_factor %g)", round_, m, p, far, s.exclude_factor)
             for p, scale in sorted(agg.clipped.items()):
                 log.info("round %d, module %s: clipped the Δ of %s to %.3g of its distance (τ %.3g)", round_, m,
                          p, scale, agg.tau)
             deltas[m].copy_(agg.value.to(deltas[m].device, deltas[m].dtype))
             self.timings["aggregate"] += time.perf_counter() - t_agg
-            out[m].outcome, out[m].group_size, out[m].refused_peers = "ok", len(contributions), missing
+            out[m].outcome, out[m].group_size = "ok", len(contributions) - len(agg.excluded)
+            out[m].refused_peers = sorted([*missing, *agg.excluded])
         return out

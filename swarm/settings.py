@@ -49,6 +49,10 @@ class SwarmSettings:
     clip_factor: float = help_field("CenteredClip's radius, in medians of the Δs' distances from their coordinate-wise "
                                     "median (swarm/robust.py): a Δ farther than that counts only that far.",
                                     default=1.0)
+    exclude_factor: float = help_field("Leave out a Δ farther than this many medians of the Δs' distances from "
+                                       "their coordinate-wise median (a reversed or scaled Δ; honest ones sit "
+                                       "within ~1.05 of it, benchmarks/RESULTS.md), before CenteredClip.",
+                                       default=1.3)
     clip_iters: int = help_field("CenteredClip iterations; each bounds what one member moves the aggregate by its "
                                  "weight's share of the radius.", default=3)
 
@@ -65,6 +69,8 @@ class SwarmSettings:
             raise ValueError("swarm averaging_timeout must be > 0")
         if not 0 < self.clip_factor < math.inf:
             raise ValueError(f"swarm clip_factor must be finite and > 0, got {self.clip_factor!r}")
+        if not self.exclude_factor > 1:
+            raise ValueError(f"swarm exclude_factor must be > 1 (inf: never), got {self.exclude_factor!r}")
         if type(self.clip_iters) is not int or not 1 <= self.clip_iters <= 100:
             raise ValueError(f"swarm clip_iters must be an integer in [1, 100], got {self.clip_iters!r}")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 
 import pytest
@@ -62,23 +63,27 @@ def send_raw(attacker: SwarmExchange, target: str, header: dict | bytes, values:
 def expected_aggregate(deltas: list[torch.Tensor], peers: list[SwarmExchange], weights: list[float], s):
     """CenteredClip of exactly these Δs with the ticket's weights (compression none: what the members get)."""
     return centered_clip({p.peer_id: d for p, d in zip(peers, deltas, strict=True)},
-                         {p.peer_id: w for p, w in zip(peers, weights, strict=True)}, s.clip_factor, s.clip_iters)
+                         {p.peer_id: w for p, w in zip(peers, weights, strict=True)}, s.clip_factor, s.clip_iters,
+                         s.exclude_factor)
 
 
 @pytest.fixture
-def four(shutdown):
-    s = settings(compression="none", averaging_timeout=4.0)
+def four(shutdown, request):
+    """Four members (exclude_factor: the default, or the test's indirect parameter)."""
+    s = settings(compression="none", averaging_timeout=4.0, exclude_factor=getattr(request, "param", 1.3))
     peers = start_exchanges(4, {"trunk": SIZE}, s)
     shutdown(peers)
     return peers, s
 
 
 @pytest.mark.parametrize("attack", ["reversed", "scaled"])
+@pytest.mark.parametrize("four", [1.3, math.inf], ids=["exclude", "clip-only"], indirect=True)
 def test_one_liar_among_four_moves_the_average_at_most_its_share_of_the_clipping_radius(four, attack, caplog):
     """Three honest members and one that sends −(honest mean) at the honest norm ("reversed") or 9x an honest
-    Δ ("scaled"; it reports nothing, so it cannot lie about its norm either). Each honest member applies
-    CenteredClip of the four Δs: within clip_iters · (w_liar / W) · τ of the honest mean, less than half as
-    far as the plain mean would be, and equal on all three."""
+    Δ ("scaled"; it reports nothing, so it cannot lie about its norm either). Each honest member leaves it
+    out (it is far from the others) or, with exclusion off, clips it: the applied average is within
+    clip_iters · (w_liar / W) · τ of the honest mean (exactly the mean when left out), less than half as far
+    as the plain mean would be, equal on all three, and the liar is named in the log."""
     peers, s = four
     honest, _ = honest_deltas(3)
     mean = sum(honest) / 3
@@ -91,13 +96,19 @@ def test_one_liar_among_four_moves_the_average_at_most_its_share_of_the_clipping
     agg = expected_aggregate(deltas, peers, weights, s)
     naive = sum(deltas) / 4
     bound = s.clip_iters * (1 / 4) * agg.tau
+    excluded = s.exclude_factor < math.inf
     for i in range(3):
-        assert out[i]["trunk"].outcome == "ok" and out[i]["trunk"].group_size == 4
+        assert out[i]["trunk"].outcome == "ok" and out[i]["trunk"].group_size == (3 if excluded else 4)
         assert torch.equal(given[i]["trunk"], agg.value)
     err, naive_err = float((agg.value - mean).norm()), float((naive - mean).norm())
     assert err <= bound and err < naive_err / 2, (err, bound, naive_err)
-    assert peers[3].peer_id in agg.clipped
-    assert any("clipped" in r.getMessage() and peers[3].peer_id in r.getMessage() for r in caplog.records)
+    if excluded:
+        assert set(agg.excluded) == {peers[3].peer_id} and out[0]["trunk"].refused_peers == [peers[3].peer_id]
+        torch.testing.assert_close(agg.value, mean, rtol=0, atol=1e-5)
+        assert any("left out" in r.getMessage() and peers[3].peer_id in r.getMessage() for r in caplog.records)
+    else:
+        assert peers[3].peer_id in agg.clipped
+        assert any("clipped" in r.getMessage() and peers[3].peer_id in r.getMessage() for r in caplog.records)
 
 
 def test_the_weight_a_sender_claims_is_ignored(four, caplog):

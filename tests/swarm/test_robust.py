@@ -107,3 +107,36 @@ def test_a_weight_that_is_not_positive_is_refused(bad):
         centered_clip(deltas, {"a": 1.0, "b": bad, "c": 1.0})
     with pytest.raises(ValueError, match="nothing to aggregate"):
         centered_clip({}, {})
+
+
+def test_far_deltas_are_left_out_and_honest_ones_never():
+    """exclude_factor 1.3: a reversed Δ of honest norm and a 9x one are left out (the aggregate is then the
+    honest mean, exactly), two liars among five both, and honest Δs alone lose nobody."""
+    honest = honest_deltas(5, seed=7)
+    mean = sum(honest[:3]) / 3
+    ids = [f"p{i}" for i in range(4)]
+    for lie in (-mean / mean.norm() * honest[0].norm(), 9 * honest[0]):
+        agg = centered_clip(dict(zip(ids, honest[:3] + [lie], strict=True)), dict.fromkeys(ids, 1.0),
+                            exclude_factor=1.3)
+        assert set(agg.excluded) == {"p3"} and agg.excluded["p3"] > 1.3
+        torch.testing.assert_close(agg.value, mean, rtol=0, atol=1e-5)
+    alone = centered_clip({f"h{i}": d for i, d in enumerate(honest)}, {f"h{i}": 1.0 for i in range(5)},
+                          exclude_factor=1.3)
+    assert alone.excluded == {}
+    two = {f"h{i}": d for i, d in enumerate(honest[:3])} | {"x0": -honest[3], "x1": 9 * honest[4]}
+    agg = centered_clip(two, dict.fromkeys(two, 1.0), exclude_factor=1.3)
+    assert set(agg.excluded) == {"x0", "x1"}
+    torch.testing.assert_close(agg.value, mean, rtol=0, atol=1e-5)
+
+
+def test_a_zero_delta_is_not_left_out_it_dilutes_by_its_weight():
+    """The residual risk the docstring names: a Δ of zeros is nearer the centre than honest Δs that agree little,
+    so no distance rule leaves it out; it pulls the average towards no update by its weight's share."""
+    g = torch.Generator().manual_seed(3)
+    honest = [0.3 * torch.randn(SIZE, generator=g) + torch.randn(SIZE, generator=g) for _ in range(3)]
+    ids = ["a", "b", "c", "z"]
+    agg = centered_clip(dict(zip(ids, honest + [torch.zeros(SIZE)], strict=True)), dict.fromkeys(ids, 1.0),
+                        exclude_factor=1.3)
+    assert agg.excluded == {}
+    mean = sum(honest) / 3
+    assert float((agg.value - mean).norm()) <= 0.3 * float(mean.norm())   # about a quarter: its weight's share
