@@ -64,6 +64,9 @@ log = logging.getLogger(__name__)
 
 # ---- the full copy -------------------------------------------------------------------------------
 
+OUTVOTED = "outvoted.json"   # in a round checkpoint: module -> the tasks whose uploads were out-voted on it
+
+
 def round_name(run: str, round_: int) -> str:
     return f"{run}/round_{round_:06d}"
 
@@ -374,25 +377,48 @@ class SwarmDriver:
             full = load_checkpoint(prev)
             momentum, _ = load_outer_state(prev)
             updated, disagree = merge_uploads(full, momentum, [(root / p).read_bytes() for p in paths])
-            merged.update(modules=len(updated), disagree={m: [results[i][0] for i in v] for m, v in disagree.items()})
+            merged.update(modules=len(updated))
             save_round_checkpoint(directory, full, momentum, r)
+            # kept with the checkpoint, so that a driver killed before the credit is withdrawn withdraws it on resume
+            write_json(directory / OUTVOTED, {m: [results[i][0] for i in v] for m, v in disagree.items()})
             self._crash_point("close:written")
+
+        from model.checkpoint import write_json
 
         _write_round(root / "checkpoints", name, write)
         self._crash_point("close:renamed")
-        for module, who in merged.get("disagree", {}).items():
+        outvoted_at = root / "checkpoints" / name / OUTVOTED
+        outvoted = json.loads(outvoted_at.read_text()) if outvoted_at.exists() else {}
+        for module, who in outvoted.items():
             log.warning("swarm round %d, module %s: the upload(s) of task(s) %s are far from the holders' median; "
                         "merged without them deciding", r - 1, module, who)
+        self._withdraw_credit(sorted({t for who in outvoted.values() for t in who}), r - 1)
         log.info("swarm round %d closed: %d results, %s modules merged; next start %s", r - 1, len(paths),
                  merged.get("modules", "all (already written)"), name)
         status.update(round=r, checkpoint=name, tasks=[])
         status.pop("opened_at", None)
         status.pop("members", None)
-        if merged.get("disagree"):
-            status["disagree"] = {str(r - 1): merged["disagree"]}
+        if outvoted:
+            status["disagree"] = {str(r - 1): outvoted}
         self._write_status(status)
         self._crash_point("close:status")
         self._prune(r)
+
+    def _withdraw_credit(self, task_ids: list[str], round_: int) -> None:
+        """No credit for a round's out-voted uploads: their ledger rows go and their results are marked
+        uncredited (idempotent: a resumed close withdraws nothing twice). Pending credit until a round closes
+        (escrow) is issue 18's; until then the credit is granted at upload and withdrawn here."""
+        if not task_ids:
+            return
+        from sqlalchemy import delete, update
+
+        from . import store as S
+
+        with self.store.tx() as conn:
+            gone = conn.execute(delete(S.ledger).where(S.ledger.c.task_id.in_(task_ids))).rowcount
+            conn.execute(update(S.results).where(S.results.c.task_id.in_(task_ids)).values(credited=False))
+        log.warning("swarm round %d: withdrew the credit of out-voted task(s) %s (%d ledger rows)", round_,
+                    ", ".join(task_ids), gone)
 
     def _prune(self, current: int) -> None:
         """Delete round checkpoints that are not kept: every checkpoint_every-th, round 0 and the last stay."""

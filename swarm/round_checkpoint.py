@@ -115,9 +115,10 @@ def merge_uploads(full: Transformer, momentum_full: dict,
     reach here checked (coordinator/validate_train.py); a tensor of the wrong size or with non-finite values
     is still skipped.
 
-    Returns (modules updated, module -> indices into `uploads` of the holders whose θ is far from the merged
-    one: more than half of the module's move this round away, which honest holders never are, they agree to
-    the compression's rounding). The others stay as they were."""
+    Returns (modules updated, module -> indices into `uploads` of the holders out-voted on it: their θ is far
+    from the merged one, more than half of the module's move this round away, which holders that took the
+    same averaged step never are, and they are a minority of three or more holders; two holders that
+    disagree cannot tell who is right, and are only logged). The others stay as they were."""
     from safetensors.torch import load
 
     if not momentum_full:
@@ -146,8 +147,11 @@ def merge_uploads(full: Transformer, momentum_full: dict,
             if what == "theta":
                 move = float((merged - start).abs().max())
                 far = [i for i, t in got if float((t - merged).abs().max()) > 0.5 * move + 1e-6]
-                if far:
-                    disagree[module] = far
+                if far and 2 * len(far) < len(got):
+                    disagree[module] = far   # out-voted: a minority of three or more holders
+                elif far:
+                    log.warning("module %s: its %d holders' uploads disagree and are too few to tell who is right "
+                                "(uploads %s); merged as their median", module, len(got), [i for i, _ in got])
             unflatten_into(merged, _targets(full, momentum_full, module, what))
         done.add(module)
     return done, disagree

@@ -84,20 +84,25 @@ class Project:
                              text=True, timeout=300)
         assert out.returncode == 137, f"the driver did not stop at {where}:\n{out.stdout}\n{out.stderr}"
 
-    def complete_all(self, theta_shift: float = 0.0) -> None:
-        """Every task of the round leased and completed by alice with an upload of the round's start (+ shift)."""
+    def complete_all(self, theta_shift: float = 0.0, shifts: dict[int, float] | None = None) -> list[str]:
+        """Every task of the round leased and completed by alice with an upload of the round's start + shift
+        (`shifts`: the i-th leased task's own); returns the task ids in lease order."""
         status = self.status()
         full = load_checkpoint(self.state / "checkpoints" / status["checkpoint"])
         wid = self.sched.register(TOKEN, "alice", {"kinds": ["train"]}, 0, False, 1.0)
-        for _ in status["tasks"]:
+        done = []
+        for i, _ in enumerate(status["tasks"]):
+            shift = (shifts or {}).get(i, theta_shift)
             grant = self.sched.lease(TOKEN, wid, ["train"])
             payload = json.loads(grant.payload_json)
             assignment = {int(k): v for k, v in payload["assignment"].items()}
-            data = save({f"{m}.{part}": (flatten(module_tensors(full, m)) + theta_shift if part == "theta"
+            data = save({f"{m}.{part}": (flatten(module_tensors(full, m)) + shift if part == "theta"
                                          else torch.zeros_like(flatten(module_tensors(full, m))))
                          for m in held_modules(assignment) for part in ("theta", "momentum")})
             metrics = {"loss": 1.0, "tokens": 64.0, "delta_norm_trunk": 0.0, "delta_norm_max": 0.0}
             complete(self.sched, self.state, TOKEN, grant, metrics, data)
+            done.append(grant.task_id)
+        return done
 
 
 def complete(sched: Scheduler, state: Path, token: str, grant, metrics: dict, data: bytes) -> None:
@@ -217,3 +222,30 @@ def test_the_merge_is_the_holders_median_not_the_last_upload():
     merge_uploads(pair, {}, [upload(1e-3), upload(3e-3)])
     for m in modules:
         torch.testing.assert_close(flatten(module_tensors(pair, m)), start[m] + 2e-3, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("crash", [None, "close:renamed"])
+def test_an_out_voted_upload_loses_its_credit_and_the_others_keep_theirs(tmp_path, crash):
+    """Three slots hold every module; one upload is a plausible but wrong θ (within what the validator
+    accepts, far from the other two). The merge out-votes it, and closing the round withdraws its credit
+    (also when the driver is killed after the checkpoint is written and resumes)."""
+    p = Project(tmp_path, workers=3, replication=3)
+    p.driver().step()  # opens round 0 with three slots
+    tasks = p.complete_all(theta_shift=1e-4, shifts={1: 2e-3})
+    liar, honest = tasks[1], [tasks[0], tasks[2]]
+
+    def credited() -> dict[str, float]:
+        with p.store.read() as conn:
+            return dict(conn.execute(select(S.ledger.c.task_id, S.ledger.c.amount)).all())
+
+    assert set(credited()) == set(tasks)  # credited at upload: each passed the validator
+    if crash:
+        p.crash_at(crash)
+    p.driver().step()  # closes round 0
+    status = p.status()
+    assert status["round"] == 1
+    assert set(credited()) == set(honest)
+    with p.store.read() as conn:
+        flags = dict(conn.execute(select(S.results.c.task_id, S.results.c.credited)).all())
+    assert flags == {liar: False} | dict.fromkeys(honest, True)
+    assert all(who == [liar] for who in status["disagree"]["0"].values())
