@@ -19,14 +19,13 @@ Figures (JSON keys):
                     worker (2·(n−1)/n · P · 4 bytes per step) / mean bytes each swarm worker sent (goal >= 100)
     utilization     mean over workers of time in inner steps / wall time of its rounds (goal >= 0.9)
 
-Swarm bytes are the compressed sizes of what each peer sends in hivemind's butterfly all-reduce (its Δ to
-the other reducers and its share's averages back), counted per module; DHT traffic (matchmaking, and each
-peer's report of a Δ norm and an agreement sketch of at most 160 floats per module and round) is left out.
-Four workers share this machine's cores, so inner steps are slower than the reference's; utilization
-measures the time lost to averaging (matchmaking overlaps the inner steps; the all-reduce, the wait for the
-group's slowest worker and the reports do not), not the speed. That time is about 0.4 s per round here
-whatever the batch, so utilization grows with the work per inner step: 8 sequences per worker (the default)
-give ~5 s of inner steps per round, 4 give ~3.2 s; "per round" in the output splits it.
+Swarm bytes are the compressed sizes of what each peer sends in the ticketed exchange (its Δ of each
+module to each other holder, swarm/exchange.py); DHT traffic (connectivity only) is left out. Four workers
+share this machine's cores, so inner steps are slower than the reference's; utilization measures the time
+lost to averaging (sending the Δs, waiting for the group's slowest member, CenteredClip), not the speed.
+The workers get the tickets a coordinator would sign (swarm.ticket.round_tickets; weights: the tokens of
+each round). `--byzantine KIND ...` adds one run per KIND with the last worker hostile (see make_hostile);
+use it with `--experts all` so that every module has four holders.
 """
 
 from __future__ import annotations
