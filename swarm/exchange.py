@@ -173,7 +173,18 @@ class SwarmExchange:
     # -- receiving --
 
     async def _receive(self, stream, context):
-        """One member's Δ of one module: accepted once, from a member of the ticket's group, checked."""
+        """One member's Δ of one module: accepted once, from a member of the ticket's group, checked; a stream
+        that takes longer than averaging_timeout (a peer that opens it and stalls) is refused."""
+        from hivemind.proto import averaging_pb2
+
+        try:
+            return await asyncio.wait_for(self._take(stream, context), self.settings.averaging_timeout)
+        except TimeoutError:
+            log.warning("refusing a Δ from peer %s: its stream stalled past averaging_timeout",
+                        context.remote_id.to_base58())
+            return averaging_pb2.AveragingData(code=averaging_pb2.MessageCode.PROTOCOL_VIOLATION)
+
+    async def _take(self, stream, context):
         from hivemind.proto import averaging_pb2
 
         MC = averaging_pb2.MessageCode
@@ -218,6 +229,11 @@ class SwarmExchange:
                     raise ValueError(f"more than {limit} bytes for {box.size} values")
                 chunks.append(msg.tensor_part)
             delta = self._decode(chunks, box.size)
+        except asyncio.CancelledError:   # stalled past averaging_timeout (_receive), or this peer shuts down
+            box.refused[sender] = "its stream stalled"
+            if box.done():
+                box.complete.set()
+            raise
         except Exception as e:
             box.refused[sender] = str(e)
             if box.done():

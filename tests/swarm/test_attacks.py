@@ -5,6 +5,7 @@ checks the honest outcome: the applied average is what CenteredClip makes of wha
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -259,3 +260,41 @@ def test_each_malformed_delta_is_refused_on_its_own(four, caplog, bad):
         assert send_raw(peers[3], peers[0].peer_id, header, **kw) == "PROTOCOL_VIOLATION"
     why = {"nan": "non-finite", "fp16": "compression", "oversized": "bytes for"}[bad]
     assert any(peers[3].peer_id in r.getMessage() and why in r.getMessage() for r in caplog.records)
+
+
+def test_a_member_that_stalls_its_stream_is_refused_after_the_timeout(four, caplog):
+    """A member sends its header and then nothing, holding the stream open: the receiver gives up on it after
+    averaging_timeout, names it, and aggregates the others' Δs."""
+    from hivemind.p2p import PeerID
+    from hivemind.proto import averaging_pb2
+
+    peers, s = four
+    honest, _ = honest_deltas(3, seed=6)
+    for p, t in zip(peers, exchange_tickets(peers, [1.0] * 4), strict=True):
+        p.set_ticket(t)
+    header = json.dumps({"run": "t", "round": 0, "module": "trunk"}).encode()
+
+    async def stall():
+        async def stream():
+            yield averaging_pb2.AveragingData(code=averaging_pb2.MessageCode.PART_FOR_AVERAGING, group_id=header)
+            await asyncio.sleep(3600)
+        try:
+            await peers[3]._p2p.call_protobuf_handler(PeerID.from_base58(peers[0].peer_id), HANDLER, stream(),
+                                                      averaging_pb2.AveragingData)
+        except Exception:
+            pass
+
+    staller = asyncio.run_coroutine_threadsafe(stall(), peers[3]._loop)
+    given = [{"trunk": d.clone()} for d in honest]
+    out: list = [None] * 3
+    with caplog.at_level(logging.WARNING, logger="swarm"):
+        threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, peers[i].average(0, given[i])))
+                   for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    staller.cancel()
+    assert out[0]["trunk"].outcome == "ok" and out[0]["trunk"].refused_peers == [peers[3].peer_id]
+    assert torch.equal(given[0]["trunk"], expected_aggregate(honest, peers[:3], [1.0] * 3, s).value)
+    assert any(peers[3].peer_id in r.getMessage() and "stall" in r.getMessage() for r in caplog.records)
