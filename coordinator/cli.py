@@ -262,7 +262,8 @@ def cmd_status(args) -> int:
     print(f"leases active: {active_leases}")
     print(f"workers: {active} active in the last {ACTIVE_WORKER_WINDOW_S:.0f} s, {workers} registered; "
           f"{tokens} valid tokens")
-    print("credit: " + (", ".join(f"{unit} {amount:g}" for unit, amount in credit) or "none yet"))
+    print("credit: " + (", ".join(f"{unit} {exact(amount, grouping=True)}" for unit, amount in credit)
+                        or "none yet"))
     for tid, err in dead:
         print(f"dead: {tid}  {err}")
     stats = cfg.state_dir / "synthetic" / "stats.json"
@@ -297,12 +298,22 @@ def cmd_ledger(args) -> int:
         w = csv.writer(sys.stdout, lineterminator="\n")
         w.writerow(["volunteer", "kind", "unit", "amount", "tasks"])
         for vol, kind, unit, amount, n in rows:
-            w.writerow([vol, kind, unit, f"{amount:g}", n])
+            w.writerow([vol, kind, unit, exact(amount), n])
     else:
-        print(f"{'volunteer':<24} {'kind':<10} {'unit':<18} {'amount':>14} {'tasks':>7}")
+        print(f"{'volunteer':<24} {'kind':<10} {'unit':<18} {'amount':>18} {'tasks':>7}")
         for vol, kind, unit, amount, n in rows:
-            print(f"{vol:<24} {kind:<10} {unit:<18} {amount:>14g} {n:>7}")
+            print(f"{vol:<24} {kind:<10} {unit:<18} {exact(amount, grouping=True):>18} {n:>7}")
     return 0
+
+
+def exact(amount: float, grouping: bool = False) -> str:
+    """A credit amount as it is, never rounded: a whole amount in full (with thousands separators for people:
+    38,855,593, where `%g` printed 3.88556e+07), any other the shortest decimal that reads back as the same
+    float (0.30000000000000004 stays that)."""
+    amount = float(amount)
+    if amount.is_integer():
+        return f"{int(amount):,}" if grouping else str(int(amount))
+    return repr(amount)
 
 
 def main(argv: list[str] | None = None) -> int:

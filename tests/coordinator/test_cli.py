@@ -99,7 +99,7 @@ def test_tasks_status_ledger_through_a_served_coordinator(tmp_path, db_url):
     assert sorted(r["state"] for r in rows) == ["done", "pending", "pending"]
     assert any(r["last_error"] == "ERROR: boom" for r in rows)
     status = coordinator_cli("status", *common).stdout
-    assert "eval" in status and "tokens_evaluated 4096" in status and "1 registered" in status
+    assert "eval" in status and "tokens_evaluated 4,096" in status and "1 registered" in status
     csv_out = coordinator_cli("ledger", "--csv", *common).stdout.splitlines()
     assert csv_out[0] == "volunteer,kind,unit,amount,tasks"
     assert set(csv_out[1:]) == {"carol,eval,gpu_seconds,0.5,1", "carol,eval,tasks,1,1",
@@ -179,3 +179,29 @@ def test_restart_reuses_the_migrated_store(tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     assert (tmp_path / "serve.log").read_text().count("created store schema version 1") == 1
+
+
+def test_the_ledger_prints_amounts_exactly(tmp_path):
+    """Credit amounts are never rounded: 38,855,593 tokens stay 38,855,593 (`%g` printed 3.88556e+07), in the
+    table, the CSV and `status`; a fractional amount keeps every digit it has."""
+    import time
+
+    from coordinator import store as S
+    from coordinator.store import Store
+
+    project = write_project(tmp_path)
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    store = Store.open(url)
+    with store.tx() as conn:
+        conn.execute(S.ledger.insert(), [
+            {"task_id": "t1", "volunteer": "dana", "kind": "generate", "unit": "tokens_generated",
+             "amount": 38_855_593.0, "at": time.time()},
+            {"task_id": "t2", "volunteer": "dana", "kind": "eval", "unit": "gpu_seconds", "amount": 0.1 + 0.2,
+             "at": time.time()}])
+    store.close()
+    common = ("--config", str(project), "--db", url)
+    rows = coordinator_cli("ledger", "--csv", *common).stdout.splitlines()[1:]
+    assert set(rows) == {"dana,generate,tokens_generated,38855593,1", "dana,eval,gpu_seconds,0.30000000000000004,1"}
+    table = coordinator_cli("ledger", *common).stdout
+    assert "38,855,593" in table and "e+07" not in table
+    assert "tokens_generated 38,855,593" in coordinator_cli("status", *common).stdout
