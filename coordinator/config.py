@@ -4,7 +4,7 @@ Unknown keys are errors, and every error names the field and the fix. Example (c
 
     run: demo
     state_dir: runs/coordinator
-    leases: {duration_s: 60, heartbeat_interval_s: 10, max_attempts: 3}
+    leases: {duration_s: 60, heartbeat_interval_s: 10, max_attempts: 3, max_lifetime_s: 86400}
     limits: {max_leases_per_token: 4, max_upload_bytes: 67108864}
 
 The optional `synthetic` section (SyntheticConfig) drives `mujina-coordinator plan`: personas, seed
@@ -35,6 +35,9 @@ class LeaseConfig(_Strict):
                                                                   "well below duration_s")
     sweep_interval_s: float = Field(1.0, gt=0, description="how often expired leases are looked for")
     max_attempts: int = Field(3, ge=1, description="failed or expired attempts after which a task goes dead")
+    max_lifetime_s: float = Field(86400.0, gt=0, description="a lease is not renewed past this many seconds after "
+                                  "it was granted, however often its worker heartbeats: it expires and its task "
+                                  "is requeued (an attempt counted), so no worker holds a task forever")
 
     @model_validator(mode="after")
     def _heartbeat_below_duration(self):

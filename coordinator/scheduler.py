@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 # Store.sql converts them for psycopg): SQLAlchemy's per-statement Python cost is several times what
 # SQLite spends running them. A cycle (lease, heartbeat, complete) is 9 statements and 3 commits.
 _RENEW = ("UPDATE leases SET deadline = :dl, progress = :p WHERE id = :lid AND worker_id = :wid "
-          "AND state = 'active'")
+          "AND state = 'active' AND granted >= :oldest")
 _HELD_AND_LIMIT = ("SELECT (SELECT count(*) FROM leases WHERE token = :tok AND state = 'active'), "
                    "(SELECT max_leases FROM tokens WHERE name = :tok)")
 # Pick and take in one statement; ix_tasks_pick serves the order. On PostgreSQL concurrent pickers
@@ -160,9 +160,11 @@ class Scheduler:
         if not progress:
             return self.draining, out
         renew = self.store.sql(_RENEW)
+        oldest = now - self.cfg.leases.max_lifetime_s   # an older lease is not renewed: it expires, requeued
         with self.store.hot() as cur:
             for lease_id, frac in progress:
-                n = cur.execute(renew, {"lid": lease_id, "wid": worker_id, "dl": deadline, "p": frac}).rowcount
+                n = cur.execute(renew, {"lid": lease_id, "wid": worker_id, "dl": deadline, "p": frac,
+                                        "oldest": oldest}).rowcount
                 out.append((lease_id, n == 1, deadline if n == 1 else 0.0))
         return self.draining, out
 

@@ -210,3 +210,25 @@ def test_concurrent_uploads_for_one_lease_store_one_result_and_credit_once(coord
     assert len(ledger_rows(coord)) == 2
     assert [p.name for p in (coord.cfg.state_dir / "results").glob("*.bin")] == [f"{tid}.{t.lease_id}.bin"]
     assert not list((coord.cfg.state_dir / "results" / ".tmp").iterdir())
+
+
+def test_a_lease_is_not_renewed_past_its_lifetime(tmp_path, db_url):
+    """leases.max_lifetime_s: however often its worker heartbeats, a lease older than that is told CANCEL and
+    expires; its task is requeued with the attempt counted, and another worker can lease it."""
+    from tests.coordinator.conftest import Coord
+
+    coord = Coord(tmp_path, db_url, leases={"max_lifetime_s": 2.0})
+    try:
+        (tid,) = coord.add_eval()
+        c = coord.client()
+        w = c.register("keeper", speed=1.0).worker_id
+        t = c.lease(w, ["eval"]).task
+        assert c.heartbeat(w, [(t.lease_id, 0.1)]).leases[0].directive == pb.CONTINUE
+        wait_until(lambda: c.heartbeat(w, [(t.lease_id, 0.2)]).leases[0].directive == pb.CANCEL,
+                   "the lease's lifetime to pass while its worker keeps heartbeating", every=0.3)
+        wait_until(lambda: task_state(coord, tid).state == "pending", "the sweeper to requeue it")
+        assert task_state(coord, tid).attempts == 1
+        other = coord.client(OTHER_TOKEN)
+        assert other.lease(other.register("next", speed=1.0).worker_id, ["eval"]).task.task_id == tid
+    finally:
+        coord.close()
