@@ -47,7 +47,8 @@ log = logging.getLogger(__name__)
 SERVICE = "mujina.v1.Coordinator"
 CHUNK = 1 << 20          # fetch chunk size; below the default 4 MiB message limit
 MAX_METADATA_CHARS = 65536  # Complete's metadata_json; results themselves go in the upload
-MAX_KINDS = 32  # Register's capabilities.kinds
+MAX_KINDS = 32  # Register's capabilities.kinds and Lease's kinds (each 1-64 characters)
+MAX_HEARTBEAT_LEASES = 1024  # leases one Heartbeat may renew (a worker holds a few)
 TOKEN_CACHE_S = 5.0      # a revoked token stops working within this many seconds
 _NAME_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -188,6 +189,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     async def Heartbeat(self, token, request, context):
         if not request.worker_id:
             raise RequestError("INVALID_ARGUMENT", "worker_id is empty")
+        if len(request.leases) > MAX_HEARTBEAT_LEASES:
+            raise RequestError("INVALID_ARGUMENT", f"a heartbeat renews at most {MAX_HEARTBEAT_LEASES} leases, got "
+                               f"{len(request.leases)}")
         progress = []
         for p in request.leases:
             if not math.isfinite(p.progress) or not 0.0 <= p.progress <= 1.0:
@@ -204,9 +208,11 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     async def Lease(self, token, request, context):
         if not request.worker_id:
             raise RequestError("INVALID_ARGUMENT", "worker_id is empty")
-        kinds = [k for k in request.kinds if k]
+        kinds = sorted({k for k in request.kinds if k})   # each count of kinds is one cached SQL statement
         if not kinds:
             raise RequestError("INVALID_ARGUMENT", "kinds is empty: name the task kinds this worker runs")
+        if len(kinds) > MAX_KINDS or not all(len(k) <= 64 for k in kinds):
+            raise RequestError("INVALID_ARGUMENT", f"kinds: at most {MAX_KINDS} names of 1-64 characters")
         out = await self._db(self.scheduler.lease, token, request.worker_id, kinds)
         if isinstance(out, Grant):
             return pb.LeaseResponse(task=pb.Task(task_id=out.task_id, lease_id=out.lease_id, kind=out.kind,

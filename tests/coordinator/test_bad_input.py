@@ -221,6 +221,21 @@ def test_bad_numbers_elsewhere(leased):
     assert code_of(lambda: c.lease(w, []))[0] == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_lease_kinds_and_heartbeat_entries_are_bounded(leased):
+    """One token cannot grow the coordinator: Lease names at most 32 kinds of 1-64 characters (each distinct
+    count of kinds caches an SQL statement; duplicates are merged), a Heartbeat renews at most 1024 leases
+    (300,000 entries once blocked every RPC for seconds)."""
+    coord, c, t = leased
+    w = c.register("ok").worker_id
+    for kinds in ([f"k{i}" for i in range(33)], ["eval", "k" * 65]):
+        code, msg = code_of(lambda kinds=kinds: c.lease(w, kinds))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "at most 32 names" in msg
+    assert c.lease(w, ["eval"] * 500).HasField("no_work")   # duplicates merged: one kind
+    code, msg = code_of(lambda: c.heartbeat(w, [(f"l{i}", 0.5) for i in range(1025)]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "at most 1024 leases" in msg
+    assert len(c.heartbeat(w, [(t.lease_id, 0.5)] * 3).leases) == 3
+
+
 def test_fetch_is_resumable_checked_and_path_safe(leased, tmp_path):
     coord, c, _ = leased
     shard = coord.cfg.state_dir / "shards" / "ja" / "0001.bin"
