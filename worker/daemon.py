@@ -153,31 +153,65 @@ class Backoff:
         self.n = 0
 
 
+ID = re.compile(r"[A-Za-z0-9_-]{1,64}")   # a task or lease id as the coordinator makes them (32 hex digits)
+
+
+def check_id(what: str, value: str) -> str:
+    """An id from the network, before it names a file: a malicious coordinator's `../../x` is refused."""
+    if not isinstance(value, str) or not ID.fullmatch(value):
+        raise ValueError(f"the coordinator sent a malformed {what} {value[:80]!r}: refusing the task")
+    return value
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 class Spool:
     """Finished results waiting for the coordinator: LEASE.bin (the data) + LEASE.json (the rest).
 
-    The .json is written last and atomically, so an entry is either complete or ignored."""
+    Both are fsynced; the .json is written last and atomically, so an entry is either complete or ignored.
+    A lease id that could name a path outside the spool is refused; an entry that does not read back (a
+    torn write, a disk error, an edited file) is moved to `corrupt/` with a warning, never a crash at start."""
 
     def __init__(self, root: Path):
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
 
     def put(self, header: dict, data: bytes) -> Path:
-        lease = header["lease_id"]
-        (self.root / f"{lease}.bin").write_bytes(data)
+        lease = check_id("lease id", header["lease_id"])
+        _write_synced(self.root / f"{lease}.bin", data)
         tmp = self.root / f"{lease}.json.tmp"
-        tmp.write_text(json.dumps(header))
+        _write_synced(tmp, json.dumps(header).encode())
         os.replace(tmp, self.root / f"{lease}.json")
         return self.root / f"{lease}.json"
 
     def entries(self) -> list[tuple[dict, bytes]]:
         out = []
         for p in sorted(self.root.glob("*.json"), key=lambda p: p.stat().st_mtime):
-            header = json.loads(p.read_text())
-            out.append((header, (self.root / f"{header['lease_id']}.bin").read_bytes()))
+            try:
+                header = json.loads(p.read_text())
+                if not isinstance(header, dict) or check_id("lease id", header.get("lease_id", "")) != p.stem:
+                    raise ValueError("its lease id is not its file name")
+                out.append((header, (self.root / f"{p.stem}.bin").read_bytes()))
+            except (OSError, ValueError) as e:
+                self._set_aside(p.stem, e)
         return out
 
+    def _set_aside(self, stem: str, why: Exception) -> None:
+        corrupt = self.root / "corrupt"
+        corrupt.mkdir(exist_ok=True)
+        for suffix in (".json", ".bin"):
+            src = self.root / f"{stem}{suffix}"
+            if src.exists():
+                os.replace(src, corrupt / src.name)
+        log.warning("spool entry %s does not read back (%s): moved to %s, not uploaded", stem, why, corrupt)
+
     def remove(self, lease_id: str) -> None:
+        lease_id = check_id("lease id", lease_id)
         (self.root / f"{lease_id}.json").unlink(missing_ok=True)
         (self.root / f"{lease_id}.bin").unlink(missing_ok=True)
 
@@ -371,6 +405,13 @@ class Daemon:
     # one task
 
     def run_task(self, task) -> None:
+        try:   # before they name a work dir or a spool file
+            check_id("task id", task.task_id)
+            check_id("lease id", task.lease_id)
+        except ValueError as e:   # nothing to give back: its ids cannot be trusted in a Fail either
+            log.error("%s", e)
+            self._sleep(self._backoff.next())
+            return
         self.metrics.state("running")
         log.info("running %s task %s (attempt %d)", task.kind, task.task_id, task.attempt)
         cancel, done = threading.Event(), threading.Event()

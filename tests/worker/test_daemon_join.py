@@ -98,3 +98,26 @@ def test_ctx_join_joins_the_tasks_round_with_its_lease(tmp_path):
         d.client.close()
     finally:
         coord.close()
+
+
+def test_a_task_whose_ids_could_name_paths_is_refused_before_anything_runs(tmp_path, caplog):
+    """A coordinator (malicious, or anyone on a plaintext path) hands out a task id `../../evil`: the daemon
+    refuses it before the id names a work dir or a spool file, and runs nothing."""
+    import logging
+
+    coord = Coord(tmp_path, f"sqlite:///{tmp_path / 'state' / 'coordinator.db'}")
+    try:
+        coord.scheduler.add_tasks("eval", [("../../evil", {"checkpoint": "c", "shard": "s", "shard_tokens": 10})])
+        d = daemon(coord, tmp_path / "worker")
+        assert d.register()
+        task = d.client.lease(d.worker_id, ["eval"]).task
+        assert task.task_id == "../../evil"
+        ran = []
+        d.executors._built["eval"] = ran.append
+        with caplog.at_level(logging.ERROR, logger="worker"):
+            d.run_task(task)
+        assert ran == [] and any("malformed task id" in r.getMessage() for r in caplog.records)
+        assert not any("evil" in p.name for p in tmp_path.rglob("*"))
+        d.client.close()
+    finally:
+        coord.close()

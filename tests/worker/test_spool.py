@@ -1,0 +1,45 @@
+"""The daemon's spool of finished results, against a malicious coordinator and a damaged disk: ids from the
+network never name a path outside it, and an entry that does not read back is set aside, not a crash."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from worker.daemon import Spool, check_id
+
+GOOD = "0123456789abcdef0123456789abcdef"
+
+
+def header(lease: str) -> dict:
+    return {"task_id": "t" * 32, "lease_id": lease, "kind": "eval", "metrics": {}, "metadata": {}, "seconds": 1.0}
+
+
+@pytest.mark.parametrize("lease", ["../../x", "/etc/passwd", "a/b", "..", "", "x" * 65, "a b"])
+def test_a_lease_id_that_could_name_another_path_is_refused(tmp_path, lease):
+    spool = Spool(tmp_path / "spool")
+    with pytest.raises(ValueError, match="malformed lease id"):
+        spool.put(header(lease), b"data")
+    with pytest.raises(ValueError, match="malformed lease id"):
+        spool.remove(lease)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["spool"]   # nothing written anywhere
+    with pytest.raises(ValueError, match="malformed task id"):
+        check_id("task id", lease)
+
+
+def test_corrupt_entries_are_set_aside_and_the_good_ones_kept(tmp_path, caplog):
+    spool = Spool(tmp_path / "spool")
+    spool.put(header(GOOD), b"result")
+    (spool.root / "garbage.json").write_text("{not json")
+    (spool.root / ("b" * 32 + ".json")).write_text(json.dumps(header("c" * 32)))  # names another entry
+    (spool.root / ("d" * 32 + ".json")).write_text(json.dumps(header("d" * 32)))  # its .bin is missing
+    with caplog.at_level(logging.WARNING, logger="worker"):
+        entries = spool.entries()
+    assert entries == [(header(GOOD), b"result")]
+    assert sorted(p.name for p in (spool.root / "corrupt").iterdir()) == sorted(
+        ["garbage.json", "b" * 32 + ".json", "d" * 32 + ".json"])
+    assert len(spool) == 1 and sum("moved to" in r.getMessage() for r in caplog.records) == 3
+    spool.remove(GOOD)
+    assert len(spool) == 0 and spool.entries() == []
