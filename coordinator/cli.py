@@ -116,6 +116,7 @@ def cmd_serve(args) -> int:
     for flag, port in (("--metrics-port", args.metrics_port), ("--http-port", args.http_port)):
         if port is not None and not 0 <= port <= 65535:
             raise ValueError(f"{flag} must be a TCP port (0-65535; 0 picks a free one), got {port}")
+    lock = hold_state_dir(Path(cfg.state_dir))  # noqa: F841  (held until this process ends, kill -9 included)
     swarm = None
     if cfg.swarm is not None:  # the bootstrap DHT peer: its addresses go to every worker at Register
         from .swarm_driver import start_bootstrap_dht
@@ -148,6 +149,35 @@ def cmd_serve(args) -> int:
     srv.stop(grace=5.0)
     log.info("stopped")
     return 0
+
+
+STATE_LOCK = "coordinator.lock"   # in the state dir: held (flock) by the one coordinator serving it
+
+
+def hold_state_dir(state_dir: Path):
+    """Take the state dir for this process: an exclusive flock on STATE_DIR/coordinator.lock, which names the
+    holder (pid, host, since). The kernel drops it when the process ends, kill -9 included. A second
+    coordinator on the same state dir is refused (ValueError naming the holder) instead of serving it too."""
+    import fcntl
+    import os
+    import socket
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / STATE_LOCK
+    f = open(path, "a+")  # noqa: SIM115  (kept open: the lock lives as long as the file description)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ValueError(f"{state_dir} is already served by a coordinator ({holder}); stop it first, or give this "
+                         f"one another state_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} since {_when(time.time())}\n")
+    f.flush()
+    return f
 
 
 def cmd_init_swarm(args) -> int:

@@ -18,7 +18,7 @@ from sqlalchemy import select
 
 from coordinator import store as S
 from coordinator.api.client import CoordinatorClient
-from tests.conftest import REPO
+from tests.conftest import REPO, wait_until
 from tests.coordinator.conftest import coordinator_cli, free_port, spawn_server, write_project
 
 PAYLOAD = '{"checkpoint": "ckpt", "shard": "ja/0001.bin", "shard_tokens": 4096}'
@@ -205,3 +205,30 @@ def test_the_ledger_prints_amounts_exactly(tmp_path):
     table = coordinator_cli("ledger", *common).stdout
     assert "38,855,593" in table and "e+07" not in table
     assert "tokens_generated 38,855,593" in coordinator_cli("status", *common).stdout
+
+
+def test_a_second_coordinator_on_the_same_state_dir_is_refused(tmp_path):
+    """Two `serve` on one state dir would both write its results, status and checkpoints: the second exits 2
+    naming the first's pid; once the first is killed (-9: the kernel drops its lock) a new one starts."""
+    project = write_project(tmp_path)
+    common = ("--config", str(project), "--db", f"sqlite:///{tmp_path / 'state' / 'coordinator.db'}")
+    first = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "serve", *common, "--listen",
+                              f"127.0.0.1:{free_port()}"], cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        lock = tmp_path / "state" / "coordinator.lock"
+        wait_until(lambda: f"pid {first.pid}" in (lock.read_text() if lock.exists() else ""), "the first to lock")
+        second = coordinator_cli("serve", *common, "--listen", f"127.0.0.1:{free_port()}", check=False, timeout=60)
+        assert second.returncode == 2 and "already served by a coordinator" in second.stderr
+        assert f"pid {first.pid}" in second.stderr
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    third = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "serve", *common, "--listen",
+                              f"127.0.0.1:{free_port()}"], cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: f"pid {third.pid}" in lock.read_text(), "a new coordinator to take the state dir")
+    finally:
+        third.terminate()
+        third.wait(timeout=30)
