@@ -45,7 +45,8 @@ _HELD_AND_LIMIT = ("SELECT (SELECT count(*) FROM leases WHERE token = :tok AND s
 # in other processes either way.
 _PICK_TAKE = ("UPDATE tasks SET state = 'leased', lease_id = :lid, updated = :now WHERE state = 'pending' AND id = "
               "(SELECT id FROM tasks WHERE state = 'pending' AND kind IN ({kinds}) AND min_gpu_memory <= :gpu "
-              "AND min_speed <= :speed{cuda} ORDER BY priority DESC, created, id LIMIT 1{lock}) "
+              "AND min_speed <= :speed{cuda} AND NOT EXISTS (SELECT 1 FROM failures f WHERE f.token = :tok "
+              "AND f.task_id = tasks.id) ORDER BY priority DESC, created, id LIMIT 1{lock}) "
               "RETURNING id, kind, payload, attempts")
 _NEW_LEASE = ("INSERT INTO leases (id, task_id, worker_id, token, state, granted, deadline, progress) "
               "VALUES (:id, :tid, :wid, :tok, 'active', :now, :dl, 0.0)")
@@ -61,6 +62,16 @@ _TASK_DONE = "UPDATE tasks SET state = 'done', lease_id = NULL, updated = :now W
 _SEEN = "UPDATE workers SET last_seen = :seen WHERE id = :wid"
 _CREDIT = ("INSERT INTO ledger (task_id, volunteer, kind, unit, amount, at) "
            "VALUES (:tid, :vol, :kind, :unit, :amount, :now)")
+
+
+_UNCOUNTED = ("SHUTDOWN", "CANCELLED")   # failures that are no attempt
+RETRIED = "-"   # failures.token of a failure from before the organizer's `tasks retry`: it no longer counts
+
+
+def _record_failure(conn, task_id: str, lease_id: str, reason: str, message: str, now: float, token: str) -> None:
+    """One row of `failures`; `token` is the failing lease's ('' when the failure is nobody's fault)."""
+    conn.execute(insert(S.failures).values(task_id=task_id, lease_id=lease_id, reason=reason, message=message[:2000],
+                                           at=now, token=token))
 
 
 def new_id() -> str:
@@ -191,7 +202,7 @@ class Scheduler:
             limit = own_limit or self.cfg.limits.max_leases_per_token
             if held >= limit:
                 return NoWork(f"token {token!r} already holds {held} leases, its limit is {limit}")
-            params = {"lid": lease_id, "now": now, "gpu": w.gpu_memory, "speed": w.speed}
+            params = {"lid": lease_id, "now": now, "gpu": w.gpu_memory, "speed": w.speed, "tok": token}
             params.update((f"k{i}", k) for i, k in enumerate(kinds))
             t = cur.execute(self._pick_take(len(kinds), w.cuda), params).fetchone()
             if t is not None:
@@ -200,11 +211,11 @@ class Scheduler:
                                                          "tok": token, "now": now, "dl": deadline})
         if t is None:  # nothing this worker can run: say why (a read of its own, off the write lock)
             with self.store.read() as conn:
-                return NoWork(self._why_nothing(conn, w, kinds))
+                return NoWork(self._why_nothing(conn, w, kinds, token))
         self.metrics.lease_granted(kind)
         return Grant(task_id, lease_id, kind, payload, deadline, attempts + 1)
 
-    def _why_nothing(self, conn, w, kinds: list[str]) -> str:
+    def _why_nothing(self, conn, w, kinds: list[str], token: str) -> str:
         pending = select(func.count()).select_from(S.tasks).where(S.tasks.c.state == "pending",
                                                                   S.tasks.c.kind.in_(kinds))
         total = conn.execute(pending).scalar_one()
@@ -213,7 +224,9 @@ class Scheduler:
         reasons = []
         for label, cond in (("more GPU memory", S.tasks.c.min_gpu_memory > w.gpu_memory),
                             ("CUDA", and_(S.tasks.c.needs_cuda.is_(True), not w.cuda)),
-                            ("a higher measured speed", S.tasks.c.min_speed > w.speed)):
+                            ("a higher measured speed", S.tasks.c.min_speed > w.speed),
+                            ("another volunteer (this token failed them)", S.tasks.c.id.in_(
+                                select(S.failures.c.task_id).where(S.failures.c.token == token)))):
             n = conn.execute(pending.where(cond)).scalar_one()
             if n:
                 reasons.append(f"{n} need {label}")
@@ -222,12 +235,21 @@ class Scheduler:
 
     # ending leases without a result
 
-    def _end_attempt(self, conn, task, lease_id: str, reason: str, message: str, count: bool, now: float):
-        """Put the task back to pending (or dead) after a lease ended without a result."""
-        conn.execute(insert(S.failures).values(task_id=task.id, lease_id=lease_id, reason=reason,
-                                               message=message[:2000], at=now))
+    def _end_attempt(self, conn, task, lease_id: str, reason: str, message: str, count: bool, now: float,
+                     token: str):
+        """Put the task back to pending (or dead) after a lease ended without a result.
+
+        A failure its token reported or caused (Fail other than SHUTDOWN, a refused result: `token` given) is
+        recorded against that token, which is not given the task again. An expiry is counted but blamed on
+        nobody (a crash, the network or a coordinator restart look alike). The task goes dead after
+        `max_attempts` counted failures unless all of them are one token's: one misconfigured or hostile
+        volunteer cannot kill the queue; the task waits for another (max_attempts 1 excepted)."""
+        _record_failure(conn, task.id, lease_id, reason, message, now, token if count else "")
         attempts = task.attempts + (1 if count else 0)
-        state = "dead" if attempts >= task.max_attempts else "pending"
+        blamed = [t for (t,) in conn.execute(select(S.failures.c.token).where(
+            S.failures.c.task_id == task.id, S.failures.c.reason.not_in(_UNCOUNTED), S.failures.c.token != RETRIED))]
+        one_token = len(set(blamed)) == 1 and "" not in blamed
+        state = "dead" if attempts >= task.max_attempts and (task.max_attempts == 1 or not one_token) else "pending"
         conn.execute(update(S.tasks).where(S.tasks.c.id == task.id).values(
             state=state, attempts=attempts, lease_id=None, last_error=f"{reason}: {message}"[:2000], updated=now))
         if state == "dead":
@@ -272,7 +294,8 @@ class Scheduler:
             task = conn.execute(select(S.tasks).where(S.tasks.c.id == task_id)).first()
             if task.state != "leased" or task.lease_id != lease_id:
                 return False, task.state == "dead"
-            state = self._end_attempt(conn, task, lease_id, reason, message, count=not shutdown, now=now)
+            state = self._end_attempt(conn, task, lease_id, reason, message, count=not shutdown, now=now,
+                                      token=lease.token)
         return state == "pending", state == "dead"
 
     def flush_seen(self) -> int:
@@ -294,7 +317,7 @@ class Scheduler:
                 task = conn.execute(select(S.tasks).where(S.tasks.c.id == task_id)).first()
                 if task.state == "leased" and task.lease_id == lease_id:
                     self._end_attempt(conn, task, lease_id, "EXPIRED", "lease not renewed before its deadline",
-                                      count=True, now=now)
+                                      count=True, now=now, token="")
         if expired:
             log.info("expired %d leases", len(expired))
             self.metrics.lease_expired(len(expired))
@@ -353,10 +376,10 @@ class Scheduler:
                     conn.execute(update(S.leases).where(S.leases.c.id == info.lease_id).values(state="failed"))
                 task = conn.execute(select(S.tasks).where(S.tasks.c.id == info.task_id)).first()
                 if task.state == "leased" and task.lease_id == info.lease_id:
-                    self._end_attempt(conn, task, info.lease_id, "INVALID_RESULT", str(err), count=True, now=now)
+                    self._end_attempt(conn, task, info.lease_id, "INVALID_RESULT", str(err), count=True, now=now,
+                                      token=lease.token)
                 else:
-                    conn.execute(insert(S.failures).values(task_id=task.id, lease_id=info.lease_id,
-                                                           reason="INVALID_RESULT", message=str(err)[:2000], at=now))
+                    _record_failure(conn, task.id, info.lease_id, "INVALID_RESULT", str(err), now, lease.token)
             raise RequestError("INVALID_ARGUMENT", f"result refused by the {info.kind} validator: {err}") from None
 
     def complete(self, info: LeaseInfo, sha256: str, size: int, rel_path: str, metrics: dict[str, float],
@@ -444,15 +467,14 @@ class Scheduler:
                 if task.lease_id is not None:
                     conn.execute(update(S.leases).where(S.leases.c.id == task.lease_id, S.leases.c.state == "active")
                                  .values(state="cancelled"))
-                conn.execute(insert(S.failures).values(task_id=task.id, lease_id=task.lease_id or "",
-                                                       reason="CANCELLED", message=why[:2000], at=now))
+                _record_failure(conn, task.id, task.lease_id or "", "CANCELLED", why, now, "")
                 conn.execute(update(S.tasks).where(S.tasks.c.id == task.id).values(
                     state="dead", lease_id=None, last_error=f"CANCELLED: {why}"[:2000], updated=now))
                 n += 1
         return n
 
     def retry_task(self, task_id: str) -> None:
-        """Send a dead (or pending) task back to the queue with its attempts reset."""
+        """Send a dead (or pending) task back to the queue with its attempts reset, open to every token again."""
         with self.store.tx() as conn:
             task = conn.execute(select(S.tasks).where(S.tasks.c.id == task_id)).first()
             if task is None:
@@ -462,3 +484,6 @@ class Scheduler:
                                    "tasks can be retried")
             conn.execute(update(S.tasks).where(S.tasks.c.id == task_id, S.tasks.c.state.in_(("dead", "pending")))
                          .values(state="pending", attempts=0, lease_id=None, updated=time.time()))
+            # the organizer's word: every token may take it again, and its failures so far no longer count (they
+            # stay, as history)
+            conn.execute(update(S.failures).where(S.failures.c.task_id == task_id).values(token=RETRIED))

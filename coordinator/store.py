@@ -51,7 +51,7 @@ from sqlalchemy.engine import Engine, make_url
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 metadata = MetaData()
 
@@ -123,6 +123,9 @@ failures = Table(
     Column("reason", String(32), nullable=False),
     Column("message", Text, nullable=False),
     Column("at", Float, nullable=False),
+    # the failing lease's token ('' for a cancel): a task is not leased again to a token that failed it
+    Column("token", String(64), nullable=False, server_default=""),
+    Index("ix_failures_token_task", "token", "task_id"),
 )
 
 results = Table(
@@ -153,7 +156,10 @@ ledger = Table(
 )
 
 # version -> statements that bring a store at version-1 to it. Version 1 is create_all.
-MIGRATIONS: dict[int, list[str]] = {}
+MIGRATIONS: dict[int, list[str]] = {
+    2: ["ALTER TABLE failures ADD COLUMN token VARCHAR(64) NOT NULL DEFAULT ''",
+        "CREATE INDEX ix_failures_token_task ON failures (token, task_id)"],
+}
 
 
 def hash_token(token: str) -> str:

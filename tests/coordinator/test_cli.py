@@ -178,7 +178,7 @@ def test_restart_reuses_the_migrated_store(tmp_path):
         proc = spawn_server(project, db, port, tmp_path / "serve.log")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
-    assert (tmp_path / "serve.log").read_text().count("created store schema version 1") == 1
+    assert (tmp_path / "serve.log").read_text().count(f"created store schema version {S.SCHEMA_VERSION}") == 1
 
 
 def test_the_ledger_prints_amounts_exactly(tmp_path):

@@ -96,9 +96,12 @@ def test_expired_lease_requeues_and_late_result_wins_over_newer_lease(coord):
 
 
 def test_fail_shutdown_requeues_without_attempt_and_errors_go_dead_with_reasons(coord):
+    """SHUTDOWN gives a task back without an attempt (the same worker may take it again); a counted failure
+    keeps the task from the failing token, and the task goes dead after max_attempts failures by two tokens."""
     (tid,) = coord.add_eval(max_attempts=2)
-    c = coord.client()
+    c, other = coord.client(), coord.client(OTHER_TOKEN)
     w = c.register("w", speed=1.0).worker_id
+    wb = other.register("wb", speed=1.0).worker_id
     t = c.lease(w, ["eval"]).task
     r = c.fail(tid, t.lease_id, pb.SHUTDOWN, "SIGTERM")
     assert r.requeued and not r.dead and task_state(coord, tid).attempts == 0
@@ -107,19 +110,42 @@ def test_fail_shutdown_requeues_without_attempt_and_errors_go_dead_with_reasons(
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     t = c.lease(w, ["eval"]).task
     assert c.fail(tid, t.lease_id, pb.OUT_OF_MEMORY, "CUDA OOM at batch 3").requeued
-    t = c.lease(w, ["eval"]).task
-    assert t.attempt == 2
-    r = c.fail(tid, t.lease_id, pb.ERROR, "ValueError: boom")
+    nothing = c.lease(w, ["eval"])   # alice failed it: it waits for another volunteer
+    assert nothing.HasField("no_work") and "this token failed them" in nothing.no_work.reason
+    t = other.lease(wb, ["eval"]).task
+    assert t.task_id == tid and t.attempt == 2
+    r = other.fail(tid, t.lease_id, pb.ERROR, "ValueError: boom")
     assert r.dead and not r.requeued
     row = task_state(coord, tid)
     assert row.state == "dead" and row.last_error == "ERROR: ValueError: boom"
     with coord.store.read() as conn:
-        reasons = [f.reason for f in conn.execute(select(S.failures).where(S.failures.c.task_id == tid)
-                                                  .order_by(S.failures.c.id))]
-    assert reasons == ["SHUTDOWN", "OUT_OF_MEMORY", "ERROR"]
+        reasons = [(f.reason, f.token) for f in conn.execute(select(S.failures).where(S.failures.c.task_id == tid)
+                                                             .order_by(S.failures.c.id))]
+    assert reasons == [("SHUTDOWN", ""), ("OUT_OF_MEMORY", "alice"), ("ERROR", "bob")]
     assert c.lease(w, ["eval"]).HasField("no_work")
-    coord.scheduler.retry_task(tid)
+    coord.scheduler.retry_task(tid)  # the organizer's retry opens it to every token again
     assert c.lease(w, ["eval"]).task.task_id == tid
+
+
+def test_one_token_failing_everything_kills_nothing(coord):
+    """A misconfigured or hostile volunteer leases and fails in a loop: each task it failed is kept from it
+    (it gets no_work saying why) and stays pending, however many times it fails; another token then finishes
+    them all. A single token's failures never make a task dead (max_attempts 3)."""
+    tids = coord.add_eval(5)
+    bad, good = coord.client(), coord.client(OTHER_TOKEN)
+    wb = bad.register("storm", speed=1.0).worker_id
+    for _ in range(20):
+        got = bad.lease(wb, ["eval"])
+        if got.HasField("no_work"):
+            break
+        bad.fail(got.task.task_id, got.task.lease_id, pb.ERROR, "no chat template")
+    assert got.HasField("no_work") and "5 need another volunteer" in got.no_work.reason
+    assert all(task_state(coord, t).state == "pending" for t in tids)
+    wg = good.register("fine", speed=1.0).worker_id
+    for _ in tids:
+        t = good.lease(wg, ["eval"]).task
+        assert good.complete(t.task_id, t.lease_id, b"ok", EVAL).accepted
+    assert all(task_state(coord, t).state == "done" for t in tids)
 
 
 def test_per_token_lease_limit(tmp_path, db_url):
@@ -187,6 +213,27 @@ def test_store_refuses_a_newer_schema(db_url):
     with store.tx() as conn:
         conn.execute(S.schema_version.update().values(version=S.SCHEMA_VERSION))
     S.Store.open(db_url).close()  # current version: opens without migrating
+    store.close()
+
+
+def test_a_version_1_store_is_migrated_to_failures_by_token(db_url):
+    """A store made before failures carried their token (schema 1) is migrated when opened: the column and
+    its index are added, old failures count as nobody's, and new ones keep the task from their token."""
+    from sqlalchemy import inspect, text
+
+    store = S.Store.open(db_url)
+    with store.tx() as conn:   # back to schema 1's failures table
+        conn.execute(text("DROP INDEX ix_failures_token_task"))
+        conn.execute(text("ALTER TABLE failures DROP COLUMN token"))
+        conn.execute(text("INSERT INTO failures (task_id, lease_id, reason, message, at) "
+                          "VALUES ('old', 'l', 'ERROR', 'before the migration', 0)"))
+        conn.execute(S.schema_version.update().values(version=1))
+    store.close()
+    store = S.Store.open(db_url)
+    with store.read() as conn:
+        assert conn.execute(select(S.schema_version.c.version)).scalar_one() == S.SCHEMA_VERSION
+        assert "token" in {c["name"] for c in inspect(conn).get_columns("failures")}
+        assert conn.execute(select(S.failures.c.token).where(S.failures.c.task_id == "old")).scalar_one() == ""
     store.close()
 
 

@@ -273,7 +273,7 @@ def test_joins_before_the_freeze_are_asked_again_after_a_restart(make_swarm):
 def test_a_slot_re_leased_before_the_freeze_takes_its_new_peer(make_swarm):
     sw = make_swarm()
     assert not sw.join_a(P).ready
-    sw.alice.fail(sw.a.task_id, sw.a.lease_id, pb.ERROR, "the worker crashed")
+    sw.alice.fail(sw.a.task_id, sw.a.lease_id, pb.SHUTDOWN, "the worker was stopped")
     again = sw.alice.lease(sw.a_reg.worker_id, ["train"]).task
     assert again.task_id == sw.a.task_id and again.lease_id != sw.a.lease_id
     code, _ = refused(lambda: sw.join_a(P))  # the old lease is over
@@ -287,7 +287,7 @@ def test_a_slot_re_leased_after_the_freeze_gets_a_ticket_in_which_it_is_no_membe
     sw = make_swarm()
     sw.join_a(P)
     assert sw.join_b(Q).ready
-    sw.alice.fail(sw.a.task_id, sw.a.lease_id, pb.ERROR, "the worker crashed")
+    sw.alice.fail(sw.a.task_id, sw.a.lease_id, pb.SHUTDOWN, "the worker was stopped")
     again = sw.alice.lease(sw.a_reg.worker_id, ["train"]).task
     assert again.task_id == sw.a.task_id
     t = sw.ticket(sw.join_a(R, again))
