@@ -46,7 +46,8 @@ _HELD_AND_LIMIT = ("SELECT (SELECT count(*) FROM leases WHERE token = :tok AND s
 _PICK_TAKE = ("UPDATE tasks SET state = 'leased', lease_id = :lid, updated = :now WHERE state = 'pending' AND id = "
               "(SELECT id FROM tasks WHERE state = 'pending' AND kind IN ({kinds}) AND min_gpu_memory <= :gpu "
               "AND min_speed <= :speed{cuda} AND NOT EXISTS (SELECT 1 FROM failures f WHERE f.token = :tok "
-              "AND f.task_id = tasks.id) ORDER BY priority DESC, created, id LIMIT 1{lock}) "
+              "AND f.task_id = tasks.id AND f.reason IN ('ERROR', 'OUT_OF_MEMORY', 'INVALID_RESULT')) "
+              "ORDER BY priority DESC, created, id LIMIT 1{lock}) "
               "RETURNING id, kind, payload, attempts")
 _NEW_LEASE = ("INSERT INTO leases (id, task_id, worker_id, token, state, granted, deadline, progress) "
               "VALUES (:id, :tid, :wid, :tok, 'active', :now, :dl, 0.0)")
@@ -64,7 +65,7 @@ _CREDIT = ("INSERT INTO ledger (task_id, volunteer, kind, unit, amount, at) "
            "VALUES (:tid, :vol, :kind, :unit, :amount, :now)")
 
 
-_UNCOUNTED = ("SHUTDOWN", "CANCELLED")   # failures that are no attempt
+BLAMED = ("ERROR", "OUT_OF_MEMORY", "INVALID_RESULT")   # failures that keep the task from their token (_PICK_TAKE)
 RETRIED = "-"   # failures.token of a failure from before the organizer's `tasks retry`: it no longer counts
 
 
@@ -226,7 +227,8 @@ class Scheduler:
                             ("CUDA", and_(S.tasks.c.needs_cuda.is_(True), not w.cuda)),
                             ("a higher measured speed", S.tasks.c.min_speed > w.speed),
                             ("another volunteer (this token failed them)", S.tasks.c.id.in_(
-                                select(S.failures.c.task_id).where(S.failures.c.token == token)))):
+                                select(S.failures.c.task_id).where(S.failures.c.token == token,
+                                                                   S.failures.c.reason.in_(BLAMED))))):
             n = conn.execute(pending.where(cond)).scalar_one()
             if n:
                 reasons.append(f"{n} need {label}")
@@ -239,17 +241,17 @@ class Scheduler:
                      token: str):
         """Put the task back to pending (or dead) after a lease ended without a result.
 
-        A failure its token reported or caused (Fail other than SHUTDOWN, a refused result: `token` given) is
-        recorded against that token, which is not given the task again. An expiry is counted but blamed on
-        nobody (a crash, the network or a coordinator restart look alike). The task goes dead after
-        `max_attempts` counted failures unless all of them are one token's: one misconfigured or hostile
-        volunteer cannot kill the queue; the task waits for another (max_attempts 1 excepted)."""
+        Every counted failure is recorded with the lease's token. A failure the token's machine or result
+        caused (BLAMED: Fail with ERROR or OUT_OF_MEMORY, a result its validator refused) keeps the task from
+        that token from then on; a task the worker calls broken (INVALID_TASK) or a lease that expired (a
+        crash, the network and a coordinator restart look alike) does not. The task goes dead after
+        `max_attempts` counted failures from at least two tokens (one, when max_attempts is 1): one
+        misconfigured or hostile volunteer cannot kill the queue."""
         _record_failure(conn, task.id, lease_id, reason, message, now, token if count else "")
         attempts = task.attempts + (1 if count else 0)
-        blamed = [t for (t,) in conn.execute(select(S.failures.c.token).where(
-            S.failures.c.task_id == task.id, S.failures.c.reason.not_in(_UNCOUNTED), S.failures.c.token != RETRIED))]
-        one_token = len(set(blamed)) == 1 and "" not in blamed
-        state = "dead" if attempts >= task.max_attempts and (task.max_attempts == 1 or not one_token) else "pending"
+        tokens = conn.execute(select(func.count(func.distinct(S.failures.c.token))).where(
+            S.failures.c.task_id == task.id, S.failures.c.token.not_in(("", RETRIED)))).scalar_one()
+        state = "dead" if attempts >= task.max_attempts and tokens >= min(2, task.max_attempts) else "pending"
         conn.execute(update(S.tasks).where(S.tasks.c.id == task.id).values(
             state=state, attempts=attempts, lease_id=None, last_error=f"{reason}: {message}"[:2000], updated=now))
         if state == "dead":
@@ -310,14 +312,14 @@ class Scheduler:
         """Expire every active lease past its deadline; requeue (or kill) its task. Returns how many."""
         now = time.time()
         with self.store.tx() as conn:
-            expired = conn.execute(select(S.leases.c.id, S.leases.c.task_id).where(
+            expired = conn.execute(select(S.leases.c.id, S.leases.c.task_id, S.leases.c.token).where(
                 S.leases.c.state == "active", S.leases.c.deadline < now)).all()
-            for lease_id, task_id in expired:
+            for lease_id, task_id, token in expired:
                 conn.execute(update(S.leases).where(S.leases.c.id == lease_id).values(state="expired"))
                 task = conn.execute(select(S.tasks).where(S.tasks.c.id == task_id)).first()
                 if task.state == "leased" and task.lease_id == lease_id:
                     self._end_attempt(conn, task, lease_id, "EXPIRED", "lease not renewed before its deadline",
-                                      count=True, now=now, token="")
+                                      count=True, now=now, token=token)
         if expired:
             log.info("expired %d leases", len(expired))
             self.metrics.lease_expired(len(expired))
