@@ -77,6 +77,9 @@ def test_generate_and_judge_executors_on_the_tiny_teacher(teacher_dir, tmp_path)
     assert r.metrics == {"records": 3.0, "output_tokens": 120.0}
     again = executor_for("generate")(ctx_for("generate", payload, tmp_path, teachers={"tiny": teacher_dir}))
     assert again.data == r.data  # the task's seed decides the sample
+    retried = executor_for("generate")(TaskContext("t1", "l2", "generate", payload, 2, tmp_path,
+                                                   teachers={"tiny": teacher_dir}))
+    assert retried.data != r.data  # a retry samples afresh: a refused sample is not drawn again
     pairs = [{"prompt_id": "p0", "lang": "ja", "messages": prompts[0]["messages"], "answers": ["あ", "い"]}]
     j = executor_for("judge")(ctx_for("judge", {"teacher": {"name": "tiny", "path": str(teacher_dir), "sha256": ""},
                                                 "pairs": pairs, "sampling": {"temperature": 0.0,
@@ -145,20 +148,19 @@ def test_generate_validator_refuses_bad_uploads_and_duplicates(scoord, tmp_path)
 
     ja = japanese_documents(6, seed=11)
     c = scoord.client()
-    scoord.scheduler.add_task("generate", gen_payload(["a", "b"]), max_attempts=10)
-    t = lease_one(scoord, c)
-    refused(c, t, b"\xff\xfe garbage", "not UTF-8")
-    t = lease_one(scoord, c)
-    refused(c, t, b'{"prompt_id": "a"}\n', "field 'answer'")
-    t = lease_one(scoord, c)
-    refused(c, t, upload(["a"], ja[:1]), "cover each of the task's 2 prompts")
-    t = lease_one(scoord, c)
-    refused(c, t, upload(["a", "b"], ja[:2], sha="b" * 64), "does not match the task's teacher")
-    t = lease_one(scoord, c)
-    refused(c, t, upload(["a", "b"], english_documents(2)), "language 2")
+
+    def fresh():  # a token whose result was refused is not given that task again: one task per case
+        scoord.scheduler.add_task("generate", gen_payload(["a", "b"]), max_attempts=10)
+        return lease_one(scoord, c)
+
+    refused(c, fresh(), b"\xff\xfe garbage", "not UTF-8")
+    refused(c, fresh(), b'{"prompt_id": "a"}\n', "field 'answer'")
+    refused(c, fresh(), upload(["a"], ja[:1]), "cover each of the task's 2 prompts")
+    refused(c, fresh(), upload(["a", "b"], ja[:2], sha="b" * 64), "does not match the task's teacher")
+    refused(c, fresh(), upload(["a", "b"], english_documents(2)), "language 2")
     synthetic = scoord.cfg.state_dir / "synthetic"
     assert ledger_total(scoord) == 0 and not (synthetic / "generated.jsonl").exists()
-    t = lease_one(scoord, c)
+    t = fresh()
     ok = c.complete(t.task_id, t.lease_id, upload(["a", "b"], [ja[0], "短すぎる"]), {"output_tokens": 200.0})
     assert ok.accepted and ok.credited
     with scoord.store.read() as conn:

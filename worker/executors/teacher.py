@@ -155,11 +155,16 @@ def load_engine(ctx: TaskContext, ref: dict, sampling: dict) -> tuple[Engine, st
     return _ENGINES[key], digest
 
 
+RETRY_SEED_STRIDE = 1_000_003   # attempt k samples from seed + stride·(k - 1): beyond any batch offset
+
+
 def batched_generate(ctx: TaskContext, engine: Engine, conversations: list[list[dict]], sampling: dict,
                      batch_size: int) -> list[tuple[str, int, int]]:
-    """Generate in batches of `batch_size`, seed per batch, checking for stop and reporting progress between."""
+    """Generate in batches of `batch_size`, seed per batch, checking for stop and reporting progress between.
+    A retried task (attempt 2, 3, ...) samples with another seed: a sample the coordinator refused is not
+    drawn again."""
     out: list[tuple[str, int, int]] = []
-    seed = int(sampling.get("seed", 0))
+    seed = int(sampling.get("seed", 0)) + RETRY_SEED_STRIDE * (max(ctx.attempt, 1) - 1)
     for b, i in enumerate(range(0, len(conversations), batch_size)):
         ctx.check_stop()
         out += engine.generate(conversations[i: i + batch_size], sampling, seed + b, ctx.stop_requested)
