@@ -47,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--max-tasks", type=int, help="stop after this many tasks")
     r.add_argument("--once", action="store_true", help="run one task, then stop (same as --max-tasks 1)")
     r.add_argument("--no-benchmark", action="store_true", help="skip the speed benchmark (speed 0 is reported)")
+    _transport_flags(r)
     d = sub.add_parser("doctor", help="check devices, memory, speed and the coordinator")
     d.add_argument("--coordinator", help="HOST:PORT to check reachability and the token against")
     d.add_argument("--token")
@@ -56,7 +57,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="where the benchmark result is cached")
     d.add_argument("--no-benchmark", action="store_true", help="skip the speed benchmark")
     d.add_argument("--json", action="store_true", help="print the report as JSON")
+    _transport_flags(d)
     return ap
+
+
+def _transport_flags(p) -> None:
+    p.add_argument("--tls", action="store_true", default=None,
+                   help="talk to the coordinator over TLS (needed for any address but this machine's)")
+    p.add_argument("--ca-cert", type=Path, help="certificate to trust for the coordinator (implies --tls; for a "
+                   "self-signed or private-CA certificate the organizer hands out)")
+    p.add_argument("--insecure", action="store_true", default=None,
+                   help="allow plaintext to a non-loopback coordinator: anyone on the path can read your token")
 
 
 def cmd_run(args) -> int:
@@ -73,7 +84,8 @@ def cmd_run(args) -> int:
                             active_hours=args.active_hours, kinds=args.kinds, cache_dir=args.cache_dir,
                             max_disk=args.max_disk, metrics_port=args.metrics_port,
                             max_tasks=1 if args.once else args.max_tasks, teachers=teachers or None,
-                            benchmark=False if args.no_benchmark else None)
+                            benchmark=False if args.no_benchmark else None, tls=args.tls, ca_cert=args.ca_cert,
+                            insecure=args.insecure)
     daemon = Daemon(cfg)
     interrupts, daemon_pid = [], os.getpid()
 
@@ -109,8 +121,12 @@ def cmd_run(args) -> int:
 def cmd_doctor(args) -> int:
     from .hardware import doctor, format_report
 
+    if args.coordinator:
+        from .transport import check_transport
+
+        check_transport(args.coordinator, bool(args.tls), args.ca_cert, bool(args.insecure))
     report = doctor(args.cache_dir, devices=args.devices.split(",") if args.devices else None,
-                    coordinator=args.coordinator, token=args.token,
+                    coordinator=args.coordinator, token=args.token, tls=bool(args.tls), ca_cert=args.ca_cert,
                     kinds=args.kinds.split(",") if args.kinds else None, bench=not args.no_benchmark)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0 if report["ok"] else 1

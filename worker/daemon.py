@@ -41,12 +41,12 @@ from pathlib import Path
 import grpc
 
 from coordinator.api import mujina_pb2 as pb
-from coordinator.api.client import CoordinatorClient
 
 from .cache import FileCache
 from .executors import Executors, TaskContext, TaskError, TaskStopped
 from .hardware import cached_benchmark, parse_size, probe_devices
 from .metrics import NullMetrics, make_metrics
+from .transport import check_transport, coordinator_client
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +96,13 @@ class WorkerConfig:
     teachers: dict[str, Path] = field(default_factory=dict)
     benchmark: bool = True                      # measure speed (cached) and send it at Register
     backoff_max_s: float = 60.0                 # longest wait between tries while the coordinator is away
+    tls: bool = False                           # talk to the coordinator over TLS
+    ca_cert: Path | None = None                 # the CA (or self-signed) certificate to trust; None: the system's
+    insecure: bool = False                      # allow plaintext to a non-loopback coordinator (token in the clear)
 
     KEYS = ("coordinator", "token", "name", "devices", "max_gpu_memory", "active_hours", "kinds", "cache_dir",
-            "max_disk", "metrics_port", "max_tasks", "teachers", "benchmark", "backoff_max_s")
+            "max_disk", "metrics_port", "max_tasks", "teachers", "benchmark", "backoff_max_s", "tls", "ca_cert",
+            "insecure")
 
     @classmethod
     def load(cls, path: str | os.PathLike | None, **overrides) -> WorkerConfig:
@@ -135,6 +139,9 @@ class WorkerConfig:
             if not isinstance(data["teachers"], dict):
                 raise ValueError("teachers must be a table of NAME = PATH")
             data["teachers"] = {k: Path(v).expanduser() for k, v in data["teachers"].items()}
+        if data.get("ca_cert") is not None:
+            data["ca_cert"] = Path(data["ca_cert"]).expanduser()
+        check_transport(data["coordinator"], bool(data.get("tls")), data.get("ca_cert"), bool(data.get("insecure")))
         return cls(**data)
 
 
@@ -247,7 +254,8 @@ class Progress:
 class Daemon:
     def __init__(self, cfg: WorkerConfig, metrics: NullMetrics | None = None):
         self.cfg = cfg
-        self.client = CoordinatorClient(cfg.coordinator, cfg.token, timeout=30.0, retry_for=1.0)
+        self.client = coordinator_client(cfg.coordinator, cfg.token, cfg.tls, cfg.ca_cert, timeout=30.0,
+                                         retry_for=1.0)
         self.metrics = metrics or make_metrics(cfg.metrics_port, kinds=tuple(cfg.kinds))
         self.executors = Executors(self.metrics.registry)
         if "train" in cfg.kinds:

@@ -172,16 +172,17 @@ def cached_benchmark(cache_dir: str | os.PathLike, device: Device) -> float:
     return speed
 
 
-def check_coordinator(target: str, token: str, timeout: float = 5.0) -> tuple[bool, str]:
+def check_coordinator(target: str, token: str, timeout: float = 5.0, tls: bool = False,
+                      ca_cert=None) -> tuple[bool, str]:
     """(ok, message): is the coordinator reachable, and does it accept this token?
 
     Uses the `Lease` RPC with an unknown worker id: a valid token gets NOT_FOUND (unknown worker),
     an invalid one UNAUTHENTICATED; nothing is registered and nothing is leased."""
     import grpc
 
-    from coordinator.api.client import CoordinatorClient
+    from .transport import coordinator_client
 
-    with CoordinatorClient(target, token, timeout=timeout, retry_for=0) as c:
+    with coordinator_client(target, token, tls, ca_cert, timeout=timeout, retry_for=0) as c:
         try:
             c.lease("doctor-check", ["eval"])
         except grpc.RpcError as err:
@@ -195,7 +196,8 @@ def check_coordinator(target: str, token: str, timeout: float = 5.0) -> tuple[bo
 
 
 def doctor(cache_dir: str | os.PathLike, devices: list[str] | None = None, coordinator: str | None = None,
-           token: str | None = None, kinds: list[str] | None = None, bench: bool = True) -> dict:
+           token: str | None = None, kinds: list[str] | None = None, bench: bool = True, tls: bool = False,
+           ca_cert=None) -> dict:
     """The report of `mujina-worker doctor`; `report["ok"]` is True when at least one task kind can run."""
     report: dict = {"ok": False}
     try:
@@ -211,7 +213,7 @@ def doctor(cache_dir: str | os.PathLike, devices: list[str] | None = None, coord
         report["speed_tokens_per_s"] = round(cached_benchmark(cache_dir, probe.devices[0]), 1)
     report["kinds"] = runnable_kinds(kinds)
     if coordinator:
-        ok, message = check_coordinator(coordinator, token or "")
+        ok, message = check_coordinator(coordinator, token or "", tls=tls, ca_cert=ca_cert)
         report["coordinator"] = {"ok": ok, "message": message}
     else:
         ok = True
