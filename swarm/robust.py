@@ -74,8 +74,7 @@ def centered_clip(deltas: dict[str, Tensor], weights: dict[str, float], clip_fac
         far = sorted((p for p in peers if dist[p] > exclude_factor * med), key=lambda p: (-dist[p], p))
         excluded = {p: dist[p] / med for p in far[:(len(peers) - 1) // 2]}
         peers = [p for p in peers if p not in excluded]
-    agg = _centered_clip([xs[p] for p in peers], [w[p] for p in peers], clip_factor, iters)
-    value, tau, smallest = agg
+    value, tau, smallest = _centered_clip([xs[p] for p in peers], [w[p] for p in peers], clip_factor, iters)
     clipped = {p: s for p, s in zip(peers, smallest, strict=True) if s < 1.0}
     return Aggregate(value, tau, clipped, excluded)
 

@@ -111,6 +111,17 @@ def write_project(tmp_path: Path, **sections) -> Path:
     return path
 
 
+def make_tls_cert(tmp_path: Path) -> tuple[Path, Path]:
+    """(key, cert) of a one-day self-signed certificate for localhost and 127.0.0.1; skips without openssl."""
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                           "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+                           "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"openssl cannot make a test certificate: {made.stderr[-200:]!r}")
+    return key, cert
+
+
 class Coord:
     """An in-process coordinator on a free loopback port, with tokens for alice and bob."""
 

@@ -19,7 +19,7 @@ from sqlalchemy import select
 from coordinator import store as S
 from coordinator.api.client import CoordinatorClient
 from tests.conftest import REPO, wait_until
-from tests.coordinator.conftest import coordinator_cli, free_port, spawn_server, write_project
+from tests.coordinator.conftest import coordinator_cli, free_port, make_tls_cert, spawn_server, write_project
 
 PAYLOAD = '{"checkpoint": "ckpt", "shard": "ja/0001.bin", "shard_tokens": 4096}'
 
@@ -136,12 +136,7 @@ def test_bad_project_file_is_a_clear_cli_error(tmp_path):
 
 
 def test_tls(tmp_path):
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
-                           "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
-                           "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"], capture_output=True)
-    if made.returncode != 0:
-        pytest.skip(f"openssl cannot make a test certificate: {made.stderr[-200:]!r}")
+    key, cert = make_tls_cert(tmp_path)
     project = write_project(tmp_path)
     db = f"sqlite:///{tmp_path / 'state' / 'coordinator.db'}"
     token = coordinator_cli("token", "add", "tls", "--config", str(project), "--db", db).stdout.split()[-1]

@@ -97,18 +97,28 @@ def exchange_tickets(peers: list[SwarmExchange], weights: list[float], round_: i
     return [out[f"p{i}"] for i in range(len(peers))]
 
 
-def average_together(peers: list[SwarmExchange], given: list[dict], weights: list[float], round_: int = 0) -> list:
-    """SwarmExchange.average on every peer at once (threads), peer i with given[i] and ticket weight weights[i]."""
+def ticket_all(peers: list[SwarmExchange], weights: list[float], round_: int = 0) -> None:
+    """Give every peer its ticket of one group of all of them, with these weights."""
     for x, t in zip(peers, exchange_tickets(peers, weights, round_, peers[0].settings.run), strict=True):
         x.set_ticket(t)
-    out: list = [None] * len(peers)
+
+
+def average_on(peers: list[SwarmExchange], given: list[dict], round_: int = 0) -> list:
+    """SwarmExchange.average on peers[:len(given)] at once (threads), peer i with given[i]; the tickets set."""
+    out: list = [None] * len(given)
     threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, peers[i].average(round_, given[i])))
-               for i in range(len(peers))]
+               for i in range(len(given))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     return out
+
+
+def average_together(peers: list[SwarmExchange], given: list[dict], weights: list[float], round_: int = 0) -> list:
+    """SwarmExchange.average on every peer at once (threads), peer i with given[i] and ticket weight weights[i]."""
+    ticket_all(peers, weights, round_)
+    return average_on(peers, given, round_)
 
 
 def alive(pid: int) -> bool:

@@ -9,18 +9,18 @@ import asyncio
 import json
 import logging
 import math
-import threading
 
 import pytest
 import torch
 
 from swarm.exchange import HANDLER, SwarmExchange
 from swarm.robust import centered_clip
-from tests.swarm.conftest import average_together, exchange_tickets, settings, start_exchanges
+from tests.swarm.conftest import average_on, average_together, settings, start_exchanges, ticket_all
 
 pytestmark = pytest.mark.slow  # real hivemind peers (DHT, p2pd) on loopback
 
 SIZE = 2000
+CLOSED_EARLY = "closed early"   # a refusal that reached the sender as its stream closed under it
 
 
 def honest_deltas(n: int, seed: int = 0) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -54,7 +54,9 @@ def send_raw(attacker: SwarmExchange, target: str, header: dict | bytes, values:
         try:
             reply = await attacker._p2p.call_protobuf_handler(PeerID.from_base58(target), HANDLER, stream(),
                                                                averaging_pb2.AveragingData)
-        except Exception as e:  # the peer answered (and closed) before reading all of it
+        except (BrokenPipeError, ConnectionResetError):  # it answered, and closed, before reading all of it
+            return CLOSED_EARLY
+        except Exception as e:
             return f"error: {type(e).__name__}"
         return MC.Name(reply.code)
 
@@ -116,21 +118,13 @@ def test_the_weight_a_sender_claims_is_ignored(four, caplog):
     """A member sends its Δ claiming weight 1e6, another claims −1: every member weighs them by the ticket."""
     peers, s = four
     honest, _ = honest_deltas(4, seed=1)
-    tickets = exchange_tickets(peers, [1.0] * 4)
-    for p, t in zip(peers, tickets, strict=True):
-        p.set_ticket(t)
+    ticket_all(peers, [1.0] * 4)
     header = {"run": "t", "round": 0, "module": "trunk"}
     for target in (peers[0], peers[1]):
         assert send_raw(peers[2], target.peer_id, header, honest[2], weight=1e6) == "ACCEPTED"
         assert send_raw(peers[3], target.peer_id, header, honest[3], weight=-1.0) == "ACCEPTED"
     given = [{"trunk": honest[i].clone()} for i in range(2)]
-    out: list = [None, None]
-    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, peers[i].average(0, given[i])))
-               for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    out = average_on(peers, given)
     agg = expected_aggregate(honest, peers, [1.0] * 4, s)
     for i in range(2):
         assert out[i]["trunk"].outcome == "ok" and out[i]["trunk"].group_size == 4
@@ -145,14 +139,13 @@ def test_a_stranger_without_a_ticket_is_refused(four, shutdown, caplog):
     stranger = SwarmExchange(s, {"trunk": SIZE}, initial_peers=peers[0].visible_maddrs())
     shutdown([stranger])
     honest, _ = honest_deltas(4, seed=2)
-    for p, t in zip(peers, exchange_tickets(peers, [1.0] * 4), strict=True):
-        p.set_ticket(t)
+    ticket_all(peers, [1.0] * 4)
     with caplog.at_level(logging.WARNING, logger="swarm"):
         codes = {send_raw(stranger, p.peer_id, {"run": "t", "round": 0, "module": "trunk"}, 1e6 * honest[0])
                  for p in peers}
         given = [{"trunk": d.clone()} for d in honest]
         out = average_together(peers, given, [1.0] * 4)
-    assert codes <= {"BAD_GROUP_ID", "error: BrokenPipeError"}   # refused before the stream was all read
+    assert codes <= {"BAD_GROUP_ID", CLOSED_EARLY}   # refused before the stream was all read
     agg = expected_aggregate(honest, peers, [1.0] * 4, s)
     for i in range(4):
         assert out[i]["trunk"].group_size == 4 and torch.equal(given[i]["trunk"], agg.value)
@@ -163,19 +156,12 @@ def test_a_second_delta_from_a_member_is_refused_and_the_first_stands(four):
     """A member sends its honest Δ, then tries to overwrite it with a huge one: the second is refused."""
     peers, s = four
     honest, _ = honest_deltas(4, seed=3)
-    for p, t in zip(peers, exchange_tickets(peers, [1.0] * 4), strict=True):
-        p.set_ticket(t)
+    ticket_all(peers, [1.0] * 4)
     header = {"run": "t", "round": 0, "module": "trunk"}
     assert send_raw(peers[3], peers[0].peer_id, header, honest[3]) == "ACCEPTED"
     assert send_raw(peers[3], peers[0].peer_id, header, 1e6 * honest[3]) == "DUPLICATE_PEER_ID"
     given = [{"trunk": d.clone()} for d in honest[:3]]
-    out: list = [None] * 3
-    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, peers[i].average(0, given[i])))
-               for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    out = average_on(peers, given)
     # peer 0 got peer 3's first Δ; peers 1 and 2 got nothing from it (peer 3 never ran average) and left it out
     assert torch.equal(given[0]["trunk"], expected_aggregate(honest, peers, [1.0] * 4, s).value)
     assert out[1]["trunk"].group_size == 3 and out[1]["trunk"].refused_peers == [peers[3].peer_id]
@@ -186,17 +172,10 @@ def test_a_silent_member_cannot_veto_the_module(four, caplog):
     aggregate without it after averaging_timeout, with outcome ok, and name it."""
     peers, s = four
     honest, _ = honest_deltas(3, seed=4)
-    for p, t in zip(peers, exchange_tickets(peers, [1.0] * 4), strict=True):
-        p.set_ticket(t)
+    ticket_all(peers, [1.0] * 4)
     given = [{"trunk": d.clone()} for d in honest]
-    out: list = [None] * 3
     with caplog.at_level(logging.WARNING, logger="swarm"):
-        threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, peers[i].average(0, given[i])))
-                   for i in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        out = average_on(peers, given)
     agg = expected_aggregate(honest, peers[:3], [1.0] * 3, s)
     for i in range(3):
         assert out[i]["trunk"].outcome == "ok" and out[i]["trunk"].refused_peers == [peers[3].peer_id]
@@ -209,15 +188,14 @@ def test_malformed_deltas_are_refused_and_named(four, caplog):
     hold, of another run, of a round this peer has no ticket for yet (retry later), a Δ of the wrong size.
     Each is refused; a member's first Δ is the one judged, so it is then left out of the aggregate."""
     peers, s = four
-    for p, t in zip(peers, exchange_tickets(peers, [1.0] * 4), strict=True):
-        p.set_ticket(t)
+    ticket_all(peers, [1.0] * 4)
     header = {"run": "t", "round": 0, "module": "trunk"}
     liar, victim = peers[3], peers[0].peer_id
     nan = torch.zeros(SIZE)
     nan[7] = float("nan")
     def early(code: str, refusal: str) -> bool:
         # a refusal before the whole stream was read may reach the sender as a closed stream instead
-        return code in (refusal, "error: BrokenPipeError")
+        return code in (refusal, CLOSED_EARLY)
 
     with caplog.at_level(logging.WARNING, logger="swarm"):
         assert early(send_raw(liar, victim, b"{not json", torch.zeros(SIZE)), "PROTOCOL_VIOLATION")
@@ -246,8 +224,7 @@ def test_each_malformed_delta_is_refused_on_its_own(four, caplog, bad):
     from hivemind.proto import averaging_pb2
 
     peers, s = four
-    for p, t in zip(peers, exchange_tickets(peers, [1.0] * 4), strict=True):
-        p.set_ticket(t)
+    ticket_all(peers, [1.0] * 4)
     header = {"run": "t", "round": 0, "module": "trunk"}
     MC = averaging_pb2.MessageCode
     nan = torch.zeros(SIZE)
@@ -270,8 +247,7 @@ def test_a_member_that_stalls_its_stream_is_refused_after_the_timeout(four, capl
 
     peers, s = four
     honest, _ = honest_deltas(3, seed=6)
-    for p, t in zip(peers, exchange_tickets(peers, [1.0] * 4), strict=True):
-        p.set_ticket(t)
+    ticket_all(peers, [1.0] * 4)
     header = json.dumps({"run": "t", "round": 0, "module": "trunk"}).encode()
 
     async def stall():
@@ -286,14 +262,8 @@ def test_a_member_that_stalls_its_stream_is_refused_after_the_timeout(four, capl
 
     staller = asyncio.run_coroutine_threadsafe(stall(), peers[3]._loop)
     given = [{"trunk": d.clone()} for d in honest]
-    out: list = [None] * 3
     with caplog.at_level(logging.WARNING, logger="swarm"):
-        threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, peers[i].average(0, given[i])))
-                   for i in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        out = average_on(peers, given)
     staller.cancel()
     assert out[0]["trunk"].outcome == "ok" and out[0]["trunk"].refused_peers == [peers[3].peer_id]
     assert torch.equal(given[0]["trunk"], expected_aggregate(honest, peers[:3], [1.0] * 3, s).value)

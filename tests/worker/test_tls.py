@@ -10,17 +10,12 @@ import sys
 import pytest
 
 from tests.conftest import REPO, run_cli, wait_until
-from tests.coordinator.conftest import coordinator_cli, free_port, write_project
+from tests.coordinator.conftest import coordinator_cli, free_port, make_tls_cert, write_project
 
 
 @pytest.fixture
 def tls_coordinator(tmp_path):
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
-                           "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
-                           "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"], capture_output=True)
-    if made.returncode != 0:
-        pytest.skip(f"openssl cannot make a test certificate: {made.stderr[-200:]!r}")
+    key, cert = make_tls_cert(tmp_path)
     project = write_project(tmp_path)
     db = f"sqlite:///{tmp_path / 'state' / 'coordinator.db'}"
     token = coordinator_cli("token", "add", "vol", "--config", str(project), "--db", db).stdout.split()[-1]
