@@ -106,3 +106,43 @@ def test_the_executor_table_refuses_unknown_kinds_and_keeps_one_train_executor()
     assert isinstance(train, TrainExecutor) and executors("train") is train
     executors.close()
     assert train.kept == {}
+
+
+def test_a_ticket_not_signed_by_the_pinned_key_or_not_for_this_task_fails_the_task(tmp_path):
+    """Tickets reach the worker from the coordinator, possibly over a plaintext path: one signed by another key,
+    one for another slot, round or peer, or an expired one is refused (TaskError) before anything averages;
+    the pinned key's own ticket for this task passes."""
+    import dataclasses
+    import time
+    from types import SimpleNamespace
+
+    from swarm.settings import TrainPayload
+    from swarm.ticket import RoundTicket, TicketKey
+    from tests.swarm.conftest import settings
+    from worker.executors import TaskError
+
+    peer = "12D3KooW" + "A" * 44
+    payload = TrainPayload.from_dict({
+        "round": 3, "checkpoint": "r/round_000003", "assignment": {"0": [0, 1]}, "slot": "s0",
+        "settings": dataclasses.asdict(settings(run="r")),
+        "inner": {"inner_steps": 2, "total_steps": 10, "batch_size": 2, "micro_batch_size": 2, "seq_len": 32}})
+    pinned, other = TicketKey.generate(), TicketKey.generate()
+    good = dict(run="r", round=3, slot="s0", peer_id=peer, groups={"trunk": {peer: 128.0}},
+                expires=time.time() + 600)
+
+    def tickets_with(key: TicketKey, **change):
+        signed = key.sign(RoundTicket(**{**good, **change}))
+        ctx = TaskContext("t", "l", "train", {}, 1, tmp_path, settings={"ticket_key": pinned.public_hex},
+                          join=lambda peer_id: signed)
+        return TrainExecutor._tickets(ctx, payload, SimpleNamespace(peer_id=peer))
+
+    assert tickets_with(pinned)(True).peer_id == peer
+    for key, change, why in ((other, {}, "not the coordinator's"), (pinned, {"slot": "s1"}, "slot"),
+                             (pinned, {"round": 4}, "round"), (pinned, {"run": "x"}, "run"),
+                             (pinned, {"peer_id": "12D3KooW" + "B" * 44}, "peer_id"),
+                             (pinned, {"expires": time.time() - 5}, "expired")):
+        with pytest.raises(TaskError, match=why):
+            tickets_with(key, **change)
+    ctx = TaskContext("t", "l", "train", {}, 1, tmp_path, settings={})   # a coordinator that sent no key
+    with pytest.raises(TaskError, match="round tickets"):
+        TrainExecutor._tickets(ctx, payload, SimpleNamespace(peer_id=peer))
