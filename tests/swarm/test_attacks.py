@@ -54,7 +54,9 @@ def send_raw(attacker: SwarmExchange, target: str, header: dict | bytes, values:
         try:
             reply = await attacker._p2p.call_protobuf_handler(PeerID.from_base58(target), HANDLER, stream(),
                                                                averaging_pb2.AveragingData)
-        except (BrokenPipeError, ConnectionResetError):  # it answered, and closed, before reading all of it
+        # it answered, and closed, before reading all of it: a broken pipe or a reset while we write, or no
+        # answer at all once the stream is gone (hivemind's asingle() raises ValueError on an empty reply)
+        except (BrokenPipeError, ConnectionResetError, ValueError):
             return CLOSED_EARLY
         except Exception as e:
             return f"error: {type(e).__name__}"
@@ -234,7 +236,7 @@ def test_each_malformed_delta_is_refused_on_its_own(four, caplog, bad):
                                                                  group_id=json.dumps(header).encode())]
                         + [averaging_pb2.AveragingData(tensor_part={"buffer": bytes(1 << 16)})] * 3}}[bad]
     with caplog.at_level(logging.WARNING, logger="swarm"):
-        assert send_raw(peers[3], peers[0].peer_id, header, **kw) == "PROTOCOL_VIOLATION"
+        assert send_raw(peers[3], peers[0].peer_id, header, **kw) in ("PROTOCOL_VIOLATION", CLOSED_EARLY)
     why = {"nan": "non-finite", "fp16": "compression", "oversized": "bytes for"}[bad]
     assert any(peers[3].peer_id in r.getMessage() and why in r.getMessage() for r in caplog.records)
 
