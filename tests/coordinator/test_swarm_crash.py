@@ -86,7 +86,9 @@ class Project:
 
     def complete_all(self, theta_shift: float = 0.0, shifts: dict[int, float] | None = None) -> list[str]:
         """Every task of the round leased and completed by alice with an upload of the round's start + shift
-        (`shifts`: the i-th leased task's own); returns the task ids in lease order."""
+        (`shifts`: the i-th leased task's own); returns the task ids in lease order. Alice's worker then leaves
+        (its registration is aged past the live window), so the next round plans `workers` slots however long
+        the test took to get there."""
         status = self.status()
         full = load_checkpoint(self.state / "checkpoints" / status["checkpoint"])
         wid = self.sched.register(TOKEN, "alice", {"kinds": ["train"]}, 0, False, 1.0)
@@ -102,6 +104,8 @@ class Project:
             metrics = {"loss": 1.0, "tokens": 64.0, "delta_norm_trunk": 0.0, "delta_norm_max": 0.0}
             complete(self.sched, self.state, TOKEN, grant, metrics, data)
             done.append(grant.task_id)
+        with self.store.tx() as conn:
+            conn.execute(S.workers.update().where(S.workers.c.id == wid).values(last_seen=0.0))
         return done
 
 
