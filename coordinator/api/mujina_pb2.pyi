@@ -21,6 +21,7 @@ class FailReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OUT_OF_MEMORY: _ClassVar[FailReason]
     SHUTDOWN: _ClassVar[FailReason]
     INVALID_TASK: _ClassVar[FailReason]
+    WORKER_FAULT: _ClassVar[FailReason]
 DIRECTIVE_UNSPECIFIED: Directive
 CONTINUE: Directive
 CANCEL: Directive
@@ -30,6 +31,7 @@ ERROR: FailReason
 OUT_OF_MEMORY: FailReason
 SHUTDOWN: FailReason
 INVALID_TASK: FailReason
+WORKER_FAULT: FailReason
 
 class Device(_message.Message):
     __slots__ = ("kind", "name", "memory_bytes")
