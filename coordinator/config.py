@@ -5,7 +5,8 @@ Unknown keys are errors, and every error names the field and the fix. Example (c
     run: demo
     state_dir: runs/coordinator
     leases: {duration_s: 60, heartbeat_interval_s: 10, max_attempts: 3, max_lifetime_s: 86400}
-    limits: {max_leases_per_token: 4, max_upload_bytes: 67108864}
+    limits: {max_leases_per_token: 4, max_upload_bytes: 67108864, max_failures_per_token: 20,
+             failure_window_s: 600, max_workers_per_token: 64, max_concurrent_rpcs: 512}
 
 The optional `synthetic` section (SyntheticConfig) drives `mujina-coordinator plan`: personas, seed
 documents, templates, teacher and judge models, sampling and batch sizes. The optional `swarm` section
@@ -55,6 +56,16 @@ class LimitConfig(_Strict):
     no_work_retry_s: float = Field(10.0, gt=0, description="retry_after_s told to a worker that got no task")
     max_message_bytes: int = Field(4 * 2**20, ge=2**16, description="largest single gRPC message; uploads and "
                                                                     "fetches are chunked below this")
+    max_failures_per_token: int = Field(20, ge=1, description="a token that failed this many tasks (Fail with any "
+                                        "reason but SHUTDOWN, or results its validator refused) within "
+                                        "failure_window_s gets no task until the oldest of them leaves the window")
+    failure_window_s: float = Field(600.0, gt=0, description="the window of max_failures_per_token, seconds")
+    max_workers_per_token: int = Field(64, ge=1, description="live workers one token may register (a worker is "
+                                       "live until leases.duration_s after its last call); Register past it is "
+                                       "refused with RESOURCE_EXHAUSTED")
+    max_concurrent_rpcs: int = Field(512, ge=1, description="calls the gRPC server handles at once; more are refused "
+                                     "at once with RESOURCE_EXHAUSTED (clients retry them). Each may hold one "
+                                     "message of up to max_message_bytes in memory")
 
 
 class ServerConfig(_Strict):

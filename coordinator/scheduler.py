@@ -1,7 +1,7 @@
 """Task lifecycle and matching: pending -> leased -> done, or back to pending, or dead.
 
     pending --Lease--> leased --Complete (validated)--> done
-                         |--Fail(SHUTDOWN)------------> pending (attempt not counted)
+                         |--Fail(SHUTDOWN, WORKER_FAULT)--> pending (attempt not counted)
                          |--Fail(other) / expiry------> pending, or dead after max_attempts
 
 Every transition is one store transaction, so a crash leaves each task in exactly one state. A lease
@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -66,6 +67,10 @@ _CREDIT = ("INSERT INTO ledger (task_id, volunteer, kind, unit, amount, at) "
 
 
 BLAMED = ("ERROR", "OUT_OF_MEMORY", "INVALID_RESULT")   # failures that keep the task from their token (_PICK_TAKE)
+# Fail reasons that count no attempt: the worker is stopping, or its own machine cannot run the kind. A
+# WORKER_FAULT row keeps its token (the organizer sees whose machine it was, the rate limit counts it) but,
+# like SHUTDOWN, neither keeps the task from that token nor counts toward the two tokens a task needs to die.
+UNCOUNTED = ("SHUTDOWN", "WORKER_FAULT")
 RETRIED = "-"   # failures.token of a failure from before the organizer's `tasks retry`: it no longer counts
 
 
@@ -101,6 +106,7 @@ class Grant:
 @dataclass
 class NoWork:
     reason: str
+    retry_after_s: float | None = None  # None: the project's limits.no_work_retry_s
 
 
 @dataclass
@@ -137,12 +143,29 @@ class Scheduler:
         self._workers: dict[str, WorkerRow] = {}
         self._seen: dict[str, float] = {}
         self._pick_sql: dict[tuple[int, bool], str] = {}  # (number of kinds, worker has CUDA) -> statement
+        # token -> {worker id: last call}: the token's live workers (limits.max_workers_per_token)
+        self._live: dict[str, dict[str, float]] = {}
+        # token -> times of its last limits.max_failures_per_token failures (Fail other than SHUTDOWN, refused
+        # results): in memory, so the hot path pays a dict lookup; a restart forgets them (a fresh budget)
+        self._failed: dict[str, deque] = {}
 
     # workers
 
     def register(self, token: str, name: str, capabilities: dict, gpu_memory: int, cuda: bool, speed: float) -> str:
+        """A new worker of `token`; RequestError RESOURCE_EXHAUSTED when the token has
+        limits.max_workers_per_token live workers (heard from within leases.duration_s) already."""
         worker_id, now = new_id(), time.time()
-        with self.store.tx() as conn:
+        limit, live_s = self.cfg.limits.max_workers_per_token, self.cfg.leases.duration_s
+        with self.store.tx() as conn:   # under the store's write lock: two Registers cannot both take the last place
+            live = self._live.setdefault(token, {})
+            for wid, seen in list(live.items()):   # a snapshot: other threads may add to it (PostgreSQL)
+                if seen < now - live_s:
+                    live.pop(wid, None)
+            if len(live) >= limit:
+                raise RequestError("RESOURCE_EXHAUSTED", f"token {token!r} has {len(live)} live workers (heard from "
+                                   f"in the last {live_s:g} s); the limit is {limit} (limits.max_workers_per_token): "
+                                   "stop one, or wait until a stopped one has been silent that long")
+            live[worker_id] = now
             conn.execute(insert(S.workers).values(id=worker_id, token=token, name=name[:256],
                                                   capabilities=json.dumps(capabilities), gpu_memory=gpu_memory,
                                                   cuda=cuda, speed=speed, registered=now, last_seen=now))
@@ -162,13 +185,42 @@ class Scheduler:
             raise RequestError("PERMISSION_DENIED", f"worker {worker_id} belongs to another token")
         return w
 
+    def _seen_now(self, token: str, worker_id: str, now: float) -> None:
+        self._seen[worker_id] = now
+        live = self._live.get(token)
+        if live is None:
+            live = self._live[token] = {}
+        live[worker_id] = now
+
+    # rate limit on failures
+
+    def note_failure(self, token: str, now: float) -> None:
+        """Count a failure against `token` (a Fail other than SHUTDOWN, or a result its validator refused)."""
+        times = self._failed.get(token)
+        if times is None:
+            times = self._failed[token] = deque(maxlen=self.cfg.limits.max_failures_per_token)
+        times.append(now)
+
+    def _throttled(self, token: str, now: float) -> NoWork | None:
+        """NoWork while `token` has failed limits.max_failures_per_token tasks within limits.failure_window_s."""
+        times = self._failed.get(token)
+        if times is None or len(times) < times.maxlen:
+            return None
+        window = self.cfg.limits.failure_window_s
+        wait = times[0] + window - now   # when the oldest of them leaves the window
+        if wait <= 0:
+            return None
+        return NoWork(f"token {token!r} failed {len(times)} tasks in the last {window:g} s (limits."
+                      f"max_failures_per_token); no task for it for {wait:.0f} s: fix what makes its tasks fail "
+                      "(the worker's log says what)", retry_after_s=wait)
+
     def heartbeat(self, token: str, worker_id: str, progress: list[tuple[str, float]]):
         """Renew the worker's active leases; returns (drain, [(lease_id, renewed, deadline)])."""
         now = time.time()
         deadline = now + self.cfg.leases.duration_s
         out = []
         self._worker(token, worker_id)
-        self._seen[worker_id] = now
+        self._seen_now(token, worker_id, now)
         if not progress:
             return self.draining, out
         renew = self.store.sql(_RENEW)
@@ -196,7 +248,10 @@ class Scheduler:
             return NoWork("the coordinator is shutting down")
         now = time.time()
         w = self._worker(token, worker_id)
-        self._seen[worker_id] = now
+        self._seen_now(token, worker_id, now)
+        throttled = self._throttled(token, now)
+        if throttled is not None:
+            return throttled
         lease_id, deadline = new_id(), now + self.cfg.leases.duration_s
         with self.store.hot() as cur:
             held, own_limit = cur.execute(self.store.sql(_HELD_AND_LIMIT), {"tok": token}).fetchone()
@@ -241,16 +296,19 @@ class Scheduler:
                      token: str):
         """Put the task back to pending (or dead) after a lease ended without a result.
 
-        Every counted failure is recorded with the lease's token. A failure the token's machine or result
-        caused (BLAMED: Fail with ERROR or OUT_OF_MEMORY, a result its validator refused) keeps the task from
-        that token from then on; a task the worker calls broken (INVALID_TASK) or a lease that expired (a
-        crash, the network and a coordinator restart look alike) does not. The task goes dead after
-        `max_attempts` counted failures from at least two tokens (one, when max_attempts is 1): one
+        Every counted failure is recorded with the lease's token, and so is a WORKER_FAULT (which counts no
+        attempt); a SHUTDOWN is nobody's. A failure the token's machine or result caused (BLAMED: Fail with
+        ERROR or OUT_OF_MEMORY, a result its validator refused) keeps the task from that token from then on;
+        a task the worker calls broken (INVALID_TASK), a lease that expired (a crash, the network and a
+        coordinator restart look alike) or a WORKER_FAULT (the machine, not the task) does not. The task goes
+        dead after `max_attempts` counted failures from at least two tokens (one, when max_attempts is 1): one
         misconfigured or hostile volunteer cannot kill the queue."""
-        _record_failure(conn, task.id, lease_id, reason, message, now, token if count else "")
+        _record_failure(conn, task.id, lease_id, reason, message, now,
+                        token if count or reason == "WORKER_FAULT" else "")
         attempts = task.attempts + (1 if count else 0)
-        tokens = conn.execute(select(func.count(func.distinct(S.failures.c.token))).where(
-            S.failures.c.task_id == task.id, S.failures.c.token.not_in(("", RETRIED)))).scalar_one()
+        f = S.failures.c
+        tokens = conn.execute(select(func.count(func.distinct(f.token))).where(
+            f.task_id == task.id, f.token.not_in(("", RETRIED)), f.reason.not_in(UNCOUNTED))).scalar_one()
         state = "dead" if attempts >= task.max_attempts and tokens >= min(2, task.max_attempts) else "pending"
         conn.execute(update(S.tasks).where(S.tasks.c.id == task.id).values(
             state=state, attempts=attempts, lease_id=None, last_error=f"{reason}: {message}"[:2000], updated=now))
@@ -294,10 +352,13 @@ class Scheduler:
             conn.execute(update(S.leases).where(S.leases.c.id == lease_id)
                          .values(state="released" if shutdown else "failed"))
             task = conn.execute(select(S.tasks).where(S.tasks.c.id == task_id)).first()
-            if task.state != "leased" or task.lease_id != lease_id:
-                return False, task.state == "dead"
-            state = self._end_attempt(conn, task, lease_id, reason, message, count=not shutdown, now=now,
-                                      token=lease.token)
+            if task.state != "leased" or task.lease_id != lease_id:  # requeued already (expired), or done
+                state = "dead" if task.state == "dead" else "not requeued"
+            else:
+                state = self._end_attempt(conn, task, lease_id, reason, message, count=reason not in UNCOUNTED,
+                                          now=now, token=lease.token)
+        if not shutdown:  # a stopping worker gives back what it holds (a few leases); anything else is throttled
+            self.note_failure(token, now)
         return state == "pending", state == "dead"
 
     def flush_seen(self) -> int:
@@ -382,6 +443,7 @@ class Scheduler:
                                       token=lease.token)
                 else:
                     _record_failure(conn, task.id, info.lease_id, "INVALID_RESULT", str(err), now, lease.token)
+            self.note_failure(lease.token, now)
             raise RequestError("INVALID_ARGUMENT", f"result refused by the {info.kind} validator: {err}") from None
 
     def complete(self, info: LeaseInfo, sha256: str, size: int, rel_path: str, metrics: dict[str, float],

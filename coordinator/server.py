@@ -4,9 +4,16 @@
     srv.start(); print(srv.port); ...; srv.stop()
 
 Every handler runs inside `_guard`: a RequestError becomes its gRPC status, any other exception
-becomes INTERNAL with a log line, so no request can take the server down. Uploads are held in
-memory, written to results/.tmp/ and moved into results/ inside the transaction that records them; start-up deletes
-whatever a crash left half-way.
+becomes INTERNAL with a log line, so no request can take the server down. A streamed upload (Complete)
+is written to results/.tmp/ as it arrives, one at a time per lease, and renamed into results/ inside the
+transaction that records it; a CompleteInline (<= 1 MiB) arrives whole. Start-up deletes whatever a crash
+left half-way.
+
+Limits (each refused with its status and a message naming it): Lease kinds and Heartbeat entries (below),
+Register's sizes (MAX_NAME_CHARS...), live workers per token and failures per token (Scheduler), one
+streamed upload per lease (ABORTED), calls in flight (limits.max_concurrent_rpcs: RESOURCE_EXHAUSTED from
+gRPC itself). Nothing slow runs on the event loop: file digests are hashed in a thread (once per
+file version, cached), and with PostgreSQL the token lookup and every statement run in a thread pool.
 """
 
 from __future__ import annotations
@@ -49,6 +56,12 @@ CHUNK = 1 << 20          # fetch chunk size; below the default 4 MiB message lim
 MAX_METADATA_CHARS = 65536  # Complete's metadata_json; results themselves go in the upload
 MAX_KINDS = 32  # Register's capabilities.kinds and Lease's kinds (each 1-64 characters)
 MAX_HEARTBEAT_LEASES = 1024  # leases one Heartbeat may renew (a worker holds a few)
+# Register's sizes: a worker's description is a few hundred bytes; these bound what one call may store
+MAX_NAME_CHARS = 256     # RegisterRequest.name, a device's name, a software version
+MAX_KEY_CHARS = 64       # a device's kind, a software entry's name
+MAX_DEVICES = 64         # capabilities.devices
+MAX_SOFTWARE = 64        # capabilities.software entries
+MAX_SHA_CACHE = 4096     # file digests kept (one per file version fetched)
 TOKEN_CACHE_S = 5.0      # a revoked token stops working within this many seconds
 _NAME_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -68,7 +81,7 @@ def _guard(method):
     async def unary(self, request, context):
         t0, code = time.perf_counter(), "OK"
         try:
-            token = self._authenticate(context)
+            token = self._cached_token(context) or await self._look_up_token(context)
             return await method(self, token, request, context)
         except (grpc.aio.AbortError, asyncio.CancelledError):  # already answered, or the client went away
             code = "CANCELLED"
@@ -83,7 +96,7 @@ def _guard(method):
     async def streaming(self, request, context):
         t0, code = time.perf_counter(), "OK"
         try:
-            token = self._authenticate(context)
+            token = self._cached_token(context) or await self._look_up_token(context)
             async for item in method(self, token, request, context):
                 yield item
         except (grpc.aio.AbortError, asyncio.CancelledError):
@@ -96,6 +109,41 @@ def _guard(method):
             self.metrics.rpc(name, code, time.perf_counter() - t0)
 
     return streaming if name.startswith("Fetch") else unary
+
+
+def _authorization(context) -> str:
+    return next((v for k, v in context.invocation_metadata() or () if k == "authorization"), "")
+
+
+def _bounded(value: str, field: str, limit: int) -> str:
+    if len(value) > limit:
+        raise RequestError("INVALID_ARGUMENT", f"{field} is {len(value)} characters; at most {limit}")
+    return value
+
+
+def _sha256_file(path: str, st: os.stat_result) -> str:
+    """SHA-256 of a whole file (in a thread: 0.75 s per GiB). Raises DATA_LOSS if it changed meanwhile."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    now = os.stat(path)
+    if (now.st_size, now.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+        raise RequestError("DATA_LOSS", f"{os.path.basename(path)} changed while it was hashed; fetch it again")
+    return digest.hexdigest()
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _check_received(h: pb.CompleteHeader, size: int, digest) -> None:
+    if size != h.size_bytes:
+        raise RequestError("DATA_LOSS", f"upload truncated: received {size} of {h.size_bytes} bytes; send it again")
+    if digest.hexdigest() != h.sha256:
+        raise RequestError("DATA_LOSS", f"SHA-256 mismatch: received data hashes to {digest.hexdigest()}, "
+                           f"header says {h.sha256}; send it again")
 
 
 def _finite(value: float, field: str, minimum: float = 0.0) -> float:
@@ -139,27 +187,36 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self._tmp_prefix, self._state_prefix = f"{self.tmp_dir}{os.sep}", f"{self.state_dir}{os.sep}"
         self._tokens: dict[str, tuple[str | None, float]] = {}
-        self._sha_cache: dict[tuple, str] = {}
+        self._sha_cache: dict[tuple, asyncio.Future] = {}  # (path, size, mtime_ns) -> its SHA-256 (hex)
+        self._uploading: set[str] = set()  # leases with a Complete stream open
 
     # auth
 
-    def _authenticate(self, context) -> str:
-        value = next((v for k, v in context.invocation_metadata() or () if k == "authorization"), "")
-        now = time.monotonic()
-        # cached by the header's value, so a known token costs one dict lookup (no SHA-256) per call
-        hit = self._tokens.get(value)
-        if hit is None or hit[1] < now:
-            if not value.startswith("Bearer ") or not value[7:].strip():
-                raise RequestError("UNAUTHENTICATED", "missing metadata 'authorization: Bearer TOKEN'; get a token "
-                                   "from the organizer (`mujina-coordinator token add NAME`)")
-            if len(self._tokens) > 10_000:  # bounded: someone may be trying random tokens
-                self._tokens.clear()
-            row = self.store.token_by_hash(S.hash_token(value[7:].strip()))
-            hit = (row.name if row else None, now + TOKEN_CACHE_S)
-            self._tokens[value] = hit
+    def _cached_token(self, context) -> str | None:
+        """The token's name from the cache (None: look it up). Cached by the header's value for
+        TOKEN_CACHE_S, so a known token costs one dict lookup (no SHA-256, no store) per call."""
+        hit = self._tokens.get(_authorization(context))
+        if hit is None or hit[1] < time.monotonic():
+            return None
         if hit[0] is None:
             raise RequestError("UNAUTHENTICATED", "unknown or revoked token")
         return hit[0]
+
+    async def _look_up_token(self, context) -> str:
+        """Look the token up in the store, through `_db`: with PostgreSQL a round trip, so it runs in the
+        store's thread pool and never stalls the loop. A revocation (`token revoke`, another process)
+        reaches the server when the cached verdict expires, within TOKEN_CACHE_S."""
+        value = _authorization(context)
+        if not value.startswith("Bearer ") or not value[7:].strip():
+            raise RequestError("UNAUTHENTICATED", "missing metadata 'authorization: Bearer TOKEN'; get a token "
+                               "from the organizer (`mujina-coordinator token add NAME`)")
+        row = await self._db(self.store.token_by_hash, S.hash_token(value[7:].strip()))
+        if len(self._tokens) > 10_000:  # bounded: someone may be trying random tokens
+            self._tokens.clear()
+        self._tokens[value] = (row.name if row else None, time.monotonic() + TOKEN_CACHE_S)
+        if row is None:
+            raise RequestError("UNAUTHENTICATED", "unknown or revoked token")
+        return row.name
 
     # RPCs
 
@@ -167,6 +224,19 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     async def Register(self, token, request, context):
         caps = request.capabilities
         _finite(caps.speed, "capabilities.speed")
+        _bounded(request.name, "name", MAX_NAME_CHARS)
+        if len(caps.devices) > MAX_DEVICES:
+            raise RequestError("INVALID_ARGUMENT", f"capabilities.devices: at most {MAX_DEVICES}, got "
+                               f"{len(caps.devices)}")
+        for d in caps.devices:
+            _bounded(d.kind, "capabilities.devices.kind", MAX_KEY_CHARS)
+            _bounded(d.name, "capabilities.devices.name", MAX_NAME_CHARS)
+        if len(caps.software) > MAX_SOFTWARE:
+            raise RequestError("INVALID_ARGUMENT", f"capabilities.software: at most {MAX_SOFTWARE} entries, got "
+                               f"{len(caps.software)}")
+        for k, v in caps.software.items():
+            _bounded(k, "capabilities.software name", MAX_KEY_CHARS)
+            _bounded(v, f"capabilities.software[{k!r}]", MAX_NAME_CHARS)
         accel = [d for d in caps.devices if d.kind in ("cuda", "mps")]
         gpu_memory = max((d.memory_bytes for d in accel), default=0)
         if gpu_memory >= 2**63:
@@ -218,7 +288,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             return pb.LeaseResponse(task=pb.Task(task_id=out.task_id, lease_id=out.lease_id, kind=out.kind,
                                                  payload_json=out.payload_json, deadline=out.deadline,
                                                  attempt=out.attempt))
-        return pb.LeaseResponse(no_work=pb.NoWork(retry_after_s=self.cfg.limits.no_work_retry_s, reason=out.reason))
+        retry = self.cfg.limits.no_work_retry_s if out.retry_after_s is None else out.retry_after_s
+        return pb.LeaseResponse(no_work=pb.NoWork(retry_after_s=retry, reason=out.reason))
 
     @_guard
     async def Complete(self, token, request_iterator, context):
@@ -263,36 +334,50 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             d = info.duplicate
             return pb.CompleteResponse(accepted=d.accepted, credited=d.credited, duplicate=True, message=d.message)
         metrics = dict(h.metrics)
-
-        # The upload is kept in memory (it is bounded by limits.max_upload_bytes, and the validator
-        # reads all of it anyway); it reaches the disk only inside the transaction that records it.
-        if isinstance(rest, bytes):
-            chunks, digest, size = [rest], hashlib.sha256(rest), len(rest)
-            if size > h.size_bytes:
-                raise RequestError("DATA_LOSS", f"upload sent more than the declared {h.size_bytes} bytes")
-        else:
-            chunks, digest, size = [], hashlib.sha256(), 0
-            async for msg in rest:
-                if not msg.HasField("data"):
-                    raise RequestError("INVALID_ARGUMENT", "only the first Complete message may be a header")
-                size += len(msg.data)
-                if size > h.size_bytes:
-                    raise RequestError("DATA_LOSS", f"upload sent more than the declared {h.size_bytes} bytes")
-                digest.update(msg.data)
-                chunks.append(msg.data)
-        if size != h.size_bytes:
-            raise RequestError("DATA_LOSS", f"upload truncated: received {size} of {h.size_bytes} bytes; "
-                               "send it again")
-        if digest.hexdigest() != h.sha256:
-            raise RequestError("DATA_LOSS", f"SHA-256 mismatch: received data hashes to {digest.hexdigest()}, "
-                               f"header says {h.sha256}; send it again")
-        data = b"".join(chunks)
-        credits = await self._db(self.scheduler.check_result, info, metrics, data)
         rel = f"results/{h.task_id}.{h.lease_id}.bin"
+        if isinstance(rest, bytes):  # CompleteInline: at most INLINE_MAX_BYTES, already whole in memory
+            if len(rest) > h.size_bytes:
+                raise RequestError("DATA_LOSS", f"upload sent more than the declared {h.size_bytes} bytes")
+            _check_received(h, len(rest), hashlib.sha256(rest))
+            commit = functools.partial(self._write_result, h.lease_id, rest, rel)
+            return await self._record(info, h, metrics, rest, rel, metadata_json, commit)
+        # A Complete stream goes to a temporary file as it arrives, so a slow or large upload holds no
+        # memory; one at a time per lease (a worker retrying while its first upload still streams is told
+        # ABORTED, not buffered twice). Checked after the lease's owner, so nobody else can block it.
+        if h.lease_id in self._uploading:
+            raise RequestError("ABORTED", f"lease {h.lease_id} already has an upload in flight; one upload per "
+                               "lease at a time: wait for the first one's answer")
+        self._uploading.add(h.lease_id)
+        tmp = f"{self._tmp_prefix}{h.lease_id}.{os.urandom(8).hex()}"
+        try:
+            digest, size = hashlib.sha256(), 0
+            with open(tmp, "wb") as f:
+                async for msg in rest:
+                    if not msg.HasField("data"):
+                        raise RequestError("INVALID_ARGUMENT", "only the first Complete message may be a header")
+                    size += len(msg.data)
+                    if size > h.size_bytes:
+                        raise RequestError("DATA_LOSS", f"upload sent more than the declared {h.size_bytes} bytes")
+                    digest.update(msg.data)
+                    f.write(msg.data)   # to the page cache: well under a millisecond per 1 MiB chunk
+            _check_received(h, size, digest)
+            # validators read the whole result (bounded by limits.max_upload_bytes, one per lease at a time)
+            data = _read(tmp) if size <= CHUNK else await asyncio.to_thread(_read, tmp)
+            commit = functools.partial(os.replace, tmp, f"{self._state_prefix}{rel}")
+            return await self._record(info, h, metrics, data, rel, metadata_json, commit)
+        finally:
+            self._uploading.discard(h.lease_id)
+            with contextlib.suppress(FileNotFoundError):   # refused, broken off or failed: nothing is kept
+                os.unlink(tmp)
+
+    async def _record(self, info, h: pb.CompleteHeader, metrics: dict, data: bytes, rel: str, metadata_json: str,
+                      commit_file) -> pb.CompleteResponse:
+        """Validate a received upload and record it; `commit_file()` puts it at STATE_DIR/`rel` inside the
+        transaction."""
+        credits = await self._db(self.scheduler.check_result, info, metrics, data)
         out = await self._db(functools.partial(
-            self.scheduler.complete, info, h.sha256, size, rel, metrics, credits,
-            commit_file=functools.partial(self._write_result, h.lease_id, data, rel), metadata_json=metadata_json,
-            data=data))
+            self.scheduler.complete, info, h.sha256, h.size_bytes, rel, metrics, credits, commit_file=commit_file,
+            metadata_json=metadata_json, data=data))
         return pb.CompleteResponse(accepted=out.accepted, credited=out.credited, duplicate=out.duplicate,
                                    message=out.message)
 
@@ -337,7 +422,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             return pb.JoinResponse(ready=False, retry_s=JOIN_RETRY_S)
         return pb.JoinResponse(ready=True, ticket=signed.body, signature=signed.signature)
 
-    def _serve_file(self, root: str, request):
+    async def _serve_file(self, root: str, request):
         name = request.name
         if not _NAME_RE.match(name) or any(part in (".", "..") for part in name.split("/")):
             raise RequestError("INVALID_ARGUMENT", f"name {name!r} must be a relative path of letters, digits "
@@ -347,21 +432,16 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         if not path.is_relative_to(base) or not path.is_file():
             raise RequestError("NOT_FOUND", f"no {root[:-1]} named {name!r}")
         st = path.stat()
-        key = (str(path), st.st_size, st.st_mtime_ns)
-        sha = self._sha_cache.get(key)
-        if sha is None:
-            digest = hashlib.sha256()
-            with open(path, "rb") as f:
-                while chunk := f.read(CHUNK):
-                    digest.update(chunk)
-            sha = self._sha_cache[key] = digest.hexdigest()
         if request.offset > st.st_size:
             raise RequestError("OUT_OF_RANGE", f"offset {request.offset} is past the end ({st.st_size} bytes)")
+        sha = await self._file_sha256(str(path), st)
+        loop = asyncio.get_running_loop()
         with open(path, "rb") as f:
             f.seek(request.offset)
             offset = request.offset
             while True:
-                data = f.read(CHUNK)
+                # in a thread: a cold read of a large checkpoint may wait for the disk
+                data = await loop.run_in_executor(None, f.read, CHUNK)
                 if not data and offset < st.st_size:
                     raise RequestError("DATA_LOSS", f"{name} shrank while being read")
                 yield pb.FileChunk(offset=offset, data=data, total_size=st.st_size, sha256=sha)
@@ -369,14 +449,29 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 if offset >= st.st_size:
                     return
 
+    async def _file_sha256(self, path: str, st: os.stat_result) -> str:
+        """The file's SHA-256, hashed once per version (path, size, mtime) in a thread; fetches of the same
+        file arriving meanwhile (every worker at the start of a round) wait for that one computation."""
+        key = (path, st.st_size, st.st_mtime_ns)
+        fut = self._sha_cache.get(key)
+        if fut is None:
+            if len(self._sha_cache) >= MAX_SHA_CACHE:
+                self._sha_cache.clear()
+            fut = self._sha_cache[key] = asyncio.ensure_future(asyncio.to_thread(_sha256_file, path, st))
+        try:
+            return await asyncio.shield(fut)   # a fetch that goes away does not cancel the others' hash
+        except Exception:   # changed meanwhile, or unreadable: the next fetch hashes it afresh
+            self._sha_cache.pop(key, None)
+            raise
+
     @_guard
     async def FetchShard(self, token, request, context):
-        for chunk in self._serve_file("shards", request):
+        async for chunk in self._serve_file("shards", request):
             yield chunk
 
     @_guard
     async def FetchCheckpoint(self, token, request, context):
-        for chunk in self._serve_file("checkpoints", request):
+        async for chunk in self._serve_file("checkpoints", request):
             yield chunk
 
 
@@ -462,7 +557,9 @@ class CoordinatorServer:
         opts = [("grpc.max_receive_message_length", self.cfg.limits.max_message_bytes),
                 ("grpc.max_send_message_length", self.cfg.limits.max_message_bytes),
                 ("grpc.so_reuseport", 0)]
-        self.server = grpc.aio.server(options=opts)
+        # calls in flight are bounded (each may hold a message of max_message_bytes); past it gRPC answers
+        # RESOURCE_EXHAUSTED before reading the request, and clients retry (coordinator/api/client.py)
+        self.server = grpc.aio.server(options=opts, maximum_concurrent_rpcs=self.cfg.limits.max_concurrent_rpcs)
         self.health = HealthServicer()
         self.service = CoordinatorService(self.cfg, self.store, self.scheduler, self.metrics, self.joins)
         if self.store.is_sqlite:  # the handlers' transactions share a commit per loop turn (Store.group_commits)

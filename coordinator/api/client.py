@@ -8,9 +8,9 @@
 
 Every call sends `authorization: Bearer TOKEN` and has a deadline (`timeout`, seconds). Calls that
 are safe to repeat (Heartbeat; Join; Complete, idempotent per lease; fetches, resumed at the bytes already
-written) retry on UNAVAILABLE — the coordinator restarting — until `retry_for` seconds have passed,
-then raise. Register, Lease and Fail are not retried: repeating them could lease twice or count a
-failure twice, so the caller decides. This module imports only grpc and the generated protocol, so
+written) retry on UNAVAILABLE — the coordinator restarting — or on its "Concurrent RPC limit exceeded"
+(busy) until `retry_for` seconds have passed, then raise. Register, Lease and Fail are not retried:
+repeating them could lease twice or count a failure twice, so the caller decides. This module imports only grpc and the generated protocol, so
 the worker can use it without the rest of the coordinator.
 """
 
@@ -31,7 +31,15 @@ log = logging.getLogger(__name__)
 
 UPLOAD_CHUNK = 1 << 20
 INLINE_MAX_BYTES = 1 << 20  # CompleteInline's limit (mujina.proto): larger results go through the Complete stream
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)  # the only status meaning "the same request may succeed later"
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)  # the status meaning "the same request may succeed later"
+BUSY = "Concurrent RPC limit exceeded"  # gRPC's RESOURCE_EXHAUSTED past the server's limits.max_concurrent_rpcs
+
+
+def retryable(err: grpc.RpcError) -> bool:
+    """UNAVAILABLE (the coordinator restarting), or the coordinator busy with limits.max_concurrent_rpcs calls
+    (gRPC refused this one before reading it; other RESOURCE_EXHAUSTED answers are refusals and final)."""
+    code = err.code()
+    return code in RETRYABLE or (code == grpc.StatusCode.RESOURCE_EXHAUSTED and BUSY in (err.details() or ""))
 
 
 class CoordinatorClient:
@@ -62,7 +70,7 @@ class CoordinatorClient:
             try:
                 return fn()
             except grpc.RpcError as err:
-                if err.code() not in RETRYABLE or time.monotonic() + delay > give_up:
+                if not retryable(err) or time.monotonic() + delay > give_up:
                     raise
                 log.info("%s: coordinator unavailable (%s); retrying in %.2f s", what, err.details(), delay)
                 time.sleep(delay)
