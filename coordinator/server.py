@@ -506,7 +506,7 @@ class CoordinatorServer:
 
     def __init__(self, cfg: ProjectConfig, db_url: str | None = None, listen: str | None = None,
                  metrics_port: int | None = None, tls_cert: Path | None = None, tls_key: Path | None = None,
-                 metrics_host: str = "0.0.0.0", http_port: int | None = None, http_host: str = "0.0.0.0"):
+                 metrics_host: str = "127.0.0.1", http_port: int | None = None, http_host: str = "127.0.0.1"):
         self.cfg = cfg
         self.listen = listen or cfg.server.listen
         self.tls = (tls_cert or cfg.server.tls_cert, tls_key or cfg.server.tls_key)
