@@ -30,9 +30,11 @@ from .optim import OptimConfig
 def build_optimizer(model: torch.nn.Module, o: OptimConfig) -> torch.optim.AdamW:
     """AdamW without weight decay on norms and vectors; fused when the parameters are on CUDA (one kernel per
     group, no temporaries the size of the parameters as the default foreach path makes: 34.2% -> 39.2% MFU
-    for a 1B model on an H100, benchmarks/RESULTS.md)."""
+    for a 1B model on an H100, benchmarks/RESULTS.md). Frozen parameters (a LoRA base) are left out."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
         (no_decay if p.dim() < 2 or name.endswith("norm.weight") else decay).append(p)
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     cuda = bool(decay + no_decay) and all(p.device.type == "cuda" for p in decay + no_decay)

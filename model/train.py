@@ -58,6 +58,17 @@ from .checkpoint import (
 )
 from .config import ModelConfig, checked_fields, help_field, read_config_file
 from .data import Batch, ShardData, StatelessData, SyntheticSource, TokenFileSource
+from .finetune import (
+    OBJECTIVES,
+    FinetuneConfig,
+    check_qlora,
+    dpo_evaluate,
+    dpo_step,
+    frozen_copy,
+    read_lora_spec,
+    write_lora_spec,
+)
+from .lora import add_lora, merge_lora
 from .optim import OptimConfig, lr_at
 from .parallel import (
     Dist,
@@ -79,15 +90,18 @@ log = logging.getLogger("model.train")
 
 @dataclass
 class DataConfig:
-    source: str = help_field("synthetic (built-in arithmetic progressions), tokens (a flat token file) or shards "
-                        "(data_shards directories mixed by weight, see data.mixture).", default="synthetic")
+    source: str = help_field("synthetic (built-in arithmetic progressions), tokens (a flat token file), shards "
+                        "(data_shards directories mixed by weight, see data.mixture) or dpo (preference pairs: "
+                        "data.path, the coordinator's synthetic/dpo.jsonl).", default="synthetic")
     mixture: list[dict[str, Any]] | None = help_field("source=shards: [{path: DIR, weight: W, name: optional}, ...] "
                                                  "shard directories and their sampling weights.", default=None)
     eval_mixture: list[dict[str, Any]] | None = help_field("source=shards: held-out shard directories for eval, "
                                                       "same form as mixture.", default=None)
     verify: bool = help_field("source=shards: check every shard's SHA-256 when opening it.", default=False)
-    path: str | None = help_field("Token file for source=tokens (little-endian ids, see data.dtype).",
-                             default=None)
+    path: str | None = help_field("Token file for source=tokens (little-endian ids, see data.dtype); JSON-lines "
+                                  "preference pairs for source=dpo.", default=None)
+    tokenizer: str | None = help_field("source=dpo: the tokenizer directory (default: init_from's tokenizer/).",
+                                       default=None)
     dtype: str = help_field("Integer type of the token file: uint16 or uint32.", default="uint16")
     seq_len: int = help_field("Tokens per training sequence.", default=128)
     eval_fraction: float = help_field("Share of the token file held out for eval (source=tokens).",
@@ -96,10 +110,13 @@ class DataConfig:
                                    "positions restart after it. null: no boundaries.", default=None)
 
     def __post_init__(self) -> None:
-        if self.source not in ("synthetic", "tokens", "shards"):
-            raise ValueError(f"data.source must be synthetic, tokens or shards, got {self.source!r}")
+        if self.source not in ("synthetic", "tokens", "shards", "dpo"):
+            raise ValueError(f"data.source must be synthetic, tokens, shards or dpo, got {self.source!r}")
         if self.source == "tokens" and not self.path:
             raise ValueError("data.source is tokens but data.path is not set: point it at a token file")
+        if self.source == "dpo" and not self.path:
+            raise ValueError("data.source is dpo but data.path is not set: point it at the coordinator's "
+                             "STATE_DIR/synthetic/dpo.jsonl")
         if self.source == "shards" and not self.mixture:
             raise ValueError("data.source is shards but data.mixture is empty: list shard directories with weights, "
                              "e.g. mixture: [{path: shards/ja, weight: 0.6}, {path: shards/en, weight: 0.4}]")
@@ -111,8 +128,11 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    objective: str = help_field("pretrain (next-token loss), sft (next-token loss on the assistant turns of chat "
+                                "shards) or dpo (preference pairs, see the finetune section).", default="pretrain")
     steps: int = help_field("Optimizer steps in the run.", default=300)
-    batch_size: int = help_field("Sequences per optimizer step (global batch, over all processes).", default=16)
+    batch_size: int = help_field("Sequences per optimizer step (global batch, over all processes); pairs "
+                                 "for dpo.", default=16)
     micro_batch_size: int = help_field("Sequences per forward/backward and process; batch_size / "
                                   "(micro_batch_size x processes) steps are accumulated.", default=16)
     seed: int = help_field("Seed for initialisation and data order.", default=0)
@@ -147,6 +167,8 @@ class TrainConfig:
             raise ValueError(f"train.phase must be 1-32 letters, digits or ._- (e.g. pretrain), got {self.phase!r}")
         if self.dtype not in ("auto", "bf16", "fp32"):
             raise ValueError(f"train.dtype must be auto, bf16 or fp32, got {self.dtype!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"train.objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
 
 
 @dataclass
@@ -162,8 +184,23 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def __post_init__(self) -> None:
+        ft, objective = self.finetune, self.train.objective
+        if ft.init_from is not None:
+            if self.init_from is not None and self.init_from != ft.init_from:
+                raise ValueError(f"init_from={self.init_from} and finetune.init_from={ft.init_from} differ: give one")
+            self.init_from = ft.init_from
+        if objective in ("sft", "dpo") and self.init_from is None:
+            raise ValueError(f"train.objective {objective} starts from a trained model: set finetune.init_from "
+                             "(e.g. the swarm's exported checkpoint, or the SFT run's OUT/final for DPO)")
+        if (objective == "dpo") != (self.data.source == "dpo"):
+            raise ValueError("train.objective dpo and data.source dpo go together: DPO reads preference pairs, "
+                             "the other objectives read token sequences")
+        if objective == "sft" and self.data.source != "shards":
+            raise ValueError("train.objective sft reads chat shards: set data.source: shards and list the shards "
+                             "`mujina-data shard` made from chat records in data.mixture")
         if self.model is None and self.init_from is None:
             raise ValueError("the config needs a `model:` section (e.g. `preset: debug`) or `init_from:`")
         if self.model is not None and self.init_from is None:
@@ -172,7 +209,7 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         d = dict(checked_fields(cls, d, "the config's top level"))
-        sections = {"data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
+        sections = {"data": DataConfig, "optim": OptimConfig, "train": TrainConfig, "finetune": FinetuneConfig}
         for name, sec in sections.items():
             d[name] = sec(**checked_fields(sec, d.get(name) or {}, name))
         return cls(**d)
@@ -236,8 +273,17 @@ class Trainer:
             raise ValueError(f"data.seq_len={d.seq_len} exceeds the model's max_seq_len={self.mcfg.max_seq_len}")
         self._check_fits(use_bf16)
         rank = self.dist.rank
+        ft = cfg.finetune
+        if ft.mode == "qlora":
+            check_qlora(self.device)
         if d.source == "synthetic":
             self.data = StatelessData(SyntheticSource(self.mcfg.vocab_size, d.seq_len, t.seed), rank, world)
+        elif d.source == "dpo":
+            from .preference import PreferenceData
+
+            tok = d.tokenizer or str(Path(cfg.init_from) / "tokenizer")
+            self.data = PreferenceData(d.path, tok, d.seq_len, t.seed, d.eval_fraction if t.eval_every else 0.0,
+                                       self.mcfg.vocab_size, rank, world)
         elif d.source == "tokens":
             self.data = StatelessData(TokenFileSource(d.path, d.dtype, d.seq_len, t.seed, d.eval_fraction,
                                                       d.doc_sep_id, self.mcfg.vocab_size), rank, world)
@@ -249,12 +295,27 @@ class Trainer:
         if cfg.train.eval_every and d.source == "shards" and not d.eval_mixture:
             raise ValueError("train.eval_every > 0 but data.eval_mixture is not set: list held-out shard "
                              "directories, or set train.eval_every: 0")
+        if t.objective == "sft":
+            unmasked = [s.spec.path for s in self.data.train.sources if not all(r.has_mask for r in s.readers)]
+            if unmasked:
+                raise ValueError(f"train.objective sft needs chat shards (with a loss mask on assistant turns), but "
+                                 f"{', '.join(map(str, unmasked))} holds plain text: shard chat records with "
+                                 "`mujina-data shard`")
 
         torch.manual_seed(t.seed)  # the same initial weights on every process, and as on one process
         if cfg.init_from:
             model = load_checkpoint(cfg.init_from, device=self.device, dtype=torch.float32)
         else:
             model = Transformer(self.mcfg).to(self.device)
+        # LoRA: a frozen base and fresh adapters (seeded: the same on every process, as on one process).
+        self.lora = ft.spec() if ft.mode != "full" else None
+        if self.lora is not None:
+            add_lora(model, self.lora, generator=torch.Generator(device=self.device).manual_seed(t.seed))
+        # DPO's reference: the starting model. LoRA: the adapters switched off; full: a frozen copy.
+        self.reference = None
+        if t.objective == "dpo" and self.lora is None:
+            self.reference = parallelize(frozen_copy(model), self.dist, bf16=use_bf16,
+                                         activation_checkpointing=False, compile=t.compile)
         self.model = parallelize(model, self.dist, bf16=use_bf16, activation_checkpointing=t.activation_checkpointing,
                                  compile=t.compile)
         self.optimizer = build_optimizer(self.model, cfg.optim)
@@ -309,6 +370,8 @@ class Trainer:
         else:
             save_checkpoint(tmp, self.model, optimizer=self.optimizer, trainer_state=state)
         if self.dist.is_main:
+            if self.lora is not None:
+                write_lora_spec(tmp, self.lora)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             for old in sorted(self.ckpt_root.glob("step_*"))[: -self.cfg.train.keep_checkpoints]:
@@ -325,6 +388,14 @@ class Trainer:
             load_distributed(ckpt, self.model, self.optimizer)
         elif self.dist.distributed:
             load_full_into_sharded(ckpt, self.model, self.optimizer)
+        elif self.lora is not None:  # base + adapters under their names in this network
+            if read_lora_spec(ckpt) != self.lora:
+                raise ValueError(f"{ckpt} holds other LoRA adapters than this config's finetune section: use another "
+                                 "--out or restore the original r, alpha and targets")
+            from .checkpoint import load_state_dict
+
+            self.model.load_state_dict(load_state_dict(ckpt), strict=True)
+            load_optimizer_state(self.optimizer, self.model, ckpt)
         else:
             self.model.load_state_dict(load_checkpoint(ckpt).state_dict())
             load_optimizer_state(self.optimizer, self.model, ckpt)
@@ -341,6 +412,8 @@ class Trainer:
         return self.data.micro_batches(split, step, count, self.cfg.train.micro_batch_size)
 
     def train_step(self) -> dict[str, float]:
+        if self.cfg.train.objective == "dpo":
+            return self._dpo_step()
         lr = lr_at(self.step, self.cfg.optim, self.cfg.train.steps)
         world = self.dist.world_size
         batches = self._micro_batches("train", self.step, self.accum)  # this process's share
@@ -359,8 +432,37 @@ class Trainer:
         self.tokens_seen += sum(b.input_ids.numel() for b in batches) * world
         return {"loss": out.loss, "aux_loss": out.aux_loss, "grad_norm": out.grad_norm, "lr": lr}
 
+    def _dpo_step(self) -> dict[str, float]:
+        lr = lr_at(self.step, self.cfg.optim, self.cfg.train.steps)
+        batches = self._micro_batches("train", self.step, self.accum)
+        (n_chosen,) = self.dist.all_sum(sum(int(b.completion[:b.pairs, 1:].sum()) for b in batches))
+        try:
+            out = dpo_step(self.model, self.reference, self.optimizer, batches, cfg=self.cfg.finetune, lr=lr,
+                           n_pairs=self.cfg.train.batch_size, n_chosen_tokens=n_chosen,
+                           grad_clip=self.cfg.optim.grad_clip, device=self.device, autocast_dtype=self.autocast_dtype,
+                           world=self.dist.world_size, all_sum=self.dist.all_sum)
+        except NonFiniteStep as e:
+            raise FloatingPointError(f"non-finite {e.what} at step {self.step} (loss={e.loss}); weights were not "
+                                     "updated. Lower optim.lr or finetune.beta, then rerun to resume") from None
+        self.step += 1
+        self.tokens_seen += sum(b.input_ids.numel() for b in batches) * self.dist.world_size
+        return {"loss": out.loss, "aux_loss": out.aux_loss, "grad_norm": out.grad_norm, "lr": lr, **out.stats}
+
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self) -> dict[str, float]:
+        """The held-out loss (`eval_loss`), and for DPO the held-out rewards (`eval_rewards/...`)."""
+        if self.cfg.train.objective == "dpo":
+            if self._eval_batches is None:
+                self._eval_batches = self._micro_batches("eval", 0, self.cfg.train.eval_batches)
+            self.model.eval()
+            out = dpo_evaluate(self.model, self.reference, self._eval_batches, self.cfg.finetune, self.device,
+                               self.autocast_dtype, self.dist.all_sum)
+            self.model.train()
+            return out
+        return {"eval_loss": self._lm_eval()}
+
+    @torch.no_grad()
+    def _lm_eval(self) -> float:
         self.model.eval()
         if self._eval_batches is None:
             self._eval_batches = self._micro_batches("eval", 0, self.cfg.train.eval_batches)
@@ -414,7 +516,7 @@ class Trainer:
                         m["mfu"] = per_device * self.flops_per_token / self.peak_flops
                     t_last, tok_last = now, self.tokens_seen
                     if do_eval:
-                        m["eval_loss"] = self.evaluate()
+                        m.update(self.evaluate())
                     if mf is not None:
                         record = {"step": self.step, "tokens": self.tokens_seen, **m}
                         mf.write(json.dumps(record) + "\n")
@@ -441,15 +543,26 @@ class Trainer:
         return final
 
     def save_final(self) -> Path:
-        """The trained model in the project format (safetensors, full weights), written by rank 0."""
+        """The trained model in the project format (safetensors, full weights), written by rank 0. A LoRA run's
+        is merged (W + s B A): a plain checkpoint every other tool reads; its adapters stay in the last
+        resumable checkpoint (OUT/checkpoints/step_N, for `mujina-model export --adapter-out`)."""
         final = self.out / "final"
-        if not self.dist.distributed:
+        if not self.dist.distributed and self.lora is None:
             return save_checkpoint(final, self.model, tokenizer_dir=self.data.tokenizer_dir)
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        if self.dist.distributed:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            full = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         if self.dist.is_main:
-            save_checkpoint(final, self.model, tokenizer_dir=self.data.tokenizer_dir, state_dict=full)
+            net = self.model
+            if self.lora is not None:
+                net = Transformer(self.mcfg)
+                add_lora(net, self.lora)
+                net.load_state_dict(full)
+                full = merge_lora(net).state_dict()
+            save_checkpoint(final, net, tokenizer_dir=self.data.tokenizer_dir, state_dict=full)
         self.dist.barrier()
         return final
 
@@ -472,12 +585,14 @@ def _fmt_eta(seconds: float) -> str:
 def _config_help() -> str:
     lines = ["config file sections and fields (override any with --set SECTION.FIELD=VALUE):"]
     for f in fields(RunConfig):
-        if f.name in ("data", "optim", "train"):
+        if f.name in ("data", "optim", "train", "finetune"):
             continue
         lines.append(f"  {f.name:28s} {f.metadata.get('help', '')}")
-    for name, sec in (("data", DataConfig), ("optim", OptimConfig), ("train", TrainConfig)):
+    for name, sec in (("data", DataConfig), ("optim", OptimConfig), ("train", TrainConfig),
+                      ("finetune", FinetuneConfig)):
         for f in fields(sec):
-            lines.append(f"  {name + '.' + f.name:28s} {f.metadata['help']} [default: {f.default}]")
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            lines.append(f"  {name + '.' + f.name:28s} {f.metadata['help']} [default: {default}]")
     return "\n".join(lines)
 
 
