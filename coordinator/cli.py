@@ -4,8 +4,10 @@
                               [--http-port P] [--tls-cert PEM --tls-key PEM]
     mujina-coordinator token  add NAME [--max-leases N] | list | revoke NAME
     mujina-coordinator tasks  add --kind eval --payload JSON [--count N] [--priority P] [--min-gpu-memory B]
-                              [--needs-cuda] [--min-speed S] | list [--state S] | retry TASK_ID
-    mujina-coordinator plan   (synthetic data: generate/judge tasks from the project's `synthetic` section)
+                              [--needs-cuda] [--min-speed S] | list [--state S]
+    mujina-coordinator tasks  cancel|retry [TASK_ID ...] [--state S] [--kind K] [--all]
+    mujina-coordinator plan   (synthetic data: generate/judge tasks from the project's `synthetic` section;
+                               retires pending tasks planned with a teacher whose files changed since)
     mujina-coordinator status
     mujina-coordinator init-swarm --checkpoint UPCYCLED_MOE   (needs a `swarm:` section; `serve` runs the rounds)
     mujina-coordinator ledger [--csv]
@@ -28,6 +30,7 @@ import time
 from pathlib import Path
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 
 log = logging.getLogger("coordinator")
 
@@ -46,10 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     _common(s)
     s.add_argument("--listen", help="HOST:PORT (default: server.listen of the project file); port 0 picks one")
     s.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (default: off)")
-    s.add_argument("--metrics-host", default="0.0.0.0", help="address of the metrics endpoint")
+    s.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics endpoint (default: "
+                   "127.0.0.1, this machine only; 0.0.0.0 lets Prometheus on other machines scrape it)")
     s.add_argument("--http-port", type=int, help="serve the live status page (and /api/status) on this port "
                    "(default: off)")
-    s.add_argument("--http-host", default="0.0.0.0", help="address of the status page")
+    s.add_argument("--http-host", default="127.0.0.1", help="address of the status page (default: 127.0.0.1, "
+                   "this machine only; 0.0.0.0 shows it to everyone who can reach this machine)")
     s.add_argument("--tls-cert", type=Path, help="PEM certificate chain (with --tls-key: serve TLS)")
     s.add_argument("--tls-key", type=Path, help="PEM private key")
     s.add_argument("--port-file", type=Path, help="write the bound gRPC port here once serving (for scripts)")
@@ -66,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     _common(tr)
     tr.add_argument("name")
 
-    k = sub.add_parser("tasks", help="add, list and retry tasks")
+    k = sub.add_parser("tasks", help="add, list, cancel and retry tasks")
     ksub = k.add_subparsers(dest="action", required=True)
     ka = ksub.add_parser("add", help="add tasks; prints one task id per line")
     _common(ka)
@@ -82,9 +87,16 @@ def _parser() -> argparse.ArgumentParser:
     _common(kl)
     kl.add_argument("--state", choices=["pending", "leased", "done", "dead"])
     kl.add_argument("--json", action="store_true", help="one JSON object per line")
-    kr = ksub.add_parser("retry", help="send a dead task back to the queue (attempts reset)")
-    _common(kr)
-    kr.add_argument("task_id")
+    kc = ksub.add_parser("cancel", help="end tasks that are not done yet (they go dead, without credit; a worker "
+                         "holding one is told to stop); prints how many changed")
+    kr = ksub.add_parser("retry", help="send dead tasks back to the queue (attempts reset, open to every token "
+                         "again); prints how many changed")
+    for p, states, default in ((kc, ("pending", "leased"), "pending and leased"), (kr, ("dead", "pending"), "dead")):
+        _common(p)
+        p.add_argument("task_ids", nargs="*", metavar="TASK_ID", help="these tasks (`tasks list` shows ids)")
+        p.add_argument("--state", choices=states, help=f"only tasks in this state (default: {default})")
+        p.add_argument("--kind", help="only tasks of this kind, e.g. generate")
+        p.add_argument("--all", action="store_true", help="every task of the run in the selected state(s)")
 
     pl = sub.add_parser("plan", help="synthetic data: add generate and judge tasks (idempotent), shard results")
     _common(pl)
@@ -100,22 +112,74 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _open(args):
+def load_project_file(path: Path):
+    """load_project, with a YAML syntax error told as the file and line to fix (yaml's own message names
+    neither the file nor how to go on)."""
+    import yaml
+
     from .config import load_project
+
+    try:
+        return load_project(path)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"{where}: not valid YAML ({problem}); fix that line (configs/project.yaml shows the "
+                         "format)") from None
+    except IsADirectoryError:
+        raise ValueError(f"--config {path} is a directory; give the project file, e.g. "
+                         f"{path}/project.yaml") from None
+
+
+def _open(args):
     from .store import Store
 
-    cfg = load_project(args.config)
+    cfg = load_project_file(args.config)
     return cfg, Store.open(args.db or cfg.db_url())
 
 
+def check_ports_free(binds: list[tuple[str, str, int]]) -> None:
+    """Refuse ports another process listens on before anything starts, naming the flag: [(flag, host, port)].
+    A bind test with SO_REUSEADDR, as the servers bind, so a port in TIME_WAIT is not mistaken for a taken one;
+    a port taken between this check and the real bind still fails there with the servers' own message."""
+    import errno
+    import socket
+
+    for flag, host, port in binds:
+        if port == 0:
+            continue
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host.strip("[]"), port))
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    raise ValueError(f"{flag}: cannot listen on {host}:{port}, the port is in use by another "
+                                     f"process; pick another {flag} (port 0 picks a free one), or stop what listens "
+                                     f"there (`ss -ltnp 'sport = :{port}'` shows it)") from None
+                if e.errno == errno.EADDRNOTAVAIL:
+                    raise ValueError(f"{flag}: {host} is not an address of this machine; use 127.0.0.1, 0.0.0.0 "
+                                     "or one of its own addresses") from None
+                raise
+
+
 def cmd_serve(args) -> int:
-    from .config import load_project
     from .server import CoordinatorServer
 
-    cfg = load_project(args.config)
+    cfg = load_project_file(args.config)
     for flag, port in (("--metrics-port", args.metrics_port), ("--http-port", args.http_port)):
         if port is not None and not 0 <= port <= 65535:
             raise ValueError(f"{flag} must be a TCP port (0-65535; 0 picks a free one), got {port}")
+    listen = args.listen or cfg.server.listen
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"--listen must be HOST:PORT (e.g. 127.0.0.1:50051; port 0 picks one), got {listen!r}")
+    check_ports_free([("--listen", host, int(port))]  # (from server.listen of the project file without --listen)
+                     + [(flag, h, p) for flag, h, p in (("--metrics-port", args.metrics_host, args.metrics_port),
+                                                        ("--http-port", args.http_host, args.http_port))
+                        if p is not None])
     lock = hold_state_dir(Path(cfg.state_dir))  # noqa: F841  (held until this process ends, kill -9 included)
     swarm = None
     if cfg.swarm is not None:  # the bootstrap DHT peer: its addresses go to every worker at Register
@@ -126,7 +190,10 @@ def cmd_serve(args) -> int:
             update={"bootstrap_peers": [*cfg.server.bootstrap_peers, *maddrs]})})
     srv = CoordinatorServer(cfg, db_url=args.db, listen=args.listen, metrics_port=args.metrics_port,
                             tls_cert=args.tls_cert, tls_key=args.tls_key, metrics_host=args.metrics_host,
-                            http_port=args.http_port, http_host=args.http_host).start()
+                            http_port=args.http_port, http_host=args.http_host)
+    if srv.status_page is not None:  # the swarm's progress and synthetic rejections come from the project
+        srv.status_page.project = cfg
+    srv.start()
     if cfg.swarm is not None:
         from .swarm_driver import SwarmDriver
 
@@ -181,10 +248,9 @@ def hold_state_dir(state_dir: Path):
 
 
 def cmd_init_swarm(args) -> int:
-    from .config import load_project
     from .swarm_driver import init_swarm
 
-    cfg = load_project(args.config)
+    cfg = load_project_file(args.config)
     if cfg.swarm is None:
         raise ValueError(f"{args.config} has no `swarm:` section: add one (see configs/project.yaml)")
     name = init_swarm(cfg.state_dir, cfg.run, args.checkpoint)
@@ -253,18 +319,60 @@ def cmd_tasks(args) -> int:
                                   "payload": json.loads(r.payload)}))
             else:
                 print(f"{r.id:<32} {r.kind:<8} {r.state:<8} {r.priority:>4} {r.attempts:>5}  {r.last_error or ''}")
+    elif args.action == "cancel":
+        ids = _select_tasks(args, store, cfg.run, ("pending", "leased"))
+        n = sched.cancel_tasks(ids, "cancelled by the organizer (mujina-coordinator tasks cancel)")
+        print(f"cancelled {n} task{'s' * (n != 1)}" + (f" ({len(ids) - n} already done or dead)" if len(ids) > n
+                                                        else ""))
     else:
-        try:
-            sched.retry_task(args.task_id)
-        except RequestError as e:
-            raise ValueError(e.message) from None
-        print(f"task {args.task_id} is pending again")
+        ids = _select_tasks(args, store, cfg.run, ("dead",))
+        for tid in ids:
+            try:
+                sched.retry_task(tid)
+            except RequestError as e:  # a task that finished between the selection and now
+                raise ValueError(e.message) from None
+        print(f"retried {len(ids)} task{'s' * (len(ids) != 1)}: pending again, attempts reset, open to every token")
     return 0
+
+
+def _select_tasks(args, store, run: str, default_states: tuple[str, ...]) -> list[str]:
+    """The ids `tasks cancel|retry` act on: the ids given (each checked to exist, and for retry to be dead or
+    pending), or the run's tasks matching --state (default: `default_states`) and --kind, or --all of them."""
+    from . import store as S
+
+    by_filter = args.state is not None or args.kind is not None or args.all
+    if bool(args.task_ids) == by_filter:
+        raise ValueError(f"tasks {args.action}: name the tasks either by id (TASK_ID ...) or by filter (--state S, "
+                         "--kind K, --all), not both and not neither; e.g. "
+                         f"`tasks {args.action} --state {default_states[0]} --kind generate`")
+    c = S.tasks.c
+    if args.task_ids:
+        with store.read() as conn:
+            found = dict(conn.execute(select(c.id, c.state).where(c.id.in_(args.task_ids))).all())
+        unknown = [t for t in args.task_ids if t not in found]
+        if unknown:
+            raise ValueError(f"unknown task id(s) {', '.join(unknown)}; `tasks list` shows them (nothing changed)")
+        if args.action == "retry":
+            busy = [f"{t} ({found[t]})" for t in args.task_ids if found[t] not in ("dead", "pending")]
+            if busy:
+                raise ValueError(f"only dead or pending tasks can be retried: {', '.join(busy)} (nothing changed)")
+        return list(dict.fromkeys(args.task_ids))
+    q = select(c.id).where(c.run == run, c.state.in_((args.state,) if args.state else default_states))
+    if args.kind is not None:
+        q = q.where(c.kind == args.kind)
+    with store.read() as conn:
+        ids = list(conn.execute(q.order_by(c.created, c.id)).scalars())
+        if not ids and args.kind is not None:
+            kinds = sorted(conn.execute(select(c.kind).where(c.run == run).distinct()).scalars())
+            print(f"no {args.kind!r} task matches; the run's task kinds are: {', '.join(kinds) or 'none'}",
+                  file=sys.stderr)
+    return ids
 
 
 def cmd_status(args) -> int:
     from . import store as S
     from .metrics import ACTIVE_WORKER_WINDOW_S
+    from .status_page import dead_reasons, live_workers, swarm_progress, swarm_text, synthetic_stats
 
     cfg, store = _open(args)
     now = time.time()
@@ -273,14 +381,11 @@ def cmd_status(args) -> int:
                                 .group_by(S.tasks.c.kind, S.tasks.c.state)).all()
         active_leases = conn.execute(select(func.count()).select_from(S.leases)
                                      .where(S.leases.c.state == "active")).scalar_one()
-        workers = conn.execute(select(func.count()).select_from(S.workers)).scalar_one()
-        active = conn.execute(select(func.count()).select_from(S.workers)
-                              .where(S.workers.c.last_seen > now - ACTIVE_WORKER_WINDOW_S)).scalar_one()
+        workers, live, registered = live_workers(conn, now)
         tokens = conn.execute(select(func.count()).select_from(S.tokens)
                               .where(S.tokens.c.revoked.is_(None))).scalar_one()
         credit = conn.execute(select(S.ledger.c.unit, func.sum(S.ledger.c.amount)).group_by(S.ledger.c.unit)).all()
-        dead = conn.execute(select(S.tasks.c.id, S.tasks.c.last_error).where(S.tasks.c.state == "dead")
-                            .order_by(S.tasks.c.updated.desc()).limit(5)).all()
+        dead = dead_reasons(conn)
     print(f"run {cfg.run}  store {store.engine.url.render_as_string(hide_password=True)}")
     states = ("pending", "leased", "done", "dead")
     print(f"tasks: {'kind':<10}" + "".join(f"{s:>9}" for s in states))
@@ -289,18 +394,23 @@ def cmd_status(args) -> int:
         print(f"       {kind:<10}" + "".join(f"{counts.get(s, 0):>9}" for s in states))
     if not by_state:
         print("       (none; add some with `mujina-coordinator tasks add`)")
+    for d in dead:
+        print(f"dead {d['kind']}: {d['count']} {d['reason']}  (latest: {d['example'][:100]})")
     print(f"leases active: {active_leases}")
-    print(f"workers: {active} active in the last {ACTIVE_WORKER_WINDOW_S:.0f} s, {workers} registered; "
+    print(f"workers: {live} active in the last {ACTIVE_WORKER_WINDOW_S:.0f} s, {registered} registered; "
           f"{tokens} valid tokens")
+    for w in workers:
+        if w.last_seen > now - ACTIVE_WORKER_WINDOW_S:
+            print(f"  worker {w.name} ({w.token}): seen {now - w.last_seen:.0f} s ago, speed {w.speed:g}, "
+                  f"{'cuda' if w.cuda else 'cpu'} {w.gpu_memory / 2**30:.1f} GiB")
     print("credit: " + (", ".join(f"{unit} {exact(amount, grouping=True)}" for unit, amount in credit)
                         or "none yet"))
-    for tid, err in dead:
-        print(f"dead: {tid}  {err}")
-    stats = cfg.state_dir / "synthetic" / "stats.json"
-    if stats.exists():
-        for kind, s in sorted(json.loads(stats.read_text()).items()):
-            rejected = ", ".join(f"{k} {v}" for k, v in sorted(s["rejected"].items())) or "none"
-            print(f"synthetic {kind}: {s['accepted']} records accepted, {s['tokens']} tokens; rejected: {rejected}")
+    swarm = swarm_progress(cfg)
+    if swarm is not None:
+        print(f"swarm: {swarm_text(swarm)}")
+    for kind, s in sorted(synthetic_stats(cfg).items()):
+        rejected = ", ".join(f"{k} {v}" for k, v in sorted(s["rejected"].items())) or "none"
+        print(f"synthetic {kind}: {s['accepted']} records accepted, {s['tokens']} tokens; rejected: {rejected}")
     return 0
 
 
@@ -310,6 +420,9 @@ def cmd_plan(args) -> int:
 
     cfg, store = _open(args)
     added = plan(cfg, Scheduler(store, cfg))
+    for kind, teacher, old, n in added["retired"]:
+        print(f"retired {n} pending {kind} tasks planned with teacher {teacher}'s old hash {old[:12]} (its files "
+              "changed since); their prompts are planned again under the new hash")
     print(f"prompts {added['prompts']}; added {added['generate']} generate and {added['judge']} judge tasks; "
           f"synthetic shards {added['shards']}")
     return 0
@@ -358,6 +471,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as e:
         print(f"mujina-coordinator: {e}", file=sys.stderr)
+        return 2
+    except SQLAlchemyError as e:  # a --db / db URL that does not parse, or a database that does not answer
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"mujina-coordinator: the store could not be opened ({first}); check --db or `db:` in {args.config}",
+              file=sys.stderr)
         return 2
 
 

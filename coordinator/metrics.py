@@ -1,8 +1,9 @@
 """Prometheus metrics of the coordinator, or a null version when `--metrics-port` is not given.
 
-`make_metrics(port, store)` is called once at start-up; the server calls the same methods on either
-object, so the hot path never asks whether metrics are on. Names follow Prometheus conventions
-(`_total` counters, `_seconds` durations, base units).
+`make_metrics(port, store, host)` is called once at start-up (host 127.0.0.1 unless --metrics-host
+says otherwise; served by a bounded pool of threads, idle connections closed: coordinator/http_serve.py);
+the server calls the same methods on either object, so the hot path never asks whether metrics are on.
+Names follow Prometheus conventions (`_total` counters, `_seconds` durations, base units).
 
 Gauges that are facts of the store (tasks by kind and state, active workers, contributions) are
 read from it at scrape time by a collector, so they are right after a restart too.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 
 from sqlalchemy import func, select
@@ -125,8 +127,11 @@ class SwarmCollector:
 
 
 class PrometheusMetrics(NullMetrics):
-    def __init__(self, port: int, store: S.Store, host: str = "0.0.0.0", state_dir=None, run: str | None = None):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+    def __init__(self, port: int, store: S.Store, host: str = "127.0.0.1", state_dir=None, run: str | None = None):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client.exposition import MetricsHandler
+
+        from .http_serve import BoundedHTTPServer
 
         self.registry = CollectorRegistry()
         self._rpc = Histogram("mujina_rpc_duration_seconds", "Coordinator RPC latency", ["method", "code"],
@@ -143,8 +148,18 @@ class PrometheusMetrics(NullMetrics):
             self.registry.register(SyntheticCollector(state_dir))
             if run is not None:
                 self.registry.register(SwarmCollector(state_dir, run))
-        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
-        log.info("metrics on http://%s:%d/metrics", host, port)
+        # prometheus_client's start_http_server runs a thread per connection with no timeout: served here by
+        # a fixed pool instead, idle connections closed (coordinator/http_serve.py)
+        try:
+            self._server = BoundedHTTPServer((host, port), MetricsHandler.factory(self.registry))
+        except OSError as err:
+            raise OSError(f"metrics: cannot listen on {host}:{port} ({err.strerror}); pick another --metrics-port "
+                          "(0 picks a free one) or --metrics-host") from None
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
+                                        name="metrics-http", daemon=True)
+        self._thread.start()
+        log.info("metrics on http://%s:%d/metrics", host, self.port)
 
     def rpc(self, method, code, seconds):
         self._rpc.labels(method, code).observe(seconds)
@@ -163,8 +178,9 @@ class PrometheusMetrics(NullMetrics):
 
     def close(self):
         self._server.shutdown()
+        self._server.server_close()
 
 
-def make_metrics(port: int | None, store: S.Store, host: str = "0.0.0.0", state_dir=None,
+def make_metrics(port: int | None, store: S.Store, host: str = "127.0.0.1", state_dir=None,
                  run: str | None = None) -> NullMetrics:
     return NullMetrics() if port is None else PrometheusMetrics(port, store, host, state_dir, run)

@@ -1,6 +1,10 @@
 """`mujina-coordinator plan`: the project's synthetic section -> generate tasks, then judge tasks, then shards.
 
 Every run is idempotent, so the organizer runs it whenever they like (e.g. from cron):
+  0. pending generate (judge) tasks planned with another hash of the teacher (judge) than its files have
+     now (its directory changed: new weights, a new chat template) are retired (cancelled, so they go dead
+     with `CANCELLED: ...` as their last error): no worker with the current files could run them, and
+     step 1 plans their prompts again under the new hash;
   1. prompts (data_shards.synthetic.build_prompts) are cut into batches of `batch_size`; each batch
      becomes two generate tasks (answer 0 and answer 1, with different seeds), whose ids are hashes
      of the run, the batch's prompt ids and the answer index: a task that exists is not added again;
@@ -88,13 +92,15 @@ def plan(cfg: ProjectConfig, scheduler: Scheduler) -> dict:
     teacher = teacher_ref(syn.teacher)
     judge = teacher_ref(syn.judge) if syn.judge is not None else teacher
     with scheduler.store.read() as conn:
-        rows = conn.execute(select(S.tasks.c.id, S.tasks.c.kind, S.tasks.c.payload)
+        rows = conn.execute(select(S.tasks.c.id, S.tasks.c.kind, S.tasks.c.state, S.tasks.c.payload)
                             .where(S.tasks.c.kind.in_(("generate", "judge")), S.tasks.c.run == cfg.run)).all()
+    retired = retire_stale(scheduler, rows, {"generate": teacher, "judge": judge})
+    rows = [r for r in rows if r.id not in retired["ids"]]
     existing = {r.id for r in rows}
     judged = {p["prompt_id"] for r in rows if r.kind == "judge" for p in json.loads(r.payload)["pairs"]}
     sampling = syn.sampling.model_dump()
     limits = {"min_chars": syn.min_output_chars, "max_chars": syn.max_output_chars}
-    added = {"generate": 0, "judge": 0, "prompts": len(prompts), "shards": 0}
+    added = {"generate": 0, "judge": 0, "prompts": len(prompts), "shards": 0, "retired": retired["counts"]}
     for i in range(0, len(prompts), syn.batch_size):
         batch = prompts[i: i + syn.batch_size]
         for answer in (0, 1):
@@ -121,6 +127,27 @@ def plan(cfg: ProjectConfig, scheduler: Scheduler) -> dict:
     log.info("plan: %d prompts; added %d generate and %d judge tasks; %d synthetic shards", len(prompts),
              added["generate"], added["judge"], added["shards"])
     return added
+
+
+def retire_stale(scheduler: Scheduler, rows, current: dict[str, dict]) -> dict:
+    """Cancel the pending tasks of `rows` (generate, judge) whose teacher hash is not `current[kind]`'s: they were
+    planned before the teacher's files changed. Returns {"ids": set, "counts": [(kind, teacher, old hash, n)]}."""
+    stale: dict[tuple[str, str, str], list[str]] = {}
+    for r in rows:
+        if r.state != "pending":
+            continue  # a leased task finishes or fails on its own; a done one keeps its result
+        t = json.loads(r.payload).get("teacher", {})
+        if t.get("sha256") != current[r.kind]["sha256"]:
+            stale.setdefault((r.kind, t.get("name", "?"), t.get("sha256") or "?"), []).append(r.id)
+    counts = []
+    for (kind, name, old), ids in sorted(stale.items()):
+        new = current[kind]
+        n = scheduler.cancel_tasks(ids, f"retired by `plan`: teacher {name}'s files changed (hash {old[:12]} -> "
+                                        f"{new['sha256'][:12]}); replanned under the new hash")
+        counts.append((kind, name, old, n))
+        log.warning("plan: retired %d pending %s tasks planned with teacher %s's old hash %s (now %s)", n, kind,
+                    name, old[:12], new["sha256"][:12])
+    return {"ids": {i for ids in stale.values() for i in ids}, "counts": counts}
 
 
 def ready_pairs(generated: Path, judged: set[str]) -> list[dict]:
