@@ -39,6 +39,7 @@ PAD = 0
 class PairBatch:
     input_ids: torch.Tensor   # (2B, T) int64: chosen rows, then rejected rows
     completion: torch.Tensor  # (2B, T) int64: 1 on the answer's tokens
+    tokens: int               # real (unpadded) tokens in the batch
 
     @property
     def pairs(self) -> int:
@@ -124,7 +125,7 @@ class PreferenceData:
             for row, (x, m) in ((i, (c_ids, c_mask)), (len(rows) + i, (r_ids, r_mask))):
                 ids[row, :len(x)] = torch.from_numpy(x)
                 comp[row, :len(m)] = torch.from_numpy(m)
-        return PairBatch(ids, comp)
+        return PairBatch(ids, comp, sum(len(r[0]) + len(r[2]) for r in rows))
 
     def micro_batches(self, split: str, step: int, count: int, micro: int) -> list[PairBatch]:
         """This process's share of step `step`'s `count` global micro-batches of `micro` pairs each

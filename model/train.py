@@ -445,7 +445,8 @@ class Trainer:
             raise FloatingPointError(f"non-finite {e.what} at step {self.step} (loss={e.loss}); weights were not "
                                      "updated. Lower optim.lr or finetune.beta, then rerun to resume") from None
         self.step += 1
-        self.tokens_seen += sum(b.input_ids.numel() for b in batches) * self.dist.world_size
+        (tokens,) = self.dist.all_sum(sum(b.tokens for b in batches))  # unpadded: padding depends on the split
+        self.tokens_seen += int(tokens)
         return {"loss": out.loss, "aux_loss": out.aux_loss, "grad_norm": out.grad_norm, "lr": lr, **out.stats}
 
     @torch.no_grad()

@@ -110,8 +110,10 @@ def test_lora_dpo_learns_the_preference_resumes_exactly_and_merges(world, tmp_pa
                 assert abs(got[step][key] - want[step][key]) <= 1e-6, (step, key)
 
 
-def chat_shards(world: Path, tmp: Path) -> dict[str, Path]:
+@pytest.fixture(scope="module")
+def chat_shards(world, tmp_path_factory) -> dict[str, Path]:
     """Chat records (an answer that restates the question's first words) sharded by the real `mujina-data`."""
+    tmp = tmp_path_factory.mktemp("chat")
     r = random.Random(1)
     sentences = [s for d in english_documents(120, seed=9) for s in d.replace("\n", " ").split(". ") if 30 < len(s)]
     out = {}
@@ -151,10 +153,10 @@ def pretrained_base(world: Path, tmp: Path) -> Path:
 
 @pytest.mark.slow  # shards chat records and trains 100 steps (about 10 s; LoRA pretrains its base first)
 @pytest.mark.parametrize("mode", ["full", "lora"])
-def test_sft_lowers_the_held_out_assistant_loss(world, tmp_path, mode):
+def test_sft_lowers_the_held_out_assistant_loss(world, chat_shards, tmp_path, mode):
     from model.train import RunConfig, Trainer
 
-    shards = chat_shards(world, tmp_path)
+    shards = chat_shards
     base = world / "base" if mode == "full" else pretrained_base(world, tmp_path)
     cfg = {"finetune": {"mode": mode, "init_from": str(base), "r": 16, "alpha": 32},
            "data": {"source": "shards", "mixture": [{"path": str(shards["train"]), "weight": 1.0}],
@@ -196,3 +198,26 @@ def test_a_broken_pair_names_its_line(world, tmp_path):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     r = mujina_train("--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "run"), check=False)
     assert r.returncode == 2 and f"{bad}:121: not a preference pair" in r.stderr, r.stderr
+
+
+@pytest.mark.slow  # torchrun: 2 training processes, three times (about 30 s)
+@pytest.mark.parametrize("objective, mode", [("dpo", "full"), ("dpo", "lora"), ("sft", "lora")])
+def test_two_processes_give_the_post_training_losses_of_one(world, chat_shards, tmp_path, objective, mode):
+    from tests.model.test_cluster import torchrun
+
+    config = yaml.safe_load(dpo_config(world, tmp_path / "c.yaml", mode, steps=4, eval_every=4).read_text())
+    if objective == "sft":
+        config["data"] = {"source": "shards", "mixture": [{"path": str(chat_shards["train"]), "weight": 1.0}],
+                          "eval_mixture": [{"path": str(chat_shards["eval"]), "weight": 1.0}], "seq_len": 96}
+        config["train"]["objective"] = "sft"
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    mujina_train("--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "one"))
+    r = torchrun(tmp_path / "c.yaml", tmp_path / "two")
+    assert "2 processes (FSDP2)" in r.stderr
+    got, want = records(tmp_path / "two"), records(tmp_path / "one")
+    assert sorted(got) == sorted(want) == [1, 2, 3, 4]
+    for step in want:
+        assert got[step]["tokens"] == want[step]["tokens"]
+        for key in ("loss", "grad_norm", "eval_loss", "rewards/margins"):
+            if key in want[step]:
+                assert abs(got[step][key] - want[step][key]) <= 1e-5, (step, key, got[step][key], want[step][key])
