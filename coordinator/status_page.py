@@ -43,7 +43,7 @@ from pathlib import Path
 from sqlalchemy import and_, func, select
 
 from . import store as S
-from .http_serve import BoundedHTTPServer
+from .http_serve import IDLE_TIMEOUT_S, BoundedHTTPServer
 from .metrics import ACTIVE_WORKER_WINDOW_S
 
 log = logging.getLogger(__name__)
@@ -215,11 +215,12 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class _Server(BoundedHTTPServer):
-    def __init__(self, addr, store: S.Store, run: str, experts: ExpertsFn | None, project=None):
+    def __init__(self, addr, store: S.Store, run: str, experts: ExpertsFn | None, project=None,
+                 idle_timeout_s: float = IDLE_TIMEOUT_S):
         self.store, self.run, self.experts, self.project, self.html = store, run, experts, project, page_html()
         self._lock = threading.Lock()
         self._cached: tuple[float, bytes] = (-CACHE_S, b"")
-        super().__init__(addr, _Handler)
+        super().__init__(addr, _Handler, idle_timeout_s=idle_timeout_s)
 
     def status_json(self) -> bytes:
         """collect_status as JSON, read at most once per CACHE_S however many pages are open: the loss
@@ -235,11 +236,12 @@ class _Server(BoundedHTTPServer):
 class StatusPage:
     """The page's HTTP server on its own threads; `start()` binds (raising OSError naming the port).
     `project` (a ProjectConfig, optional, settable until start()) adds the swarm's progress and the synthetic
-    rejections."""
+    rejections. A connection that sends no request within `idle_timeout_s` is closed."""
 
     def __init__(self, store: S.Store, run: str, host: str = "127.0.0.1", port: int = 0,
-                 experts: ExpertsFn | None = None, project=None):
+                 experts: ExpertsFn | None = None, project=None, idle_timeout_s: float = IDLE_TIMEOUT_S):
         self.store, self.run, self.host, self.experts, self.project = store, run, host, experts, project
+        self.idle_timeout_s = idle_timeout_s
         self._want_port = port
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -256,7 +258,7 @@ class StatusPage:
     def start(self) -> StatusPage:
         try:
             self._server = _Server((self.host, self._want_port), self.store, self.run, self.experts,
-                                   self.project)
+                                   self.project, self.idle_timeout_s)
         except OSError as err:
             raise OSError(f"status page: cannot listen on {self.host}:{self._want_port} ({err.strerror}); "
                           "pick another --http-port") from None
