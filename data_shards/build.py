@@ -21,8 +21,11 @@ whatever the number of workers.
 
 Resumption: every finished shard is appended to OUT/.journal.jsonl. A rerun reads and filters
 the input again (cheap, deterministic) but skips tokenising and writing every document that
-belongs to a journaled shard. Every dropped document is counted by reason in the manifest's
-report (and in OUT/report.json).
+belongs to a journaled shard. The journal is idempotent per (bucket, index): a rerun first checks
+every journaled shard (present, size, SHA-256, document count), keeps each bucket's shards up to its
+first missing or damaged one, and rebuilds from there; so deleting or damaging a shard and rerunning
+(as often as you like) gives the manifest of a clean build. Every dropped document is counted by
+reason in the manifest's report (and in OUT/report.json).
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from .chat import render_chat
 from .dedup import Deduplicator
 from .filters import FilterConfig, char_classes, detect_languages, normalize_many, quality_reasons
 from .ingest import Document, DropCounter, RawLine, parse_json_line, read_documents
-from .shards import Manifest, ShardInfo, ShardWriter, token_dtype
+from .shards import Manifest, ShardError, ShardInfo, ShardReader, ShardWriter, token_dtype
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -519,18 +522,65 @@ def _close(out: Path, bucket: _Bucket, tok: Tokenizer) -> ShardInfo:
 
 
 def _read_journal(out: Path, tokenizer_sha256: str) -> list[dict]:
+    """The journal's records that a rerun can keep: at most one per (bucket, index), each bucket's indexes
+    0, 1, 2, ... without a gap, and every shard present and intact (its size, SHA-256 and document count
+    checked against the record). A bucket stops at its first missing, truncated or corrupted shard: that
+    shard and the bucket's later ones are rebuilt (the documents are decided in input order, so the rebuilt
+    files are the same), while the other buckets keep theirs. The journal is rewritten to hold exactly these
+    records, so a rerun never lists a shard twice, however often it is repeated."""
     path = out / JOURNAL
     if not path.exists():
         return []
-    records = []
-    for line in path.read_text().splitlines():
+    text = path.read_text()
+    by_bucket: dict[tuple, dict[int, dict]] = {}
+    for line in text.splitlines():
         try:
             r = json.loads(line)
-        except json.JSONDecodeError:
+            key, index = tuple(r["bucket"]), int(r["index"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             break  # a torn last line from a crash: everything before it is complete
         if r["tokenizer_sha256"] != tokenizer_sha256:
             raise ValueError(f"{out} holds shards from another tokenizer: use a new --out directory")
-        if not (out / r["shard"]["file"]).exists():
-            break  # journal ahead of the files (should not happen: files are renamed first)
-        records.append(r)
+        by_bucket.setdefault(key, {}).setdefault(index, r)  # a (bucket, index) journaled twice counts once
+    records = []
+    for key, shards in by_bucket.items():
+        docs = 0
+        for index in range(len(shards) + 1):
+            r = shards.get(index)
+            if r is None:
+                break
+            problem = _shard_problem(out, r["shard"], docs + r["shard"]["documents"], r["docs_through"])
+            if problem is not None:
+                log.warning("shard %d of %s: %s; rebuilding it and the %d after it", index, "/".join(key), problem,
+                            sum(1 for i in shards if i > index))
+                if problem != "missing":
+                    (out / r["shard"]["file"]).unlink(missing_ok=True)
+                break
+            docs = r["docs_through"]
+            records.append(r)
+    kept = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    if kept != text:
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            f.write(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
     return records
+
+
+def _shard_problem(out: Path, info: dict, docs_through: int, journaled_through: int) -> str | None:
+    """Why the journaled shard `info` cannot be kept (missing, truncated, corrupted, counts that do not add
+    up), or None. Reads the whole file once (its SHA-256)."""
+    if docs_through != journaled_through:
+        return f"the journal's document count ({journaled_through}) does not add up ({docs_through})"
+    try:
+        reader = ShardReader(out / info["file"], expected_sha256=info["sha256"])
+    except FileNotFoundError:
+        return "missing"
+    except ShardError as e:
+        return str(e).removeprefix(f"{out / info['file']}: ")
+    if (reader.num_documents, reader.num_tokens) != (info["documents"], info["tokens"]):
+        return (f"it holds {reader.num_documents} documents and {reader.num_tokens} tokens, the journal says "
+                f"{info['documents']} and {info['tokens']}")
+    return None

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .shards import Manifest, ShardError, ShardReader
+from .shards import MANIFEST, Manifest, ShardError, ShardReader
 
 
 def cmd_tokenizer_train(a: argparse.Namespace) -> None:
@@ -51,16 +51,24 @@ def shard_stats(directory: str | Path, seq_len: int, verify: bool = False) -> di
     """Documents, tokens, tokens per character by language, and packing quality at seq_len."""
     from .packing import packing_stats
 
-    m = Manifest.load(directory)
+    m = Manifest.load(directory)  # refuses a manifest that lists a shard twice
     by_lang: dict[str, dict[str, int]] = defaultdict(lambda: {"documents": 0, "tokens": 0, "characters": 0})
     lengths = []
+    fix = "rerun `mujina-data shard` with the same arguments to rebuild it"
     for s in m.shards:
         r = ShardReader(Path(directory) / s.file, expected_sha256=s.sha256 if verify else None)
+        if (r.num_documents, r.num_tokens) != (s.documents, s.tokens):
+            raise ShardError(f"{Path(directory) / MANIFEST} says shard {s.file} holds {s.documents} documents and "
+                             f"{s.tokens} tokens, the file holds {r.num_documents} and {r.num_tokens}: {fix}")
         lengths.append(r.lengths())
         d = by_lang[s.language]
         d["documents"] += s.documents
         d["tokens"] += s.tokens
         d["characters"] += s.characters
+    kept = m.report.get("documents_kept")
+    if verify and isinstance(kept, dict) and sum(kept.values()) != m.documents:
+        raise ShardError(f"{Path(directory) / MANIFEST}: its shards hold {m.documents} documents but its report "
+                         f"kept {sum(kept.values())}: {fix}")
     languages = {
         lang: {**d, "tokens_per_character": round((d["tokens"] - 2 * d["documents"]) / d["characters"], 4)
                if d["characters"] else None}
@@ -119,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dir", help="shard directory")
     s.add_argument("--seq-len", type=int, required=True, help="sequence length for the packing figures")
     s.add_argument("--json", action="store_true", help="print JSON")
-    s.add_argument("--verify", action="store_true", help="check every shard's SHA-256")
+    s.add_argument("--verify", action="store_true",
+                   help="check every shard's SHA-256, and that the report's kept documents add up to the shards'")
     s.set_defaults(fn=cmd_stats)
     return p
 

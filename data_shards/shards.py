@@ -42,6 +42,9 @@ HEADER = struct.Struct("<8sIIIIQQ")  # magic, version, width, flags, reserved, n
 FLAG_MASK = 1
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "mujina-shards/1"
+# What to do about a damaged shard or manifest: a rerun checks every shard it journaled and rebuilds the damaged
+# ones (data_shards/build.py); a shard that was downloaded is fetched again by the worker.
+REBUILD = "rerun `mujina-data shard` with the same arguments to rebuild it (a downloaded shard: fetch it again)"
 
 
 class ShardError(ValueError):
@@ -155,14 +158,14 @@ class ShardReader:
         want = HEADER.size + 8 * (n_docs + 1) + width * n_tokens + (n_tokens if self.has_mask else 0)
         if size != want:
             raise ShardError(f"{self.path}: {size} bytes but its header implies {want}: truncated or corrupted; "
-                             "delete it and fetch or rebuild it")
+                             f"{REBUILD}")
         if verify or expected_sha256:
             digest = file_sha256(self.path)
             name_hash = self.path.stem
             for label, want_hash in (("file name", name_hash if verify else None), ("manifest", expected_sha256)):
                 if want_hash is not None and digest != want_hash:
                     raise ShardError(f"{self.path}: SHA-256 {digest[:12]}... does not match its {label} "
-                                     f"({want_hash[:12]}...): the shard is corrupted; delete it and fetch it again")
+                                     f"({want_hash[:12]}...): the shard is corrupted; {REBUILD}")
         mm = np.memmap(self.path, dtype=np.uint8, mode="r")
         start = HEADER.size
         self.offsets = mm[start: start + 8 * (n_docs + 1)].view("<u8")
@@ -231,14 +234,33 @@ class Manifest:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> Manifest:
+        """The manifest of `directory`; ShardError (a ValueError) naming the file and the fix when it is not
+        JSON, misses a field, or lists a shard twice."""
         path = Path(directory) / MANIFEST
         if not path.exists():
             raise FileNotFoundError(f"{directory} has no {MANIFEST}: build shards with `mujina-data shard`")
-        d = json.loads(path.read_text())
+        fix = "rerun `mujina-data shard` with the same arguments to rewrite it"
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ShardError(f"{path} is not UTF-8 text: {fix}") from None
+        except json.JSONDecodeError as e:
+            raise ShardError(f"{path} is not valid JSON ({e.msg}, line {e.lineno} column {e.colno}): {fix}") from None
+        if not isinstance(d, dict):
+            raise ShardError(f"{path} must hold a JSON object, not {type(d).__name__}: {fix}")
         if d.get("format") != MANIFEST_FORMAT:
             raise ShardError(f"{path}: format {d.get('format')!r} is not {MANIFEST_FORMAT!r}")
-        d["shards"] = [ShardInfo(**s) for s in d["shards"]]
-        return cls(**d)
+        try:
+            d["shards"] = [ShardInfo(**s) for s in d["shards"]]
+            m = cls(**d)
+        except (KeyError, TypeError) as e:
+            raise ShardError(f"{path} is missing a field or has an unknown one ({e}): {fix}") from None
+        seen: set[str] = set()
+        for s in m.shards:
+            if s.file in seen:
+                raise ShardError(f"{path} lists shard {s.file} twice (its documents would count twice): {fix}")
+            seen.add(s.file)
+        return m
 
     def check_tokenizer(self, tokenizer_sha256: str, where: str) -> None:
         if tokenizer_sha256 != self.tokenizer_sha256:

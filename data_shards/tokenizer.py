@@ -233,7 +233,12 @@ class Tokenizer:
         if not model.exists():
             raise FileNotFoundError(f"{self.directory} has no tokenizer.model: train one with "
                                     "`mujina-data tokenizer train --input FILE --vocab-size N --out DIR`")
-        self.sp = spm.SentencePieceProcessor(model_file=str(model))
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(model))
+        except (RuntimeError, OSError) as e:  # sentencepiece raises RuntimeError("INTERNAL: could not parse ...")
+            raise ValueError(f"{model} is not a SentencePiece model ({str(e).splitlines()[0] if str(e) else e!r}): "
+                             "copy the tokenizer directory again, or train one with `mujina-data tokenizer train "
+                             "--input FILE --vocab-size N --out DIR`") from None
         self.sha256 = file_sha256(model)  # the tokenizer's identity, recorded in every shard manifest
         self.vocab_size = self.sp.vocab_size()
         self.bos_id, self.eos_id, self.pad_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()
