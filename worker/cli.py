@@ -2,12 +2,15 @@
 
     mujina-worker run --coordinator HOST:PORT --token TOKEN [--config worker.toml] [--devices cuda:0,...]
                       [--max-gpu-memory 12GiB] [--active-hours 22:00-07:00] [--kinds generate,judge,eval]
-                      [--cache-dir DIR] [--max-disk 50GiB] [--metrics-port P] [--teacher NAME=DIR ...]
-                      [--once | --max-tasks N] [--no-benchmark]
-    mujina-worker doctor [--coordinator HOST:PORT --token TOKEN] [--devices ...] [--json]
+                      [--cache-dir DIR] [--max-disk 50GiB] [--metrics-port P [--metrics-host 127.0.0.1]]
+                      [--teacher NAME=DIR ...] [--allow-local-paths DIR ...] [--once | --max-tasks N] [--no-benchmark]
+    mujina-worker doctor [--coordinator HOST:PORT --token TOKEN] [--config worker.toml] [--teacher NAME=DIR ...]
+                         [--devices ...] [--json]
 
 Exit codes: 0 ok (doctor: at least one task kind can run), 1 doctor found nothing to run,
-2 a user error (the message says what to fix), 130 aborted by a second Ctrl-C.
+2 a user error (the message says what to fix), or `run` found no task kind this machine can run
+(a teacher missing or without a chat template, a package not installed: the log says which), 130 aborted
+by a second Ctrl-C.
 """
 
 from __future__ import annotations
@@ -38,12 +41,18 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--devices", help="comma-separated torch devices, e.g. cuda:0 (default: the first found)")
     r.add_argument("--max-gpu-memory", help="memory a task may use on the device, e.g. 12GiB")
     r.add_argument("--active-hours", help="local time window to work in, e.g. 22:00-07:00")
-    r.add_argument("--kinds", help="task kinds to run, e.g. generate,judge,eval")
+    r.add_argument("--kinds", help="task kinds to run, among generate, judge, eval, train (default: "
+                   "generate,judge,eval)")
     r.add_argument("--cache-dir", help="shards, checkpoints, spooled results (default ~/.cache/mujina)")
     r.add_argument("--max-disk", help="cap of the download cache, e.g. 50GiB")
     r.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    r.add_argument("--metrics-host", help="address the metrics port listens on (default 127.0.0.1: this machine "
+                   "only; 0.0.0.0 for every interface)")
     r.add_argument("--teacher", action="append", default=[], metavar="NAME=DIR",
                    help="where the teacher model NAME lives on this machine (a Hugging Face directory)")
+    r.add_argument("--allow-local-paths", action="append", default=[], metavar="DIR",
+                   help="let tasks name local files under DIR (a teacher's path); by default a task may name "
+                   "none: teachers come from --teacher")
     r.add_argument("--max-tasks", type=int, help="stop after this many tasks")
     r.add_argument("--once", action="store_true", help="run one task, then stop (same as --max-tasks 1)")
     r.add_argument("--no-benchmark", action="store_true", help="skip the speed benchmark (speed 0 is reported)")
@@ -53,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--token")
     d.add_argument("--devices", help="comma-separated torch devices to check")
     d.add_argument("--kinds", help="task kinds to check (default: all)")
+    d.add_argument("--config", type=Path, help="worker.toml whose [teachers] to check")
+    d.add_argument("--teacher", action="append", default=[], metavar="NAME=DIR",
+                   help="a teacher model to check (directory, config, tokenizer, chat template)")
     d.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "mujina",
                    help="where the benchmark result is cached")
     d.add_argument("--no-benchmark", action="store_true", help="skip the speed benchmark")
@@ -70,22 +82,27 @@ def _transport_flags(p) -> None:
                    help="allow plaintext to a non-loopback coordinator: anyone on the path can read your token")
 
 
-def cmd_run(args) -> int:
-    from .daemon import Daemon, WorkerConfig
-
+def _teachers(items: list[str]) -> dict[str, str]:
     teachers = {}
-    for item in args.teacher:
+    for item in items:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise ValueError(f"--teacher {item!r}: write NAME=DIR")
         teachers[name] = path
+    return teachers
+
+
+def cmd_run(args) -> int:
+    from .daemon import Daemon, WorkerConfig
+
+    teachers = _teachers(args.teacher)
     cfg = WorkerConfig.load(args.config, coordinator=args.coordinator, token=args.token, name=args.name,
                             devices=args.devices, max_gpu_memory=args.max_gpu_memory,
                             active_hours=args.active_hours, kinds=args.kinds, cache_dir=args.cache_dir,
-                            max_disk=args.max_disk, metrics_port=args.metrics_port,
+                            max_disk=args.max_disk, metrics_port=args.metrics_port, metrics_host=args.metrics_host,
                             max_tasks=1 if args.once else args.max_tasks, teachers=teachers or None,
                             benchmark=False if args.no_benchmark else None, tls=args.tls, ca_cert=args.ca_cert,
-                            insecure=args.insecure)
+                            insecure=args.insecure, allow_local_paths=args.allow_local_paths or None)
     daemon = Daemon(cfg)
     interrupts, daemon_pid = [], os.getpid()
 
@@ -122,12 +139,23 @@ def cmd_doctor(args) -> int:
     from .hardware import doctor, format_report
 
     if args.coordinator:
-        from .transport import check_transport
+        from .transport import check_address, check_transport
 
+        check_address(args.coordinator)
         check_transport(args.coordinator, bool(args.tls), args.ca_cert, bool(args.insecure))
+    teachers: dict[str, str] = {}
+    if args.config is not None:
+        import tomllib
+
+        try:
+            teachers = dict(tomllib.loads(args.config.read_text()).get("teachers", {}))
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ValueError(f"--config {args.config}: {e}") from None
+    teachers.update(_teachers(args.teacher))
     report = doctor(args.cache_dir, devices=args.devices.split(",") if args.devices else None,
                     coordinator=args.coordinator, token=args.token, tls=bool(args.tls), ca_cert=args.ca_cert,
-                    kinds=args.kinds.split(",") if args.kinds else None, bench=not args.no_benchmark)
+                    kinds=args.kinds.split(",") if args.kinds else None, bench=not args.no_benchmark,
+                    teachers={k: Path(v).expanduser() for k, v in teachers.items()})
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0 if report["ok"] else 1
 

@@ -12,7 +12,16 @@ Behaviour a volunteer can rely on:
     CONTINUE again);
   * SIGTERM (or a first SIGINT): lease nothing more, ask the running task to stop and hand its lease
     back with Fail(SHUTDOWN), so the task is requeued without counting an attempt; a second SIGINT
-    aborts at once;
+    aborts at once; the last line logged sums up the tasks done and failed;
+  * a fault of this machine (a teacher missing or without a chat template, a package not installed, out of
+    memory twice in a row) is reported as Fail(WORKER_FAULT), which counts no attempt; the daemon then
+    leases that kind no more and says in one line why and what to fix; with no kind left it stops
+    (`run` returns 2). So a misconfigured worker cannot burn through the queue with Lease + Fail;
+  * a result whose upload the coordinator answers with an error that may pass (INTERNAL, UNKNOWN,
+    UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED) stays in the spool and is tried again
+    with back-off, also after a restart; a definitive refusal (INVALID_ARGUMENT, FAILED_PRECONDITION,
+    NOT_FOUND, PERMISSION_DENIED, ...) drops it with the reason logged; DATA_LOSS (the upload arrived
+    damaged) is tried DATA_LOSS_TRIES times;
   * outside --active-hours it leases nothing; one log line always says why the daemon is idle;
   * the coordinator's round-ticket key (RegisterResponse.settings["ticket_key"]) is pinned in
     CACHE_DIR/coordinator_ticket_key at the first Register; a coordinator that later names another key is
@@ -24,6 +33,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -42,15 +52,21 @@ import grpc
 
 from coordinator.api import mujina_pb2 as pb
 
-from .cache import FileCache
-from .executors import Executors, TaskContext, TaskError, TaskStopped
+from .cache import DownloadRefused, FileCache
+from .executors import KINDS, Executors, TaskContext, TaskError, TaskStopped, WorkerFault
 from .hardware import cached_benchmark, parse_size, probe_devices
 from .metrics import NullMetrics, make_metrics
-from .transport import check_transport, coordinator_client
+from .transport import check_address, check_transport, coordinator_client
 
 log = logging.getLogger(__name__)
 
 TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# Complete answers after which the result stays in the spool: the coordinator may take it later (a database
+# restarting answers INTERNAL, an overloaded server RESOURCE_EXHAUSTED). Any other code is a refusal.
+UPLOAD_KEPT = (*TRANSIENT, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.RESOURCE_EXHAUSTED,
+               grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED)
+DATA_LOSS_TRIES = 3   # uploads answered DATA_LOSS (arrived damaged) before the result is dropped
+OOM_IN_A_ROW = 2      # out-of-memory failures of one kind in a row that make it a fault of this machine
 TICKET_KEY_FILE = "coordinator_ticket_key"  # in the cache dir: the coordinator's round-ticket key, pinned
 
 
@@ -92,6 +108,7 @@ class WorkerConfig:
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "mujina")
     max_disk: int = 50 << 30
     metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"             # address the metrics port listens on (0.0.0.0: every interface)
     max_tasks: int | None = None                # stop after this many tasks (tests, benchmarks)
     teachers: dict[str, Path] = field(default_factory=dict)
     benchmark: bool = True                      # measure speed (cached) and send it at Register
@@ -99,10 +116,25 @@ class WorkerConfig:
     tls: bool = False                           # talk to the coordinator over TLS
     ca_cert: Path | None = None                 # the CA (or self-signed) certificate to trust; None: the system's
     insecure: bool = False                      # allow plaintext to a non-loopback coordinator (token in the clear)
+    # directories under which a task's payload may name local files (a teacher's `path`); none by default
+    allow_local_paths: list[Path] = field(default_factory=list)
 
     KEYS = ("coordinator", "token", "name", "devices", "max_gpu_memory", "active_hours", "kinds", "cache_dir",
-            "max_disk", "metrics_port", "max_tasks", "teachers", "benchmark", "backoff_max_s", "tls", "ca_cert",
-            "insecure")
+            "max_disk", "metrics_port", "metrics_host", "max_tasks", "teachers", "benchmark", "backoff_max_s", "tls",
+            "ca_cert", "insecure", "allow_local_paths")
+
+    def __post_init__(self):
+        check_address(self.coordinator)
+        unknown = [k for k in self.kinds if k not in KINDS]
+        if unknown or not self.kinds:
+            raise ValueError(f"--kinds {','.join(unknown) or '(empty)'}: no such task kind; known: {', '.join(KINDS)}")
+        self.kinds = list(dict.fromkeys(self.kinds))
+        dirs = []
+        for d in self.allow_local_paths:
+            if not Path(d).expanduser().is_dir():
+                raise ValueError(f"--allow-local-paths {d}: no such directory")
+            dirs.append(Path(d).expanduser().resolve())
+        self.allow_local_paths = dirs
 
     @classmethod
     def load(cls, path: str | os.PathLike | None, **overrides) -> WorkerConfig:
@@ -141,6 +173,11 @@ class WorkerConfig:
             data["teachers"] = {k: Path(v).expanduser() for k, v in data["teachers"].items()}
         if data.get("ca_cert") is not None:
             data["ca_cert"] = Path(data["ca_cert"]).expanduser()
+        if isinstance(data.get("allow_local_paths"), str):
+            data["allow_local_paths"] = [data["allow_local_paths"]]
+        if "allow_local_paths" in data:
+            data["allow_local_paths"] = [Path(d) for d in data["allow_local_paths"]]
+        check_address(data["coordinator"])
         check_transport(data["coordinator"], bool(data.get("tls")), data.get("ca_cert"), bool(data.get("insecure")))
         return cls(**data)
 
@@ -178,11 +215,14 @@ def _write_synced(path: Path, data: bytes) -> None:
 
 
 class Spool:
-    """Finished results waiting for the coordinator: LEASE.bin (the data) + LEASE.json (the rest).
+    """Finished results waiting for the coordinator: LEASE.bin (the data) + LEASE.json (the rest, with the data's
+    SHA-256 under "sha256").
 
     Both are fsynced; the .json is written last and atomically, so an entry is either complete or ignored.
     A lease id that could name a path outside the spool is refused; an entry that does not read back (a
-    torn write, a disk error, an edited file) is moved to `corrupt/` with a warning, never a crash at start."""
+    torn write, a disk error, an edited file, data that does not hash to its header's SHA-256) is moved to
+    `corrupt/` with a warning, never uploaded and never a crash at start. An entry written before headers
+    carried the SHA-256 is uploaded unchecked (the coordinator checks what it receives against what is sent)."""
 
     def __init__(self, root: Path):
         self.root = root
@@ -190,6 +230,7 @@ class Spool:
 
     def put(self, header: dict, data: bytes) -> Path:
         lease = check_id("lease id", header["lease_id"])
+        header = {**header, "sha256": hashlib.sha256(data).hexdigest()}
         _write_synced(self.root / f"{lease}.bin", data)
         tmp = self.root / f"{lease}.json.tmp"
         _write_synced(tmp, json.dumps(header).encode())
@@ -203,7 +244,10 @@ class Spool:
                 header = json.loads(p.read_text())
                 if not isinstance(header, dict) or check_id("lease id", header.get("lease_id", "")) != p.stem:
                     raise ValueError("its lease id is not its file name")
-                out.append((header, (self.root / f"{p.stem}.bin").read_bytes()))
+                data = (self.root / f"{p.stem}.bin").read_bytes()
+                if "sha256" in header and hashlib.sha256(data).hexdigest() != header["sha256"]:
+                    raise ValueError(f"its data does not hash to its header's SHA-256 {str(header['sha256'])[:16]}")
+                out.append((header, data))
             except (OSError, ValueError) as e:
                 self._set_aside(p.stem, e)
         return out
@@ -224,6 +268,12 @@ class Spool:
 
     def __len__(self) -> int:
         return len(list(self.root.glob("*.json")))
+
+
+def _missing_package(err: ImportError) -> str:
+    """A missing dependency, in words a volunteer can act on."""
+    name = (err.name or "").split(".")[0]
+    return f"a package is missing: {err} (pip install {name})" if name else f"a package is missing: {err}"
 
 
 class Progress:
@@ -256,12 +306,20 @@ class Daemon:
         self.cfg = cfg
         self.client = coordinator_client(cfg.coordinator, cfg.token, cfg.tls, cfg.ca_cert, timeout=30.0,
                                          retry_for=1.0)
-        self.metrics = metrics or make_metrics(cfg.metrics_port, kinds=tuple(cfg.kinds))
+        self.metrics = metrics or make_metrics(cfg.metrics_port, cfg.metrics_host, kinds=tuple(cfg.kinds))
         self.executors = Executors(self.metrics.registry)
+        self.kinds = list(cfg.kinds)        # what Lease asks for: the configured kinds less those this machine lacks
+        self.outcomes: dict[str, int] = {}  # tasks by outcome, for the summary at exit
+        self._ooms: dict[str, int] = {}     # kind -> out-of-memory failures in a row
+        self._retry_at: dict[str, tuple[float, Backoff, int]] = {}  # kept result's lease -> (next try, back-off, tries)
+        self._t0 = time.monotonic()
         if "train" in cfg.kinds:
             # built now: swarm rounds record mujina_swarm_* into the daemon's registry (worker/metrics.py
             # SwarmMetrics), every series present from start-up
-            self.executors("train")
+            try:
+                self.executors("train")
+            except ImportError as err:
+                self._drop_kind("train", _missing_package(err))
         self.probe = probe_devices(cfg.devices)
         self.device = self.probe.devices[0]
         if "train" in cfg.kinds and self.device.torch_device == "cpu":
@@ -282,6 +340,24 @@ class Daemon:
         self._backoff = Backoff(cap=cfg.backoff_max_s)
 
     # plumbing
+
+    def _drop_kind(self, kind: str, why: str) -> None:
+        """Lease `kind` no more: this machine cannot run it. One line says why and what to do."""
+        if kind in self.kinds:
+            self.kinds.remove(kind)
+            why = " ".join(why.split())  # one line, whatever the exception's message held
+            log.error("%s: %s; fix it or run without --kinds %s", kind, why, kind)
+
+    def _count(self, kind: str, outcome: str, seconds: float, tokens: float = 0.0) -> None:
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+        self.metrics.task_done(kind, outcome, seconds, tokens if outcome == "completed" else 0.0)
+
+    def summary(self) -> str:
+        """One line on what this run of the daemon did."""
+        done = ", ".join(f"{self.outcomes.get(o, 0)} {o}" for o in ("completed", "failed", "cancelled", "refused"))
+        waiting = len(self.spool)
+        return (f"stopped after {time.monotonic() - self._t0:.1f} s: tasks {done}"
+                + (f"; {waiting} result(s) wait in {self.spool.root} for the next start" if waiting else ""))
 
     def request_stop(self, why: str) -> None:
         if not self.stopping.is_set():
@@ -360,10 +436,16 @@ class Daemon:
     # the loop
 
     def run(self) -> int:
+        """Work until asked to stop: 0, or 2 when no configured kind can run on this machine."""
         try:
+            if not self.kinds:
+                return self._nothing_to_run()
             if not self.register():
                 return 0
             while not self.stopping.is_set():
+                if not self.kinds:
+                    self.flush_spool(final=True)
+                    return self._nothing_to_run()
                 self.flush_spool()
                 if self.cfg.max_tasks is not None and self.tasks_ended >= self.cfg.max_tasks:
                     break
@@ -391,11 +473,17 @@ class Daemon:
             self.executors.close()  # swarm peers (DHT, p2pd) leave cleanly
             self.client.close()
             self.metrics.close()
+            log.info("%s", self.summary())
         return 0
+
+    def _nothing_to_run(self) -> int:
+        log.error("no task kind left that this worker can run (configured: %s): stopping; see the lines above "
+                  "for what to fix", ",".join(self.cfg.kinds))
+        return 2
 
     def _lease(self):
         try:
-            return self._retry("Lease", lambda: self.client.lease(self.worker_id, self.cfg.kinds))
+            return self._retry("Lease", lambda: self.client.lease(self.worker_id, self.kinds))
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.NOT_FOUND:  # the coordinator forgot us (new store): register again
                 log.info("coordinator does not know worker %s: registering again", self.worker_id)
@@ -439,6 +527,7 @@ class Daemon:
                               attempt=task.attempt, work_dir=work_dir, device=self.device.torch_device,
                               max_memory_bytes=self.cfg.max_gpu_memory, settings=self.settings,
                               bootstrap_peers=self.bootstrap_peers, teachers=self.cfg.teachers,
+                              local_paths=tuple(self.cfg.allow_local_paths),
                               fetch=self.cache.fetch, report_progress=progress.update,
                               stop_requested=lambda: self.stopping.is_set() or cancel.is_set(),
                               join=functools.partial(self._join, task))
@@ -456,13 +545,33 @@ class Daemon:
                 log.warning("task %s cannot run here: %s", task.task_id, err)
                 self._give_back(task, pb.INVALID_TASK, str(err))
                 return
+            except (WorkerFault, ImportError) as err:  # this machine, not the task: no attempt counted
+                why = str(err) if isinstance(err, WorkerFault) else _missing_package(err)
+                self._give_back(task, pb.WORKER_FAULT, why)
+                self._drop_kind(task.kind, why)
+                return
             except Exception as err:
                 import torch
 
-                oom = isinstance(err, torch.OutOfMemoryError)
-                log.exception("task %s failed", task.task_id)
-                self._give_back(task, pb.OUT_OF_MEMORY if oom else pb.ERROR, f"{type(err).__name__}: {err}")
+                if isinstance(err, DownloadRefused):  # the coordinator's fault, said in its message
+                    log.error("task %s failed: %s", task.task_id, err)
+                    self._give_back(task, pb.ERROR, f"{type(err).__name__}: {err}")
+                    return
+                if not isinstance(err, torch.OutOfMemoryError):
+                    log.exception("task %s failed", task.task_id)
+                    self._give_back(task, pb.ERROR, f"{type(err).__name__}: {err}")
+                    return
+                # the task may fit a bigger machine (OUT_OF_MEMORY keeps it from this token only); twice in a row,
+                # this machine's memory is the fault
+                self._ooms[task.kind] = self._ooms.get(task.kind, 0) + 1
+                log.warning("task %s ran out of memory on %s: %s", task.task_id, self.device.torch_device,
+                            str(err).splitlines()[0] if str(err) else "")
+                self._give_back(task, pb.OUT_OF_MEMORY, f"{type(err).__name__}: {err}")
+                if self._ooms[task.kind] >= OOM_IN_A_ROW:
+                    self._drop_kind(task.kind, f"out of memory {OOM_IN_A_ROW} times in a row on "
+                                    f"{self.device.torch_device}: free memory on it or pass a lower --max-gpu-memory")
                 return
+            self._ooms.pop(task.kind, None)
             tokens = float(result.metrics.get("output_tokens", 0.0))
             header = {"task_id": task.task_id, "lease_id": task.lease_id, "kind": task.kind,
                       "metrics": result.metrics, "metadata": result.metadata, "seconds": time.monotonic() - t0}
@@ -474,8 +583,7 @@ class Daemon:
             shutil.rmtree(work_dir, ignore_errors=True)
             self.tasks_ended += 1
             if outcome != "pending":  # a spooled result is counted when its upload is answered
-                self.metrics.task_done(task.kind, outcome, time.monotonic() - t0,
-                                       tokens if outcome == "completed" else 0.0)
+                self._count(task.kind, outcome, time.monotonic() - t0, tokens)
             self.metrics.pending_uploads(len(self.spool))
 
     def _heartbeat_loop(self, lease_id: str, progress: Progress, cancel: threading.Event,
@@ -519,32 +627,44 @@ class Daemon:
             log.info("could not give lease %s back (%s): it will expire", task.lease_id, err.code().name)
 
     def _upload(self, header: dict, data: bytes) -> str | None:
-        """Complete one spooled result: 'completed', 'refused' (removed from the spool), or None (kept)."""
+        """Complete one spooled result: 'completed', 'refused' (removed from the spool), or None (kept, and tried
+        again by flush_spool once its back-off has passed)."""
+        lease = header["lease_id"]
         try:
-            r = self.client.complete(header["task_id"], header["lease_id"], data, header["metrics"],
+            r = self.client.complete(header["task_id"], lease, data, header["metrics"],
                                      json.dumps(header["metadata"]), timeout=120.0)
         except grpc.RpcError as err:
-            if err.code() in TRANSIENT:
-                log.info("result of task %s kept on disk: coordinator unreachable (%s)", header["task_id"],
-                         err.code().name)
+            code = err.code()
+            _, backoff, tries = self._retry_at.get(lease, (0.0, Backoff(cap=self.cfg.backoff_max_s), 0))
+            if code in UPLOAD_KEPT or (code == grpc.StatusCode.DATA_LOSS and tries + 1 < DATA_LOSS_TRIES):
+                delay = backoff.next()
+                self._retry_at[lease] = (time.monotonic() + delay, backoff, tries + 1)
+                log.info("result of task %s kept on disk, tried again in %.0f s: the coordinator answered %s (%s)",
+                         header["task_id"], delay, code.name, err.details())
                 return None
-            log.warning("result of task %s refused: %s: %s", header["task_id"], err.code().name, err.details())
-            self.spool.remove(header["lease_id"])
+            log.warning("result of task %s refused, dropped from the spool: %s: %s", header["task_id"], code.name,
+                        err.details())
+            self._forget(lease)
             return "refused"
-        self.spool.remove(header["lease_id"])
+        self._forget(lease)
         log.info("task %s %s: %s", header["task_id"], "accepted" if r.accepted else "not accepted", r.message)
         return "completed" if r.accepted else "refused"
 
+    def _forget(self, lease_id: str) -> None:
+        self.spool.remove(lease_id)
+        self._retry_at.pop(lease_id, None)
+
     def flush_spool(self, final: bool = False) -> None:
-        """Upload results spooled while the coordinator was away (or by an earlier run of the daemon)."""
+        """Upload results spooled while the coordinator was away (or by an earlier run of the daemon): each whose
+        back-off has passed (every one when `final`), without waiting for the others."""
+        now = time.monotonic()
         for header, data in self.spool.entries():
             if header.get("seconds") is None:
                 continue
+            if not final and self._retry_at.get(header["lease_id"], (0.0,))[0] > now:
+                continue
             outcome = self._upload(header, data)
             if outcome is None:
-                if not final:
-                    self._sleep(self._backoff.next())
-                break
-            self.metrics.task_done(header["kind"], outcome, header["seconds"],
-                                   header["metrics"].get("output_tokens", 0.0) if outcome == "completed" else 0.0)
+                continue
+            self._count(header["kind"], outcome, header["seconds"], header["metrics"].get("output_tokens", 0.0))
         self.metrics.pending_uploads(len(self.spool))

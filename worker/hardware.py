@@ -6,8 +6,9 @@
     report = doctor(cache_dir, coordinator="host:50051", token="mj_...")  # what `mujina-worker doctor` prints
 
 The benchmark is the forward pass of a small Transformer (model/): the same kind of work a task does,
-so the coordinator's `min_speed` compares like with like. Its result is cached per device, torch
-version and benchmark version, because it costs a few seconds and a restart must not pay it again.
+so the coordinator's `min_speed` compares like with like. Its result is cached per machine fingerprint
+(every device found, the GPU driver's version, torch's version and the benchmark's), because it costs a few
+seconds and a restart must not pay it again; new hardware, a driver update or another torch measure again.
 """
 
 from __future__ import annotations
@@ -152,10 +153,31 @@ def benchmark(device: str = "cpu", seconds: float = 1.0) -> float:
         return tokens / (time.perf_counter() - t0)
 
 
-def cached_benchmark(cache_dir: str | os.PathLike, device: Device) -> float:
-    """`benchmark` on `device`, cached in CACHE_DIR/benchmark.json per device, torch and benchmark version."""
+def driver_version() -> str:
+    """The NVIDIA kernel driver's version line ('' without one): an update can change the speed."""
+    try:
+        return Path("/proc/driver/nvidia/version").read_text().splitlines()[0].strip()
+    except (OSError, IndexError):
+        return ""
+
+
+def benchmark_key(device: Device, devices: list[Device] | None = None, driver: str | None = None,
+                  torch_version: str | None = None) -> str:
+    """What a cached speed is valid for: the measured device, every device of the machine (a swapped or added
+    card), the driver and torch. Defaults: this machine now."""
+    if devices is None:
+        devices = probe_devices().devices
+    machine = ",".join(f"{d.kind}:{d.index}:{d.name}:{d.memory_bytes}" for d in devices)
+    return (f"{device.kind}:{device.index}:{device.name}|machine {machine}"
+            f"|driver {driver_version() if driver is None else driver}"
+            f"|torch {torch.__version__ if torch_version is None else torch_version}|v{BENCHMARK_VERSION}")
+
+
+def cached_benchmark(cache_dir: str | os.PathLike, device: Device, key: str | None = None) -> float:
+    """`benchmark` on `device`, cached in CACHE_DIR/benchmark.json under `benchmark_key` (this machine's
+    fingerprint, unless `key` is given)."""
     path = Path(cache_dir) / "benchmark.json"
-    key = f"{device.kind}:{device.index}:{device.name}|torch {torch.__version__}|v{BENCHMARK_VERSION}"
+    key = key or benchmark_key(device)
     try:
         cached = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -195,10 +217,25 @@ def check_coordinator(target: str, token: str, timeout: float = 5.0, tls: bool =
     return False, f"{target} answered Lease for an unknown worker: not a mujina coordinator?"
 
 
+TEACHER_KINDS = ("generate", "judge")
+
+
+def check_teachers(teachers: dict[str, Path]) -> dict[str, str]:
+    """{name: ""} for each teacher this worker can load, {name: why not} otherwise."""
+    from .executors.teacher import check_teacher
+
+    return {name: check_teacher(Path(path)) for name, path in teachers.items()}
+
+
 def doctor(cache_dir: str | os.PathLike, devices: list[str] | None = None, coordinator: str | None = None,
            token: str | None = None, kinds: list[str] | None = None, bench: bool = True, tls: bool = False,
-           ca_cert=None) -> dict:
-    """The report of `mujina-worker doctor`; `report["ok"]` is True when at least one task kind can run."""
+           ca_cert=None, teachers: dict[str, Path] | None = None) -> dict:
+    """The report of `mujina-worker doctor`; `report["ok"]` is True when at least one task kind can run.
+    generate and judge need a teacher (`teachers`: name -> directory), each of which is loaded (config,
+    tokenizer) and must have a chat template."""
+    unknown = [k for k in kinds or () if k not in KIND_NEEDS]
+    if unknown:
+        raise ValueError(f"--kinds {','.join(unknown)}: no such task kind; known: {', '.join(KIND_NEEDS)}")
     report: dict = {"ok": False}
     try:
         probe = probe_devices(devices)
@@ -212,6 +249,13 @@ def doctor(cache_dir: str | os.PathLike, devices: list[str] | None = None, coord
     if bench:
         report["speed_tokens_per_s"] = round(cached_benchmark(cache_dir, probe.devices[0]), 1)
     report["kinds"] = runnable_kinds(kinds)
+    wants_teacher = [k for k in TEACHER_KINDS if report["kinds"].get(k) == ""]
+    if wants_teacher:
+        report["teachers"] = check_teachers(teachers or {})
+        bad = [f"teacher {n!r}: {why}" for n, why in report["teachers"].items() if why]
+        why = "; ".join(bad) if bad else "" if report["teachers"] else "no teacher: pass --teacher NAME=DIR"
+        for k in wants_teacher:
+            report["kinds"][k] = why
     if coordinator:
         ok, message = check_coordinator(coordinator, token or "", tls=tls, ca_cert=ca_cert)
         report["coordinator"] = {"ok": ok, "message": message}
@@ -233,6 +277,8 @@ def format_report(report: dict) -> str:
     lines.append("software " + ", ".join(f"{k} {v}" for k, v in report["software"].items()))
     if "speed_tokens_per_s" in report:
         lines.append(f"speed    {report['speed_tokens_per_s']:.0f} tokens/s (benchmark, sent at Register)")
+    for name, why in report.get("teachers", {}).items():
+        lines.append(f"teacher  {name:<9} {'ok' if not why else 'no: ' + why}")
     for kind, why in report["kinds"].items():
         lines.append(f"kind     {kind:<9} {'ok' if not why else 'no: ' + why}")
     if "coordinator" in report:

@@ -1,4 +1,9 @@
-"""Prometheus metrics of the worker daemon (`--metrics-port P`), or a null version when off.
+"""Prometheus metrics of the worker daemon (`--metrics-port P`, on `--metrics-host`, 127.0.0.1 by default), or a
+null version when off.
+
+The listening socket is not inherited: it is close-on-exec (a spawned program never holds it), and a fork()ed
+child (hivemind's DHT process, multiprocessing) closes its copy at once, so the port is free again when the
+daemon stops even while such a child lives on.
 
 Chosen once at start-up (`make_metrics`); the daemon calls the same methods on either. Names are the
 names the dashboards query (dashboards/README.md): mujina_worker_tasks_total{kind,outcome}, mujina_worker_state{state},
@@ -11,6 +16,8 @@ failures have a series before the first failure.
 from __future__ import annotations
 
 import logging
+import os
+import weakref
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +35,7 @@ class NullMetrics:
 
 
 class PrometheusMetrics(NullMetrics):
-    def __init__(self, port: int, host: str = "0.0.0.0", kinds: tuple[str, ...] = ()):
+    def __init__(self, port: int, host: str = "127.0.0.1", kinds: tuple[str, ...] = ()):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
         self.registry = CollectorRegistry()
@@ -50,6 +57,7 @@ class PrometheusMetrics(NullMetrics):
             self._seconds.labels(kind)
             self._tokens.labels(kind)
         self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        _not_inherited(self._server.socket)
         log.info("metrics on http://%s:%d/metrics", host, port)
 
     def task_done(self, kind, outcome, seconds, output_tokens=0.0):
@@ -67,9 +75,25 @@ class PrometheusMetrics(NullMetrics):
 
     def close(self):
         self._server.shutdown()
+        self._server.server_close()  # the port is free again at once
 
 
-def make_metrics(port: int | None, host: str = "0.0.0.0", kinds: tuple[str, ...] = ()) -> NullMetrics:
+def _not_inherited(sock) -> None:
+    """Keep `sock` (a listening socket) out of every child: close-on-exec for spawned programs, and closed in a
+    fork()ed child right after the fork (os.register_at_fork). The hook holds the socket weakly: a closed or
+    collected server is skipped."""
+    sock.set_inheritable(False)
+    ref = weakref.ref(sock)
+
+    def close_in_child() -> None:
+        s = ref()
+        if s is not None and s.fileno() != -1:
+            s.close()  # this process's copy only: the parent keeps listening
+
+    os.register_at_fork(after_in_child=close_in_child)
+
+
+def make_metrics(port: int | None, host: str = "127.0.0.1", kinds: tuple[str, ...] = ()) -> NullMetrics:
     return NullMetrics() if port is None else PrometheusMetrics(port, host, kinds)
 
 

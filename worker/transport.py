@@ -7,6 +7,17 @@ from pathlib import Path
 from coordinator.api.client import CoordinatorClient
 
 
+def check_address(coordinator: str) -> None:
+    """HOST:PORT (or [IPv6]:PORT, or a gRPC URI such as unix:PATH); a missing port would be retried forever."""
+    if coordinator.startswith("unix:"):
+        return
+    host, sep, port = coordinator.rpartition(":")
+    bare_ipv6 = ":" in host and not (host.startswith("[") and host.endswith("]")) and "://" not in host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or bare_ipv6:
+        raise ValueError(f"--coordinator {coordinator!r}: write HOST:PORT with the port the organizer gave, e.g. "
+                         "coordinator.example.org:50051 (or [::1]:50051)")
+
+
 def check_transport(coordinator: str, tls: bool, ca_cert: Path | None, insecure: bool) -> None:
     """Refuse to send the token in plaintext to anything but this machine: a non-loopback coordinator needs
     --tls (and --ca-cert for a private CA), or an explicit --insecure."""

@@ -3,6 +3,7 @@ network never name a path outside it, and an entry that does not read back is se
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 
@@ -37,7 +38,7 @@ def test_corrupt_entries_are_set_aside_and_the_good_ones_kept(tmp_path, caplog):
     (spool.root / ("d" * 32 + ".json")).write_text(json.dumps(header("d" * 32)))  # its .bin is missing
     with caplog.at_level(logging.WARNING, logger="worker"):
         entries = spool.entries()
-    assert entries == [(header(GOOD), b"result")]
+    assert entries == [({**header(GOOD), "sha256": hashlib.sha256(b"result").hexdigest()}, b"result")]
     assert sorted(p.name for p in (spool.root / "corrupt").iterdir()) == sorted(
         ["garbage.json", "b" * 32 + ".json", "d" * 32 + ".json"])
     assert len(spool) == 1 and sum("moved to" in r.getMessage() for r in caplog.records) == 3

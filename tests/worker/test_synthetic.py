@@ -22,7 +22,7 @@ from tests.conftest import REPO
 from tests.coordinator.conftest import Coord
 from tests.data_shards.corpus import english_documents, japanese_documents
 from tests.worker.conftest import synthetic_section
-from worker.executors import TaskContext, TaskError, executor_for
+from worker.executors import TaskContext, TaskError, WorkerFault, executor_for
 
 
 def test_shipped_personas_and_prompts_are_deterministic():
@@ -65,7 +65,7 @@ def ctx_for(kind, payload, tmp_path, **kw):
 def test_generate_and_judge_executors_on_the_tiny_teacher(teacher_dir, tmp_path):
     prompts = [{"id": f"p{i}", "lang": "ja", "messages": [{"role": "user", "content": f"質問{i}"}]} for i in range(3)]
     sampling = {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 40, "seed": 7}
-    payload = {"teacher": {"name": "tiny", "sha256": "0" * 64}, "answer": 1, "prompts": prompts,
+    payload = {"teacher": {"name": "tiny", "sha256": model_files_hash(teacher_dir)}, "answer": 1, "prompts": prompts,
                "sampling": sampling, "batch_size": 2}
     seen = []
     r = executor_for("generate")(ctx_for("generate", payload, tmp_path, teachers={"tiny": teacher_dir},
@@ -83,20 +83,23 @@ def test_generate_and_judge_executors_on_the_tiny_teacher(teacher_dir, tmp_path)
     pairs = [{"prompt_id": "p0", "lang": "ja", "messages": prompts[0]["messages"], "answers": ["あ", "い"]}]
     j = executor_for("judge")(ctx_for("judge", {"teacher": {"name": "tiny", "path": str(teacher_dir), "sha256": ""},
                                                 "pairs": pairs, "sampling": {"temperature": 0.0,
-                                                                             "max_new_tokens": 12}}, tmp_path))
+                                                                             "max_new_tokens": 12}}, tmp_path,
+                                      local_paths=(teacher_dir.parent.resolve(),)))
     rec = json.loads(j.data)
     assert rec["verdict"] == "unparseable" and rec["scores"] is None  # the bigram teacher writes no scores
 
 
-def test_missing_teacher_and_bad_payloads_are_task_errors(tmp_path):
+def test_missing_teacher_is_a_worker_fault_and_bad_payloads_are_task_errors(tmp_path):
     payload = {"teacher": {"name": "gone", "sha256": "0" * 64, "path": str(tmp_path / "nope")},
                "prompts": [{"id": "p", "messages": []}], "sampling": {"max_new_tokens": 5}}
-    with pytest.raises(TaskError, match="does not exist on this worker.*--teacher gone=DIR"):
+    with pytest.raises(WorkerFault, match="does not exist on this worker.*--teacher gone=DIR"):
+        executor_for("generate")(ctx_for("generate", payload, tmp_path, local_paths=(tmp_path,)))
+    with pytest.raises(WorkerFault, match="no teacher 'gone'.*--allow-local-paths"):
         executor_for("generate")(ctx_for("generate", payload, tmp_path))
     with pytest.raises(TaskError, match="needs a CUDA device"):
         executor_for("generate")(ctx_for("generate", {**payload, "teacher": {"name": "t", "path": str(tmp_path)},
                                                       "sampling": {"max_new_tokens": 5, "quantize": "4bit"}},
-                                         tmp_path))
+                                         tmp_path, local_paths=(tmp_path,)))
     with pytest.raises(TaskError, match="prompts"):
         executor_for("generate")(ctx_for("generate", {"sampling": {}}, tmp_path))
 

@@ -3,8 +3,9 @@
 The daemon (worker/daemon.py) leases a task, builds a `TaskContext` and calls the executor of the task's
 kind. An executor returns a `Result`: the bytes uploaded with `Complete` and the metrics the coordinator's
 validator for that kind checks. It raises `TaskError` for a payload it cannot run (the daemon reports
-INVALID_TASK) and lets other exceptions propagate (reported as ERROR, or OUT_OF_MEMORY for
-`torch.OutOfMemoryError`).
+INVALID_TASK), `WorkerFault` when this machine cannot run the kind at all (no or wrong teacher, no chat
+template; an `ImportError` is one too): the daemon reports WORKER_FAULT, which counts no attempt, and stops
+leasing the kind. Other exceptions propagate (reported as ERROR, or OUT_OF_MEMORY for `torch.OutOfMemoryError`).
 
     executors = Executors(registry)      # the daemon's, with its Prometheus registry (or None)
     result = executors("eval")(ctx)
@@ -31,6 +32,12 @@ class TaskError(ValueError):
     """The task's payload cannot be run here (bad field, missing file): reported as INVALID_TASK."""
 
 
+class WorkerFault(Exception):
+    """This machine cannot run the task's kind, whatever the task (a teacher missing or without a chat template,
+    a package not installed): reported as WORKER_FAULT, and the daemon leases the kind no more. The message
+    says what to fix, e.g. "teacher 'qwen' has no chat template in /m/tokenizer_config.json"."""
+
+
 class TaskStopped(Exception):
     """Raised by `TaskContext.check_stop()` when the daemon asks the task to stop (cancel or shutdown)."""
 
@@ -50,6 +57,9 @@ class TaskContext:
     settings: dict[str, str] = field(default_factory=dict)
     bootstrap_peers: list[str] = field(default_factory=list)  # hivemind multiaddrs (swarm tasks)
     teachers: dict[str, Path] = field(default_factory=dict)   # teacher model name -> local HF directory
+    # directories under which a payload may name local files (teacher `path`, train `data_path`): the
+    # volunteer's --allow-local-paths; empty: a payload names no local file
+    local_paths: tuple[Path, ...] = ()
     # Fetch a file through the worker's content-addressed cache; returns its local path.
     # fetch(what, name) with what in {"shard", "checkpoint"}.
     fetch: Callable[[str, str], Path] | None = None
@@ -110,6 +120,18 @@ class Executors:
             close = getattr(executor, "close", None)
             if close is not None:
                 close()
+
+
+def allowed_local_path(ctx: TaskContext, path: str, what: str) -> Path:
+    """`path` from a payload, resolved, if it lies under one of the volunteer's --allow-local-paths; else
+    TaskError: a coordinator must not make the worker read (and upload what it learnt from) any local file."""
+    resolved = Path(path).expanduser().resolve()
+    if not any(resolved.is_relative_to(d) for d in ctx.local_paths):
+        allowed = ", ".join(map(str, ctx.local_paths)) or "none"
+        raise TaskError(f"{what} names the local path {path!r}, outside the directories this worker allows "
+                        f"({allowed}): refused. To let the coordinator name files there, start the worker with "
+                        f"--allow-local-paths DIR")
+    return resolved
 
 
 def executor_for(kind: str) -> Executor:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import TaskContext, TaskError
+from . import TaskContext, TaskError, WorkerFault, allowed_local_path
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +30,50 @@ _HASHES: dict[tuple, str] = {}
 
 
 def teacher_dir(ctx: TaskContext, ref: dict) -> Path:
-    """Where this worker keeps the teacher `ref["name"]`: its --teacher mapping, else the task's path."""
+    """Where this worker keeps the teacher `ref["name"]`: its --teacher mapping; else the task's `path`, only if it
+    lies under the volunteer's --allow-local-paths. A teacher this worker does not have is a WorkerFault (the
+    machine, not the task: every task of the kind would fail the same way)."""
     if not isinstance(ref, dict) or not isinstance(ref.get("name"), str):
         raise TaskError("payload.teacher must be {name, sha256[, path]}")
-    path = ctx.teachers.get(ref["name"]) or ref.get("path")
-    if not path or not Path(path).is_dir():
-        raise TaskError(f"teacher model {ref['name']!r}: directory {path} does not exist on this worker; download "
-                        f"it and pass --teacher {ref['name']}=DIR (or [teachers] in worker.toml)")
-    return Path(path)
+    name = ref["name"]
+    if name in ctx.teachers:
+        path = Path(ctx.teachers[name])
+        if not path.is_dir():
+            raise WorkerFault(f"teacher {name!r}: directory {path} (--teacher {name}={path}) does not exist; "
+                              "fix the path")
+        return path
+    if ref.get("path"):
+        try:
+            path = allowed_local_path(ctx, str(ref["path"]), f"the task's teacher {name!r}")
+        except TaskError as e:  # the path is not read; without it this worker has no such teacher
+            raise WorkerFault(f"this worker has no teacher {name!r}: download it and pass --teacher {name}=DIR "
+                              f"({e})") from None
+        if not path.is_dir():
+            raise WorkerFault(f"teacher {name!r}: the task's directory {path} does not exist on this worker; "
+                              f"download it and pass --teacher {name}=DIR")
+        return path
+    raise WorkerFault(f"this worker has no teacher {name!r}: download it and pass --teacher {name}=DIR "
+                      "(or [teachers] in worker.toml)")
+
+
+def check_teacher(path: Path) -> str:
+    """'' when `path` holds a teacher this worker can load (config.json, a tokenizer with a chat template), else
+    why not, in words (for `doctor` and before a task loads the model)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    if not path.is_dir():
+        return f"directory {path} does not exist"
+    try:
+        AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        return f"{path}/config.json cannot be read ({str(e).splitlines()[0][:200]})"
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as e:
+        return f"the tokenizer in {path} cannot be loaded ({str(e).splitlines()[0][:200]})"
+    if not getattr(tok, "chat_template", None):
+        return f"no chat template in {path}/tokenizer_config.json (its \"chat_template\" key)"
+    return ""
 
 
 def files_hash(path: Path) -> str:
@@ -62,19 +98,19 @@ class Engine:
 class HFEngine(Engine):
     name = "transformers"
 
-    def __init__(self, path: Path, device: str, quantize: str):
+    def __init__(self, path: Path, device: str, quantize: str, name: str = ""):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.tok = AutoTokenizer.from_pretrained(path)
-        if self.tok.chat_template is None:
-            raise TaskError(f"teacher {path} has no chat template in its tokenizer_config.json")
+        if not self.tok.chat_template:
+            raise WorkerFault(f"teacher {name or path.name!r} has no chat template in {path}/tokenizer_config.json")
         self.tok.padding_side = "left"  # generation continues each prompt from its last token
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
         kw: dict = {}
         if quantize in ("4bit", "8bit"):
             if importlib.util.find_spec("bitsandbytes") is None:
-                raise TaskError(f"quantize={quantize} needs bitsandbytes: pip install bitsandbytes (CUDA only)")
+                raise WorkerFault(f"quantize={quantize} needs bitsandbytes: pip install bitsandbytes (CUDA only)")
             from transformers import BitsAndBytesConfig
 
             kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=quantize == "4bit",
@@ -144,6 +180,9 @@ def load_engine(ctx: TaskContext, ref: dict, sampling: dict) -> tuple[Engine, st
             p.stat().st_size for p in path.glob("*.bin"))
         quantize = "4bit" if cuda and ctx.max_memory_bytes and size > ctx.max_memory_bytes else "none"
     digest = files_hash(path)
+    if ref.get("sha256") and digest != ref["sha256"]:  # the coordinator would refuse every record of it
+        raise WorkerFault(f"teacher {ref['name']!r} in {path} is not the project's: its files hash to {digest[:12]}, "
+                          f"the task wants {ref['sha256'][:12]}; point --teacher {ref['name']}=DIR at the same files")
     use_vllm = cuda and quantize == "none" and importlib.util.find_spec("vllm") is not None
     key = (str(path), digest, ctx.device, quantize, use_vllm)
     if key not in _ENGINES:
@@ -151,7 +190,7 @@ def load_engine(ctx: TaskContext, ref: dict, sampling: dict) -> tuple[Engine, st
                  "vllm" if use_vllm else "transformers", "" if quantize == "none" else f", {quantize}")
         _ENGINES.clear()  # one teacher in memory at a time
         _ENGINES[key] = VLLMEngine(path, ctx.device, ctx.max_memory_bytes) if use_vllm else \
-            HFEngine(path, ctx.device, quantize)
+            HFEngine(path, ctx.device, quantize, ref["name"])
     return _ENGINES[key], digest
 
 
