@@ -7,7 +7,9 @@ version reads; import also accepts the fused in-memory layout of transformers >=
 (`mlp.experts.gate_up_proj` [E, 2F, D], gate half first; `mlp.experts.down_proj` [E, D, F]).
 
 Export streams one tensor at a time through `safe_open`, so a 47B checkpoint is converted
-with memory for one output shard, not the whole model.
+with memory for one output shard, not the whole model. The checkpoint's tokenizer files travel with
+it, and its tokenizer_config.json gets the project's chat template (`chat_template()`, the format of
+data_shards/chat.py) unless it has one, so an export serves as a synthetic-data teacher as it is.
 """
 
 from __future__ import annotations
@@ -181,6 +183,7 @@ def export_hf(
         })
 
     special = _copy_tokenizer(ckpt_dir / TOKENIZER, out)
+    add_chat_template(out)
     write_json(out / "config.json", hf_config(cfg, out_dtype or stored_dtype or torch.float32, special))
     gen = {k: v for k, v in special.items() if v is not None}
     write_json(out / "generation_config.json", {"_from_model_config": True, **gen})
@@ -199,6 +202,40 @@ def _copy_tokenizer(src: Path, out: Path) -> dict[str, int | None]:
     if meta.exists():
         ids.update({k: v for k, v in json.loads(meta.read_text()).items() if k in ids})
     return ids
+
+
+def chat_template() -> str:
+    """The project's chat format (data_shards/chat.py: each turn `<|role|>content<|end|>`, the answer after
+    `<|assistant|>`) as a Jinja chat template for transformers' apply_chat_template.
+
+    BOS is not written: the project's tokenizer never maps text to BOS (split_special_tokens), so a `<s>` in
+    the template would become five characters, not the token; generation starts at the first turn."""
+    from data_shards.chat import ROLES, ChatTemplate
+
+    markers = ChatTemplate()
+    turns = "".join(f"{'{% if' if i == 0 else '{% elif'} m['role'] == '{role}' %}}{getattr(markers, role)}"
+                    for i, role in enumerate(ROLES))
+    return ("{% for m in messages %}" + turns
+            + "{% else %}{{ raise_exception('unknown chat role ' + m['role'] + ': use system, user or assistant') }}"
+            + "{% endif %}{{ m['content'] }}" + markers.end + "{% endfor %}"
+            + "{% if add_generation_prompt %}" + markers.assistant + "{% endif %}")
+
+
+def add_chat_template(hf_dir: Path) -> bool:
+    """Give an exported tokenizer the project's chat template (in tokenizer_config.json) unless it has one.
+    Returns whether it was added; a directory without tokenizer files is left alone."""
+    conf_path = hf_dir / "tokenizer_config.json"
+    if conf_path.exists():
+        conf = json.loads(conf_path.read_text(encoding="utf-8"))
+    elif (hf_dir / "tokenizer.json").exists():
+        conf = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    else:
+        return False
+    if conf.get("chat_template") or (hf_dir / "chat_template.jinja").exists():
+        return False
+    conf["chat_template"] = chat_template()
+    write_json(conf_path, conf)
+    return True
 
 
 # ---- import --------------------------------------------------------------------------------------
