@@ -3,7 +3,9 @@
     mujina-coordinator init-swarm --config project.yaml --checkpoint UPCYCLED_MOE
 
 copies the upcycled checkpoint to `STATE_DIR/checkpoints/{run}/round_000000/` (the project checkpoint
-format plus `outer_momentum.safetensors`, zeros) and records the run in `STATE_DIR/swarm/{run}.json`.
+format plus `outer_momentum.safetensors`, zeros; its `tokenizer/` too, which every round checkpoint then
+carries, so that `mujina-model export` of any round gives a model that `sample --prompt` can use) and
+records the run in `STATE_DIR/swarm/{run}.json`.
 While `serve` runs, `SwarmDriver` then, once per round:
 
 1. plans the expert assignment from the registered workers' memory (`plan_assignment`: every worker holds
@@ -84,11 +86,26 @@ def init_swarm(state_dir: Path, run: str, checkpoint: Path) -> str:
     if status_path.exists():
         raise ValueError(f"{status_path} exists: run {run!r} is already a swarm run; pick another run name")
     name = round_name(run, 0)
-    _write_round(Path(state_dir) / "checkpoints", name, lambda d: save_round_checkpoint(d, net, {}, 0))
+
+    def write(directory: Path) -> None:
+        save_round_checkpoint(directory, net, {}, 0)
+        carry_tokenizer(Path(checkpoint), directory)
+
+    _write_round(Path(state_dir) / "checkpoints", name, write)
     status_path.parent.mkdir(parents=True, exist_ok=True)
     write_json(status_path, {"round": 0, "checkpoint": name, "assignment": {}, "tasks": [],
                              "num_layers": net.cfg.num_layers, "num_experts": net.cfg.moe.num_experts})
     return name
+
+
+def carry_tokenizer(src: Path, dst: Path) -> None:
+    """Copy checkpoint `src`'s tokenizer/ (the run's tokenizer files) into checkpoint directory `dst`, if it has
+    one: round checkpoints are written from tensors, so without this they lose it (and `export` of a round
+    gives a model no prompt text can be fed to)."""
+    from model.checkpoint import TOKENIZER
+
+    if (src / TOKENIZER).is_dir():
+        shutil.copytree(src / TOKENIZER, dst / TOKENIZER, dirs_exist_ok=True)
 
 
 def round_task_id(run: str, round_: int, slot: str) -> str:
@@ -379,6 +396,7 @@ class SwarmDriver:
             updated, disagree = merge_uploads(full, momentum, [(root / p).read_bytes() for p in paths])
             merged.update(modules=len(updated))
             save_round_checkpoint(directory, full, momentum, r)
+            carry_tokenizer(prev, directory)
             # kept with the checkpoint, so that a driver killed before the credit is withdrawn withdraws it on resume
             write_json(directory / OUTVOTED, {m: [results[i][0] for i in v] for m, v in disagree.items()})
             self._crash_point("close:written")
