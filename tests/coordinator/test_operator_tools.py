@@ -194,3 +194,43 @@ def test_a_port_in_use_names_the_flag_and_the_port(tmp_path):
         _one_line_error(out, f"cannot listen on 127.0.0.1:{port}", "pick another --metrics-port")
     bad = coordinator_cli("serve", "--config", str(project), "--listen", "127.0.0.1", check=False, timeout=60)
     _one_line_error(bad, "--listen must be HOST:PORT")
+
+
+def test_the_shipped_synthetic_example_plans_and_its_hash_is_as_documented(tmp_path):
+    """configs/project.yaml's commented `synthetic:` example, uncommented, with the files it names: `plan` adds its
+    tasks, and the teacher hash in them is the one its comment describes, computed here by hand."""
+    import hashlib
+    import re
+    import shutil
+
+    import yaml
+
+    from tests.data_shards.corpus import japanese_documents, write_jsonl
+
+    text = (REPO / "configs" / "project.yaml").read_text()
+    block = re.search(r"^# synthetic:\n((?:#   .*\n)+)", text, re.M)
+    synthetic = yaml.safe_load("synthetic:\n" + "".join(line[1:] + "\n" for line in block.group(1).splitlines()))
+    assert synthetic["synthetic"]["teacher"] == {"name": "teacher", "path": "../models/teacher"}
+    # the files the example names, where it names them (relative to the project file)
+    (tmp_path / "configs").mkdir()
+    for f in synthetic["synthetic"]["personas"]:
+        shutil.copy(REPO / "configs" / f, tmp_path / "configs" / f)
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "seeds.jsonl", japanese_documents(4, seed=5))
+    teacher = tmp_path / "models" / "teacher"
+    (teacher / "sub").mkdir(parents=True)
+    files = {"config.json": b"{}", "model.safetensors": b"weights", "sub/tokenizer.json": b"tok"}
+    for rel, data in files.items():
+        (teacher / rel).write_bytes(data)
+    (teacher / ".cache").mkdir()
+    (teacher / ".cache" / "x").write_bytes(b"left out")
+    project = tmp_path / "configs" / "project.yaml"
+    project.write_text(yaml.safe_dump({"run": "demo", "state_dir": "../state",
+                                       "synthetic": {**synthetic["synthetic"], "languages": ["ja"],
+                                                     "max_prompts": 16}}))
+    out = coordinator_cli("plan", "--config", str(project)).stdout
+    assert "added 4 generate" in out, out
+    # the documented hash: SHA-256 of "RELATIVE_PATH\0SHA256\n" per file, sorted by path, hidden names left out
+    lines = "".join(f"{rel}\0{hashlib.sha256(files[rel]).hexdigest()}\n" for rel in sorted(files))
+    payload = json.loads(coordinator_cli("tasks", "list", "--json", "--config", str(project)).stdout.splitlines()[0])
+    assert payload["payload"]["teacher"]["sha256"] == hashlib.sha256(lines.encode()).hexdigest()
