@@ -178,6 +178,33 @@ def add_lora(net: Transformer, spec: LoraSpec, generator: torch.Generator | None
     return params
 
 
+def round_factor(round_: int) -> str:
+    """The factor a collaborative LoRA round trains: A in even rounds, B in odd ones.
+
+    Averaging A and B separately is not averaging B A: mean_i(B_i A_i) != mean(B_i) mean(A_i). With one
+    factor frozen at the round's shared value, each worker's update is linear in the factor it trains
+    (ΔW_i = s B (A_i - A), or s (B_i - B) A), so the weighted mean of the trained factors gives exactly the
+    weighted mean of the workers' ΔW; alternating the factor keeps both trainable over rounds."""
+    return "A" if round_ % 2 == 0 else "B"
+
+
+def train_only(net: nn.Module, factor: str) -> list[nn.Parameter]:
+    """Make only the adapters' `factor` ("A", "B" or "both") trainable; returns those parameters."""
+    if factor not in ("A", "B", "both"):
+        raise ValueError(f"factor must be A, B or both, got {factor!r}")
+    out = []
+    for m in lora_modules(net):
+        for name, p in m.named_parameters():
+            if name == "weight":
+                continue
+            is_a = name == "lora_A" or "_A_" in name
+            on = factor == "both" or (factor == "A") == is_a
+            p.requires_grad_(on)
+            if on:
+                out.append(p)
+    return out
+
+
 def lora_modules(net: nn.Module) -> Iterator[LoraLinear | ExpertLora]:
     return (m for m in net.modules() if isinstance(m, LoraLinear | ExpertLora))
 

@@ -144,3 +144,57 @@ def test_a_step_moves_only_the_adapters_and_lowers_the_loss():
     assert losses[-1] < 0.9 * losses[0]
     state = net.state_dict()
     assert all(torch.equal(state[k], v) for k, v in frozen.items())  # the base did not move
+
+
+def dense_updates(net: Transformer) -> torch.Tensor:
+    """Every adapter's s B A, flattened: the update the adapters add to the base (dense, for tests only)."""
+    parts = []
+    for m in lora_modules(net):  # in float64, so the comparison measures the averaging, not the rounding
+        pairs = [(m.lora_A, m.lora_B)] if hasattr(m, "lora_A") else m.factors()
+        parts += [(m.scaling * (b.double() @ a.double())).flatten() for a, b in pairs]
+    return torch.cat(parts)
+
+
+@pytest.mark.parametrize("round_", [0, 1])
+def test_collaborative_lora_averaging_is_exact_when_one_factor_trains(round_):
+    """Three workers start a round from the same adapters, train on their own data, and the trained factor is
+    averaged with weights: the merged adapters' s B A equals the weighted mean of the workers' s B_i A_i.
+    The control trains both factors and averages them separately, which is not exact."""
+    from model.lora import round_factor, train_only
+
+    def workers(factor: str) -> tuple[list[Transformer], Transformer]:
+        start = with_random_adapters(model(MOE), LoraSpec(r=4, alpha=8))
+        trained = []
+        for i in range(3):
+            net = copy.deepcopy(start).train()
+            opt = torch.optim.SGD(train_only(net, factor), lr=0.5)
+            x = ids(net.cfg.vocab_size, seed=10 + i, shape=(2, 16))
+            for _ in range(3):
+                loss = torch.nn.functional.cross_entropy(net(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            trained.append(net)
+        return trained, start
+
+    w = [1 / 8, 2 / 8, 5 / 8]
+
+    def averaged(trained: list[Transformer], start: Transformer) -> Transformer:
+        out = copy.deepcopy(start)
+        names = [n for n in adapter_state_dict(out)]
+        state = {n: sum(wi * dict(t.named_parameters())[n].detach() for wi, t in zip(w, trained, strict=True))
+                 for n in names}
+        out.load_state_dict(state, strict=False)
+        return out
+
+    factor = round_factor(round_)
+    assert factor == ("A" if round_ == 0 else "B")
+    trained, start = workers(factor)
+    want = sum(wi * dense_updates(t) for wi, t in zip(w, trained, strict=True))
+    got = dense_updates(averaged(trained, start))
+    assert not torch.allclose(want, dense_updates(start))  # the workers moved
+    assert ((got - want).norm() / want.norm()).item() <= 1e-6
+    trained, start = workers("both")  # control: naive A/B averaging
+    want = sum(wi * dense_updates(t) for wi, t in zip(w, trained, strict=True))
+    got = dense_updates(averaged(trained, start))
+    assert ((got - want).norm() / want.norm()).item() > 1e-3
