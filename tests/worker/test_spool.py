@@ -44,3 +44,22 @@ def test_corrupt_entries_are_set_aside_and_the_good_ones_kept(tmp_path, caplog):
     assert len(spool) == 1 and sum("moved to" in r.getMessage() for r in caplog.records) == 3
     spool.remove(GOOD)
     assert len(spool) == 0 and spool.entries() == []
+
+
+def test_an_entry_whose_data_does_not_match_its_header_digest_is_set_aside(tmp_path, caplog):
+    """The header carries the data's SHA-256: a .bin damaged after it was spooled (a disk error, a bit flip) is
+    never uploaded as this lease's result; it goes to corrupt/ and the daemon starts anyway."""
+    spool = Spool(tmp_path / "spool")
+    spool.put(header(GOOD), b"result")
+    bad = "e" * 32
+    spool.put(header(bad), b"other result")
+    assert json.loads((spool.root / f"{bad}.json").read_text())["sha256"] == hashlib.sha256(b"other result").hexdigest()
+    (spool.root / f"{bad}.bin").write_bytes(b"other resulT")
+    legacy = "f" * 32  # spooled by a version whose headers had no digest: uploaded unchecked
+    (spool.root / f"{legacy}.bin").write_bytes(b"old")
+    (spool.root / f"{legacy}.json").write_text(json.dumps(header(legacy)))
+    with caplog.at_level(logging.WARNING, logger="worker"):
+        entries = spool.entries()
+    assert sorted(h["lease_id"] for h, _ in entries) == [GOOD, legacy]
+    assert sorted(p.name for p in (spool.root / "corrupt").iterdir()) == [f"{bad}.bin", f"{bad}.json"]
+    assert any("does not hash to its header's SHA-256" in r.getMessage() for r in caplog.records)

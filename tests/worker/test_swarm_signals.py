@@ -89,3 +89,49 @@ def test_sigterm_to_the_process_group_mid_round_stops_the_worker_and_hivemind(tm
             worker.kill()
         coord.terminate()
         coord.wait(timeout=20)
+
+
+def test_ctrl_c_stops_a_train_worker_without_tracebacks_and_sums_up(tmp_path):
+    """A terminal's Ctrl-C (SIGINT to the foreground process group: the daemon, its DHT process and p2pd) in the
+    middle of a swarm run: the daemon hands its lease back and stops, nothing prints a traceback, and the last
+    line says what the run did."""
+    from coordinator import store as S
+    from coordinator.config import load_project
+    from coordinator.swarm_driver import read_status
+
+    project = write_project(tmp_path, run="int", leases={"duration_s": 10.0}, swarm={
+        "inner_steps": 300, "rounds": 3, "batch_size": 2, "micro_batch_size": 2, "seq_len": 32, "workers": 1,
+        "averaging_timeout": 35.0, "compression": "none"})
+    cfg = load_project(project)
+    init_swarm(project, tmp_path)
+    coord, port = start_coordinator(project, cfg.db_url(), tmp_path / "coordinator.log")
+    worker, log = None, tmp_path / "worker.log"
+    try:
+        store = S.Store.open(cfg.db_url())
+        store.add_token("vol", TOKEN)
+        store.close()
+        wait_until(lambda: (read_status(cfg.state_dir, "int") or {}).get("tasks"), "the swarm's round 0")
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "run", "--coordinator", f"127.0.0.1:{port}", "--token", TOKEN,
+             "--cache-dir", str(tmp_path / "cache"), "--no-benchmark", "--kinds", "train"],
+            cwd=REPO, env={**worker_env(), MARKER: str(tmp_path)}, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+            start_new_session=True)
+        wait_until(lambda: read_status(cfg.state_dir, "int")["round"] >= 1, "the swarm's round 0", limit=120)
+        os.killpg(worker.pid, signal.SIGINT)
+        try:
+            rc = worker.wait(timeout=60)  # bounds a hang; a healthy daemon takes a few seconds
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the worker did not exit after Ctrl-C:\n{log.read_text()[-3000:]}") from None
+        text = log.read_text()
+        assert rc == 0, text[-3000:]
+        assert text.count("SIGINT: leasing nothing more") == 1, text[-3000:]
+        assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-5000:]
+        last = text.strip().splitlines()[-1]
+        assert "stopped after" in last and "completed" in last and "failed" in last, text[-3000:]
+    finally:
+        for pid in marked(str(tmp_path)):
+            os.kill(pid, signal.SIGKILL)
+        if worker is not None and worker.poll() is None:
+            worker.kill()
+        coord.terminate()
+        coord.wait(timeout=20)
