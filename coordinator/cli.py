@@ -469,8 +469,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # user errors: the message names the fix
         print(f"mujina-coordinator: {e}", file=sys.stderr)
         return 2
-    except OSError as e:
-        print(f"mujina-coordinator: {e}", file=sys.stderr)
+    except OSError as e:  # ours name the port or file and the fix; the system's name a path: say where it came from
+        msg = str(e) if e.filename is None else (f"{e.filename}: {e.strerror}; check that path (in {args.config} or "
+                                                 "on the command line) and its permissions")
+        print(f"mujina-coordinator: {msg}", file=sys.stderr)
         return 2
     except SQLAlchemyError as e:  # a --db / db URL that does not parse, or a database that does not answer
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -172,6 +172,11 @@ def test_missing_project_file_and_directory(tmp_path):
 
 def test_a_store_that_cannot_be_opened(tmp_path):
     project = write_project(tmp_path)
+    (tmp_path / "file").write_text("")
+    unmakeable = tmp_path / "project-bad-state.yaml"
+    unmakeable.write_text(f"run: x\nstate_dir: {tmp_path / 'file' / 'state'}\n")  # under a plain file
+    _one_line_error(coordinator_cli("status", "--config", str(unmakeable), check=False),
+                    str(tmp_path / "file"), f"in {unmakeable}")
     _one_line_error(coordinator_cli("status", "--config", str(project), "--db", "nosuchdb://x", check=False),
                     "--db nosuchdb://x: unsupported database")
     nobody = f"postgresql+psycopg://mujina@127.0.0.1:{free_port()}/mujina"  # nothing listens there
