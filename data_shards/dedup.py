@@ -342,14 +342,17 @@ class Deduplicator:
         """
         return self.check_fingerprint(*self.fingerprint(text))
 
-    def check_fingerprint(self, exact_key: int, sig: np.ndarray, remember: bool = True) -> str | None:
+    def check_fingerprint(self, exact_key: int, sig: np.ndarray, remember: bool = True,
+                          ignore: frozenset[int] | set[int] = frozenset()) -> str | None:
         """`check` for a precomputed `fingerprint`: the order-dependent half, cheap, in one process.
-        remember=False only asks (a new document is not kept), e.g. before a result is committed."""
+        remember=False only asks (a new document is not kept), e.g. before a result is committed.
+        ignore: kept documents (numbers 0, 1, ... in the order they were kept, see `len`) that do not count as
+        earlier copies, e.g. the records a re-upload of the same task stored before a crash."""
         first = self._exact.get(exact_key)
-        if first >= 0 and np.array_equal(self._sigs[first], sig):
+        if first >= 0 and first not in ignore and np.array_equal(self._sigs[first], sig):
             return "exact_duplicate"
         keys = self._band_keys(sig)
-        cands = {c for c in map(self._band_index.get, keys) if c >= 0}
+        cands = {c for c in map(self._band_index.get, keys) if c >= 0 and c not in ignore}
         if cands:
             same = (self._sigs[np.fromiter(cands, dtype=np.int64, count=len(cands))] == sig).mean(axis=1)
             if same.max() >= self.threshold:
