@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -148,6 +149,7 @@ class Scheduler:
         # token -> times of its last limits.max_failures_per_token failures (Fail other than SHUTDOWN, refused
         # results): in memory, so the hot path pays a dict lookup; a restart forgets them (a fresh budget)
         self._failed: dict[str, deque] = {}
+        self._register_lock = threading.Lock()
 
     # workers
 
@@ -156,9 +158,11 @@ class Scheduler:
         limits.max_workers_per_token live workers (heard from within leases.duration_s) already."""
         worker_id, now = new_id(), time.time()
         limit, live_s = self.cfg.limits.max_workers_per_token, self.cfg.leases.duration_s
-        with self.store.tx() as conn:   # under the store's write lock: two Registers cannot both take the last place
+        # Checked before any transaction, so a refused Register storm costs no write; the lock makes check and
+        # reservation one step for the store's threads (PostgreSQL).
+        with self._register_lock:
             live = self._live.setdefault(token, {})
-            for wid, seen in list(live.items()):   # a snapshot: other threads may add to it (PostgreSQL)
+            for wid, seen in list(live.items()):   # a snapshot: heartbeats on other threads may add to it
                 if seen < now - live_s:
                     live.pop(wid, None)
             if len(live) >= limit:
@@ -166,9 +170,14 @@ class Scheduler:
                                    f"in the last {live_s:g} s); the limit is {limit} (limits.max_workers_per_token): "
                                    "stop one, or wait until a stopped one has been silent that long")
             live[worker_id] = now
-            conn.execute(insert(S.workers).values(id=worker_id, token=token, name=name[:256],
-                                                  capabilities=json.dumps(capabilities), gpu_memory=gpu_memory,
-                                                  cuda=cuda, speed=speed, registered=now, last_seen=now))
+        try:
+            with self.store.tx() as conn:
+                conn.execute(insert(S.workers).values(id=worker_id, token=token, name=name[:256],
+                                                      capabilities=json.dumps(capabilities), gpu_memory=gpu_memory,
+                                                      cuda=cuda, speed=speed, registered=now, last_seen=now))
+        except BaseException:
+            live.pop(worker_id, None)
+            raise
         self._workers[worker_id] = WorkerRow(token, gpu_memory, bool(cuda), speed)
         return worker_id
 

@@ -62,14 +62,60 @@ MAX_KEY_CHARS = 64       # a device's kind, a software entry's name
 MAX_DEVICES = 64         # capabilities.devices
 MAX_SOFTWARE = 64        # capabilities.software entries
 MAX_SHA_CACHE = 4096     # file digests kept (one per file version fetched)
+THREAD_BYTES = 64 << 10  # an upload chunk this large is hashed and written in a thread (~1 ms per MiB)
+# Bytes a request may have, checked before it is parsed: parsing is the costly part of an oversized
+# call (a 4 MiB Heartbeat of 80,000 entries held the event loop and ~25 MB per call in flight before its
+# size was refused). Each is several times what the largest valid request needs (a Register with every
+# field at its bound is ~45 KB, a Heartbeat of MAX_HEARTBEAT_LEASES leases ~48 KB). Uploads
+# (Complete's chunks, CompleteInline) are bounded by limits.max_message_bytes instead.
+MAX_REQUEST_BYTES = {"Register": 128 << 10, "Heartbeat": 256 << 10, "Lease": 16 << 10, "Fail": 64 << 10,
+                     "Join": 16 << 10, "FetchShard": 16 << 10, "FetchCheckpoint": 16 << 10}
 TOKEN_CACHE_S = 5.0      # a revoked token stops working within this many seconds
 _NAME_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
+class _Oversized:
+    """What a request larger than MAX_REQUEST_BYTES[method] is parsed into: its size, nothing else."""
+    __slots__ = ("size",)
+
+    def __init__(self, size: int):
+        self.size = size
+
+
+def _size_checked(parse, limit: int):
+    def parse_bounded(data: bytes):
+        return parse(data) if len(data) <= limit else _Oversized(len(data))
+    return parse_bounded
+
+
+def add_service(service: CoordinatorService, server) -> None:
+    """Serve `service` on `server`: the generated method table, with each request's size checked before it
+    is parsed (MAX_REQUEST_BYTES; `_guard` answers an oversized one INVALID_ARGUMENT)."""
+    class _Table:   # catches the table the generated code would register
+        def add_generic_rpc_handlers(self, handlers):
+            pass
+
+        def add_registered_method_handlers(self, service_name, handlers):
+            self.handlers = handlers
+
+    table = _Table()
+    pb_grpc.add_CoordinatorServicer_to_server(service, table)
+    handlers = {name: h._replace(request_deserializer=_size_checked(h.request_deserializer, MAX_REQUEST_BYTES[name]))
+                if name in MAX_REQUEST_BYTES else h for name, h in table.handlers.items()}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
+
+
 def _guard(method):
     """Map RequestError to its status, anything unexpected to INTERNAL; time the call."""
     name = method.__name__
+    limit = MAX_REQUEST_BYTES.get(name)
+
+    def _check_size(request) -> None:
+        if request.__class__ is _Oversized:
+            raise RequestError("INVALID_ARGUMENT", f"a {name} request is {request.size} bytes; at most {limit} "
+                               "(refused unread)")
 
     async def _fail(self, context, exc: BaseException) -> str:
         if isinstance(exc, RequestError):
@@ -82,6 +128,7 @@ def _guard(method):
         t0, code = time.perf_counter(), "OK"
         try:
             token = self._cached_token(context) or await self._look_up_token(context)
+            _check_size(request)
             return await method(self, token, request, context)
         except (grpc.aio.AbortError, asyncio.CancelledError):  # already answered, or the client went away
             code = "CANCELLED"
@@ -97,6 +144,7 @@ def _guard(method):
         t0, code = time.perf_counter(), "OK"
         try:
             token = self._cached_token(context) or await self._look_up_token(context)
+            _check_size(request)
             async for item in method(self, token, request, context):
                 yield item
         except (grpc.aio.AbortError, asyncio.CancelledError):
@@ -131,6 +179,11 @@ def _sha256_file(path: str, st: os.stat_result) -> str:
     if (now.st_size, now.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
         raise RequestError("DATA_LOSS", f"{os.path.basename(path)} changed while it was hashed; fetch it again")
     return digest.hexdigest()
+
+
+def _take(digest, f, data: bytes) -> None:
+    digest.update(data)
+    f.write(data)
 
 
 def _read(path: str) -> bytes:
@@ -358,8 +411,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                     size += len(msg.data)
                     if size > h.size_bytes:
                         raise RequestError("DATA_LOSS", f"upload sent more than the declared {h.size_bytes} bytes")
-                    digest.update(msg.data)
-                    f.write(msg.data)   # to the page cache: well under a millisecond per 1 MiB chunk
+                    if len(msg.data) < THREAD_BYTES:
+                        _take(digest, f, msg.data)
+                    else:  # hashing and writing release the GIL: in a thread, the loop serves others meanwhile
+                        await asyncio.to_thread(_take, digest, f, msg.data)
             _check_received(h, size, digest)
             # validators read the whole result (bounded by limits.max_upload_bytes, one per lease at a time)
             data = _read(tmp) if size <= CHUNK else await asyncio.to_thread(_read, tmp)
@@ -564,7 +619,7 @@ class CoordinatorServer:
         self.service = CoordinatorService(self.cfg, self.store, self.scheduler, self.metrics, self.joins)
         if self.store.is_sqlite:  # the handlers' transactions share a commit per loop turn (Store.group_commits)
             self.store.group_commits(asyncio.get_running_loop())
-        pb_grpc.add_CoordinatorServicer_to_server(self.service, self.server)
+        add_service(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if self.tls[0]:
             creds = grpc.ssl_server_credentials([(Path(self.tls[1]).read_bytes(), Path(self.tls[0]).read_bytes())])

@@ -10,8 +10,8 @@ Every call sends `authorization: Bearer TOKEN` and has a deadline (`timeout`, se
 are safe to repeat (Heartbeat; Join; Complete, idempotent per lease; fetches, resumed at the bytes already
 written) retry on UNAVAILABLE — the coordinator restarting — or on its "Concurrent RPC limit exceeded"
 (busy) until `retry_for` seconds have passed, then raise. Register, Lease and Fail are not retried:
-repeating them could lease twice or count a failure twice, so the caller decides. This module imports only grpc and the generated protocol, so
-the worker can use it without the rest of the coordinator.
+repeating them could lease twice or count a failure twice, so the caller decides. This module imports
+only grpc and the generated protocol, so the worker can use it without the rest of the coordinator.
 """
 
 from __future__ import annotations
