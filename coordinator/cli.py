@@ -419,10 +419,11 @@ def cmd_plan(args) -> int:
     from .scheduler import Scheduler
 
     cfg, store = _open(args)
-    added = plan(cfg, Scheduler(store, cfg))
-    for kind, teacher, old, n in added["retired"]:
+    def retired(kind: str, teacher: str, old: str, n: int) -> None:
         print(f"retired {n} pending {kind} tasks planned with teacher {teacher}'s old hash {old[:12]} (its files "
               "changed since); their prompts are planned again under the new hash")
+
+    added = plan(cfg, Scheduler(store, cfg), on_retire=retired)
     print(f"prompts {added['prompts']}; added {added['generate']} generate and {added['judge']} judge tasks; "
           f"synthetic shards {added['shards']}")
     return 0

@@ -63,8 +63,10 @@ class StoreCollector:
                 for kind, state, n in conn.execute(select(S.tasks.c.kind, S.tasks.c.state, func.count())
                                                    .group_by(S.tasks.c.kind, S.tasks.c.state)):
                     tasks.add_metric([kind, state], n)
-                workers.add_metric([], conn.execute(select(func.count()).select_from(S.workers).where(
-                    S.workers.c.last_seen > time.time() - ACTIVE_WORKER_WINDOW_S)).scalar_one())
+                # one per (volunteer, worker name): a worker that registered again is the same worker
+                from .status_page import live_workers
+
+                workers.add_metric([], live_workers(conn, time.time(), limit=0)[1])
                 for vol, kind, unit, amount in conn.execute(
                         select(S.ledger.c.volunteer, S.ledger.c.kind, S.ledger.c.unit, func.sum(S.ledger.c.amount))
                         .group_by(S.ledger.c.volunteer, S.ledger.c.kind, S.ledger.c.unit)):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy import select
@@ -30,6 +31,8 @@ from .config import ProjectConfig, TeacherConfig
 from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
+
+RetireFn = Callable[[str, str, str, int], None]   # (kind, teacher name, old hash, tasks retired)
 
 
 def _task_id(*parts: object) -> str:
@@ -80,8 +83,10 @@ def load_seeds(paths: list[Path], languages: list[str]) -> list[tuple[str, str]]
     return out
 
 
-def plan(cfg: ProjectConfig, scheduler: Scheduler) -> dict:
-    """Add what is missing; returns counts {"generate": added, "judge": added, "prompts", "shards"}."""
+def plan(cfg: ProjectConfig, scheduler: Scheduler, on_retire: RetireFn | None = None) -> dict:
+    """Add what is missing; returns counts {"generate": added, "judge": added, "prompts", "shards"}.
+    Pending tasks of a teacher whose files changed are retired first (logged; `on_retire(kind, teacher name,
+    old hash, n)` is called per kind and teacher, e.g. to tell the organizer)."""
     syn = cfg.synthetic
     if syn is None:
         raise ValueError("the project file has no `synthetic` section: nothing to plan (see configs/project.yaml)")
@@ -95,12 +100,15 @@ def plan(cfg: ProjectConfig, scheduler: Scheduler) -> dict:
         rows = conn.execute(select(S.tasks.c.id, S.tasks.c.kind, S.tasks.c.state, S.tasks.c.payload)
                             .where(S.tasks.c.kind.in_(("generate", "judge")), S.tasks.c.run == cfg.run)).all()
     retired = retire_stale(scheduler, rows, {"generate": teacher, "judge": judge})
+    for kind, name, old, n in retired["counts"]:
+        if on_retire is not None:
+            on_retire(kind, name, old, n)
     rows = [r for r in rows if r.id not in retired["ids"]]
     existing = {r.id for r in rows}
     judged = {p["prompt_id"] for r in rows if r.kind == "judge" for p in json.loads(r.payload)["pairs"]}
     sampling = syn.sampling.model_dump()
     limits = {"min_chars": syn.min_output_chars, "max_chars": syn.max_output_chars}
-    added = {"generate": 0, "judge": 0, "prompts": len(prompts), "shards": 0, "retired": retired["counts"]}
+    added = {"generate": 0, "judge": 0, "prompts": len(prompts), "shards": 0}
     for i in range(0, len(prompts), syn.batch_size):
         batch = prompts[i: i + syn.batch_size]
         for answer in (0, 1):
