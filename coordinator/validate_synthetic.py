@@ -23,13 +23,14 @@ Crash window. `commit` runs inside the transaction that records the result, so i
 fingerprints, counters) reach the disk before that transaction commits; a kill -9 in between leaves them
 without a completed task, and the worker uploads the same result again. Everything is therefore keyed by
 task: each fingerprint carries its owner (a digest of the task's payload, which names the task's prompts,
-answer and seed), each record its task id, and journal.jsonl holds one line per upload judged (task,
-payload digest, counts), written before the other side effects. A re-upload of the same task does not count
-its own stored records as duplicates, and its commit replaces that task's earlier records and counts instead
-of adding to them: the dataset holds each record once and the counters count it once. Two tasks with the
-same payload are the same work and are treated alike. The records of a task whose Complete never commits and
-that is never completed again stay (once) in the files; a torn last line or fingerprint from the crash is cut
-off at start-up. stats.json is the journal folded (recomputed at start-up).
+answer and seed; `check_result` is given the payload, not the task id), each record its task id, and
+journal.jsonl holds one line per upload judged (task, payload digest, counts), written before the other side
+effects. A re-upload of the same task does not count its own stored records as duplicates, and its commit
+replaces that task's earlier records and counts instead of adding to them: the dataset holds each record
+once and the counters count it once. Two tasks with the same payload are the same work and are treated
+alike. The records of a task whose Complete never commits and that is never completed again stay (once) in
+the files; a torn last line or fingerprint from the crash is cut off at start-up. stats.json is the journal
+folded (recomputed at start-up).
 """
 
 from __future__ import annotations
@@ -108,16 +109,17 @@ class SyntheticState:
     # ---- start-up
 
     def _load_fingerprints(self) -> None:
-        old = self.root / "fingerprints.bin"  # before owners were recorded: records of no task
-        if old.exists() and not self.fingerprints.exists():
-            raw = old.read_bytes()
-            legacy = np.frombuffer(raw, dtype=np.dtype([("key", "<u8"), ("sig", "<u4", (self.dedup.num_perm,))]),
-                                   count=len(raw) // (8 + 4 * self.dedup.num_perm))
-            recs = np.zeros(len(legacy), dtype=self._rec)
-            recs["key"], recs["sig"] = legacy["key"], legacy["sig"]
-            tmp = self.fingerprints.with_suffix(".tmp")
-            tmp.write_bytes(recs.tobytes())
-            os.replace(tmp, self.fingerprints)
+        old = self.root / "fingerprints.bin"  # before owners were recorded: converted, as records of no task
+        if old.exists():
+            if not self.fingerprints.exists():
+                raw = old.read_bytes()
+                legacy = np.frombuffer(raw, dtype=[("key", "<u8"), ("sig", "<u4", (self.dedup.num_perm,))],
+                                       count=len(raw) // (8 + 4 * self.dedup.num_perm))
+                recs = np.zeros(len(legacy), dtype=self._rec)
+                recs["key"], recs["sig"] = legacy["key"], legacy["sig"]
+                tmp = self.fingerprints.with_suffix(".tmp")
+                tmp.write_bytes(recs.tobytes())
+                os.replace(tmp, self.fingerprints)
             old.unlink()
         if not self.fingerprints.exists():
             return
@@ -171,6 +173,8 @@ class SyntheticState:
         s["tokens"] += sign * entry.get("tokens", 0)
         for reason, n in entry.get("rejected", {}).items():
             s["rejected"][reason] = s["rejected"].get(reason, 0) + sign * n
+            if not s["rejected"][reason]:
+                del s["rejected"][reason]
 
     def replaced(self, task_id: str, owner: int) -> set[str]:
         """The tasks whose committed records and counts a commit of `task_id` (payload owner `owner`) replaces:

@@ -15,8 +15,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import select
@@ -25,13 +27,12 @@ from coordinator import store as S
 from coordinator.api.client import CoordinatorClient
 from coordinator.config import load_project
 from coordinator.scheduler import Scheduler
+from coordinator.validate_synthetic import GenerateValidator, SyntheticState, forget_states
 from data_shards.build import ShardConfig, build_shards
 from tests.conftest import REPO
 from tests.coordinator.conftest import TOKEN, free_port, spawn_server, write_project
 from tests.data_shards.conftest import corpus, tokenizer_dir  # noqa: F401 - fixtures for the shard build
 from tests.data_shards.corpus import japanese_documents
-
-pytestmark = pytest.mark.slow  # two coordinator processes per case, one of them killed
 
 # `mujina-coordinator serve` whose generate and judge validators die (os._exit) at the point named by argv[1].
 CHILD = """
@@ -152,6 +153,7 @@ class Setup:
         return json.loads((self.synthetic / "stats.json").read_text())
 
 
+@pytest.mark.slow  # two coordinator processes per case, one of them killed
 @pytest.mark.parametrize("where", ["commit:journal", "commit:fingerprints", "commit:written"])
 def test_generate_reupload_after_a_kill_in_the_commit_window_is_credited_once_and_stored_once(
         tmp_path, db_url, where, tokenizer_dir):  # noqa: F811 - the fixture imported above
@@ -190,6 +192,7 @@ def test_generate_reupload_after_a_kill_in_the_commit_window_is_credited_once_an
     assert manifest.documents == 3
 
 
+@pytest.mark.slow  # two coordinator processes, one of them killed
 def test_judge_reupload_after_a_kill_in_the_commit_window_stores_each_pair_once(tmp_path, db_url):
     s = Setup(tmp_path, db_url)
     grant = s.crash_during_complete("judge", judge_payload(), judge_upload(), "commit:written")
@@ -202,3 +205,47 @@ def test_judge_reupload_after_a_kill_in_the_commit_window_stores_each_pair_once(
     rows = s.lines("dpo.jsonl")
     assert sorted(r["prompt_id"] for r in rows) == IDS[:2] and {r["task_id"] for r in rows} == {grant.task_id}
     assert s.stats()["judge"]["accepted"] == 2 and s.stats()["judge"]["tokens"] == 24
+
+
+# ---- the same keying, through the validator alone (no processes) ----------------------------------------------
+
+def test_a_commit_repeated_without_its_transaction_replaces_instead_of_adding(tmp_path):
+    """What the crash window amounts to for the validator: commit() ran, the transaction did not, the state is
+    reloaded from disk (a restart), the same upload is checked and committed again."""
+    cfg = SimpleNamespace(state_dir=tmp_path)
+    payload, data = generate_payload(IDS), generate_upload(IDS, [*TEXTS[:2], "短すぎる"])  # the third is too short
+    v = GenerateValidator().bind(cfg)
+    assert dict((c.unit, c.amount) for c in v.check_result(payload, {}, 1.0, data))["tokens_generated"] == 200
+    v.commit("t1", payload, data)
+    forget_states()
+    v = GenerateValidator().bind(cfg)
+    assert dict((c.unit, c.amount) for c in v.check_result(payload, {}, 1.0, data))["tokens_generated"] == 200
+    v.commit("t1", payload, data)
+    rows = [json.loads(x) for x in (tmp_path / "synthetic" / "generated.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in rows) == ["p1/0", "p2/0"]
+    stats = json.loads((tmp_path / "synthetic" / "stats.json").read_text())["generate"]
+    assert stats == {"accepted": 2, "tokens": 200, "rejected": {"too_short": 1}}
+    # another task with other prompts but the same texts: duplicates of t1's records, not of itself
+    other = generate_payload(["x1", "x2", "x3"])
+    with pytest.raises(ValueError, match="exact_duplicate 2"):
+        v.check_result(other, {}, 1.0, generate_upload(["x1", "x2", "x3"], [*TEXTS[:2], "短すぎる"]))
+    live = json.loads((tmp_path / "synthetic" / "stats.json").read_text())
+    assert live["generate"]["rejected"] == {"too_short": 2, "exact_duplicate": 2}  # refusals add up
+    forget_states()
+    assert SyntheticState(tmp_path / "synthetic").stats == live  # the journal folds to the same counters
+
+
+def test_a_state_dir_from_before_the_journal_keeps_its_index_and_counters(tmp_path):
+    root = tmp_path / "synthetic"
+    root.mkdir()
+    old = SyntheticState(tmp_path / "scratch")
+    key, sig = old.dedup.fingerprint(TEXTS[0])
+    rec = np.zeros(1, dtype=[("key", "<u8"), ("sig", "<u4", (old.dedup.num_perm,))])
+    rec[0] = (key, sig)
+    (root / "fingerprints.bin").write_bytes(rec.tobytes())
+    counters = {"generate": {"accepted": 1, "tokens": 100, "rejected": {"language": 2}}}
+    (root / "stats.json").write_text(json.dumps(counters))
+    state = SyntheticState(root)
+    assert state.dedup.check(TEXTS[0]) == "exact_duplicate" and state.stats == counters
+    assert not (root / "fingerprints.bin").exists() and (root / "journal.jsonl").exists()
+    assert SyntheticState(root).stats == counters

@@ -40,8 +40,11 @@ def test_shard_with_a_garbage_tokenizer_model_exits_2_naming_it(tmp_path, corpus
 
 
 @pytest.mark.parametrize("content", [b"{\"format\": \"mujina-shards/1\", \"shards\": [", b"\xff\xfe\x00garbage",
-                                     b"[1, 2]", b'{"format": "mujina-shards/1", "vocab_size": 1200}'],
-                         ids=["torn", "binary", "not-an-object", "missing-field"])
+                                     b"[1, 2]", b'{"format": "mujina-shards/1", "vocab_size": 1200}',
+                                     b'{"format": "mujina-shards/1", "vocab_size": 1200, "tokenizer_sha256": "x", '
+                                     b'"shards": [{"file": "../../etc/passwd", "sha256": "x", "tokens": 1, '
+                                     b'"documents": 1, "source": "s", "language": "ja"}]}'],
+                         ids=["torn", "binary", "not-an-object", "missing-field", "path-as-file-name"])
 def test_a_broken_manifest_is_named_by_stats_and_the_loader(tmp_path, shard_dirs, content):
     d = tmp_path / "ja"
     shutil.copytree(shard_dirs["ja"], d)
