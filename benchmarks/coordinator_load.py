@@ -20,7 +20,10 @@ in a process of its own, floods one limit as fast as it can with 8 concurrent ca
 flood, the baseline), `kinds` (Lease with ~1 MiB of distinct kinds), `heartbeat` (Heartbeats of ~4 MiB,
 80,000 entries), `fail` (Lease + Fail(ERROR) in a loop), `uploads` (six concurrent 24 MiB Complete
 streams on one lease, again and again), `register` (Register with the largest capabilities allowed,
-again and again). Each mode's row gives the honest workers' heartbeat latency, their cycles/s, the
+again and again). The flooder runs at nice 19, so that on a small machine it takes the CPU the
+server and the honest clients leave rather than starving them (a remote flooder's CPU is its own). A
+stream refused before it was read may reach the aio client as INTERNAL ("Internal error from Core")
+rather than its status. Each mode's row gives the honest workers' heartbeat latency, their cycles/s, the
 server's peak RSS, and what the flooder's calls got. `--repo DIR` runs the server from another
 checkout (e.g. a `git worktree` of the code before a change), so before and after are measured by
 the same load.
@@ -238,6 +241,9 @@ def _proc(kind: str, target: str, args: dict, ready, q: mp.Queue):
     if kind == "idle":
         coro = _idle(target, args["workers"], args["interval"], args["duration"] + 2.0, out, ready)
     elif kind == "flood":
+        # nice 19: the flooder's own CPU is the attacker's, not the server's; on a small machine it takes what
+        # the honest clients and the server leave (its calls/s are reported)
+        os.nice(19)
         coro = _flood(target, args["flood"], args["duration"], out, ready)
     else:
         ready.wait()
