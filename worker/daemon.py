@@ -18,10 +18,11 @@ Behaviour a volunteer can rely on:
     leases that kind no more and says in one line why and what to fix; with no kind left it stops
     (`run` returns 2). So a misconfigured worker cannot burn through the queue with Lease + Fail;
   * a result whose upload the coordinator answers with an error that may pass (INTERNAL, UNKNOWN,
-    UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED) stays in the spool and is tried again
-    with back-off, also after a restart; a definitive refusal (INVALID_ARGUMENT, FAILED_PRECONDITION,
-    NOT_FOUND, PERMISSION_DENIED, ...) drops it with the reason logged; DATA_LOSS (the upload arrived
-    damaged) is tried DATA_LOSS_TRIES times;
+    UNAVAILABLE, DEADLINE_EXCEEDED, ABORTED, RESOURCE_EXHAUSTED from a busy server) stays in the spool and is
+    tried again with back-off, also after a restart; a definitive refusal (INVALID_ARGUMENT,
+    FAILED_PRECONDITION, NOT_FOUND, PERMISSION_DENIED, RESOURCE_EXHAUSTED for an upload over the coordinator's
+    limit, ...) drops it with the reason logged; DATA_LOSS (the upload arrived damaged) is tried
+    DATA_LOSS_TRIES times;
   * outside --active-hours it leases nothing; one log line always says why the daemon is idle;
   * the coordinator's round-ticket key (RegisterResponse.settings["ticket_key"]) is pinned in
     CACHE_DIR/coordinator_ticket_key at the first Register; a coordinator that later names another key is
@@ -51,6 +52,7 @@ from pathlib import Path
 import grpc
 
 from coordinator.api import mujina_pb2 as pb
+from coordinator.api.client import retryable
 
 from .cache import DownloadRefused, FileCache
 from .executors import KINDS, Executors, TaskContext, TaskError, TaskStopped, WorkerFault
@@ -62,9 +64,11 @@ log = logging.getLogger(__name__)
 
 TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 # Complete answers after which the result stays in the spool: the coordinator may take it later (a database
-# restarting answers INTERNAL, an overloaded server RESOURCE_EXHAUSTED). Any other code is a refusal.
-UPLOAD_KEPT = (*TRANSIENT, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.RESOURCE_EXHAUSTED,
-               grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED)
+# restarting answers INTERNAL; ABORTED: another upload of the lease is in flight), and so does a busy server
+# (RESOURCE_EXHAUSTED "Concurrent RPC limit exceeded", client.retryable). Any other code is a refusal, the
+# coordinator's other RESOURCE_EXHAUSTED (an upload over limits.max_upload_bytes) included.
+UPLOAD_KEPT = (*TRANSIENT, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.ABORTED,
+               grpc.StatusCode.CANCELLED)
 DATA_LOSS_TRIES = 3   # uploads answered DATA_LOSS (arrived damaged) before the result is dropped
 OOM_IN_A_ROW = 2      # out-of-memory failures of one kind in a row that make it a fault of this machine
 TICKET_KEY_FILE = "coordinator_ticket_key"  # in the cache dir: the coordinator's round-ticket key, pinned
@@ -311,7 +315,7 @@ class Daemon:
         self.kinds = list(cfg.kinds)        # what Lease asks for: the configured kinds less those this machine lacks
         self.outcomes: dict[str, int] = {}  # tasks by outcome, for the summary at exit
         self._ooms: dict[str, int] = {}     # kind -> out-of-memory failures in a row
-        self._retry_at: dict[str, tuple[float, Backoff, int]] = {}  # kept result's lease -> (next try, back-off, tries)
+        self._retry_at: dict[str, tuple[float, Backoff, int]] = {}  # kept lease -> (next try, back-off, DATA_LOSSes)
         self._t0 = time.monotonic()
         if "train" in cfg.kinds:
             # built now: swarm rounds record mujina_swarm_* into the daemon's registry (worker/metrics.py
@@ -635,10 +639,11 @@ class Daemon:
                                      json.dumps(header["metadata"]), timeout=120.0)
         except grpc.RpcError as err:
             code = err.code()
-            _, backoff, tries = self._retry_at.get(lease, (0.0, Backoff(cap=self.cfg.backoff_max_s), 0))
-            if code in UPLOAD_KEPT or (code == grpc.StatusCode.DATA_LOSS and tries + 1 < DATA_LOSS_TRIES):
+            _, backoff, losses = self._retry_at.get(lease, (0.0, Backoff(cap=self.cfg.backoff_max_s), 0))
+            losses += code == grpc.StatusCode.DATA_LOSS
+            if code in UPLOAD_KEPT or retryable(err) or 0 < losses < DATA_LOSS_TRIES:
                 delay = backoff.next()
-                self._retry_at[lease] = (time.monotonic() + delay, backoff, tries + 1)
+                self._retry_at[lease] = (time.monotonic() + delay, backoff, losses)
                 log.info("result of task %s kept on disk, tried again in %.0f s: the coordinator answered %s (%s)",
                          header["task_id"], delay, code.name, err.details())
                 return None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from concurrent import futures
 from pathlib import Path
 
 import numpy as np
@@ -100,3 +101,25 @@ def synthetic_section(tmp_path: Path, teacher: Path, tokenizer: Path | None = No
         sec["tokenizer"] = str(tokenizer)
     sec.update(over)
     return sec
+
+
+@pytest.fixture
+def serve():
+    """start(servicer) -> "127.0.0.1:PORT": a gRPC server with that Coordinator servicer (tests/worker/hostile.py)."""
+    import grpc
+
+    from coordinator.api import mujina_pb2_grpc as pb_grpc
+
+    servers = []
+
+    def start(servicer) -> str:
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        pb_grpc.add_CoordinatorServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        servers.append(server)
+        return f"127.0.0.1:{port}"
+
+    yield start
+    for s in servers:
+        s.stop(0)

@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import uuid
-from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -19,100 +17,15 @@ import pytest
 from sqlalchemy import select
 
 from coordinator import store as S
-from coordinator.api import mujina_pb2 as pb
-from coordinator.api import mujina_pb2_grpc as pb_grpc
 from coordinator.api.client import CoordinatorClient
 from data_shards.synthetic import model_files_hash
 from tests.coordinator.conftest import TOKEN, Coord
 from tests.worker.conftest import make_eval_inputs
+from tests.worker.hostile import Hostile, honest, lying
 from worker.cache import DownloadRefused, FileCache
 from worker.daemon import Daemon, WorkerConfig
 
 KiB, MiB = 1 << 10, 1 << 20
-
-
-def honest(path: Path):
-    """A file streamed as the real coordinator does (1 MiB chunks, true size and digest)."""
-    def stream(request):
-        data = path.read_bytes()
-        sha = hashlib.sha256(data).hexdigest()
-        for off in range(request.offset, max(len(data), 1), MiB):
-            yield pb.FileChunk(offset=off, data=data[off:off + MiB], total_size=len(data), sha256=sha)
-    return stream
-
-
-def lying(total_size: int, chunks: list[bytes], sha256: str = "0" * 64, sizes_after: list[int] | None = None):
-    """A stream that announces `total_size` (a list: one per chunk) and sends `chunks` whatever it announced."""
-    def stream(request):
-        off = 0
-        for i, data in enumerate(chunks):
-            total = total_size[i] if isinstance(total_size, list) else total_size
-            yield pb.FileChunk(offset=off, data=data, total_size=total, sha256=sha256)
-            off += len(data)
-    return stream
-
-
-class Hostile(pb_grpc.CoordinatorServicer):
-    """Leases `tasks` ((kind, payload) or a pb.Task) once each to whoever asks for their kind; records Fail and
-    Complete; streams files[name]; answers Complete with `complete_code` (None: accept)."""
-
-    def __init__(self, tasks=(), files=None, complete_code=None):
-        self.tasks, self.files, self.complete_code = list(tasks), files or {}, complete_code
-        self.fails: list[tuple[str, str]] = []
-        self.completes: list[pb.CompleteHeader] = []
-        self.served: list[str] = []
-
-    def Register(self, request, context):
-        return pb.RegisterResponse(worker_id="w" * 32, heartbeat_interval_s=5.0, lease_duration_s=60.0)
-
-    def Heartbeat(self, request, context):
-        return pb.HeartbeatResponse(directive=pb.CONTINUE, leases=[
-            pb.LeaseStatus(lease_id=x.lease_id, directive=pb.CONTINUE) for x in request.leases])
-
-    def Lease(self, request, context):
-        for i, t in enumerate(self.tasks):
-            task = t if isinstance(t, pb.Task) else pb.Task(
-                task_id=uuid.uuid4().hex, lease_id=uuid.uuid4().hex, kind=t[0], payload_json=json.dumps(t[1]),
-                attempt=1)
-            if task.kind in request.kinds:
-                del self.tasks[i]
-                return pb.LeaseResponse(task=task)
-        return pb.LeaseResponse(no_work=pb.NoWork(retry_after_s=0.1, reason="nothing for you"))
-
-    def Fail(self, request, context):
-        self.fails.append((pb.FailReason.Name(request.reason), request.message))
-        return pb.FailResponse(requeued=True)
-
-    def CompleteInline(self, request, context):
-        self.completes.append(request.header)
-        if self.complete_code is not None:
-            context.abort(self.complete_code, "the database is restarting")
-        return pb.CompleteResponse(accepted=True, credited=True, message="thanks")
-
-    def _fetch(self, request, context):
-        self.served.append(request.name)
-        if request.name not in self.files:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"no file {request.name}")
-        yield from self.files[request.name](request)
-
-    FetchShard = FetchCheckpoint = _fetch
-
-
-@pytest.fixture
-def serve():
-    servers = []
-
-    def start(servicer: Hostile) -> str:
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        pb_grpc.add_CoordinatorServicer_to_server(servicer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        server.start()
-        servers.append(server)
-        return f"127.0.0.1:{port}"
-
-    yield start
-    for s in servers:
-        s.stop(0)
 
 
 def daemon(target: str, cache: Path, **kw) -> Daemon:
@@ -262,16 +175,34 @@ def test_a_result_answered_internal_stays_spooled_and_reaches_the_real_coordinat
         coord.close()
 
 
-@pytest.mark.parametrize("code", [grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT,
-                                  grpc.StatusCode.PERMISSION_DENIED])
-def test_a_definitive_refusal_drops_the_result_with_its_reason(tmp_path, serve, caplog, code):
-    h = Hostile(tasks=[("eval", {"checkpoint": "tiny", "shard": "s.bin", "shard_tokens": 1, "seq_len": 32})],
-                complete_code=code)
-    d = daemon(serve(h), tmp_path / "cache", kinds=["eval"], max_tasks=1)
-    header = {"task_id": "t" * 32, "lease_id": "l" * 32, "kind": "eval", "metrics": {"loss": 1.0},
-              "metadata": {}, "seconds": 1.0}
-    d.spool.put(header, b"result")
+def spooled_daemon(target: str, cache: Path) -> Daemon:
+    d = daemon(target, cache, kinds=["eval"], max_tasks=1)
+    d.spool.put({"task_id": "t" * 32, "lease_id": "l" * 32, "kind": "eval", "metrics": {"loss": 1.0},
+                 "metadata": {}, "seconds": 1.0}, b"result")
     d.register()
+    return d
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.ABORTED,
+                                  grpc.StatusCode.DEADLINE_EXCEEDED])
+def test_an_answer_that_may_pass_keeps_the_result_and_data_loss_is_tried_three_times(tmp_path, serve, code):
+    h = Hostile(complete_code=code)
+    d = spooled_daemon(serve(h), tmp_path / "cache")
+    for _ in range(4):
+        d.flush_spool(final=True)
+    assert len(h.completes) == 4 and len(d.spool) == 1
+    h.complete_code = grpc.StatusCode.DATA_LOSS   # the upload arrived damaged: sent again, but not forever
+    for _ in range(4):
+        d.flush_spool(final=True)
+    d.client.close()
+    assert len(h.completes) == 4 + 3 and len(d.spool) == 0
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT,
+                                  grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.RESOURCE_EXHAUSTED])
+def test_a_definitive_refusal_drops_the_result_with_its_reason(tmp_path, serve, caplog, code):
+    h = Hostile(complete_code=code)
+    d = spooled_daemon(serve(h), tmp_path / "cache")
     with caplog.at_level(logging.WARNING, logger="worker"):
         d.flush_spool(final=True)
     d.client.close()

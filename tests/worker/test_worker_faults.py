@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,33 @@ def test_doctor_loads_every_teacher_and_says_what_is_wrong(tmp_path, teacher_dir
     assert main(["doctor", "--no-benchmark", "--cache-dir", str(tmp_path), "--kinds", "generate"]) == 1
     out = capsys.readouterr().out
     assert "kind     generate  no: no teacher: pass --teacher NAME=DIR" in out and "cannot run" in out
+
+
+def test_a_missing_package_and_a_wrong_teacher_are_worker_faults_through_the_daemon(tmp_path, teacher_dir, serve,
+                                                                                    monkeypatch):
+    """In-process daemon against a minimal coordinator (tests/worker/hostile.py): transformers not importable
+    (what a volunteer without it sees) is WORKER_FAULT naming the package; a teacher directory holding other
+    files than the project's is WORKER_FAULT naming both hashes. Each drops its kind; the daemon returns 2."""
+    from tests.worker.hostile import Hostile
+    from worker.daemon import Daemon, WorkerConfig
+
+    def generate(sha: str) -> tuple[str, dict]:
+        return ("generate", {"teacher": {"name": "tiny", "sha256": sha}, "answer": 0,
+                             "prompts": [{"id": "p0", "lang": "ja", "messages": [{"role": "user", "content": "q"}]}],
+                             "sampling": {"temperature": 1.0, "max_new_tokens": 4, "seed": 0}})
+
+    def run(h: Hostile, teacher: Path, cache: str) -> int:
+        cfg = WorkerConfig(coordinator=serve(h), token=TOKEN, cache_dir=tmp_path / cache, benchmark=False,
+                           kinds=["generate"], teachers={"tiny": teacher})
+        return Daemon(cfg).run()
+
+    copy = shutil.copytree(teacher_dir, tmp_path / "copy")  # a new directory: no engine cached for it
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "transformers", None)  # `import transformers` raises ImportError
+        h = Hostile(tasks=[generate(model_files_hash(copy))] * 3)
+        assert run(h, copy, "a") == 2
+    assert [r for r, _ in h.fails] == ["WORKER_FAULT"] and "pip install transformers" in h.fails[0][1]
+    assert len(h.tasks) == 2   # the other two were never leased
+    h = Hostile(tasks=[generate("ab" * 32)] * 3)
+    assert run(h, teacher_dir, "b") == 2
+    assert [r for r, _ in h.fails] == ["WORKER_FAULT"] and "not the project's" in h.fails[0][1]
