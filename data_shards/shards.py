@@ -144,7 +144,7 @@ class ShardReader:
     def __init__(self, path: str | os.PathLike, *, verify: bool = False, expected_sha256: str | None = None):
         self.path = Path(path)
         if not self.path.exists():
-            raise FileNotFoundError(f"shard {self.path} is missing")
+            raise FileNotFoundError(f"shard {self.path} is missing: {REBUILD}")
         size = self.path.stat().st_size
         if size < HEADER.size:
             raise ShardError(f"{self.path}: truncated ({size} bytes, smaller than the header)")

@@ -43,6 +43,8 @@ def test_deleting_a_shard_and_rerunning_twice_gives_the_clean_manifest(tmp_path,
     shard(out)
     victim = ref.shards[1]  # a shard of the first bucket with later shards in the same bucket
     (out / victim.file).unlink()
+    r = mujina_data("stats", str(out), "--seq-len", "256", check=False)
+    assert r.returncode == 2 and victim.file in r.stderr and "rerun `mujina-data shard`" in r.stderr, r.stderr
     for _ in range(2):
         shard(out)
         got = Manifest.load(out)
