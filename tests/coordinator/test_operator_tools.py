@@ -24,6 +24,7 @@ def _tasks(common) -> dict[str, dict]:
     return {r["id"]: r for r in map(json.loads, listing)}
 
 
+@pytest.mark.slow  # a dozen CLI runs
 def test_cancel_and_retry_over_filters_and_ids(tmp_path):
     project = write_project(tmp_path)
     common = ("--config", str(project))
@@ -69,6 +70,7 @@ def test_cancel_and_retry_refuse_unclear_selections(tmp_path, args, needle):
         _one_line_error(coordinator_cli("tasks", action, *args, "--config", str(project), check=False), needle)
 
 
+@pytest.mark.slow  # five CLI runs
 def test_retry_of_a_leased_or_done_task_changes_nothing(tmp_path):
     from coordinator.config import load_project
     from coordinator.scheduler import Scheduler
@@ -108,6 +110,7 @@ def _synthetic_project(tmp_path, teacher):
     return project
 
 
+@pytest.mark.slow  # six CLI runs
 def test_plan_retires_pending_tasks_of_a_teacher_whose_files_changed(tmp_path):
     teacher = tmp_path / "teacher"
     teacher.mkdir()
@@ -170,6 +173,7 @@ def test_missing_project_file_and_directory(tmp_path):
     _one_line_error(coordinator_cli("status", "--config", str(tmp_path), check=False), "is a directory")
 
 
+@pytest.mark.slow  # three CLI runs, one waiting for a refused connection
 def test_a_store_that_cannot_be_opened(tmp_path):
     project = write_project(tmp_path)
     (tmp_path / "file").write_text("")
@@ -201,6 +205,7 @@ def test_a_port_in_use_names_the_flag_and_the_port(tmp_path):
     _one_line_error(bad, "--listen must be HOST:PORT")
 
 
+@pytest.mark.slow  # two CLI runs and a plan
 def test_the_shipped_synthetic_example_plans_and_its_hash_is_as_documented(tmp_path):
     """configs/project.yaml's commented `synthetic:` example, uncommented, with the files it names: `plan` adds its
     tasks, and the teacher hash in them is the one its comment describes, computed here by hand."""
