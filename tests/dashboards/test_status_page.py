@@ -52,6 +52,9 @@ def test_api_status_reports_the_store(live):
     assert ledger[("carol", "tokens_trained")] == 2 * 2 * 32  # inner_steps x batch_size x seq_len
     assert d["units"] == ["gpu_seconds", "tasks", "tokens_evaluated", "tokens_generated", "tokens_trained"]
 
+    # `serve` hands the page its project: the one-round swarm run is finished (round 0 closed)
+    assert d["swarm"]["finished"] and d["swarm_text"].startswith("finished: 1 of 1 rounds closed")
+    assert [(r["kind"], r["count"]) for r in d["dead_reasons"]] == [("eval", 1)]
     counts = {t["state"]: t["count"] for t in d["tasks"] if t["kind"] == "eval"}
     assert counts == {"dead": 1, "done": len(LOSSES), "leased": 1, "pending": EXPIRED + 2}
     workers = {w["name"]: w for w in d["workers"]}
