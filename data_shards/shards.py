@@ -257,15 +257,17 @@ class Manifest:
             raise ShardError(f"{path} is missing a field or has an unknown one ({e}): {fix}") from None
         if not isinstance(m.tokenizer_sha256, str) or not isinstance(m.vocab_size, int):
             raise ShardError(f"{path}: tokenizer_sha256 must be a string and vocab_size an integer: {fix}")
-        seen: set[str] = set()
+        # One entry per shard of a (source, language): the same bytes may stand for two sources (--no-dedup),
+        # but one source listing a shard twice counts its documents twice (a rerun before issue 19 did that).
+        seen: set[tuple[str, str, str]] = set()
         for s in m.shards:
             if not (isinstance(s.file, str) and s.file == Path(s.file).name and s.file not in ("", ".", "..")
                     and all(isinstance(getattr(s, k), int) for k in ("tokens", "documents", "characters"))):
                 raise ShardError(f"{path}: shard entry {s.file!r} needs a plain file name and integer tokens, "
                                  f"documents and characters: {fix}")
-            if s.file in seen:
+            if (s.file, s.source, s.language) in seen:
                 raise ShardError(f"{path} lists shard {s.file} twice (its documents would count twice): {fix}")
-            seen.add(s.file)
+            seen.add((s.file, s.source, s.language))
         return m
 
     def check_tokenizer(self, tokenizer_sha256: str, where: str) -> None:
