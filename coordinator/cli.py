@@ -139,28 +139,30 @@ def _open(args):
     return cfg, Store.open(args.db or cfg.db_url())
 
 
-def check_ports_free(binds: list[tuple[str, str, int]]) -> None:
-    """Refuse ports another process listens on before anything starts, naming the flag: [(flag, host, port)].
+def check_ports_free(binds: list[tuple[str, str, str, int]]) -> None:
+    """Refuse ports another process listens on, and hosts that are not this machine's, before anything starts,
+    naming the flag: [(port flag, host flag, host, port)].
     A bind test with SO_REUSEADDR, as the servers bind, so a port in TIME_WAIT is not mistaken for a taken one;
     a port taken between this check and the real bind still fails there with the servers' own message."""
     import errno
     import socket
 
-    for flag, host, port in binds:
-        if port == 0:
-            continue
+    for flag, host_flag, host, port in binds:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind((host.strip("[]"), port))
+            except socket.gaierror:
+                raise ValueError(f"{host_flag}: {host!r} is not a host name or address this machine can resolve; use "
+                                 "127.0.0.1, 0.0.0.0 or one of its own addresses") from None
             except OSError as e:
                 if e.errno == errno.EADDRINUSE:
                     raise ValueError(f"{flag}: cannot listen on {host}:{port}, the port is in use by another "
                                      f"process; pick another {flag} (port 0 picks a free one), or stop what listens "
                                      f"there (`ss -ltnp 'sport = :{port}'` shows it)") from None
                 if e.errno == errno.EADDRNOTAVAIL:
-                    raise ValueError(f"{flag}: {host} is not an address of this machine; use 127.0.0.1, 0.0.0.0 "
+                    raise ValueError(f"{host_flag}: {host} is not an address of this machine; use 127.0.0.1, 0.0.0.0 "
                                      "or one of its own addresses") from None
                 raise
 
@@ -176,10 +178,10 @@ def cmd_serve(args) -> int:
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"--listen must be HOST:PORT (e.g. 127.0.0.1:50051; port 0 picks one), got {listen!r}")
-    check_ports_free([("--listen", host, int(port))]  # (from server.listen of the project file without --listen)
-                     + [(flag, h, p) for flag, h, p in (("--metrics-port", args.metrics_host, args.metrics_port),
-                                                        ("--http-port", args.http_host, args.http_port))
-                        if p is not None])
+    check_ports_free([("--listen", "--listen", host, int(port))]  # (server.listen of the project file without it)
+                     + [bind for bind in (("--metrics-port", "--metrics-host", args.metrics_host, args.metrics_port),
+                                          ("--http-port", "--http-host", args.http_host, args.http_port))
+                        if bind[3] is not None])
     lock = hold_state_dir(Path(cfg.state_dir))  # noqa: F841  (held until this process ends, kill -9 included)
     swarm = None
     if cfg.swarm is not None:  # the bootstrap DHT peer: its addresses go to every worker at Register

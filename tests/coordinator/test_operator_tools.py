@@ -203,6 +203,9 @@ def test_a_port_in_use_names_the_flag_and_the_port(tmp_path):
         _one_line_error(out, f"cannot listen on 127.0.0.1:{port}", "pick another --metrics-port")
     bad = coordinator_cli("serve", "--config", str(project), "--listen", "127.0.0.1", check=False, timeout=60)
     _one_line_error(bad, "--listen must be HOST:PORT")
+    bad = coordinator_cli("serve", "--config", str(project), "--listen", "127.0.0.1:0", "--http-port", "0",
+                          "--http-host", "no-such-host.invalid", check=False, timeout=60)
+    _one_line_error(bad, "--http-host: 'no-such-host.invalid' is not a host name or address")
 
 
 @pytest.mark.slow  # two CLI runs and a plan
