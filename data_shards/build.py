@@ -279,7 +279,8 @@ def build_shards(inputs: list[str | os.PathLike], tokenizer_dir: str | os.PathLi
     for r in journal:  # resume: documents already in journaled shards are skipped
         key = tuple(r["bucket"])
         b = buckets.setdefault(key, _Bucket(key, 0, 0))
-        b.done_docs, b.index = r["docs_through"], r["index"] + 1
+        if r["index"] >= b.index:  # (a bucket's records need not come in index order)
+            b.done_docs, b.index = r["docs_through"], r["index"] + 1
     if journal:
         log.info("resuming: %d shards already written", len(journal))
 
@@ -522,42 +523,40 @@ def _close(out: Path, bucket: _Bucket, tok: Tokenizer) -> ShardInfo:
 
 
 def _read_journal(out: Path, tokenizer_sha256: str) -> list[dict]:
-    """The journal's records that a rerun can keep: at most one per (bucket, index), each bucket's indexes
-    0, 1, 2, ... without a gap, and every shard present and intact (its size, SHA-256 and document count
-    checked against the record). A bucket stops at its first missing, truncated or corrupted shard: that
-    shard and the bucket's later ones are rebuilt (the documents are decided in input order, so the rebuilt
-    files are the same), while the other buckets keep theirs. The journal is rewritten to hold exactly these
-    records, so a rerun never lists a shard twice, however often it is repeated."""
+    """The journal's records that a rerun can keep, in journal order: at most one per (bucket, index), each
+    bucket's indexes 0, 1, 2, ... without a gap, and every shard present and intact (its size, SHA-256 and
+    document count checked against the record). A bucket stops at its first missing, truncated or corrupted
+    shard: that shard and the bucket's later ones are rebuilt (the documents are decided in input order, so
+    the rebuilt files are the same), while the other buckets keep theirs. The journal is rewritten to hold
+    exactly these records, so a rerun never lists a shard twice, however often it is repeated."""
     path = out / JOURNAL
     if not path.exists():
         return []
     text = path.read_text()
-    by_bucket: dict[tuple, dict[int, dict]] = {}
+    first: dict[tuple[tuple, int], dict] = {}  # (bucket, index) -> its first record, in journal order
     for line in text.splitlines():
         try:
             r = json.loads(line)
-            key, index = tuple(r["bucket"]), int(r["index"])
+            key = (tuple(r["bucket"]), int(r["index"]))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             break  # a torn last line from a crash: everything before it is complete
         if r["tokenizer_sha256"] != tokenizer_sha256:
             raise ValueError(f"{out} holds shards from another tokenizer: use a new --out directory")
-        by_bucket.setdefault(key, {}).setdefault(index, r)  # a (bucket, index) journaled twice counts once
-    records = []
-    for key, shards in by_bucket.items():
-        docs = 0
-        for index in range(len(shards) + 1):
-            r = shards.get(index)
-            if r is None:
-                break
+        first.setdefault(key, r)  # a (bucket, index) journaled twice counts once
+    keep: set[tuple[tuple, int]] = set()
+    for bucket in {b for b, _ in first}:
+        docs, index = 0, 0
+        while (r := first.get((bucket, index))) is not None:
             problem = _shard_problem(out, r["shard"], docs + r["shard"]["documents"], r["docs_through"])
             if problem is not None:
-                log.warning("shard %d of %s: %s; rebuilding it and the %d after it", index, "/".join(key), problem,
-                            sum(1 for i in shards if i > index))
+                log.warning("shard %d of %s: %s; rebuilding it and the %d after it", index, "/".join(bucket),
+                            problem, sum(1 for b, i in first if b == bucket and i > index))
                 if problem != "missing":
                     (out / r["shard"]["file"]).unlink(missing_ok=True)
                 break
-            docs = r["docs_through"]
-            records.append(r)
+            keep.add((bucket, index))
+            docs, index = r["docs_through"], index + 1
+    records = [r for key, r in first.items() if key in keep]
     kept = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     if kept != text:
         tmp = path.with_suffix(".tmp")

@@ -41,6 +41,9 @@ def test_deleting_a_shard_and_rerunning_twice_gives_the_clean_manifest(tmp_path,
     shard, ref = build
     out = tmp_path / "out"
     shard(out)
+    journal = (out / ".journal.jsonl").read_bytes()
+    shard(out)  # a rerun of a finished build changes nothing
+    assert (out / ".journal.jsonl").read_bytes() == journal and listing(Manifest.load(out)) == listing(ref)
     victim = ref.shards[1]  # a shard of the first bucket with later shards in the same bucket
     (out / victim.file).unlink()
     r = mujina_data("stats", str(out), "--seq-len", "256", check=False)
