@@ -73,7 +73,15 @@ def cmd_export(a: argparse.Namespace) -> None:
 
     out = export_hf(a.checkpoint, a.out, dtype=a.dtype, max_shard_size=a.max_shard_size)
     arch = json.loads((out / "config.json").read_text())["architectures"][0]
-    print(f"exported {a.checkpoint} as {arch} to {out}")
+    conf = out / "tokenizer_config.json"
+    if conf.exists() and json.loads(conf.read_text()).get("chat_template"):
+        tok = "with its tokenizer and a chat template (it can serve as a synthetic-data teacher)"
+    elif any((out / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
+        tok = "with its tokenizer (no tokenizer_config.json: no chat template)"
+    else:
+        tok = (f"without tokenizer files ({a.checkpoint}/{TOKENIZER}/ has none): `sample` needs --prompt-ids, and a "
+               "teacher needs a tokenizer")
+    print(f"exported {a.checkpoint} as {arch} to {out}, {tok}")
 
 
 def cmd_import(a: argparse.Namespace) -> None:

@@ -36,7 +36,8 @@ def project_export(tmp_path_factory):
     torch.manual_seed(0)
     save_checkpoint(root / "ckpt", Transformer(ModelConfig.from_dict({"preset": "debug", "vocab_size": vocab})),
                     tokenizer_dir=tok_dir)
-    mujina_model("export", "--checkpoint", str(root / "ckpt"), "--out", str(root / "hf"))
+    out = mujina_model("export", "--checkpoint", str(root / "ckpt"), "--out", str(root / "hf")).stdout
+    assert "with its tokenizer and a chat template" in out
     return root
 
 
@@ -92,5 +93,6 @@ def test_a_tokenizer_with_its_own_template_keeps_it(tmp_path):
 @pytest.mark.slow  # two CLI subprocesses
 def test_an_export_without_tokenizer_files_gets_no_tokenizer_config(tmp_path):
     mujina_model("init", "--preset", "debug", "--out", str(tmp_path / "ckpt"))
-    mujina_model("export", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf"))
+    out = mujina_model("export", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")).stdout
     assert not (tmp_path / "hf" / "tokenizer_config.json").exists()
+    assert "without tokenizer files" in out and "--prompt-ids" in out
