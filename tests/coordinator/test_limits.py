@@ -275,7 +275,7 @@ def test_calls_past_max_concurrent_rpcs_are_refused_and_the_client_retries_them(
 # file digests
 
 
-@pytest.mark.slow   # hashes a 2 GiB (sparse) checkpoint
+@pytest.mark.slow   # hashes a 1 GiB (sparse) checkpoint
 def test_a_checkpoint_digest_is_hashed_off_the_event_loop_and_cached(coord):
     """While the first fetch of a large checkpoint is hashed, heartbeats are answered (a digest on the event
     loop would hold every call until it is done); the digest is then cached, and a new version is hashed
@@ -284,7 +284,7 @@ def test_a_checkpoint_digest_is_hashed_off_the_event_loop_and_cached(coord):
     path.parent.mkdir(parents=True)
     with open(path, "wb") as f:
         f.write(b"head")
-        f.truncate(2 << 30)   # sparse: no disk used, but 2 GiB to hash
+        f.truncate(1 << 30)   # sparse: no disk used, but 1 GiB to hash
     c = coord.client()
     w = c.register("w").worker_id
     got = []
