@@ -373,8 +373,8 @@ def _select_tasks(args, store, run: str, default_states: tuple[str, ...]) -> lis
 
 def cmd_status(args) -> int:
     from . import store as S
-    from .metrics import ACTIVE_WORKER_WINDOW_S
-    from .status_page import dead_reasons, live_workers, swarm_progress, swarm_text, synthetic_stats
+    from .metrics import ACTIVE_WORKER_WINDOW_S, live_workers
+    from .status_page import dead_reasons, swarm_progress, swarm_text, synthetic_stats
 
     cfg, store = _open(args)
     now = time.time()

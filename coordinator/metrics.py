@@ -16,7 +16,7 @@ import re
 import threading
 import time
 
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, select
 
 from . import store as S
 
@@ -25,6 +25,22 @@ log = logging.getLogger(__name__)
 ACTIVE_WORKER_WINDOW_S = 60.0  # a worker seen within this is "active"
 KIND_PHASES = {"train": "swarm"}  # the coordinator's train tasks are swarm rounds
 _PHASE_RE = re.compile(r"[A-Za-z0-9._-]{1,32}")
+
+
+def live_workers(conn, now: float, limit: int = 200) -> tuple[list, int, int]:
+    """(rows, live, registered): one worker row per (token, name), its newest registration (older ones of the
+    same volunteer and name are the same worker before a restart), most recently seen first; `live` counts
+    those heard from within ACTIVE_WORKER_WINDOW_S; `registered` the distinct (token, name) pairs."""
+    w = S.workers.c
+    newest = (select(w.token, w.name, func.max(w.registered).label("registered"))
+              .group_by(w.token, w.name).subquery())
+    join = S.workers.join(newest, and_(w.token == newest.c.token, w.name == newest.c.name,
+                                       w.registered == newest.c.registered))
+    rows = conn.execute(select(S.workers).select_from(join).order_by(w.last_seen.desc()).limit(limit)).all()
+    live = conn.execute(select(func.count()).select_from(join)
+                        .where(w.last_seen > now - ACTIVE_WORKER_WINDOW_S)).scalar_one()
+    registered = conn.execute(select(func.count()).select_from(newest)).scalar_one()
+    return rows, live, registered
 
 
 def loss_phase(kind: str, payload: dict) -> str:
@@ -64,8 +80,6 @@ class StoreCollector:
                                                    .group_by(S.tasks.c.kind, S.tasks.c.state)):
                     tasks.add_metric([kind, state], n)
                 # one per (volunteer, worker name): a worker that registered again is the same worker
-                from .status_page import live_workers
-
                 workers.add_metric([], live_workers(conn, time.time(), limit=0)[1])
                 for vol, kind, unit, amount in conn.execute(
                         select(S.ledger.c.volunteer, S.ledger.c.kind, S.ledger.c.unit, func.sum(S.ledger.c.amount))

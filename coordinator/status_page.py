@@ -40,11 +40,11 @@ from http.server import BaseHTTPRequestHandler
 from importlib import resources
 from pathlib import Path
 
-from sqlalchemy import and_, func, select
+from sqlalchemy import func, select
 
 from . import store as S
 from .http_serve import IDLE_TIMEOUT_S, BoundedHTTPServer
-from .metrics import ACTIVE_WORKER_WINDOW_S
+from .metrics import ACTIVE_WORKER_WINDOW_S, live_workers
 
 log = logging.getLogger(__name__)
 
@@ -71,22 +71,6 @@ def _loss_series(conn) -> list[dict]:
         if isinstance(loss, int | float) and math.isfinite(loss):
             series.setdefault((run, kind), []).append([at, float(loss)])
     return [{"run": run, "kind": kind, "points": pts} for (run, kind), pts in sorted(series.items())]
-
-
-def live_workers(conn, now: float, limit: int = MAX_WORKERS) -> tuple[list, int, int]:
-    """(rows, live, registered): one worker row per (token, name), its newest registration (older ones of the
-    same volunteer and name are the same worker before a restart), most recently seen first; `live` counts
-    those heard from within ACTIVE_WORKER_WINDOW_S; `registered` the distinct (token, name) pairs."""
-    w = S.workers.c
-    newest = (select(w.token, w.name, func.max(w.registered).label("registered"))
-              .group_by(w.token, w.name).subquery())
-    join = S.workers.join(newest, and_(w.token == newest.c.token, w.name == newest.c.name,
-                                       w.registered == newest.c.registered))
-    rows = conn.execute(select(S.workers).select_from(join).order_by(w.last_seen.desc()).limit(limit)).all()
-    live = conn.execute(select(func.count()).select_from(join)
-                        .where(w.last_seen > now - ACTIVE_WORKER_WINDOW_S)).scalar_one()
-    registered = conn.execute(select(func.count()).select_from(newest)).scalar_one()
-    return rows, live, registered
 
 
 def dead_reasons(conn) -> list[dict]:
@@ -155,7 +139,7 @@ def collect_status(store: S.Store, run: str, experts: ExpertsFn | None = None, p
             credit.setdefault(vol, {})[unit] = float(amount)
         leases = dict(conn.execute(select(S.leases.c.worker_id, func.count()).where(S.leases.c.state == "active")
                                    .group_by(S.leases.c.worker_id)).all())
-        rows, live, registered = live_workers(conn, now)
+        rows, live, registered = live_workers(conn, now, MAX_WORKERS)
         workers = [{"id": w.id, "name": w.name, "volunteer": w.token, "speed": w.speed, "gpu_memory": w.gpu_memory,
                     "cuda": bool(w.cuda), "last_seen_s": max(0.0, now - w.last_seen),
                     "active": w.last_seen > now - ACTIVE_WORKER_WINDOW_S, "leases": leases.get(w.id, 0)}
