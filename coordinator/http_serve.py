@@ -39,7 +39,6 @@ MAX_CONNECTIONS = 256     # accepted connections waiting for their request, at m
 
 
 class BoundedHTTPServer(HTTPServer):
-    daemon_threads = True
     request_queue_size = 128   # the listen backlog (socketserver's 5 makes a burst of clients retry their SYNs)
 
     def __init__(self, addr, handler, threads: int = THREADS, idle_timeout_s: float = IDLE_TIMEOUT_S,
