@@ -10,18 +10,21 @@ code of its own beyond checking that the shards carry masks. DPO runs `dpo_step`
 model/preference.py's pairs with model/objectives.py's loss.
 
 The DPO reference is the model the run starts from: with LoRA the same network with its adapters disabled
-(no second copy in memory); in full mode a frozen copy. Tanuki's order: SFT, merge (the final checkpoint of a
+(no second copy in memory), with QLoRA likewise, so its reference is the same NF4-quantised base (model/qlora.py);
+in full mode a frozen copy. Tanuki's order: SFT, merge (the final checkpoint of a
 LoRA run is merged), then DPO with a fresh adapter, so the reference is the SFT model.
 
 A LoRA run's resumable checkpoints hold the base and the adapters in model.safetensors plus `lora.json`
 (the LoraSpec); `load_lora_checkpoint` rebuilds that network, `mujina-model merge` folds it into a plain
-checkpoint, and the run's `final/` is already merged.
+checkpoint, and the run's `final/` is already merged. A QLoRA run writes the same: its base dequantised to fp32
+(what it trained on); on resume it re-quantises init_from (deterministic) and takes the adapters alone.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -37,6 +40,8 @@ from .preference import PairBatch
 from .step import NonFiniteStep
 from .transformer import Transformer
 
+log = logging.getLogger(__name__)
+
 LORA_FILE = "lora.json"
 OBJECTIVES = ("pretrain", "sft", "dpo")
 
@@ -44,7 +49,7 @@ OBJECTIVES = ("pretrain", "sft", "dpo")
 @dataclass
 class FinetuneConfig:
     mode: str = help_field("full (every weight trains), lora (adapters on a frozen base) or qlora (adapters on a "
-                           "4-bit NF4 base: CUDA and bitsandbytes only).", default="full")
+                           "4-bit NF4 base with bitsandbytes: one process, CUDA or CPU).", default="full")
     init_from: str | None = help_field("The checkpoint post-training starts from (the SFT model for DPO); the "
                                        "same as the top-level init_from.", default=None)
     r: int = help_field("LoRA rank.", default=8)
@@ -74,17 +79,33 @@ class FinetuneConfig:
                         rslora=self.rslora)
 
 
-def check_qlora(device: torch.device) -> None:
-    """QLoRA's base is NF4 through bitsandbytes' CUDA kernels: refuse anywhere else, before any work."""
-    if device.type != "cuda":
-        raise ValueError(f"finetune.mode qlora keeps the base in 4-bit NF4 with bitsandbytes' CUDA kernels; this "
-                         f"run's device is {device.type}: use finetune.mode lora (the same adapters on an "
-                         "unquantised base)")
+def check_qlora(device: torch.device, *, distributed: bool = False, compile: bool = False,
+                activation_checkpointing: bool = False) -> None:
+    """Refuse, before any work, a QLoRA run this version cannot do; say on CPU what the run will be.
+
+    QLoRA (model/qlora.py) runs on one process, on CUDA (bf16 autocast by default) or on CPU, where
+    bitsandbytes 0.50's CPU backend quantises and dequantises (fp32 compute, or bf16 with train.dtype bf16)."""
+    if distributed:
+        raise ValueError("finetune.mode qlora runs on one process: FSDP does not shard bitsandbytes' NF4 weights "
+                         "here. Run it without torchrun, or use finetune.mode lora under torchrun")
+    if compile:
+        raise ValueError("finetune.mode qlora does not compile (its layers dequantise inside autograd's saved-tensor "
+                         "hooks): set train.compile: false")
+    if activation_checkpointing:
+        raise ValueError("finetune.mode qlora does not combine with activation checkpointing here (both rewrite what "
+                         "autograd saves): set train.activation_checkpointing: false")
     try:
-        import bitsandbytes  # noqa: F401
+        from .qlora import bitsandbytes
+
+        bitsandbytes()
     except ImportError:
         raise ValueError("finetune.mode qlora needs bitsandbytes: pip install bitsandbytes") from None
-    raise ValueError("finetune.mode qlora is not implemented yet in this version: use finetune.mode lora")
+    if device.type == "cpu":
+        log.info("finetune.mode qlora on CPU: the base is stored in NF4 by bitsandbytes' CPU backend and dequantised "
+                 "layer by layer; it saves memory (about 1/7 of fp32 for the quantised weights), not time")
+    elif device.type != "cuda":
+        raise ValueError(f"finetune.mode qlora runs on CUDA or CPU (bitsandbytes' NF4 kernels); this run's device is "
+                         f"{device.type}: use finetune.mode lora")
 
 
 # ---- LoRA checkpoints -----------------------------------------------------------------------------

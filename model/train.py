@@ -275,7 +275,8 @@ class Trainer:
         rank = self.dist.rank
         ft = cfg.finetune
         if ft.mode == "qlora":
-            check_qlora(self.device)
+            check_qlora(self.device, distributed=self.dist.distributed, compile=t.compile,
+                        activation_checkpointing=t.activation_checkpointing)
         if d.source == "synthetic":
             self.data = StatelessData(SyntheticSource(self.mcfg.vocab_size, d.seq_len, t.seed), rank, world)
         elif d.source == "dpo":
@@ -303,14 +304,21 @@ class Trainer:
                                  "`mujina-data shard`")
 
         torch.manual_seed(t.seed)  # the same initial weights on every process, and as on one process
+        # QLoRA builds on CPU and quantises weight by weight onto the device: the dense base never sits there whole.
+        self.qlora = ft.mode == "qlora"
+        home = torch.device("cpu") if self.qlora else self.device
         if cfg.init_from:
-            model = load_checkpoint(cfg.init_from, device=self.device, dtype=torch.float32)
+            model = load_checkpoint(cfg.init_from, device=home, dtype=torch.float32)
         else:
-            model = Transformer(self.mcfg).to(self.device)
+            model = Transformer(self.mcfg).to(home)
         # LoRA: a frozen base and fresh adapters (seeded: the same on every process, as on one process).
         self.lora = ft.spec() if ft.mode != "full" else None
         if self.lora is not None:
-            add_lora(model, self.lora, generator=torch.Generator(device=self.device).manual_seed(t.seed))
+            add_lora(model, self.lora, generator=torch.Generator(device=home).manual_seed(t.seed))
+        if self.qlora:  # the frozen base to NF4 (deterministic: a resume rebuilds the same base from init_from)
+            from .qlora import quantize_base
+
+            quantize_base(model, self.device)
         # DPO's reference: the starting model. LoRA: the adapters switched off; full: a frozen copy.
         self.reference = None
         if t.objective == "dpo" and self.lora is None:
@@ -367,8 +375,9 @@ class Trainer:
         if self.dist.distributed:
             save_distributed(tmp, self.model, self.optimizer, state, is_main=self.dist.is_main)
             self.dist.barrier()
-        else:
-            save_checkpoint(tmp, self.model, optimizer=self.optimizer, trainer_state=state)
+        else:  # QLoRA: the base dequantised to fp32, so the checkpoint is an ordinary LoRA one
+            save_checkpoint(tmp, self.model, optimizer=self.optimizer, trainer_state=state,
+                            state_dict=self._dequantized_state() if self.qlora else None)
         if self.dist.is_main:
             if self.lora is not None:
                 write_lora_spec(tmp, self.lora)
@@ -378,6 +387,11 @@ class Trainer:
                 shutil.rmtree(old, ignore_errors=True)
         self.dist.barrier()
         return final
+
+    def _dequantized_state(self) -> dict[str, torch.Tensor]:
+        from .qlora import dequantized_state_dict
+
+        return dequantized_state_dict(self.model)
 
     def resume(self, ckpt: Path) -> None:
         state = json.loads((ckpt / TRAINER_STATE).read_text())
@@ -394,7 +408,12 @@ class Trainer:
                                  "--out or restore the original r, alpha and targets")
             from .checkpoint import load_state_dict
 
-            self.model.load_state_dict(load_state_dict(ckpt), strict=True)
+            if self.qlora:  # the NF4 base was rebuilt from init_from: the adapters alone come from ckpt
+                from .qlora import load_adapters
+
+                load_adapters(self.model, load_state_dict(ckpt), ckpt)
+            else:
+                self.model.load_state_dict(load_state_dict(ckpt), strict=True)
             load_optimizer_state(self.optimizer, self.model, ckpt)
         else:
             self.model.load_state_dict(load_checkpoint(ckpt).state_dict())
@@ -554,8 +573,9 @@ class Trainer:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        else:
-            full = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        else:  # QLoRA: merged into the dequantised base, in fp32
+            state = self._dequantized_state() if self.qlora else self.model.state_dict()
+            full = {k: v.detach().cpu() for k, v in state.items()}
         if self.dist.is_main:
             net = self.model
             if self.lora is not None:

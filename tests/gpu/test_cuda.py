@@ -5,6 +5,7 @@ on a GPU machine: `python -m pytest tests/gpu` (benchmarks/RESULTS.md records th
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -18,6 +19,7 @@ from swarm.memory import estimate_round_memory
 from swarm.round import SwarmWorker
 from swarm.settings import InnerConfig, SwarmSettings
 from tests.conftest import REPO
+from tests.model.test_posttrain import world  # noqa: F401 (the fixture of the QLoRA test)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; CI has none")
 
@@ -98,3 +100,47 @@ def test_teacher_loads_quantized_with_bitsandbytes_and_generates(tmp_path, quant
     assert all(n_out > 0 and text for text, _, n_out in got), got
     # the bigram teacher's text lives in lm_head and the embeddings, which bitsandbytes leaves unquantized
     assert [t for t, _, _ in got] == [t for t, _, _ in want]
+
+
+def test_qlora_dpo_starts_at_ln2_and_peaks_under_0_4x_the_bf16_lora_memory(world, tmp_path):  # noqa: F811
+    """QLoRA DPO on CUDA (model/qlora.py): the same run as bf16 LoRA (the trainer's: fp32 base, bf16 autocast),
+    with the base in NF4. Step 0 is ln 2 (the reference is the same quantised base, adapters off); the peak of
+    torch.cuda.max_memory_allocated over building and 3 steps is at most 0.4x LoRA's (printed: the ratio)."""
+    pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes")
+    import math
+
+    import yaml
+
+    from data_shards.tokenizer import Tokenizer
+    from model.train import RunConfig, Trainer
+    from tests.model.test_posttrain import dpo_config, records
+
+    root = tmp_path
+    shutil.copytree(world / "tok", root / "tok")  # the post-training tests' tokenizer and preference pairs
+    shutil.copy(world / "dpo.jsonl", root / "dpo.jsonl")
+    spec = dict(preset="debug", num_layers=4, hidden_size=1024, intermediate_size=2048, num_heads=8, num_kv_heads=4,
+                vocab_size=Tokenizer(root / "tok").vocab_size, max_seq_len=128, moe=dict(num_experts=8, top_k=2))
+    with torch.device("meta"):
+        net = Transformer(ModelConfig.from_dict(spec))
+    net.to_empty(device="cpu")
+    torch.manual_seed(0)
+    net.init_weights()
+    save_checkpoint(root / "big", net, tokenizer_dir=root / "tok")
+    del net
+    peaks, first = {}, {}
+    for mode in ("lora", "qlora"):
+        cfg = yaml.safe_load(dpo_config(root, root / f"{mode}.yaml", "lora", steps=3, eval_every=0, save_every=0,
+                                        dtype="bf16", device="cuda").read_text())
+        cfg["finetune"].update(mode=mode, init_from=str(root / "big"))
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        trainer = Trainer(RunConfig.from_dict({**cfg, "out": str(root / mode)}))
+        trainer.run()
+        peaks[mode] = torch.cuda.max_memory_allocated() - before
+        del trainer
+        first[mode] = records(root / mode)[1]["loss"]
+    print(f"peak memory: bf16 LoRA {peaks['lora'] / 2**20:.0f} MiB, QLoRA {peaks['qlora'] / 2**20:.0f} MiB, "
+          f"ratio {peaks['qlora'] / peaks['lora']:.3f}")
+    assert abs(first["qlora"] - math.log(2)) <= 1e-4, first  # bf16 autocast: the policy is its reference at step 0
+    assert peaks["qlora"] <= 0.4 * peaks["lora"], peaks

@@ -175,7 +175,7 @@ def test_sft_lowers_the_held_out_assistant_loss(world, chat_shards, tmp_path, mo
     ({"train": {"objective": "dpo"}, "data": {"source": "synthetic"}}, "objective dpo and data.source dpo go together"),
     ({"train": {"objective": "sft"}, "data": {"source": "synthetic"}}, "objective sft reads chat shards"),
     ({"finetune": {"init_from": None}}, "starts from a trained model"),
-    ({"finetune": {"mode": "qlora"}}, "use finetune.mode lora"),
+    ({"finetune": {"mode": "qlora"}, "train": {"compile": True}}, "qlora does not compile"),
     ({"finetune": {"targets": ["wq", "attn"]}}, "unknown: attn"),
     ({"finetune": {"beta": 0}}, "finetune.beta must be > 0"),
     ({"data": {"path": "/nonexistent/dpo.jsonl"}}, "data.path /nonexistent/dpo.jsonl does not exist"),
