@@ -7,6 +7,10 @@
     mujina-model import --hf hf/moe --out ckpt/moe-again
     mujina-model convert --dcp runs/x/checkpoints/step_001000 --out ckpt/step1000   # torchrun -> safetensors
     mujina-model sample --hf hf/moe --prompt-ids 1,10,13,16
+    mujina-model export --checkpoint runs/dpo/checkpoints/step_000100 --out hf/merged \
+        --adapter-out hf/adapter --base-out hf/base        # a LoRA run: merged model, peft adapter, its base
+    mujina-model merge --checkpoint runs/dpo/checkpoints/step_000100 --out ckpt/merged
+    mujina-model chat --hf hf/merged --user "東京のおすすめは?"
 """
 
 from __future__ import annotations
@@ -69,9 +73,32 @@ def cmd_upcycle(a: argparse.Namespace) -> None:
 
 
 def cmd_export(a: argparse.Namespace) -> None:
+    import tempfile
+
+    from .finetune import read_lora_spec
     from .hf import export_hf
 
-    out = export_hf(a.checkpoint, a.out, dtype=a.dtype, max_shard_size=a.max_shard_size)
+    lora = read_lora_spec(a.checkpoint) is not None
+    if (a.adapter_out or a.base_out) and not lora:
+        raise ValueError(f"--adapter-out and --base-out export a LoRA run's checkpoint; {a.checkpoint} has no "
+                         "lora.json (give OUT/checkpoints/step_N of a finetune.mode lora run)")
+    if lora:  # the merged model to --out; the base and the peft adapter on request
+        from .peft_io import base_of_lora_checkpoint, merge_lora_checkpoint, write_peft_adapter
+
+        with tempfile.TemporaryDirectory(dir=Path(a.out).resolve().parent) as tmp:
+            if a.base_out:
+                export_hf(base_of_lora_checkpoint(a.checkpoint, Path(tmp) / "base"), a.base_out, dtype=a.dtype,
+                          max_shard_size=a.max_shard_size)
+                print(f"exported the base of {a.checkpoint} to {a.base_out}")
+            if a.adapter_out:
+                base = str(Path(a.base_out).resolve()) if a.base_out else "the base exported with --base-out"
+                write_peft_adapter(a.checkpoint, a.adapter_out, base_name=base)
+                print(f"wrote the peft adapter to {a.adapter_out} (PeftModel.from_pretrained(base, "
+                      f"{a.adapter_out}); base: {base})")
+            merged = merge_lora_checkpoint(a.checkpoint, Path(tmp) / "merged")
+            out = export_hf(merged, a.out, dtype=a.dtype, max_shard_size=a.max_shard_size)
+    else:
+        out = export_hf(a.checkpoint, a.out, dtype=a.dtype, max_shard_size=a.max_shard_size)
     arch = json.loads((out / "config.json").read_text())["architectures"][0]
     conf = out / "tokenizer_config.json"
     if conf.exists() and json.loads(conf.read_text()).get("chat_template"):
@@ -81,7 +108,22 @@ def cmd_export(a: argparse.Namespace) -> None:
     else:
         tok = (f"without tokenizer files ({a.checkpoint}/{TOKENIZER}/ has none): `sample` needs --prompt-ids, and a "
                "teacher needs a tokenizer")
-    print(f"exported {a.checkpoint} as {arch} to {out}, {tok}")
+    print(f"exported {a.checkpoint}{' (LoRA, merged)' if lora else ''} as {arch} to {out}, {tok}")
+
+
+def cmd_merge(a: argparse.Namespace) -> None:
+    from .peft_io import merge_lora_checkpoint
+
+    out = merge_lora_checkpoint(a.checkpoint, a.out)
+    print(f"merged the adapters of {a.checkpoint} into {out} (W + (alpha/r) B A): a plain checkpoint")
+
+
+def cmd_chat(a: argparse.Namespace) -> None:
+    from .hf import chat
+
+    messages = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": a.user}]
+    ids, reply = chat(a.hf, messages, max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed)
+    print(json.dumps({"messages": messages, "reply": reply, "generated_ids": ids}, ensure_ascii=False))
 
 
 def cmd_import(a: argparse.Namespace) -> None:
@@ -142,7 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="Hugging Face directory to write")
     s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast weights [as stored]")
     s.add_argument("--max-shard-size", default="5GB", help="split safetensors above this size [5GB]")
+    s.add_argument("--adapter-out", help="LoRA checkpoint only: also write a peft adapter directory "
+                   "(adapter_config.json + adapter_model.safetensors) for the base (--base-out)")
+    s.add_argument("--base-out", help="LoRA checkpoint only: also export the frozen base the adapter applies to")
     s.set_defaults(fn=cmd_export)
+
+    s = sub.add_parser("merge", help="fold a LoRA run's adapters into its base: a plain checkpoint")
+    s.add_argument("--checkpoint", required=True, help="a LoRA run's checkpoint (OUT/checkpoints/step_N, lora.json)")
+    s.add_argument("--out", required=True, help="checkpoint directory to write")
+    s.set_defaults(fn=cmd_merge)
 
     s = sub.add_parser("import", help="convert a Hugging Face Llama or Mixtral directory to a checkpoint")
     s.add_argument("--hf", required=True, help="Hugging Face model directory (safetensors weights)")
@@ -163,6 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy [0]")
     s.add_argument("--seed", type=int, default=0, help="sampling seed [0]")
     s.set_defaults(fn=cmd_sample)
+
+    s = sub.add_parser("chat", help="one assistant turn with transformers, through the export's chat template")
+    s.add_argument("--hf", required=True, help="Hugging Face directory written by `export` (with its chat template)")
+    s.add_argument("--user", required=True, help="the user's message")
+    s.add_argument("--system", help="an optional system prompt")
+    s.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most [64]; <|end|> stops")
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy [0]")
+    s.add_argument("--seed", type=int, default=0, help="sampling seed [0]")
+    s.set_defaults(fn=cmd_chat)
     return p
 
 

@@ -385,3 +385,27 @@ def sample(hf_dir: str | os.PathLike, prompt: str | list[int], *, max_new_tokens
                          **kw)
     new = out[0, ids.shape[1]:].tolist()
     return new, (tok.decode(new) if tok is not None else None)
+
+
+def chat(hf_dir: str | os.PathLike, messages: list[dict], *, max_new_tokens: int = 64, temperature: float = 0.0,
+         seed: int = 0) -> tuple[list[int], str]:
+    """One assistant turn with transformers: the export's chat template (the project's chat format, written
+    by `export`) renders `messages` with the generation prompt, and generation stops at `<|end|>`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf_dir = Path(hf_dir)
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    if not getattr(tok, "chat_template", None):
+        raise ValueError(f"{hf_dir} has no chat template in tokenizer_config.json: export the checkpoint again "
+                         "with `mujina-model export` (it writes the project's chat format)")
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = ids["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    end = tok.convert_tokens_to_ids("<|end|>")
+    stop = [i for i in (end, model.config.eos_token_id) if isinstance(i, int) and i >= 0]
+    torch.manual_seed(seed)
+    kw = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
+    out = model.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=stop or None,
+                         pad_token_id=model.config.eos_token_id or 0, **kw)
+    new = out[0, ids.shape[1]:].tolist()
+    return new, tok.decode([i for i in new if i not in stop], skip_special_tokens=False)

@@ -377,7 +377,8 @@ class Trainer:
             self.dist.barrier()
         else:  # QLoRA: the base dequantised to fp32, so the checkpoint is an ordinary LoRA one
             save_checkpoint(tmp, self.model, optimizer=self.optimizer, trainer_state=state,
-                            state_dict=self._dequantized_state() if self.qlora else None)
+                            state_dict=self._dequantized_state() if self.qlora else None,
+                            tokenizer_dir=self.data.tokenizer_dir)  # a LoRA step_N exports as it is
         if self.dist.is_main:
             if self.lora is not None:
                 write_lora_spec(tmp, self.lora)

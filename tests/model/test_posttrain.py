@@ -221,3 +221,35 @@ def test_two_processes_give_the_post_training_losses_of_one(world, chat_shards, 
         for key in ("loss", "grad_norm", "eval_loss", "rewards/margins"):
             if key in want[step]:
                 assert abs(got[step][key] - want[step][key]) <= 1e-5, (step, key, got[step][key], want[step][key])
+
+
+def test_export_merge_and_chat_of_a_lora_run(world, tmp_path):
+    """`mujina-model export --adapter-out --base-out`, `merge` and `chat` on a LoRA DPO run's checkpoint."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from model.checkpoint import load_checkpoint
+    from tests.conftest import mujina_model
+
+    config = dpo_config(world, tmp_path / "dpo.yaml", steps=3, eval_every=0)
+    mujina_train("--config", str(config), "--out", str(tmp_path / "run"))
+    ckpt = tmp_path / "run" / "checkpoints" / "step_000003"
+    r = mujina_model("export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "hf"),
+                     "--adapter-out", str(tmp_path / "adapter"), "--base-out", str(tmp_path / "base"))
+    assert "(LoRA, merged)" in r.stdout and "chat template" in r.stdout
+    mujina_model("merge", "--checkpoint", str(ckpt), "--out", str(tmp_path / "merged"))
+    x = torch.randint(4, 500, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        final = load_checkpoint(tmp_path / "run" / "final").eval()(x)
+        merged = load_checkpoint(tmp_path / "merged").eval()(x)
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()(x).logits
+        base = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+        peft = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()(x).logits
+    assert torch.equal(merged, final)  # merge of the last checkpoint is the run's final/
+    assert (hf - final).abs().max() <= 1e-5 and (peft - final).abs().max() <= 1e-4
+    out = json.loads(mujina_model("chat", "--hf", str(tmp_path / "hf"), "--user", "Where is the station?",
+                                  "--max-new-tokens", "8").stdout)
+    assert isinstance(out["reply"], str) and 1 <= len(out["generated_ids"]) <= 8
+    r = mujina_model("export", "--checkpoint", str(tmp_path / "merged"), "--out", str(tmp_path / "x"),
+                     "--adapter-out", str(tmp_path / "y"), check=False)
+    assert r.returncode == 2 and "no lora.json" in r.stderr
