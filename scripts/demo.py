@@ -14,9 +14,12 @@ Stages (each prints a header, its commands' progress lines and its elapsed time)
    7 swarm        mujina-coordinator init-swarm on the upcycled MoE; the same 3 workers run DiLoCo rounds
                   (local steps, then each module averaged among its holders over hivemind on loopback)
    8 moe          the swarm's MoE continues on the corpus shards + the accepted synthetic records
-   9 results      the leaderboard (mujina-coordinator ledger) and the losses
-  10 sample       mujina-model export to Hugging Face (Mixtral) and a sample generated with transformers
-  11 watch        where the status page is, how to point Prometheus and Grafana at it
+   9 posttrain    LoRA SFT on the accepted synthetic chat records, merged, then LoRA DPO on the judge's pairs
+                  (the SFT model is DPO's reference)
+  10 results      the leaderboard (mujina-coordinator ledger) and the losses
+  11 sample       mujina-model export to Hugging Face (Mixtral, with the chat template), a sample and a chat
+                  turn generated with transformers
+  12 watch        where the status page is, how to point Prometheus and Grafana at it
 
 Every child runs in its own process group and carries MUJINA_DEMO=OUT in its environment (inherited by
 everything it starts: torchrun's ranks, hivemind's DHT processes and p2pd daemons). Ctrl-C (SIGINT) or SIGTERM
@@ -51,12 +54,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from demo_corpus import write_corpus  # noqa: E402
 
-# The chat format of data_shards/chat.py, for the teacher's tokenizer: the exporter writes no chat template.
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 PROMETHEUS_PORTS = {"metrics": 9401, "workers": (9402, 9403, 9404), "train": 9405}  # dashboards/prometheus
 STATUS_PORT = 8080
-STAGES = 11
+STAGES = 12
 PAGE_CACHE_S = 2.5  # /api/status answers from a reading of the store up to 2 s old
 STALL_S = 300  # the workers stage gives up when no task changes state for this long
 
@@ -71,6 +71,8 @@ class Scale:
     seq_len: int
     pretrain_steps: int
     moe_steps: int
+    sft_steps: int
+    dpo_steps: int
     prompts: int          # synthetic prompts planned (two answers each)
     max_new_tokens: int
     swarm_rounds: int
@@ -80,8 +82,10 @@ class Scale:
 
 SCALES = {
     "full": Scale(ja_docs=4000, en_docs=1000, vocab=1024, seq_len=256, pretrain_steps=300, moe_steps=100,
+                  sft_steps=30, dpo_steps=20,
                   prompts=24, max_new_tokens=64, swarm_rounds=3, swarm_inner_steps=10),
     "tiny": Scale(ja_docs=300, en_docs=60, vocab=1024, seq_len=128, pretrain_steps=30, moe_steps=10,
+                  sft_steps=4, dpo_steps=3,
                   prompts=4, max_new_tokens=48, swarm_rounds=1, swarm_inner_steps=3),
 }
 
@@ -353,16 +357,12 @@ class Demo:
                                         "--experts", "4", "--top-k", "2", "--out", str(self.out / "moe-init")))
 
     def teacher(self) -> Path:
-        """The pretrained dense model as a Hugging Face Llama with a chat template: the workers' teacher."""
+        """The pretrained dense model as a Hugging Face Llama: the workers' teacher (export writes the project's
+        chat template)."""
         hf = self.out / "teacher"
         if not (hf / "config.json").exists():
             self.children.run("export-teacher", py("model.cli", "export", "--checkpoint",
                                                    str(self.out / "dense" / "final"), "--out", str(hf)))
-            conf = json.loads((hf / "tokenizer_config.json").read_text())
-            if not conf.get("chat_template"):
-                conf["chat_template"] = CHAT_TEMPLATE
-                (hf / "tokenizer_config.json").write_text(json.dumps(conf, indent=2, ensure_ascii=False) + "\n")
-                print("  added a chat template (data_shards/chat.py's format) to the teacher's tokenizer_config.json")
         return hf
 
     def start_coordinator(self) -> None:
@@ -532,16 +532,59 @@ class Demo:
                          "save_every": max(1, s.moe_steps // 2)}}
         self.children.run("moe", py("model.train", "--config", str(write_yaml(self.out / "moe.yaml", cfg))))
 
+    def posttrain(self) -> None:
+        """Tanuki's order on the volunteers' data: LoRA SFT on the accepted chat records (their shards), merged
+        into sft/final, then LoRA DPO on the judge's pairs from it, so the SFT model is DPO's reference."""
+        s, synth = self.scale, self.out / "coordinator" / "synthetic"
+        start = self.out / "moe" / "final"
+        lora = {"mode": "lora", "r": 8, "alpha": 16}
+        if (synth / "shards" / "manifest.json").exists():
+            cfg = {"finetune": {**lora, "init_from": str(start)}, "out": str(self.out / "sft"),
+                   "data": {"source": "shards", "seq_len": s.seq_len,
+                            "mixture": [{"path": str(synth / "shards"), "weight": 1.0}]},
+                   "optim": {"lr": 2.0e-3, "min_lr": 2.0e-4, "warmup_steps": 1},
+                   "train": {"objective": "sft", "phase": "sft", "steps": s.sft_steps, "batch_size": 8,
+                             "micro_batch_size": 8, "seed": 2, "log_every": max(1, s.sft_steps // 4),
+                             "eval_every": 0, "save_every": s.sft_steps}}
+            self.children.run("sft", py("model.train", "--config", str(write_yaml(self.out / "sft.yaml", cfg))))
+            start = self.out / "sft" / "final"
+        else:
+            print("  no synthetic shards (no record was accepted): SFT skipped")
+        pairs = synth / "dpo.jsonl"
+        n = sum(1 for line in pairs.open(encoding="utf-8") if line.strip()) if pairs.exists() else 0
+        if n == 0:
+            print("  the judge chose no pair (ties and unparsable verdicts are left out): DPO skipped")
+            return
+        print(f"  DPO on {n} pairs the judge chose, from {start}")
+        cfg = {"finetune": {**lora, "init_from": str(start), "beta": 0.1}, "out": str(self.out / "dpo"),
+               "data": {"source": "dpo", "path": str(pairs), "seq_len": 1024, "eval_fraction": 0.0},
+               "optim": {"lr": 1.0e-3, "min_lr": 1.0e-4, "warmup_steps": 1},
+               "train": {"objective": "dpo", "phase": "dpo", "steps": s.dpo_steps, "batch_size": 4,
+                         "micro_batch_size": 2, "seed": 3, "log_every": max(1, s.dpo_steps // 4), "eval_every": 0,
+                         "save_every": s.dpo_steps}}
+        self.children.run("dpo", py("model.train", "--config", str(write_yaml(self.out / "dpo.yaml", cfg))))
+
+    def posttrain_once(self) -> None:
+        self.posttrain()
+        (self.out / "posttrain.done").write_text("done\n")
+
+    @property
+    def chat_model(self) -> Path:
+        """The newest model of the pipeline: DPO's, else SFT's, else the MoE's."""
+        return next(d / "final" for d in (self.out / "dpo", self.out / "sft", self.out / "moe")
+                    if (d / "final" / "config.json").exists())
+
     def results(self) -> None:
         print("  leaderboard (mujina-coordinator ledger):")
         for line in self.children.capture(self.coord_cli("ledger")).splitlines():
             print("    " + line)
-        for name in ("dense", "moe"):
+        for name in ("dense", "moe", "sft", "dpo"):
             m = [r for r in last_metrics(self.out / name / "metrics.jsonl") if "loss" in r]
             if m:
                 ev = [r["eval_loss"] for r in m if "eval_loss" in r]
                 print(f"  {name}: loss {m[0]['loss']:.3f} (step {m[0]['step']}) -> {m[-1]['loss']:.3f} "
-                      f"(step {m[-1]['step']})" + (f"; eval loss {ev[-1]:.3f}" if ev else ""))
+                      f"(step {m[-1]['step']})" + (f"; eval loss {ev[-1]:.3f}" if ev else "")
+                      + (f"; reward margin {m[-1]['rewards/margins']:.3f}" if "rewards/margins" in m[-1] else ""))
         for series in http_json(f"http://127.0.0.1:{self.http_port}/api/status")["loss"]:
             pts = series["points"]
             print(f"  {series['kind']} results ({len(pts)}): loss {pts[0][1]:.3f} -> {pts[-1][1]:.3f}")
@@ -552,12 +595,18 @@ class Demo:
 
     def sample(self) -> None:
         hf = self.out / "hf"
-        if not (hf / "config.json").exists():
-            self.children.run("export", py("model.cli", "export", "--checkpoint", str(self.out / "moe" / "final"),
-                                           "--out", str(hf)))
-        print("  generating with transformers (MixtralForCausalLM) from the prompt 東京の:")
+        model = self.chat_model
+        source = hf / "source.json"  # which model the export holds: a rerun after post-training exports again
+        if not (source.exists() and json.loads(source.read_text()) == str(model)):
+            shutil.rmtree(hf, ignore_errors=True)
+            self.children.run("export", py("model.cli", "export", "--checkpoint", str(model), "--out", str(hf)))
+            source.write_text(json.dumps(str(model)))
+        print(f"  {model.parent.name}'s model with transformers (MixtralForCausalLM), from the prompt 東京の:")
         self.children.run("sample", py("model.cli", "sample", "--hf", str(hf), "--prompt", "東京の",
                                        "--max-new-tokens", "40", "--temperature", "0.8"))
+        print("  and one chat turn through the export's chat template:")
+        self.children.run("chat", py("model.cli", "chat", "--hf", str(hf), "--user", "東京について教えてください。",
+                                     "--max-new-tokens", "40", "--temperature", "0.8"))
 
     def watch(self) -> None:
         ports = ", ".join(f":{p}" for p in self.worker_ports) or "(not started this time)"
@@ -605,9 +654,12 @@ class Demo:
                    (o / "swarm.done").exists(), self.swarm)
         self.stage(8, f"MoE training on the corpus + synthetic data ({self.scale.moe_steps} steps)",
                    (o / "moe" / "final" / "config.json").exists(), self.moe)
-        self.stage(9, "leaderboard and loss", False, self.results)
-        self.stage(10, "export to Hugging Face and sample with transformers", False, self.sample)
-        self.stage(11, "watch it: status page, Prometheus, Grafana", False, self.watch)
+        self.stage(9, f"post-training: LoRA SFT on the synthetic chat records ({self.scale.sft_steps} steps), then "
+                      f"LoRA DPO on the judge's pairs ({self.scale.dpo_steps} steps)",
+                   (o / "posttrain.done").exists(), self.posttrain_once)
+        self.stage(10, "leaderboard and loss", False, self.results)
+        self.stage(11, "export to Hugging Face, sample and chat with transformers", False, self.sample)
+        self.stage(12, "watch it: status page, Prometheus, Grafana", False, self.watch)
         total = time.monotonic() - self.t0
         print(f"\n== done in {total:.0f} s: " + ", ".join(f"{i + 1}) {s:.0f} s" for i, (_, s, _) in
                                                       enumerate(self.timings)), flush=True)

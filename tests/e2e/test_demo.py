@@ -177,7 +177,7 @@ def test_rerun_resumes_and_the_pipeline_produced_everything(demo):
     rc, output = demo["resumed"]
     assert rc == 0, output
     for n in (1, 2, 3, 4, 5):  # finished before the interrupts: skipped, not redone
-        assert next(x for x in output.splitlines() if x.startswith(f"== {n}/11")).endswith("(done before: skipped)")
+        assert next(x for x in output.splitlines() if x.startswith(f"== {n}/12")).endswith("(done before: skipped)")
     assert "synthetic data: done before (skipped)" in output  # stage 6 starts only the coordinator again
     # shards with a manifest
     manifest = json.loads((out / "shards" / "train" / "manifest.json").read_text())
@@ -209,13 +209,27 @@ def test_rerun_resumes_and_the_pipeline_produced_everything(demo):
     moe_cfg = yaml.safe_load((out / "moe.yaml").read_text())
     assert moe_cfg["init_from"].endswith(last_round)
     assert "synthetic shards 0.2" in output
+    # post-training: LoRA SFT on the synthetic chat shards, then LoRA DPO from the merged SFT model when the judge
+    # chose pairs; the exported chat model is the newest of them
+    sft = [json.loads(x) for x in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert sft and yaml.safe_load((out / "sft.yaml").read_text())["finetune"]["mode"] == "lora"
+    assert (out / "sft" / "final" / "config.json").exists()
+    if (out / "dpo.yaml").exists():
+        dpo = [json.loads(x) for x in (out / "dpo" / "metrics.jsonl").read_text().splitlines()]
+        assert abs(dpo[0]["loss"] - 0.6931) < 1e-3 and "rewards/margins" in dpo[0]  # ln 2: the policy is its reference
+        assert yaml.safe_load((out / "dpo.yaml").read_text())["finetune"]["init_from"] == str(out / "sft" / "final")
+    else:
+        assert "the judge chose no pair" in output
     assert json.loads((out / "hf" / "config.json").read_text())["model_type"] == "mixtral"
+    assert "chat_template" in json.loads((out / "hf" / "tokenizer_config.json").read_text())
+    chat = json.loads(next(x for x in (out / "logs" / "chat.log").read_text().splitlines() if x.startswith("{")))
+    assert isinstance(chat["reply"], str) and chat["generated_ids"]
     sample = json.loads(next(x for x in (out / "logs" / "sample.log").read_text().splitlines()
                              if x.startswith("{")))
     assert sample["prompt"] == "東京の" and len(sample["generated_ids"]) > 0 and sample["text"]
     assert "status page" in output and "dashboards/prometheus/prometheus.yml" in output
     # after the swarm the workers stopped by themselves (hivemind included), and so did the coordinator
-    stopping = output[output.index("stopping the workers"):output.index("== 8/11")]
+    stopping = output[output.index("stopping the workers"):output.index("== 8/12")]
     assert re.search(r"^  3 stopped in [\d.]+ s$", stopping, re.M), stopping
     assert "SIGKILL" not in output, output
     assert processes_mentioning(str(out)) == []
