@@ -101,8 +101,10 @@ def check_qlora(device: torch.device, *, distributed: bool = False, compile: boo
     except ImportError:
         raise ValueError("finetune.mode qlora needs bitsandbytes: pip install bitsandbytes") from None
     if device.type == "cpu":
-        log.info("finetune.mode qlora on CPU: the base is stored in NF4 by bitsandbytes' CPU backend and dequantised "
-                 "layer by layer; it saves memory (about 1/7 of fp32 for the quantised weights), not time")
+        log.info("finetune.mode qlora on CPU: bitsandbytes' CPU backend stores the base in NF4 (about 1/7 of its fp32 "
+                 "bytes) and dequantises it layer by layer; steps run slower than LoRA's and the library and the "
+                 "fp32 load cost resident memory (benchmarks/qlora_memory.py): check a QLoRA config here, train "
+                 "large bases on CUDA")
     elif device.type != "cuda":
         raise ValueError(f"finetune.mode qlora runs on CUDA or CPU (bitsandbytes' NF4 kernels); this run's device is "
                          f"{device.type}: use finetune.mode lora")

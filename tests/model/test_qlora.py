@@ -196,6 +196,32 @@ def test_qlora_dpo_starts_at_ln2_on_the_quantised_reference(world, tmp_path):  #
     assert first["rewards/margins"] == 0.0 and second["rewards/margins"] != 0.0  # and then the adapters train
 
 
+@pytest.mark.slow  # two in-process trainers (about 6 s)
+def test_a_qlora_run_is_the_lora_run_on_the_dequantised_base(world, tmp_path):  # noqa: F811
+    """The trainer end to end (pretraining objective, synthetic data, in-process): QLoRA from a base equals LoRA
+    from that base's dequantised NF4 weights, step for step (the same adapters' init, forward and gradients)."""
+    from model.checkpoint import load_checkpoint, save_checkpoint
+    from model.train import RunConfig, Trainer
+
+    net = load_checkpoint(world / "base")
+    add_lora(net, SPEC)
+    state = dequantized_state_dict(quantize_base(net))
+    plain = load_checkpoint(world / "base")
+    plain.load_state_dict({k: v for k, v in state.items() if "lora" not in k})
+    save_checkpoint(tmp_path / "dequantized", plain)
+    losses = {}
+    for mode, base in (("qlora", world / "base"), ("lora", tmp_path / "dequantized")):
+        cfg = {"init_from": str(base), "finetune": {"mode": mode, "r": 4, "alpha": 8, "targets": list(SPEC.targets)},
+               "data": {"source": "synthetic", "seq_len": 32}, "optim": {"lr": 1e-2, "warmup_steps": 1},
+               "train": {"steps": 3, "batch_size": 4, "micro_batch_size": 2, "eval_every": 0, "dtype": "fp32",
+                         "save_every": 0, "log_every": 1}, "out": str(tmp_path / mode)}
+        trainer = Trainer(RunConfig.from_dict(cfg))
+        losses[mode] = [trainer.train_step()["loss"] for _ in range(3)]
+        moved = [p for n, p in trainer.model.named_parameters() if "lora_B" in n or "_B_" in n]
+        assert moved and all(p.abs().max() > 0 for p in moved)  # every B started at zero and trained
+    assert losses["qlora"] == losses["lora"], losses
+
+
 @pytest.mark.slow  # two CLI runs that import bitsandbytes (about 5 s each)
 @pytest.mark.parametrize("change, message", [
     ({"train": {"compile": True}}, "set train.compile: false"),
