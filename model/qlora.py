@@ -310,6 +310,15 @@ def load_adapters(net: Transformer, state: dict[str, Tensor], source: object) ->
                              "from another init_from; restore it or use another --out")
 
 
+def base_bytes(cfg) -> float:
+    """Bytes of a quantised base (model/config.py's ModelConfig): NF4 with double quantisation for the quantised
+    weights (4 bits + an 8-bit absmax per 64 + an fp32 absmax per 256 x 64), fp32 for the embeddings and the
+    output head; norms and router counted as NF4 (under 1% of the weights). For the trainer's memory check."""
+    kept = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
+    per_weight = 0.5 + 1 / BLOCKSIZE + 4 / (256 * BLOCKSIZE)
+    return (cfg.num_params() - kept) * per_weight + kept * 4.0
+
+
 def nf4_bytes(net: nn.Module) -> int:
     """Bytes the NF4 storage takes (packed weights, 8-bit absmaxes and their fp32 second-level absmaxes)."""
     total = 0

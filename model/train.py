@@ -341,6 +341,11 @@ class Trainer:
         need = memory_estimate(self.mcfg, world_size=self.dist.world_size, micro_batch=t.micro_batch_size,
                                seq_len=self.cfg.data.seq_len, bf16=bf16,
                                activation_checkpointing=t.activation_checkpointing, processes_per_device=per_host)
+        if self.cfg.finetune.mode == "qlora":  # a frozen NF4 base instead of fp32 weights, gradients and AdamW moments
+            from .qlora import base_bytes
+
+            need["total"] += (base_bytes(self.mcfg) - need["state"]) * per_host
+            need["state"] = base_bytes(self.mcfg)
         have = device_memory(self.device)
         if have and need["total"] > have:
             gib = 1 << 30

@@ -196,6 +196,24 @@ def test_qlora_dpo_starts_at_ln2_on_the_quantised_reference(world, tmp_path):  #
     assert first["rewards/margins"] == 0.0 and second["rewards/margins"] != 0.0  # and then the adapters train
 
 
+@pytest.mark.parametrize("mode", ["full", "qlora"])
+def test_the_memory_check_counts_a_qlora_base_at_4_bits(tmp_path, mode):
+    """A model too big for any host (6e12 weights): the refusal states QLoRA's frozen NF4 base (model/qlora.py's
+    base_bytes, about 0.52 bytes a weight), not full training's 16 bytes of weights, gradients and moments."""
+    from model.qlora import base_bytes
+    from model.train import RunConfig, Trainer
+
+    model = {"preset": "debug", "num_layers": 400, "hidden_size": 32768, "intermediate_size": 131072,
+             "num_heads": 256, "num_kv_heads": 8, "vocab_size": 32000, "max_seq_len": 256}
+    cfg = RunConfig.from_dict({"model": model, "finetune": {"mode": mode}, "out": str(tmp_path / "run"),
+                               "data": {"source": "synthetic", "seq_len": 64}, "train": {"device": "cpu"}})
+    with pytest.raises(ValueError, match="this run cannot fit") as e:
+        Trainer(cfg)
+    mcfg = cfg.model_config()
+    state = base_bytes(mcfg) if mode == "qlora" else 16.0 * mcfg.num_params()
+    assert f"AdamW state {state / 2**30:.1f} GiB" in str(e.value), str(e.value)
+
+
 @pytest.mark.slow  # two in-process trainers (about 6 s)
 def test_a_qlora_run_is_the_lora_run_on_the_dequantised_base(world, tmp_path):  # noqa: F811
     """The trainer end to end (pretraining objective, synthetic data, in-process): QLoRA from a base equals LoRA
