@@ -79,8 +79,7 @@ class FinetuneConfig:
                         rslora=self.rslora)
 
 
-def check_qlora(device: torch.device, *, distributed: bool = False, compile: bool = False,
-                activation_checkpointing: bool = False) -> None:
+def check_qlora(device: torch.device, *, distributed: bool = False, compile: bool = False) -> None:
     """Refuse, before any work, a QLoRA run this version cannot do; say on CPU what the run will be.
 
     QLoRA (model/qlora.py) runs on one process, on CUDA (bf16 autocast by default) or on CPU, where
@@ -91,9 +90,6 @@ def check_qlora(device: torch.device, *, distributed: bool = False, compile: boo
     if compile:
         raise ValueError("finetune.mode qlora does not compile (its layers dequantise inside autograd's saved-tensor "
                          "hooks): set train.compile: false")
-    if activation_checkpointing:
-        raise ValueError("finetune.mode qlora does not combine with activation checkpointing here (both rewrite what "
-                         "autograd saves): set train.activation_checkpointing: false")
     try:
         from .qlora import bitsandbytes
 

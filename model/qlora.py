@@ -113,16 +113,27 @@ class _Remake:
     offset: int
 
 
+@dataclass
+class _Outer:
+    """A tensor packed by the saved-tensor hooks active around the module (activation checkpointing's)."""
+
+    packed: object
+    unpack: Callable[[object], Tensor]
+
+
 class _DenseWhileRunning:
     """Dense weights that exist only while one module runs.
 
     Inside `active()`, tensors made by `dequantize(make)` are kept alive until the block ends (so their memory
     cannot be reused by a tensor that autograd then mistakes for them), and autograd saves any view of them
-    as the recipe to remake it (the NF4 parameter and the dtype), which backward runs again."""
+    as the recipe to remake it (the NF4 parameter and the dtype), which backward runs again. Every other
+    tensor goes to the hooks that were active outside (activation checkpointing's, which then recomputes
+    it), or is saved as usual."""
 
     def __init__(self):
         self.dense: list[tuple[Tensor, Callable[[], Tensor]]] = []
         self.on = False
+        self.outer = None
 
     def dequantize(self, make: Callable[[], Tensor]) -> Tensor:
         w = make()
@@ -135,22 +146,32 @@ class _DenseWhileRunning:
         for w, make in self.dense:
             if ptr == w.untyped_storage().data_ptr():  # w itself or a view of it (a transpose, an expert's slice)
                 return _Remake(make, t.size(), t.stride(), t.storage_offset())
+        if self.outer is not None:
+            pack, unpack = self.outer
+            return _Outer(pack(t), unpack)
         return t
 
     @staticmethod
     def _unpack(saved):
         if isinstance(saved, _Remake):
             return saved.remake().as_strided(saved.size, saved.stride, saved.offset)
+        if isinstance(saved, _Outer):
+            return saved.unpack(saved.packed)
         return saved
 
     @contextmanager
     def active(self):
+        # Hooks nest with the innermost alone applying, so this one hands on what it does not keep itself. The
+        # outer pair is read through a private torch function (there is no public one); without it, tensors
+        # are saved as usual, which is correct but keeps them under activation checkpointing.
+        top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+        self.outer = top(False) if top is not None else None
         self.on = True
         try:
             with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
                 yield self
         finally:
-            self.on = False
+            self.on, self.outer = False, None
             self.dense.clear()
 
 

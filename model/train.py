@@ -275,8 +275,7 @@ class Trainer:
         rank = self.dist.rank
         ft = cfg.finetune
         if ft.mode == "qlora":
-            check_qlora(self.device, distributed=self.dist.distributed, compile=t.compile,
-                        activation_checkpointing=t.activation_checkpointing)
+            check_qlora(self.device, distributed=self.dist.distributed, compile=t.compile)
         if d.source == "synthetic":
             self.data = StatelessData(SyntheticSource(self.mcfg.vocab_size, d.seq_len, t.seed), rank, world)
         elif d.source == "dpo":
