@@ -142,5 +142,6 @@ def test_qlora_dpo_starts_at_ln2_and_peaks_under_0_4x_the_bf16_lora_memory(world
         first[mode] = records(root / mode)[1]["loss"]
     print(f"peak memory: bf16 LoRA {peaks['lora'] / 2**20:.0f} MiB, QLoRA {peaks['qlora'] / 2**20:.0f} MiB, "
           f"ratio {peaks['qlora'] / peaks['lora']:.3f}")
-    assert abs(first["qlora"] - math.log(2)) <= 1e-4, first  # bf16 autocast: the policy is its reference at step 0
+    # the policy is its reference at step 0 (bf16 autocast: 1e-3, against 1e-6 for fp32 on CPU in tests/model)
+    assert all(abs(loss - math.log(2)) <= 1e-3 for loss in first.values()), first
     assert peaks["qlora"] <= 0.4 * peaks["lora"], peaks
