@@ -157,18 +157,10 @@ class Scheduler:
         """A new worker of `token`; RequestError RESOURCE_EXHAUSTED when the token has
         limits.max_workers_per_token live workers (heard from within leases.duration_s) already."""
         worker_id, now = new_id(), time.time()
-        limit, live_s = self.cfg.limits.max_workers_per_token, self.cfg.leases.duration_s
         # Checked before any transaction, so a refused Register storm costs no write; the lock makes check and
         # reservation one step for the store's threads (PostgreSQL).
         with self._register_lock:
-            live = self._live.setdefault(token, {})
-            for wid, seen in list(live.items()):   # a snapshot: heartbeats on other threads may add to it
-                if seen < now - live_s:
-                    live.pop(wid, None)
-            if len(live) >= limit:
-                raise RequestError("RESOURCE_EXHAUSTED", f"token {token!r} has {len(live)} live workers (heard from "
-                                   f"in the last {live_s:g} s); the limit is {limit} (limits.max_workers_per_token): "
-                                   "stop one, or wait until a stopped one has been silent that long")
+            live = self.room_for_worker(token, now)
             live[worker_id] = now
         try:
             with self.store.tx() as conn:
@@ -180,6 +172,20 @@ class Scheduler:
             raise
         self._workers[worker_id] = WorkerRow(token, gpu_memory, bool(cuda), speed)
         return worker_id
+
+    def room_for_worker(self, token: str, now: float) -> dict[str, float]:
+        """The token's live workers {id: last call}; RequestError RESOURCE_EXHAUSTED when they are
+        limits.max_workers_per_token already (the server asks before it reads a Register's fields)."""
+        limit, live_s = self.cfg.limits.max_workers_per_token, self.cfg.leases.duration_s
+        live = self._live.setdefault(token, {})
+        for wid, seen in list(live.items()):   # a snapshot: heartbeats on other threads may add to it
+            if seen < now - live_s:
+                live.pop(wid, None)
+        if len(live) >= limit:
+            raise RequestError("RESOURCE_EXHAUSTED", f"token {token!r} has {len(live)} live workers (heard from "
+                               f"in the last {live_s:g} s); the limit is {limit} (limits.max_workers_per_token): "
+                               "stop one, or wait until a stopped one has been silent that long")
+        return live
 
     def _worker(self, token: str, worker_id: str):
         w = self._workers.get(worker_id)

@@ -275,6 +275,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     @_guard
     async def Register(self, token, request, context):
+        self.scheduler.room_for_worker(token, time.time())  # a token at its cap is refused before anything is read
         caps = request.capabilities
         _finite(caps.speed, "capabilities.speed")
         _bounded(request.name, "name", MAX_NAME_CHARS)

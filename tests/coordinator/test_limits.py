@@ -213,35 +213,32 @@ def test_a_refused_streamed_upload_leaves_no_temp_file(make_coord):
 @pytest.mark.slow   # a coordinator subprocess, killed and started again
 def test_a_kill_mid_upload_leaves_no_stray_file_after_restart(tmp_path, db_url):
     from coordinator.api.client import CoordinatorClient
+    from coordinator.config import load_project
+    from coordinator.scheduler import Scheduler
     from tests.coordinator.conftest import write_project
 
     project = write_project(tmp_path, limits={"max_upload_bytes": 64 * MiB})
-    state = tmp_path / "state"
-    S.Store.open(db_url).add_token("alice", TOKEN)
+    tmp_dir = tmp_path / "state" / "results" / ".tmp"
+    store = S.Store.open(db_url)
+    store.add_token("alice", TOKEN)
+    Scheduler(store, load_project(project)).add_task("eval", {"checkpoint": "c", "shard": "s", "shard_tokens": 1000})
+    store.close()
     port = free_port()
     proc = spawn_server(project, db_url, port, tmp_path / "serve.log")
     hold = threading.Event()
     try:
         with CoordinatorClient(f"127.0.0.1:{port}", TOKEN, timeout=10, retry_for=5) as c:
-            from coordinator.config import load_project
-            from coordinator.scheduler import Scheduler
-
-            store = S.Store.open(db_url)
-            Scheduler(store, load_project(project)).add_task("eval", {"checkpoint": "c", "shard": "s",
-                                                                      "shard_tokens": 1000})
-            store.close()
             t = c.lease(c.register("w").worker_id, ["eval"]).task
             upload = _held_upload(c, t, 8 * MiB, 3 * MiB, hold)
-            wait_until(lambda: [p.stat().st_size for p in (state / "results" / ".tmp").iterdir()] == [3 * MiB],
-                       "3 MiB in results/.tmp")
+            wait_until(lambda: [p.stat().st_size for p in tmp_dir.iterdir()] == [3 * MiB], "3 MiB in results/.tmp")
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)
             hold.set()
             with pytest.raises(grpc.RpcError):
                 upload.result()
-        assert len(list((state / "results" / ".tmp").iterdir())) == 1   # the kill left it
+        assert len(list(tmp_dir.iterdir())) == 1   # the kill left it
         proc = spawn_server(project, db_url, port, tmp_path / "serve.log")
-        assert list((state / "results" / ".tmp").iterdir()) == []        # the restart swept it
+        assert list(tmp_dir.iterdir()) == []        # the restart swept it
     finally:
         hold.set()
         proc.kill()
