@@ -512,6 +512,13 @@ class Daemon:
             log.error("%s", e)
             self._sleep(self._backoff.next())
             return
+        if task.kind not in self.kinds:   # a coordinator may not choose what runs on this machine
+            log.warning("the coordinator leased a %s task (%s); this worker runs only %s: given back",
+                        task.kind, task.task_id, ",".join(self.kinds))
+            self._give_back(task, pb.INVALID_TASK, f"this worker asked for kinds {','.join(self.kinds)}, "
+                            f"not {task.kind!r}")
+            self.tasks_ended += 1
+            return
         self.metrics.state("running")
         log.info("running %s task %s (attempt %d)", task.kind, task.task_id, task.attempt)
         cancel, done = threading.Event(), threading.Event()

@@ -41,8 +41,9 @@ class Hostile(pb_grpc.CoordinatorServicer):
     """Leases `tasks` ((kind, payload) or a pb.Task) once each to whoever asks for their kind; records Fail and
     Complete; streams files[name]; answers Complete with `complete_code` (None: accept)."""
 
-    def __init__(self, tasks=(), files=None, complete_code=None):
+    def __init__(self, tasks=(), files=None, complete_code=None, any_kind=False):
         self.tasks, self.files, self.complete_code = list(tasks), files or {}, complete_code
+        self.any_kind = any_kind  # lease tasks whatever kinds the worker asked for
         self.fails: list[tuple[str, str]] = []
         self.completes: list[pb.CompleteHeader] = []
         self.served: list[str] = []
@@ -59,7 +60,7 @@ class Hostile(pb_grpc.CoordinatorServicer):
             task = t if isinstance(t, pb.Task) else pb.Task(
                 task_id=uuid.uuid4().hex, lease_id=uuid.uuid4().hex, kind=t[0], payload_json=json.dumps(t[1]),
                 attempt=1)
-            if task.kind in request.kinds:
+            if task.kind in request.kinds or self.any_kind:
                 del self.tasks[i]
                 return pb.LeaseResponse(task=task)
         return pb.LeaseResponse(no_work=pb.NoWork(retry_after_s=0.1, reason="nothing for you"))

@@ -142,6 +142,12 @@ def test_a_train_payload_naming_a_local_token_file_is_an_invalid_task(tmp_path, 
     assert h.served == []   # nothing fetched either
 
 
+def test_a_task_of_a_kind_the_worker_did_not_ask_for_is_given_back_unrun(tmp_path, serve, teacher_dir):
+    h = Hostile(tasks=[generate_task(teacher_dir)], any_kind=True)
+    assert daemon(serve(h), tmp_path / "w", kinds=["eval"], teachers={"tiny": teacher_dir}, max_tasks=1).run() == 0
+    assert h.fails == [("INVALID_TASK", "this worker asked for kinds eval, not 'generate'")] and h.completes == []
+
+
 # ---- results the coordinator cannot take now ------------------------------------------------------------
 
 def test_a_result_answered_internal_stays_spooled_and_reaches_the_real_coordinator_later(tmp_path, serve):
