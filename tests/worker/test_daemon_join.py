@@ -87,6 +87,7 @@ def test_ctx_join_joins_the_tasks_round_with_its_lease(tmp_path):
             raise TaskError("the test stops here")
 
         d.executors._built["train"] = fake_train
+        d.kinds.append("train")  # the daemon runs only the kinds it leases (it registered for eval)
         d.run_task(task)
         assert seen["early"] is None and seen["bob"]
         assert "PERMISSION_DENIED" in seen["refused"] and "one peer, one slot" in seen["refused"]
