@@ -157,3 +157,23 @@ def test_a_missing_package_and_a_wrong_teacher_are_worker_faults_through_the_dae
     h = Hostile(tasks=[generate("ab" * 32)] * 3)
     assert run(h, teacher_dir, "b") == 2
     assert [r for r, _ in h.fails] == ["WORKER_FAULT"] and "not the project's" in h.fails[0][1]
+
+
+def test_out_of_memory_twice_in_a_row_makes_the_kind_a_fault_of_this_machine(tmp_path, serve):
+    """One OUT_OF_MEMORY is the task's (it may fit a bigger machine, and is not given to this token again); a
+    second in a row on the same kind is this machine's: the kind is dropped, so a worker whose memory cannot hold
+    the project's tasks does not fail them one by one. The fault is injected as the executor's exception (CPU
+    torch raises no torch.OutOfMemoryError of its own)."""
+    import torch
+
+    from tests.worker.hostile import Hostile
+    from worker.daemon import Daemon, WorkerConfig
+
+    def out_of_memory(ctx):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    h = Hostile(tasks=[("eval", {"checkpoint": "c", "shard": "s", "shard_tokens": 1, "seq_len": 8})] * 4)
+    d = Daemon(WorkerConfig(coordinator=serve(h), token=TOKEN, cache_dir=tmp_path, benchmark=False, kinds=["eval"]))
+    d.executors._built["eval"] = out_of_memory
+    assert d.run() == 2
+    assert [r for r, _ in h.fails] == ["OUT_OF_MEMORY", "OUT_OF_MEMORY"] and len(h.tasks) == 2
