@@ -314,7 +314,7 @@ def _run(args, flood: str | None) -> dict:
     leases = "" if flood else "limits: {max_leases_per_token: 1000000}\n"
     project.write_text(f"run: bench\nstate_dir: state\nleases: {{duration_s: 120, heartbeat_interval_s: 10}}\n{leases}")
     db = args.db or f"sqlite:///{tmp / 'state' / 'coordinator.db'}"
-    n_tasks = int(args.clients * args.procs * args.duration * 40) + 1000  # more than can be done
+    n_tasks = int(args.clients * args.procs * args.duration * 100) + 1000  # more than can be done (~45/s a client)
     _prepare(db, project, n_tasks, args.workers)
     port = _free_port()
     target = f"127.0.0.1:{port}"
