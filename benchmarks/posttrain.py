@@ -1,8 +1,8 @@
 """Post-training on CPU in one run: mujina's LoRA SFT and DPO against trl + peft, the memory LoRA saves, and
 collaborative LoRA against one process.
 
-    python benchmarks/posttrain.py              # about 3 minutes on 2 cores
-    python benchmarks/posttrain.py --quick      # about 30 s: MoE only, fewer timed steps, rounds and cases
+    python benchmarks/posttrain.py              # about 3 minutes on 2 quiet cores
+    python benchmarks/posttrain.py --quick      # about a minute: MoE only, fewer timed steps, rounds and cases
     python benchmarks/posttrain.py --threads 1  # steadier CPU-time ratios on a busy machine
 
 1. Throughput (tokens/s). A MoE (4 experts, top-2) and a dense model of the same active size, with the same
@@ -524,7 +524,7 @@ def machine_info() -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="about 30 s: MoE only, fewer steps and rounds")
+    p.add_argument("--quick", action="store_true", help="about a minute: MoE only, fewer steps and rounds")
     p.add_argument("--models", default=None, help="comma-separated: moe,dense (default: both; --quick: moe)")
     p.add_argument("--steps", type=int, help="timed steps per implementation (default 5, --quick 2)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per implementation (default 2, --quick 1)")
