@@ -98,8 +98,8 @@ SHAPES = {  # the MoE's 2 active experts of 256 match the dense model's 512
             "moe": {"num_experts": 4, "top_k": 2}},
     "dense": {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 512},
 }
-# the memory cases: a MoE whose weights outweigh a micro-batch's activations, as in real fine-tuning (25M
-# parameters, 100 MiB in fp32, against about 20 MiB of activations for 4 pairs)
+# the memory cases: a MoE big enough that full training's extra state (gradients and two AdamW moments, 3x the
+# 26M parameters' 100 MiB in fp32) is not lost beside a micro-batch's activations (about 300 MiB for 4 pairs)
 MEMORY_SHAPE = {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 1024,
                 "moe": {"num_experts": 8, "top_k": 2}}
 PEFT_ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -508,7 +508,9 @@ def mib(n: float) -> str:
 def memory_cell(row: dict, mode: str) -> str:
     if f"{mode}_delta_bytes" in row:
         return mib(row[f"{mode}_delta_bytes"])
-    return "skipped: " + row.get(f"{mode}_skipped", row.get(f"{mode}_refused", "?"))
+    if f"{mode}_refused" in row:
+        return "refused: " + row[f"{mode}_refused"]
+    return "skipped: " + row.get(f"{mode}_skipped", "?")
 
 
 def machine_info() -> dict[str, Any]:
