@@ -61,12 +61,17 @@ def test_children_do_not_hold_the_metrics_port(tmp_path):
     listening = f"socket:[{os.fstat(m._server.socket.fileno()).st_ino}]"
     assert listening in sockets_of(os.getpid())
     r, w = os.pipe()
+    ready_r, ready_w = os.pipe()
     forked = os.fork()
-    if forked == 0:  # the child: wait until the parent is done looking, then leave without cleanup
+    if forked == 0:  # the child: say it runs (fork's after-hooks are done), wait for the parent, leave uncleaned
         os.close(w)
+        os.write(ready_w, b"r")
         os.read(r, 1)
         os._exit(0)
     os.close(r)
+    os.close(ready_w)
+    assert os.read(ready_r, 1) == b"r"  # look at the child only once fork() returned in it (else a race)
+    os.close(ready_r)
     spawned = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], close_fds=False)
     try:
         deadline = time.monotonic() + 10  # the spawned child's exec replaces its fds once it starts
