@@ -31,19 +31,18 @@ collaborative LoRA against one process.
    issue's "bf16 LoRA"). Full keeps gradients and two AdamW moments (3x the weights) and, for DPO, a frozen
    reference copy (model/finetune.py's frozen_copy); LoRA DPO uses the adapters-off network. The rest is
    activations, which grow with --memory-batch while the weights do not. ratio = LoRA / full. A QLoRA row needs
-   CUDA and bitsandbytes and reports model/finetune.py's check_qlora refusal while QLoRA is not implemented.
+   CUDA and bitsandbytes (on CPU it says skipped: benchmarks/qlora_memory.py measures QLoRA there).
 3. Collaborative LoRA vs one process, at equal steps and equal pairs. K simulated workers (in this process:
    the arithmetic of a swarm round, without the swarm machinery) each train H local DPO steps per round on their
-   own shard of the pairs, only the round's factor (model/lora.py's round_factor / train_only: A in even
-   rounds, B in odd ones), with their own AdamW state per factor; the trained factor is then replaced by the
-   workers' mean weighted by the tokens each trained on, which is exactly the weighted mean of their updates
-   s B A. One process trains both factors for the same number of steps on batches K times larger drawn from
-   all the pairs. ratio = held-out DPO loss collaborative / one process (goal <= 1.03). Without --quick a
-   second collaborative run shifts the order by one round (B first): B starts at zero, so A's gradient is zero
-   and round_factor's first round (A) cannot move the model. The held-out loss after every round and the
-   step at which the one process reaches the collaborative loss are printed too, and a third run, one process
-   alternating the factors as the workers do (K = 1, the big batch), separates what alternation costs from
-   what averaging the workers costs.
+   own shard of the pairs, both factors, with their own AdamW state; model/lora.py's average_adapters then makes
+   the shared network exactly the token-weighted mean of theirs (adapters averaged, the rest s(Σ w B A - B̄ Ā)
+   folded into the base). One process trains both factors for the same number of steps on batches K times
+   larger drawn from all the pairs. ratio = held-out DPO loss collaborative / one process (goal <= 1.03).
+   Without --quick two more runs show the alternative that leaves the base untouched (QLoRA's NF4 base cannot
+   absorb the rest): round_factor's alternating factor (B in even rounds), averaged exactly, by the K workers
+   and by one process (K = 1, the big batch), which separates what alternation costs from what averaging
+   costs. The held-out loss after every round and the step at which the one process reaches each loss are
+   printed too.
 
 Data: a tokenizer trained on the fly on tests/data_shards/corpus.py's English documents and a constructed
 preference (the same answer, chosen "Sure! ..." vs rejected "No way. ..."). Nothing is downloaded. The base
@@ -84,7 +83,7 @@ from model.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from model.data import IGNORE, Batch  # noqa: E402
 from model.finetune import FinetuneConfig, check_qlora, dpo_evaluate, dpo_step, frozen_copy  # noqa: E402
-from model.lora import LoraSpec, adapter_state_dict, add_lora, round_factor, train_only  # noqa: E402
+from model.lora import LoraSpec, add_lora, average_adapters, round_factor, train_only  # noqa: E402
 from model.optim import OptimConfig  # noqa: E402
 from model.preference import PairBatch, PreferenceData  # noqa: E402
 from model.step import build_optimizer, train_step  # noqa: E402
@@ -443,13 +442,13 @@ def collaborative(kind: str, world: dict, root: Path, workers: int, rounds: int,
            "train_pairs": len(train), "eval_pairs": eval_pairs, "start_eval_loss": start_loss,
            "single_eval_loss": single_loss, "single_s": single_s, "single_curve": single_curve}
     shards = [data[f"shard{k}"] for k in range(workers)]
-    variants = [("collab", shards, micro, 0)]
-    if b_first:  # B first; and one process alternating the factors: what alternation alone costs
-        variants += [("collab_b_first", shards, micro, 1),
-                     ("alternating_one_process", [data["all"]], workers * micro, 0)]
-    for name, sources, pairs_per_step, shift in variants:
+    variants = [("collab", shards, micro, "products")]
+    if b_first:  # the alternating scheme (QLoRA's), and one process alternating: what alternation alone costs
+        variants += [("collab_alternating", shards, micro, "alternating"),
+                     ("alternating_one_process", [data["all"]], workers * micro, "alternating")]
+    for name, sources, pairs_per_step, mode in variants:
         t0 = time.perf_counter()
-        curve = run_collaborative(fresh, evaluate, step, sources, rounds, local_steps, pairs_per_step, lr, shift)
+        curve = run_collaborative(fresh, evaluate, step, sources, rounds, local_steps, pairs_per_step, lr, mode)
         loss = curve[-1]["eval_loss"]
         reached = next((c["step"] for c in single_curve if c["eval_loss"] <= loss), None)
         out.update({f"{name}_eval_loss": loss, f"{name}_ratio": loss / single_loss,
@@ -459,22 +458,24 @@ def collaborative(kind: str, world: dict, root: Path, workers: int, rounds: int,
     return out
 
 
-def run_collaborative(fresh, evaluate, step, sources, rounds, local_steps, micro, lr, shift) -> list[dict]:
-    """The rounds of one simulated worker per source of pairs; returns the shared adapters' held-out loss after
-    each round."""
+def run_collaborative(fresh, evaluate, step, sources, rounds, local_steps, micro, lr, mode) -> list[dict]:
+    """The rounds of one simulated worker per source of pairs; returns the shared network's held-out loss after
+    each round. mode "products": both factors train and model/lora.py's average_adapters makes the shared
+    network the exact weighted mean (the rest folded into the base); "alternating": round_factor's factor
+    trains and its weighted mean is taken (exact, the base untouched)."""
     shared = fresh()
     nets = [copy.deepcopy(shared) for _ in sources]
-    opts = [{f: torch.optim.AdamW(train_only(n, f), lr=lr, weight_decay=0.0) for f in ("A", "B")} for n in nets]
+    factors = ("both",) if mode == "products" else ("A", "B")
+    opts = [{f: torch.optim.AdamW(train_only(n, f), lr=lr, weight_decay=0.0) for f in factors} for n in nets]
     history = []
     for r in range(rounds):
-        factor = round_factor(r + shift)
-        start = adapter_state_dict(shared)
+        factor = "both" if mode == "products" else round_factor(r)
+        start = {k: v.detach().clone() for k, v in shared.named_parameters()}
         tokens = []
         for k, (net, opt_k) in enumerate(zip(nets, opts, strict=True)):
-            with torch.no_grad():  # every worker starts the round from the shared adapters
+            with torch.no_grad():  # every worker starts the round from the shared network (adapters and base)
                 for name, p in net.named_parameters():
-                    if name in start:
-                        p.copy_(start[name])
+                    p.copy_(start[name])
             train_only(net, factor)
             n = 0
             for h in range(local_steps):
@@ -483,11 +484,14 @@ def run_collaborative(fresh, evaluate, step, sources, rounds, local_steps, micro
                 n += sum(b.tokens for b in batches)
             tokens.append(n)
         weights = [n / sum(tokens) for n in tokens]
-        trained = [dict(net.named_parameters()) for net in nets]
-        with torch.no_grad():  # the weighted mean of the trained factor: exact for s B A (model/lora.py)
-            for name, p in shared.named_parameters():
-                if name in start and trained[0][name].requires_grad:
-                    p.copy_(sum(w * t[name].detach() for w, t in zip(weights, trained, strict=True)))
+        if mode == "products":
+            average_adapters(shared, nets, weights)
+        else:
+            trained = [dict(net.named_parameters()) for net in nets]
+            with torch.no_grad():  # the weighted mean of the trained factor: exact for s B A (model/lora.py)
+                for name, p in shared.named_parameters():
+                    if trained[0][name].requires_grad:
+                        p.copy_(sum(w * t[name].detach() for w, t in zip(weights, trained, strict=True)))
         history.append({"round": r, "step": (r + 1) * local_steps, "factor": factor, "eval_loss": evaluate(shared)})
     return history
 
@@ -604,23 +608,24 @@ def main(argv: list[str] | None = None) -> None:
             result["collab"] = c
             print(f"\ncollaborative LoRA DPO: {c['workers']} workers simulated in one process (no swarm "
                   f"machinery), {c['rounds']} rounds x {c['local_steps']} local steps of {c['pairs_per_worker_step']} "
-                  "pairs, trained factor alternating A/B, weighted mean by tokens; one process: "
+                  "pairs, both factors averaged exactly (average_adapters), weighted by tokens; one process: "
                   f"{c['steps']} steps of {c['pairs_per_single_step']} pairs, both factors. {c['model']} model, "
                   f"{c['train_pairs']} training pairs, {c['eval_pairs']} held out; held-out DPO loss at the start "
                   f"{c['start_eval_loss']:.4f}")
-            runs = [("collaborative (A first)", "collab"), *((("collaborative (B first)", "collab_b_first"),
-                                                              ("one process, alternating", "alternating_one_process"))
-                                                             if "collab_b_first_ratio" in c else ())]
+            runs = [("collaborative", "collab", "A and B, exact mean"),
+                    *((("collaborative, alternating", "collab_alternating", "alternating B/A"),
+                       ("one process, alternating", "alternating_one_process", "alternating B/A"))
+                      if "collab_alternating_ratio" in c else ())]
             print(table(("run", "factors", "held-out DPO loss", "ratio", "one process reaches it at step", "seconds"), [
                 ("one process", "A and B", f"{c['single_eval_loss']:.4f}", "1.000", str(c["steps"]),
                  f"{c['single_s']:.1f}"),
-                *((label, "alternating", f"{c[key + '_eval_loss']:.4f}", f"{c[key + '_ratio']:.3f}",
+                *((label, factors, f"{c[key + '_eval_loss']:.4f}", f"{c[key + '_ratio']:.3f}",
                    str(c[key + "_single_steps_to_same_loss"] or f"> {c['steps']}"), f"{c[key + '_s']:.1f}")
-                  for label, key in runs)]))
-            curves = [("one process", c["single_curve"]), *((label, c[key + "_curve"]) for label, key in runs)]
+                  for label, key, factors in runs)]))
+            curves = [("one process", c["single_curve"]), *((label, c[key + "_curve"]) for label, key, _ in runs)]
             print("held-out DPO loss every " + str(c["local_steps"]) + " steps: " + "; ".join(
                 f"{label}: " + " ".join(f"{p['eval_loss']:.3f}" for p in curve) for label, curve in curves))
-            print(f"ratio = collaborative (model/lora.py's round_factor: A first) / one process: {c['ratio']:.3f}"
+            print(f"ratio = collaborative (model/lora.py's average_adapters) / one process: {c['ratio']:.3f}"
                   "   goal <= 1.03")
     result["seconds"] = time.perf_counter() - t_all
     args.json.parent.mkdir(parents=True, exist_ok=True)

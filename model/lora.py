@@ -27,7 +27,7 @@ Shape legend: D hidden, F (expert) intermediate, E experts, r rank, S routed tok
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -179,13 +179,15 @@ def add_lora(net: Transformer, spec: LoraSpec, generator: torch.Generator | None
 
 
 def round_factor(round_: int) -> str:
-    """The factor a collaborative LoRA round trains: A in even rounds, B in odd ones.
+    """The factor a collaborative LoRA round trains when the base must stay as it is (QLoRA's NF4 base): B in
+    even rounds, A in odd ones (B first: A's gradient is zero while B is, so an A-first round 0 is wasted).
 
     Averaging A and B separately is not averaging B A: mean_i(B_i A_i) != mean(B_i) mean(A_i). With one
     factor frozen at the round's shared value, each worker's update is linear in the factor it trains
     (ΔW_i = s B (A_i - A), or s (B_i - B) A), so the weighted mean of the trained factors gives exactly the
-    weighted mean of the workers' ΔW; alternating the factor keeps both trainable over rounds."""
-    return "A" if round_ % 2 == 0 else "B"
+    weighted mean of the workers' ΔW. Alternating halves the useful steps (benchmarks/posttrain.py);
+    `average_adapters` trains both factors and stays exact by folding the rest into the base."""
+    return "B" if round_ % 2 == 0 else "A"
 
 
 def train_only(net: nn.Module, factor: str) -> list[nn.Parameter]:
@@ -203,6 +205,36 @@ def train_only(net: nn.Module, factor: str) -> list[nn.Parameter]:
             if on:
                 out.append(p)
     return out
+
+
+@torch.no_grad()
+def average_adapters(net: nn.Module, members: Sequence[nn.Module], weights: Sequence[float]) -> None:
+    """Make `net` exactly the weighted mean of `members`: copies of `net` that trained both factors of their
+    adapters from `net`'s (the bases equal and frozen; weights summing to 1).
+
+    Each adapter becomes the weighted means (Ā, B̄), and its base absorbs the rest, s (Σ w_i B_i A_i - B̄ Ā),
+    computed in fp32: W + s B̄ Ā + s (Σ w_i B_i A_i - B̄ Ā) = Σ w_i (W + s B_i A_i), so every adapted weight is
+    the weighted mean of the members' (DiLoCo's average with outer learning rate 1), however both factors
+    moved. The base is written: not for QLoRA's NF4 base (use `round_factor` there)."""
+    mods = {name: m for name, m in net.named_modules() if isinstance(m, LoraLinear | ExpertLora)}
+    others = [dict(m.named_modules()) for m in members]
+    if abs(sum(weights) - 1.0) > 1e-6 or len(weights) != len(members) or not members:
+        raise ValueError(f"one weight per member, summing to 1 (got {list(weights)} for {len(members)} members)")
+    for name, m in mods.items():
+        theirs = [o[name] for o in others]
+        if isinstance(m, LoraLinear):
+            pairs = [((m.lora_A, m.lora_B), [(t.lora_A, t.lora_B) for t in theirs], m.weight)]
+        else:
+            owner = dict(net.named_modules())[name.rsplit(".", 1)[0]]
+            bases = (owner.w1_EFD, owner.w3_EFD, owner.w2_EDF)
+            pairs = [(mine, [t.factors()[i] for t in theirs], bases[i]) for i, mine in enumerate(m.factors())]
+        for (a, b), member_ab, base in pairs:
+            a_mean = sum(w * ta.float() for w, (ta, _) in zip(weights, member_ab, strict=True))
+            b_mean = sum(w * tb.float() for w, (_, tb) in zip(weights, member_ab, strict=True))
+            products = sum(w * (tb.float() @ ta.float()) for w, (ta, tb) in zip(weights, member_ab, strict=True))
+            base.copy_((base.float() + m.scaling * (products - b_mean @ a_mean)).to(base.dtype))
+            a.copy_(a_mean.to(a.dtype))
+            b.copy_(b_mean.to(b.dtype))
 
 
 def lora_modules(net: nn.Module) -> Iterator[LoraLinear | ExpertLora]:
