@@ -162,21 +162,22 @@ def _forward(model, b: PairBatch, device, autocast_dtype):
 
 
 def pair_terms(model, reference, b: PairBatch, device, autocast_dtype):
-    """(policy logps (2B,), reference logps (2B,), chosen NLL sum, the policy's MoE aux, chosen token count)."""
-    comp = b.completion.to(device)
+    """(policy logps (2B,), reference logps (2B,), chosen NLL sum, the policy's MoE aux, chosen token count).
+    One fp32 log-softmax of the policy's logits serves both the log-probs and the NLL."""
+    comp, ids = b.completion.to(device), b.input_ids.to(device)
     logits, aux = _forward(model, b, device, autocast_dtype)
-    logps, _ = completion_logps(logits, b.input_ids.to(device), comp)
+    mask = comp[:, 1:].to(torch.float32)  # the predicted tokens that are the answer's
+    per_token = token_logps(logits, ids) * mask  # (2B, T-1)
+    logps = per_token.sum(-1)
     with torch.no_grad():
         if reference is None:  # LoRA: the same network with its adapters off
             with adapters_disabled(model):
                 ref_logits, _ = _forward(model, b, device, autocast_dtype)
         else:
             ref_logits, _ = _forward(reference, b, device, autocast_dtype)
-        ref_logps, _ = completion_logps(ref_logits, b.input_ids.to(device), comp)
+        ref_logps, _ = completion_logps(ref_logits, ids, comp)
     B = b.pairs
-    chosen_mask = comp[:B, 1:].bool()
-    nll_sum = -token_logps(logits[:B], b.input_ids[:B].to(device))[chosen_mask].sum()
-    return logps, ref_logps, nll_sum, aux, int(chosen_mask.sum())
+    return logps, ref_logps, -per_token[:B].sum(), aux, int(mask[:B].sum())
 
 
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",

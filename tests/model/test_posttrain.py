@@ -253,3 +253,21 @@ def test_export_merge_and_chat_of_a_lora_run(world, tmp_path):
     r = mujina_model("export", "--checkpoint", str(tmp_path / "merged"), "--out", str(tmp_path / "x"),
                      "--adapter-out", str(tmp_path / "y"), check=False)
     assert r.returncode == 2 and "no lora.json" in r.stderr
+
+
+def test_the_nll_term_adds_the_chosen_answers_mean_token_nll(world, tmp_path):
+    """finetune.nll_weight: step 1's loss is ln 2 + weight x the mean NLL of the step's chosen answer tokens,
+    computed here from the logged summed log-probs and the step's pairs (the same stateless order)."""
+    from model.preference import PreferenceData
+
+    config = dpo_config(world, tmp_path / "dpo.yaml", steps=1, eval_every=0)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["finetune"]["nll_weight"] = 0.5
+    config.write_text(yaml.safe_dump(cfg))
+    mujina_train("--config", str(config), "--out", str(tmp_path / "run"))
+    first = records(tmp_path / "run")[1]
+    data = PreferenceData(world / "dpo.jsonl", world / "tok", 96, 0, 0.0, 600)  # eval off: nothing held out
+    batches = data.micro_batches("train", 0, 2, 4)
+    tokens = sum(int(b.completion[:b.pairs, 1:].sum()) for b in batches)
+    nll = -first["logps/chosen"] * 8 / tokens  # logps/chosen: the mean over the step's 8 pairs of summed log-probs
+    assert abs(first["loss"] - (math.log(2) + 0.5 * nll)) <= 1e-5
