@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,7 +36,7 @@ from .config import help_field
 from .lora import DEFAULT_TARGETS, LoraSpec, adapters_disabled, add_lora
 from .objectives import completion_logps, dpo_loss, token_logps
 from .preference import PairBatch
-from .step import NonFiniteStep
+from .step import clip_gradients, step_if_finite
 from .transformer import Transformer
 
 log = logging.getLogger(__name__)
@@ -210,17 +209,10 @@ def dpo_step(model, reference, optimizer, batches: Sequence[PairBatch], *, cfg: 
             loss = loss + aux_loss / accum
             aux_total += aux_loss.item() / accum
         loss.backward()
-    params = [p for p in model.parameters() if p.grad is not None]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-    if hasattr(grad_norm, "full_tensor"):
-        grad_norm = grad_norm.full_tensor()
+    grad_norm = clip_gradients(model, grad_clip)
     loss_all, aux_all, *metric_sums = all_sum(total, aux_total / world, *(sums[k] for k in METRICS))
     gn = grad_norm.item()
-    if not (math.isfinite(loss_all) and math.isfinite(gn)):
-        optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteStep(loss_all, gn)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    step_if_finite(optimizer, loss_all, gn)
     return DPOStepResult(loss_all, aux_all, gn, lr, {k: s / n_pairs for k, s in zip(METRICS, metric_sums, strict=True)})
 
 

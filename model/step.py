@@ -73,6 +73,25 @@ def _local(*values: float) -> list[float]:
     return list(values)
 
 
+def clip_gradients(model: torch.nn.Module, grad_clip: float) -> torch.Tensor:
+    """Clip the global gradient norm (no clipping when grad_clip <= 0); returns the norm before clipping, over
+    every shard under FSDP."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP: the norm over every shard
+        grad_norm = grad_norm.full_tensor()
+    return grad_norm
+
+
+def step_if_finite(optimizer: torch.optim.Optimizer, loss: float, grad_norm: float) -> None:
+    """The optimizer step, or NonFiniteStep (gradients dropped) before anything is updated."""
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteStep(loss, grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Sequence[Batch], *, lr: float,
                n_targets: int, grad_clip: float, device: torch.device, autocast_dtype: torch.dtype | None = None,
                world: int = 1, all_sum: Callable[..., list[float]] = _local) -> StepResult:
@@ -96,16 +115,9 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
             counts_LE = aux.tokens_per_expert_LE if counts_LE is None else counts_LE + aux.tokens_per_expert_LE
         loss.backward()
         lm_total += loss_sum.detach() / n_targets
-    params = [p for p in model.parameters() if p.grad is not None]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP: the norm over every shard
-        grad_norm = grad_norm.full_tensor()
+    grad_norm = clip_gradients(model, grad_clip)
     # One host sync per step: a non-finite loss or gradient must never reach the weights.
     lm, aux_mean = all_sum(lm_total.item(), aux_total.item() / world)
     gn = grad_norm.item()
-    if not (math.isfinite(lm) and math.isfinite(gn)):
-        optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteStep(lm, gn)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    step_if_finite(optimizer, lm, gn)
     return StepResult(lm, aux_mean, gn, lr, None if counts_LE is None else counts_LE.detach().cpu())

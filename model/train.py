@@ -519,6 +519,11 @@ class Trainer:
                  f"{self.dist.world_size} processes (FSDP2), " if self.dist.distributed else "", self.device,
                  " (bf16)" if self.bf16 else "",
                  t.steps, t.batch_size, self.cfg.data.seq_len)
+        if self.lora is not None:
+            trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            log.info("%s r=%d alpha=%g on %s: %s trainable parameters (%.2f%% of the model), objective %s",
+                     self.cfg.finetune.mode, self.lora.r, self.lora.alpha, ",".join(self.lora.targets),
+                     f"{trainable:,}", 100 * trainable / n, t.objective)
         exporter = None
         if main and t.metrics_port:
             from .exporter import TrainExporter

@@ -14,9 +14,10 @@ from model.checkpoint import save_checkpoint
 from model.config import ModelConfig
 from model.finetune import load_lora_checkpoint, write_lora_spec
 from model.hf import export_hf
-from model.lora import LoraSpec, add_lora, lora_modules
+from model.lora import LoraSpec
 from model.peft_io import base_of_lora_checkpoint, merge_lora_checkpoint, write_peft_adapter
 from model.transformer import Transformer
+from tests.model.test_lora import with_random_adapters
 
 SHAPES = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_layers=2, num_heads=6, num_kv_heads=2,
               max_seq_len=64, rope_theta=12345.0)
@@ -27,13 +28,7 @@ def lora_checkpoint(path, moe, targets, rslora=False):
     torch.manual_seed(0)
     net = Transformer(ModelConfig.from_dict({**SHAPES, "moe": moe}))
     spec = LoraSpec(r=4, alpha=8, targets=targets, rslora=rslora)
-    g = torch.Generator().manual_seed(1)
-    add_lora(net, spec, generator=g)
-    with torch.no_grad():
-        for m in lora_modules(net):
-            for name, p in m.named_parameters():
-                if "B" in name:
-                    p.normal_(0.0, 0.05, generator=g)
+    with_random_adapters(net, spec)
     save_checkpoint(path, net)
     write_lora_spec(path, spec)
     return path
