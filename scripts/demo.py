@@ -15,7 +15,8 @@ Stages (each prints a header, its commands' progress lines and its elapsed time)
                   (local steps, then each module averaged among its holders over hivemind on loopback)
    8 moe          the swarm's MoE continues on the corpus shards + the accepted synthetic records
    9 posttrain    LoRA SFT on the accepted synthetic chat records, merged, then LoRA DPO on the judge's pairs
-                  (the SFT model is DPO's reference)
+                  (the SFT model is DPO's reference; when the tiny teacher's verdicts are unparsable, on pairs
+                  constructed from the accepted records: each answer over another prompt's)
   10 results      the leaderboard (mujina-coordinator ledger) and the losses
   11 sample       mujina-model export to Hugging Face (Mixtral, with the chat template), a sample and a chat
                   turn generated with transformers
@@ -552,10 +553,15 @@ class Demo:
             print("  no synthetic shards (no record was accepted): SFT skipped")
         pairs = synth / "dpo.jsonl"
         n = sum(1 for line in pairs.open(encoding="utf-8") if line.strip()) if pairs.exists() else 0
-        if n == 0:
-            print("  the judge chose no pair (ties and unparsable verdicts are left out): DPO skipped")
-            return
-        print(f"  DPO on {n} pairs the judge chose, from {start}")
+        if n:
+            print(f"  DPO on {n} pairs the judge chose, from {start}")
+        else:  # a teacher this small rarely writes a verdict the coordinator can parse
+            pairs, n = self.constructed_pairs(synth / "generated.jsonl")
+            if n == 0:
+                print("  the judge chose no pair and fewer than 2 records were accepted: DPO skipped")
+                return
+            print(f"  the judge chose no pair (its verdicts were unparsable): DPO on {n} constructed pairs instead, "
+                  f"each accepted answer preferred over another prompt's, from {start}")
         cfg = {"finetune": {**lora, "init_from": str(start), "beta": 0.1}, "out": str(self.out / "dpo"),
                "data": {"source": "dpo", "path": str(pairs), "seq_len": 1024, "eval_fraction": 0.0},
                "optim": {"lr": 1.0e-3, "min_lr": 1.0e-4, "warmup_steps": 1},
@@ -563,6 +569,20 @@ class Demo:
                          "micro_batch_size": 2, "seed": 3, "log_every": max(1, s.dpo_steps // 4), "eval_every": 0,
                          "save_every": s.dpo_steps}}
         self.children.run("dpo", py("model.train", "--config", str(write_yaml(self.out / "dpo.yaml", cfg))))
+
+    def constructed_pairs(self, generated: Path) -> tuple[Path, int]:
+        """Preference pairs from the accepted records alone: each prompt's answer (chosen) over the next record's
+        answer (rejected, an answer to another prompt), in the coordinator's dpo.jsonl format."""
+        records = [json.loads(x) for x in generated.read_text(encoding="utf-8").splitlines() if x.strip()] \
+            if generated.exists() else []
+        out = self.out / "dpo_constructed.jsonl"
+        if len(records) < 2:
+            return out, 0
+        with out.open("w", encoding="utf-8") as f:
+            for rec, other in zip(records, records[1:] + records[:1], strict=True):
+                f.write(json.dumps({"prompt": rec["messages"][:-1], "chosen": rec["messages"][-1]["content"],
+                                    "rejected": other["messages"][-1]["content"]}, ensure_ascii=False) + "\n")
+        return out, len(records)
 
     def posttrain_once(self) -> None:
         self.posttrain()
