@@ -379,12 +379,19 @@ def sample(hf_dir: str | os.PathLike, prompt: str | list[int], *, max_new_tokens
         ids = tok(prompt, return_tensors="pt").input_ids
     else:
         ids = torch.tensor([prompt], dtype=torch.long)
+    new = _generate(model, ids, max_new_tokens, temperature, seed)
+    return new, (tok.decode(new) if tok is not None else None)
+
+
+def _generate(model, ids: torch.Tensor, max_new_tokens: int, temperature: float, seed: int,
+              stop: list[int] | None = None) -> list[int]:
+    """The new token ids of one generation (greedy at temperature 0), stopping at `stop` ids if given."""
     torch.manual_seed(seed)
     kw = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
-    out = model.generate(ids, max_new_tokens=max_new_tokens, pad_token_id=model.config.eos_token_id or 0,
-                         **kw)
-    new = out[0, ids.shape[1]:].tolist()
-    return new, (tok.decode(new) if tok is not None else None)
+    if stop:
+        kw["eos_token_id"] = stop
+    out = model.generate(ids, max_new_tokens=max_new_tokens, pad_token_id=model.config.eos_token_id or 0, **kw)
+    return out[0, ids.shape[1]:].tolist()
 
 
 def chat(hf_dir: str | os.PathLike, messages: list[dict], *, max_new_tokens: int = 64, temperature: float = 0.0,
@@ -403,9 +410,5 @@ def chat(hf_dir: str | os.PathLike, messages: list[dict], *, max_new_tokens: int
     model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
     end = tok.convert_tokens_to_ids("<|end|>")
     stop = [i for i in (end, model.config.eos_token_id) if isinstance(i, int) and i >= 0]
-    torch.manual_seed(seed)
-    kw = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
-    out = model.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=stop or None,
-                         pad_token_id=model.config.eos_token_id or 0, **kw)
-    new = out[0, ids.shape[1]:].tolist()
+    new = _generate(model, ids, max_new_tokens, temperature, seed, stop)
     return new, tok.decode([i for i in new if i not in stop], skip_special_tokens=False)

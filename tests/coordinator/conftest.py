@@ -170,12 +170,14 @@ def coordinator_cli(*args: str, check: bool = True, **kw):
     return run_cli("coordinator.cli", *args, check=check, **kw)
 
 
-def spawn_server(project: Path, db_url: str, port: int, log: Path) -> subprocess.Popen:
-    """`mujina-coordinator serve` as a subprocess (for kill -9); returns once it answers health checks."""
+def spawn_server(project: Path, db_url: str, port: int, log: Path,
+                 program: tuple[str, ...] = ("-m", "coordinator.cli")) -> subprocess.Popen:
+    """`mujina-coordinator serve` as a subprocess (for kill -9); returns once it answers health checks.
+    `program`: what python runs, e.g. ("-c", CODE, ARG) for a coordinator with a crash hook."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    proc = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "serve", "--config", str(project),
+    proc = subprocess.Popen([sys.executable, *program, "serve", "--config", str(project),
                              "--db", db_url, "--listen", f"127.0.0.1:{port}"], cwd=REPO,
                             stdout=open(log, "ab"), stderr=subprocess.STDOUT)
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:

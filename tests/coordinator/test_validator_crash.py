@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import select
 
 from coordinator import store as S
@@ -29,7 +26,6 @@ from coordinator.config import load_project
 from coordinator.scheduler import Scheduler
 from coordinator.validate_synthetic import GenerateValidator, SyntheticState, forget_states
 from data_shards.build import ShardConfig, build_shards
-from tests.conftest import REPO
 from tests.coordinator.conftest import TOKEN, free_port, spawn_server, write_project
 from tests.data_shards.conftest import corpus, tokenizer_dir  # noqa: F401 - fixtures for the shard build
 from tests.data_shards.corpus import japanese_documents
@@ -58,20 +54,7 @@ TEXTS = japanese_documents(4, seed=23)
 
 
 def spawn_crashing(project: Path, db_url: str, port: int, log: Path, where: str) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, where, "serve", "--config", str(project), "--db", db_url,
-                             "--listen", f"127.0.0.1:{port}"], cwd=REPO, stdout=open(log, "ab"),
-                            stderr=subprocess.STDOUT)
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        for _ in range(300):
-            assert proc.poll() is None, f"coordinator exited {proc.returncode}:\n{log.read_text()}"
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                    return proc
-            except grpc.RpcError:
-                time.sleep(0.1)
-    proc.kill()
-    raise AssertionError(f"coordinator did not become healthy:\n{log.read_text()}")
+    return spawn_server(project, db_url, port, log, program=("-c", CHILD, where))
 
 
 def generate_payload(ids):

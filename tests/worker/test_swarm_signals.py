@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -41,14 +42,16 @@ def marked(value: str) -> dict[int, str]:
     return found
 
 
-def test_sigterm_to_the_process_group_mid_round_stops_the_worker_and_hivemind(tmp_path):
+@contextmanager
+def train_worker_in_round_1(tmp_path: Path, run: str):
+    """A coordinator with a one-slot swarm (rounds of a few seconds) and a train worker in its own process group
+    whose round 0 has closed: its hivemind peer (DHT process and p2pd) is up and kept for round 1, which it is
+    training or about to. Yields (worker, its log); kills whatever is left afterwards."""
     from coordinator import store as S
     from coordinator.config import load_project
     from coordinator.swarm_driver import read_status
 
-    # one slot, rounds of a few seconds: the signal finds the worker training, averaging or between rounds
-    # (the train executor checks for a stop request between rounds, not between inner steps)
-    project = write_project(tmp_path, run="sig", leases={"duration_s": 10.0}, swarm={
+    project = write_project(tmp_path, run=run, leases={"duration_s": 10.0}, swarm={
         "inner_steps": 300, "rounds": 3, "batch_size": 2, "micro_batch_size": 2, "seq_len": 32, "workers": 1,
         "averaging_timeout": 35.0, "compression": "none"})
     cfg = load_project(project)
@@ -59,21 +62,37 @@ def test_sigterm_to_the_process_group_mid_round_stops_the_worker_and_hivemind(tm
         store = S.Store.open(cfg.db_url())
         store.add_token("vol", TOKEN)
         store.close()
-        wait_until(lambda: (read_status(cfg.state_dir, "sig") or {}).get("tasks"), "the swarm's round 0")
+        wait_until(lambda: (read_status(cfg.state_dir, run) or {}).get("tasks"), "the swarm's round 0")
         worker = subprocess.Popen(
             [sys.executable, "-m", "worker.cli", "run", "--coordinator", f"127.0.0.1:{port}", "--token", TOKEN,
              "--cache-dir", str(tmp_path / "cache"), "--no-benchmark", "--kinds", "train"],
             cwd=REPO, env={**worker_env(), MARKER: str(tmp_path)}, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
             start_new_session=True)
-        # Round 0 closed: the worker's hivemind peer (its DHT process and p2pd) is up and kept for round 1,
-        # which it is training or about to.
-        wait_until(lambda: read_status(cfg.state_dir, "sig")["round"] >= 1, "the swarm's round 0", limit=120)
+        wait_until(lambda: read_status(cfg.state_dir, run)["round"] >= 1, "the swarm's round 0", limit=120)
+        yield worker, log
+    finally:
+        for pid in marked(str(tmp_path)):
+            os.kill(pid, signal.SIGKILL)
+        if worker is not None and worker.poll() is None:
+            worker.kill()
+        coord.terminate()
+        coord.wait(timeout=20)
+
+
+def wait_for_exit(worker: subprocess.Popen, log: Path, what: str) -> int:
+    try:
+        return worker.wait(timeout=60)  # bounds a hang; a healthy daemon takes a few seconds
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the worker did not exit after {what}:\n{log.read_text()[-3000:]}") from None
+
+
+def test_sigterm_to_the_process_group_mid_round_stops_the_worker_and_hivemind(tmp_path):
+    # one slot, rounds of a few seconds: the signal finds the worker training, averaging or between rounds
+    # (the train executor checks for a stop request between rounds, not between inner steps)
+    with train_worker_in_round_1(tmp_path, "sig") as (worker, log):
         assert len(marked(str(tmp_path))) >= 3, marked(str(tmp_path))   # the daemon, its DHT and p2pd
         os.killpg(worker.pid, signal.SIGTERM)
-        try:
-            rc = worker.wait(timeout=60)  # bounds a hang; a healthy daemon takes a few seconds
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"the worker did not exit after SIGTERM:\n{log.read_text()[-3000:]}") from None
+        rc = wait_for_exit(worker, log, "SIGTERM")
         assert rc == 0, log.read_text()[-3000:]
         text = log.read_text()
         assert text.count("SIGTERM: leasing nothing more") == 1, text[-3000:]  # the daemon's, not its children's
@@ -82,56 +101,18 @@ def test_sigterm_to_the_process_group_mid_round_stops_the_worker_and_hivemind(tm
         while marked(str(tmp_path)) and time.monotonic() < end:
             time.sleep(0.2)
         assert marked(str(tmp_path)) == {}
-    finally:
-        for pid in marked(str(tmp_path)):
-            os.kill(pid, signal.SIGKILL)
-        if worker is not None and worker.poll() is None:
-            worker.kill()
-        coord.terminate()
-        coord.wait(timeout=20)
 
 
 def test_ctrl_c_stops_a_train_worker_without_tracebacks_and_sums_up(tmp_path):
     """A terminal's Ctrl-C (SIGINT to the foreground process group: the daemon, its DHT process and p2pd) in the
     middle of a swarm run: the daemon hands its lease back and stops, nothing prints a traceback, and the last
     line says what the run did."""
-    from coordinator import store as S
-    from coordinator.config import load_project
-    from coordinator.swarm_driver import read_status
-
-    project = write_project(tmp_path, run="int", leases={"duration_s": 10.0}, swarm={
-        "inner_steps": 300, "rounds": 3, "batch_size": 2, "micro_batch_size": 2, "seq_len": 32, "workers": 1,
-        "averaging_timeout": 35.0, "compression": "none"})
-    cfg = load_project(project)
-    init_swarm(project, tmp_path)
-    coord, port = start_coordinator(project, cfg.db_url(), tmp_path / "coordinator.log")
-    worker, log = None, tmp_path / "worker.log"
-    try:
-        store = S.Store.open(cfg.db_url())
-        store.add_token("vol", TOKEN)
-        store.close()
-        wait_until(lambda: (read_status(cfg.state_dir, "int") or {}).get("tasks"), "the swarm's round 0")
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", "run", "--coordinator", f"127.0.0.1:{port}", "--token", TOKEN,
-             "--cache-dir", str(tmp_path / "cache"), "--no-benchmark", "--kinds", "train"],
-            cwd=REPO, env={**worker_env(), MARKER: str(tmp_path)}, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-            start_new_session=True)
-        wait_until(lambda: read_status(cfg.state_dir, "int")["round"] >= 1, "the swarm's round 0", limit=120)
+    with train_worker_in_round_1(tmp_path, "int") as (worker, log):
         os.killpg(worker.pid, signal.SIGINT)
-        try:
-            rc = worker.wait(timeout=60)  # bounds a hang; a healthy daemon takes a few seconds
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"the worker did not exit after Ctrl-C:\n{log.read_text()[-3000:]}") from None
+        rc = wait_for_exit(worker, log, "Ctrl-C")
         text = log.read_text()
         assert rc == 0, text[-3000:]
         assert text.count("SIGINT: leasing nothing more") == 1, text[-3000:]
         assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-5000:]
         last = text.strip().splitlines()[-1]
         assert "stopped after" in last and "completed" in last and "failed" in last, text[-3000:]
-    finally:
-        for pid in marked(str(tmp_path)):
-            os.kill(pid, signal.SIGKILL)
-        if worker is not None and worker.poll() is None:
-            worker.kill()
-        coord.terminate()
-        coord.wait(timeout=20)
