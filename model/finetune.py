@@ -115,8 +115,12 @@ def read_lora_spec(directory: str | Path) -> LoraSpec | None:
     path = Path(directory) / LORA_FILE
     if not path.exists():
         return None
-    d = json.loads(path.read_text())
-    return LoraSpec(**{**d, "targets": tuple(d["targets"])})
+    try:
+        d = json.loads(path.read_text())
+        return LoraSpec(**{**d, "targets": tuple(d["targets"])})
+    except (ValueError, TypeError, KeyError) as e:  # JSONDecodeError is a ValueError; LoraSpec checks values
+        raise ValueError(f"{path} is not a LoRA spec ({e}): rewrite it from the run's finetune section, e.g. "
+                         '{"r": 8, "alpha": 16.0, "dropout": 0.0, "targets": ["wq", "wv"], "rslora": false}') from None
 
 
 def load_lora_checkpoint(directory: str | Path) -> Transformer:

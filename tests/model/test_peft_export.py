@@ -66,3 +66,14 @@ def test_a_plain_checkpoint_is_not_a_lora_checkpoint(tmp_path):
     save_checkpoint(tmp_path / "plain", Transformer(ModelConfig.from_dict(SHAPES)))
     with pytest.raises(ValueError, match="not a LoRA checkpoint"):
         write_peft_adapter(tmp_path / "plain", tmp_path / "adapter", base_name="x")
+
+
+@pytest.mark.parametrize("text", ["not json", '{"r": 4}', '{"r": 4, "alpha": 8, "targets": ["wq"], "bias": 1}',
+                                  '{"r": 0, "alpha": 8, "targets": ["wq"]}'])
+def test_a_broken_lora_json_is_a_clear_error_through_the_cli(tmp_path, text):
+    from tests.conftest import mujina_model
+
+    ckpt = lora_checkpoint(tmp_path / "lora", None, ("wq",))
+    (ckpt / "lora.json").write_text(text)
+    r = mujina_model("merge", "--checkpoint", str(ckpt), "--out", str(tmp_path / "m"), check=False)
+    assert r.returncode == 2 and "is not a LoRA spec" in r.stderr and "Traceback" not in r.stderr, r.stderr
